@@ -1,0 +1,924 @@
+"""RationalRewards: the reward model that critiques before it scores.
+
+Reference implementation of the shared core of "RationalRewards: Reasoning Rewards Scale
+Visual Generation Both Training and Test Time" (arXiv 2604.11626):
+
+* the rubric and output formats of Appendix C/D (pointwise critique-and-refine, pairwise),
+  rendered from the plain-text templates in ``prompts/``;
+* tolerant parsers for both formats and the score aggregation used by the RL reward
+  (Sec. 2.2) and by pairwise preference evaluation (Sec. 3);
+* loading of any Qwen3-VL checkpoint (hub id, local path, or ``tiny-random``), 4-bit by
+  default on a GPU, optionally with a LoRA adapter (the student that ``parrot.py`` trains);
+* two backends behind one interface: in-process transformers and an OpenAI-compatible
+  HTTP endpoint (vLLM, SGLang, hosted APIs);
+* ``RationalRewardsScorer`` and the ``score`` / ``eval`` command line.
+
+Smoke run (CPU, no network, seconds)::
+
+    python rationalrewards.py score --model tiny-random --prompt "a red bicycle" \
+        --image bike.png --max-new-tokens 64
+
+Real run (one consumer GPU, the released checkpoint in 4-bit, about 6 GB)::
+
+    python rationalrewards.py score --model TIGER-Lab/RationalRewards-8B-T2I \
+        --prompt "a red bicycle leaning on a wall" --image bike.png
+    python rationalrewards.py eval --model TIGER-Lab/RationalRewards-8B-T2I \
+        --pairs pairs.jsonl --mode pointwise --out runs/eval
+
+Deviations from the paper:
+1. The released scorers run in 4-bit nf4 by default (the paper serves them in bf16); pass
+   ``--quantization none`` for bf16. Scores can move slightly under quantization.
+2. The instruction wording of the templates is ours; the section headers are the paper's,
+   so the released checkpoints read and write them unchanged.
+3. Images are downscaled to ``--max-pixels`` before they reach the model (a memory bound
+   for one GPU); the paper does not state its resolution.
+
+Notation (used in comments throughout the project):
+    x = (request, image[s][, source image])   y = preference label   z = rationale / critique
+    s_d in [1, 4] = score of dimension d       R in [0, 1] = aggregated reward
+"""
+import argparse
+import ast
+import base64
+import concurrent.futures
+import dataclasses
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import typing
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from PIL import Image, UnidentifiedImageError
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+# Rubric of Appendix C/D, in the order the model writes the dimensions.
+T2I_DIMENSIONS = ("text_faithfulness", "physical_quality", "text_rendering")
+EDIT_DIMENSIONS = ("text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering")
+DIMENSION_TITLES = {
+    "text_faithfulness": "Text Faithfulness",
+    "image_faithfulness": "Image Faithfulness",
+    "physical_quality": "Physical and Visual Quality",
+    "text_rendering": "Text Rendering",
+}
+NA_SCORE = 2.5  # a dimension that is N/A or unreadable counts as the midpoint in pairwise sums
+
+
+def dimensions(task: str) -> tuple:
+    if task not in ("t2i", "edit"):
+        raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
+    return T2I_DIMENSIONS if task == "t2i" else EDIT_DIMENSIONS
+
+
+@dataclass
+class Args:
+    command: Literal["score", "eval"] = field(default="score", metadata={"positional": True})
+    """`score`: critique and score images; `eval`: preference accuracy on a file of pairs"""
+    model: str = "TIGER-Lab/RationalRewards-8B-T2I"
+    """hub id, local directory, or `tiny-random`; with --api-base, the model name the server serves"""
+    adapter: Optional[str] = None
+    """LoRA adapter directory applied on top of --model (e.g. the student written by parrot.py)"""
+    task: Literal["t2i", "edit"] = "t2i"
+    """t2i: three dimensions; edit: four (adds image faithfulness) and needs a source image"""
+    prompt: Optional[str] = None
+    """score: the generation request (or editing instruction)"""
+    image: list = field(default_factory=list)
+    """score: one or more image files, all judged against --prompt"""
+    source_image: Optional[str] = None
+    """score --task edit: the image that was edited"""
+    pairs: Optional[str] = None
+    """eval: JSONL of pairs: prompt, image_a, image_b, label (A/B/tie), optional source_image, id"""
+    mode: Literal["pointwise", "pairwise"] = "pointwise"
+    """eval: pointwise scores each image and compares sums; pairwise reads both images at once"""
+    limit: Optional[int] = None
+    """eval: use only the first N pairs"""
+    out: Optional[str] = None
+    """eval: directory for predictions.jsonl (resumable), metrics.json and args.json"""
+    json: bool = False
+    """score: print one JSON object instead of the readable report"""
+    quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
+    """auto = 4-bit nf4 on a GPU, none on CPU"""
+    api_base: Optional[str] = None
+    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang); skips local loading"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the API key for --api-base (may be unset for local servers)"""
+    max_new_tokens: int = 2048
+    """longest critique the scorer may write (paper: 2048)"""
+    temperature: float = 0.1
+    """scorer sampling temperature (paper: 0.1); 0 means greedy"""
+    batch_size: int = 8
+    """prompts per generate() call (transformers) or requests in flight (HTTP)"""
+    max_pixels: int = 768 * 768
+    """images are downscaled to at most this many pixels before the model sees them"""
+    timeout: float = 600.0
+    """HTTP backend: seconds to wait for one response"""
+    max_retries: int = 3
+    """HTTP backend: retries after a failed request, with exponential backoff"""
+    seed: int = 0
+    """seed for sampling"""
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: one flag per Args field, help text from the docstring under the field.
+# Shared by every module of the project.
+# ---------------------------------------------------------------------------------------
+def _field_docs(cls) -> dict:
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def parse_args(cls, argv=None, description=None):
+    """Parse `argv` into an instance of the dataclass `cls`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ, kw = hints[f.name], {"help": docs.get(f.name, "")}
+        if typing.get_origin(typ) is typing.Union:  # Optional[X]
+            typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
+        if typing.get_origin(typ) is Literal:
+            kw["choices"] = typing.get_args(typ)
+            typ = type(kw["choices"][0])
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typ is list or typing.get_origin(typ) is list:
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = typ
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=default, **kw)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def save_args(args, out_dir) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field.
+# ---------------------------------------------------------------------------------------
+def load_prompt(name: str) -> str:
+    path = PROMPTS_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt template {path} not found (known: {sorted(p.stem for p in PROMPTS_DIR.glob('*.txt'))})")
+    return path.read_text()
+
+
+def render_messages(name: str, images: list, **fields) -> list:
+    """Template + images + fields -> one user turn in the transformers chat format.
+
+    Images are placed where the template says `<image>`, in the order given.
+    """
+    template = load_prompt(name)
+    missing = set(re.findall(r"\{([a-z_]+)\}", template)) - set(fields)
+    if missing:
+        raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
+    for key, value in fields.items():
+        template = template.replace("{" + key + "}", str(value))
+    pieces = template.split("<image>")
+    if len(pieces) - 1 != len(images):
+        raise ValueError(f"prompt {name!r} has {len(pieces) - 1} image slots, got {len(images)} images")
+    content = []
+    for i, text in enumerate(pieces):
+        if text.strip():
+            content.append({"type": "text", "text": text})
+        if i < len(images):
+            content.append({"type": "image", "image": images[i]})
+    return [{"role": "user", "content": content}]
+
+
+def load_image(path) -> Optional[Image.Image]:
+    """RGB image, or None when the file is missing or not a readable image (callers count skips)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    s = math.sqrt(max_pixels / (w * h))
+    return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing. The model writes markdown; we read it back tolerantly: bold markers, `3.5/4`,
+# `[3.5]`, N/A, sections missing or out of order, a reasoning preamble. Unreadable -> None.
+# ---------------------------------------------------------------------------------------
+_DIMENSION_PATTERNS = [  # first match wins, so the specific names come before "quality"
+    ("text_rendering", r"text[\s_-]*rendering|typography"),
+    ("image_faithfulness", r"image[\s_-]*(faithfulness|consistency|preservation)|(source|input)[\s_-]*(image[\s_-]*)?(faithfulness|consistency|preservation)"),
+    ("text_faithfulness", r"text[\s_-]*(faithfulness|alignment|fidelity)|(instruction|prompt)[\s_-]*(following|faithfulness|alignment)"),
+    ("physical_quality", r"physical|visual[\s_-]*quality|image[\s_-]*quality|quality"),
+]
+_FIELD_RE = re.compile(r"^[\s#>*_-]*(justification|score\s*(?:for\s*)?(?:image\s*)?[ab]|score|winner)\s*[:：]\s*(.*)$", re.I)
+_HEADER_RE = re.compile(r"^[\s>*_]*(#*)\s*(?:(\d+)\s*[.):]\s*)?(.*?)\s*$")
+_SECTION_RE = re.compile(r"^[\s>*_]*#*\s*(summary|user request refinement|refinement comments|refined request|"
+                         r"user request analysis|detailed judgements?)\s*[:：]?\s*(.*)$", re.I)
+
+
+@dataclass
+class Critique:
+    """A parsed pointwise critique (Appendix C/D). A score is None when N/A or unreadable."""
+    scores: dict
+    justifications: dict
+    not_applicable: list
+    summary: Optional[str]
+    refinement_comments: Optional[str]
+    refined_request: Optional[str]
+    text: str
+
+    @property
+    def readable(self) -> bool:
+        return any(v is not None for v in self.scores.values())
+
+
+@dataclass
+class PairwiseJudgement:
+    """A parsed pairwise judgement. `preferred` follows the score sums, None when unreadable."""
+    scores_a: dict
+    scores_b: dict
+    winners: dict
+    justifications: dict
+    summary: Optional[str]
+    preferred: Optional[str]
+    text: str
+
+
+def parse_score(value: str):
+    """'3.5', '**3.5**', '[3.5]', '3.5/4', 'Score: 3' -> float clamped to [1, 4]; 'N/A' -> 'N/A'; junk -> None."""
+    v = value.strip().strip("*_[]()`'\" ").strip()
+    if re.match(r"^(n\s*/?\s*a\b|not\s+applicable|none\b)", v, re.I):
+        return "N/A"
+    m = re.search(r"[-+]?\d+(?:\.\d+)?", v)
+    if not m:
+        return None
+    return min(4.0, max(1.0, float(m.group())))
+
+
+def _parse_winner(value: str) -> Optional[str]:
+    v = value.strip().strip("*_[]`'\" ").lower()
+    if re.search(r"\btie\b|\bequal|\bboth\b", v):
+        return "tie"
+    m = re.match(r"^(?:image\s*|edit\s*)?([ab])\b", v)
+    return m.group(1).upper() if m else None
+
+
+def _classify_header(line: str, dims: tuple) -> Optional[str]:
+    """Dimension key if `line` starts a dimension section, else None.
+
+    A header is `1. Title`, `## Title`, or a line that holds only the title, so a
+    justification sentence that happens to start with "Text rendering is ..." is not one.
+    """
+    m = _HEADER_RE.match(line.replace("**", ""))
+    hashes, number, title = m.group(1), m.group(2), m.group(3)
+    bare = title.rstrip(":： ")
+    for key, pattern in _DIMENSION_PATTERNS:
+        hit = re.match(rf"({pattern})\b", bare, re.I)
+        if hit and key in dims and (number or hashes or len(bare) - hit.end() < 25):
+            return key
+    if number and 1 <= int(number) <= len(dims) and len(bare) < 60:
+        return dims[int(number) - 1]  # numbered header with a title we do not know: trust the number
+    return None
+
+
+def _sections(text: str, dims: tuple):
+    """Split a critique into {dimension: {field: text}} plus {section: text}."""
+    if "</think>" in text:  # a reasoning model's preamble
+        text = text.rsplit("</think>", 1)[1]
+    per_dim, sections = {}, {}
+    target = None  # the dict and key the current line's continuation is appended to
+    dim = None
+    for raw in text.splitlines():
+        line = raw.replace("**", "").replace("__", "")
+        sec = _SECTION_RE.match(line)
+        fld = _FIELD_RE.match(line)
+        if sec and not fld:
+            name = sec.group(1).lower()
+            dim = None
+            sections[name] = sec.group(2).strip()
+            target = (sections, name)
+        elif fld and (dim is not None or fld.group(1).lower().startswith("score") and not per_dim):
+            if dim is None:  # scores with no header at all: the first dimension
+                dim = dims[0]
+                per_dim.setdefault(dim, {})
+            name = re.sub(r"\s+", " ", fld.group(1).lower())
+            name = {"score a": "score_a", "score b": "score_b"}.get(name, name)
+            if name.startswith("score") and name[-1] in "ab" and name not in ("score_a", "score_b"):
+                name = "score_" + name[-1]
+            per_dim[dim].setdefault(name, fld.group(2).strip())
+            target = (per_dim[dim], name)
+        elif (key := _classify_header(line, dims)) is not None and not fld:
+            dim = key
+            per_dim.setdefault(dim, {})
+            target = None
+        elif target is not None and line.strip():
+            d, k = target
+            d[k] = (d[k] + "\n" + line.strip()).strip()
+    return per_dim, sections
+
+
+def parse_pointwise(text: str, task: str = "t2i") -> Critique:
+    dims = dimensions(task)
+    per_dim, sections = _sections(text, dims)
+    scores, justs, na = {}, {}, []
+    for d in dims:
+        raw = per_dim.get(d, {})
+        s = parse_score(raw["score"]) if "score" in raw else None
+        if s == "N/A":
+            na.append(d)
+            s = None
+        scores[d], justs[d] = s, raw.get("justification")
+    refined = sections.get("refined request")
+    if refined:
+        refined = refined.strip().strip('"“”').strip() or None
+    return Critique(scores, justs, na, sections.get("summary") or None,
+                    sections.get("refinement comments") or None, refined or None, text)
+
+
+def parse_pairwise(text: str, task: str = "t2i") -> PairwiseJudgement:
+    dims = dimensions(task)
+    per_dim, sections = _sections(text, dims)
+    scores_a, scores_b, winners, justs = {}, {}, {}, {}
+    for d in dims:
+        raw = per_dim.get(d, {})
+        for out, key in ((scores_a, "score_a"), (scores_b, "score_b")):
+            s = parse_score(raw[key]) if key in raw else None
+            out[d] = None if s == "N/A" else s
+        winners[d] = _parse_winner(raw["winner"]) if "winner" in raw else None
+        justs[d] = raw.get("justification")
+    readable = any(v is not None for v in list(scores_a.values()) + list(scores_b.values()))
+    preferred = preference_from_scores(scores_a, scores_b) if readable else None
+    return PairwiseJudgement(scores_a, scores_b, winners, justs, sections.get("summary") or None, preferred, text)
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregation (DESIGN.md; paper Sec. 2.2 for the reward, Sec. 3 for pairwise evaluation)
+# ---------------------------------------------------------------------------------------
+def aggregate(scores: dict, weights: Optional[dict] = None) -> float:
+    """Reward in [0, 1] from per-dimension scores.
+
+    R = (sum_d w_d * clamp(s_d, 1, 4) / sum_d w_d - 1) / 3, over readable, non-N/A d; 0 if none.
+    """
+    weights = weights or {}
+    readable = {d: min(4.0, max(1.0, float(s))) for d, s in scores.items() if s is not None}
+    total_w = sum(weights.get(d, 1.0) for d in readable)
+    if not readable or total_w <= 0:
+        return 0.0
+    mean = sum(weights.get(d, 1.0) * s for d, s in readable.items()) / total_w
+    return (mean - 1.0) / 3.0
+
+
+def preference_from_scores(scores_a: dict, scores_b: dict) -> str:
+    """'A', 'B' or 'tie' from the per-image score sums; N/A or unreadable counts 2.5."""
+    keys = set(scores_a) | set(scores_b)
+    sum_a = sum(NA_SCORE if scores_a.get(d) is None else float(scores_a[d]) for d in keys)
+    sum_b = sum(NA_SCORE if scores_b.get(d) is None else float(scores_b[d]) for d in keys)
+    if abs(sum_a - sum_b) < 1e-9:
+        return "tie"
+    return "A" if sum_a > sum_b else "B"
+
+
+# ---------------------------------------------------------------------------------------
+# tiny-random: a Qwen3-VL of the real architecture, ~0.5M parameters, built offline.
+# Every width is a multiple of 64 so bitsandbytes 4-bit works on CPU.
+# ---------------------------------------------------------------------------------------
+_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                   "<|image_pad|>", "<|video_pad|>"]
+# The structure of Qwen's template: role turns, an image entry as vision_start/image_pad/vision_end.
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Left in bf16 under 4/8-bit: transformers matches these as prefixes of full module names.
+_NOT_QUANTIZED = ["model.visual", "lm_head"]
+TINY_VERSION = 1  # bump when the tiny architecture changes, so cached copies are rebuilt
+
+
+def build_tiny_vlm(seed: int = 0):
+    """(model, processor): a randomly initialised Qwen3-VL, deterministic for `seed`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(sorted(p.read_text() for p in PROMPTS_DIR.glob("*.txt")), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=_SPECIAL_TOKENS[1:], chat_template=_CHAT_TEMPLATE)
+    pixels = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}  # at most 4 image tokens per image
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=pixels),
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=pixels),
+        tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIAL_TOKENS}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model, processor
+
+
+def tiny_vlm_dir(seed: int = 0) -> Path:
+    """Directory holding the saved tiny-random model, built on first use (atomic, so parallel runs are safe)."""
+    root = Path(os.environ.get("RATIONALREWARDS_CACHE", Path.home() / ".cache" / "rationalrewards"))
+    path = root / f"tiny-random-qwen3vl-v{TINY_VERSION}-seed{seed}"
+    if not (path / "config.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+        model, processor = build_tiny_vlm(seed)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Model loading: one function for every module of the project.
+# ---------------------------------------------------------------------------------------
+class ModelLoadError(RuntimeError):
+    """A model, adapter or dataset could not be found or loaded; the message says how to get it."""
+
+
+def _missing_model_message(name: str, err: Exception) -> str:
+    return (f"Could not load model '{name}': it is not a local directory and could not be fetched from the "
+            f"Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
+            f"On a machine with network access run `hf download {name} --local-dir models/{name.split('/')[-1]}` "
+            f"and pass --model models/{name.split('/')[-1]}, or set HF_HOME to a cache that holds it. "
+            f"For an offline smoke run use --model tiny-random.")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so an offline machine fails in seconds instead of
+    minutes of huggingface_hub retries."""
+    import socket
+    import urllib.parse
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None, device: Optional[str] = None,
+             trainable: bool = False, seed: int = 0):
+    """(model, processor) for a hub id, a local directory or `tiny-random`.
+
+    quantization: auto (4-bit on GPU, none on CPU), 4bit (nf4, double quantization), 8bit, none.
+    The vision tower and lm_head are never quantized. `adapter`: a peft LoRA directory.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    path = str(tiny_vlm_dir(seed)) if name == "tiny-random" else name
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if quantization == "auto":
+        quantization = "4bit" if device.startswith("cuda") else "none"
+    kwargs = {"dtype": dtype}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED)
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_NOT_QUANTIZED)
+    elif quantization != "none":
+        raise ValueError(f"quantization must be auto, 4bit, 8bit or none, got {quantization!r}")
+    if quantization != "none":
+        kwargs["device_map"] = {"": device}
+    if not Path(path).is_dir() and not hub_reachable():
+        kwargs["local_files_only"] = True  # the HF cache may still hold it
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(path).is_dir():
+            raise ModelLoadError(f"'{path}' exists but does not hold a loadable model: {err}") from err
+        raise ModelLoadError(_missing_model_message(name, err)) from None
+    if quantization == "none":
+        model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelLoadError(f"adapter directory '{adapter}' has no adapter_config.json (expected a peft LoRA "
+                                 f"saved by parrot.py or PeftModel.save_pretrained)")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    return model if trainable else model.eval(), processor
+
+
+# ---------------------------------------------------------------------------------------
+# Backends: generate(messages_batch) -> texts, answer_logprobs(messages_batch, answers).
+# ---------------------------------------------------------------------------------------
+class TransformersBackend:
+    """In-process generation with real batching (left padding, KV cache)."""
+
+    def __init__(self, model, processor, batch_size: int = 8, max_pixels: int = 768 * 768):
+        self.model, self.processor = model, processor
+        self.batch_size, self.max_pixels = batch_size, max_pixels
+
+    def _inputs(self, messages_batch):
+        for conv in messages_batch:
+            for turn in conv:
+                for item in turn["content"] if isinstance(turn["content"], list) else []:
+                    if item["type"] == "image":
+                        item["image"] = bound_pixels(item["image"], self.max_pixels)
+        return self.processor.apply_chat_template(
+            messages_batch, add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt", processor_kwargs={"padding": True}).to(self.model.device)
+
+    def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+        import torch
+        texts = []
+        for i in range(0, len(messages_batch), self.batch_size):
+            inputs = self._inputs(messages_batch[i:i + self.batch_size])
+            sample = temperature > 0
+            with torch.no_grad():
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                          do_sample=sample, temperature=temperature if sample else None,
+                                          top_p=None, top_k=None)
+            new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, T_new)
+            texts += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return texts
+
+    def answer_logprobs(self, messages_batch, answers=("A", "B")) -> list:
+        """log P(answer | prompt), normalised over `answers`, from one forward pass (no sampling).
+
+        Each answer is scored by its first token, read at the position right after the
+        generation prompt.
+        """
+        import torch
+        tok = self.processor.tokenizer
+        ids = [tok.encode(a, add_special_tokens=False)[0] for a in answers]
+        results = []
+        for i in range(0, len(messages_batch), self.batch_size):
+            inputs = self._inputs(messages_batch[i:i + self.batch_size])
+            with torch.no_grad():
+                logits = self.model(**inputs).logits[:, -1, :].float()  # (B, V); left padding: last is real
+            logp = torch.log_softmax(logits[:, ids], dim=-1)  # (B, len(answers))
+            results += [dict(zip(answers, row.tolist())) for row in logp]
+        return results
+
+
+class BackendError(RuntimeError):
+    """The model server failed or did not answer; the message says which and how often it was tried."""
+
+
+def _data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class OpenAIBackend:
+    """Chat completions over HTTP (vLLM, SGLang, hosted APIs); standard library only."""
+
+    def __init__(self, api_base: str, model: str, api_key: Optional[str] = None, timeout: float = 600.0,
+                 max_retries: int = 3, max_concurrency: int = 8, max_pixels: int = 768 * 768, backoff: float = 1.0):
+        self.url = api_base.rstrip("/") + "/chat/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.max_retries, self.max_concurrency, self.max_pixels, self.backoff = max_retries, max_concurrency, max_pixels, backoff
+
+    def _to_openai(self, conv) -> list:
+        out = []
+        for turn in conv:
+            if isinstance(turn["content"], str):
+                out.append(turn)
+                continue
+            parts = [{"type": "image_url", "image_url": {"url": _data_url(bound_pixels(p["image"], self.max_pixels))}}
+                     if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in turn["content"]]
+            out.append({"role": turn["role"], "content": parts})
+        return out
+
+    def _post(self, payload: dict) -> dict:
+        data = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                last = f"HTTP {err.code}: {err.read()[:300].decode(errors='replace')}"
+                if err.code < 500 and err.code != 429:  # a bad request will not get better
+                    break
+            except (TimeoutError, OSError) as err:  # URLError, connection refused, socket timeout
+                last = f"no answer within {self.timeout:g} s" if "timed out" in str(err) else str(err)
+            except json.JSONDecodeError as err:
+                last = f"response is not JSON ({err})"
+        raise BackendError(f"chat-completions request to {self.url} failed after {attempt + 1} attempt(s): {last}")
+
+    def _map(self, fn, items) -> list:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return list(pool.map(fn, items))
+
+    def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+        def one(conv):
+            resp = self._post({"model": self.model, "messages": self._to_openai(conv),
+                               "max_tokens": max_new_tokens, "temperature": temperature})
+            return resp["choices"][0]["message"].get("content") or ""
+        return self._map(one, messages_batch)
+
+    def answer_logprobs(self, messages_batch, answers=("A", "B")) -> list:
+        """log P(answer) from the server's top logprobs when it returns them, else from the answer text."""
+        def one(conv):
+            resp = self._post({"model": self.model, "messages": self._to_openai(conv), "max_tokens": 1,
+                               "temperature": 0.0, "logprobs": True, "top_logprobs": 20})
+            choice = resp["choices"][0]
+            top = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
+            found = {}
+            for entry in top:
+                key = entry.get("token", "").strip()
+                if key in answers and key not in found:
+                    found[key] = entry["logprob"]
+            if found:
+                total = math.log(sum(math.exp(v) for v in found.values()))
+                return {a: found[a] - total if a in found else -math.inf for a in answers}
+            text = (choice["message"].get("content") or "").strip().strip("*").upper()
+            picked = next((a for a in answers if text.startswith(a.upper())), None)
+            return {a: (0.0 if a == picked else -math.inf) for a in answers} if picked else {a: math.log(1 / len(answers)) for a in answers}
+        return self._map(one, messages_batch)
+
+
+def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[str] = None, quantization: str = "auto",
+                 batch_size: int = 8, max_pixels: int = 768 * 768, timeout: float = 600.0, max_retries: int = 3,
+                 api_key_env: str = "OPENAI_API_KEY"):
+    if api_base:
+        if adapter:
+            raise ValueError("--adapter applies to a local model; serve the adapter with your server instead (vLLM: --lora-modules)")
+        return OpenAIBackend(api_base, model, os.environ.get(api_key_env), timeout, max_retries, batch_size, max_pixels)
+    vlm, processor = load_vlm(model, quantization, adapter)
+    return TransformersBackend(vlm, processor, batch_size, max_pixels)
+
+
+# ---------------------------------------------------------------------------------------
+# The scorer (paper Sec. 2.2): critique -> scores -> reward, and the pairwise judge.
+# ---------------------------------------------------------------------------------------
+class RationalRewardsScorer:
+    """Pointwise critique-and-refine scorer; `rewards()` is the RL reward, `critique()` feeds GCR."""
+
+    def __init__(self, backend, task: str = "t2i", max_new_tokens: int = 2048, temperature: float = 0.1,
+                 weights: Optional[dict] = None):
+        dimensions(task)
+        self.backend, self.task, self.weights = backend, task, weights
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+
+    @classmethod
+    def from_args(cls, args: Args) -> "RationalRewardsScorer":
+        backend = load_backend(args.model, args.api_base, args.adapter, args.quantization, args.batch_size,
+                               args.max_pixels, args.timeout, args.max_retries, args.api_key_env)
+        return cls(backend, args.task, args.max_new_tokens, args.temperature)
+
+    def _images(self, images, source_images, *others):
+        if self.task == "edit":
+            if source_images is None or len(source_images) != len(images):
+                raise ValueError("task 'edit' needs one source image per edited image")
+            return [[s, *group] for s, group in zip(source_images, zip(images, *others))]
+        return [list(group) for group in zip(images, *others)]
+
+    def critique(self, images, requests, source_images=None) -> list:
+        groups = self._images(images, source_images)
+        msgs = [render_messages(f"pointwise_{self.task}", g, request=r) for g, r in zip(groups, requests)]
+        texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
+        return [parse_pointwise(t, self.task) for t in texts]
+
+    def rewards(self, images, requests, source_images=None) -> list:
+        return [aggregate(c.scores, self.weights) for c in self.critique(images, requests, source_images)]
+
+    def compare(self, images_a, images_b, requests, source_images=None) -> list:
+        groups = self._images(images_a, source_images, images_b)
+        msgs = [render_messages(f"pairwise_{self.task}", g, request=r) for g, r in zip(groups, requests)]
+        texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
+        return [parse_pairwise(t, self.task) for t in texts]
+
+
+# ---------------------------------------------------------------------------------------
+# Preference evaluation (paper Sec. 3): pairs file -> predictions -> accuracy.
+# ---------------------------------------------------------------------------------------
+def read_jsonl(path) -> list:
+    """Records of a JSONL file written by `append_jsonl`; a torn last line (killed run) is cut off."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):  # the process died mid-write: drop the partial record
+        raw = raw[:raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+
+
+def append_jsonl(path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def pair_id(prompt: str, *parts) -> str:
+    return hashlib.sha1("\x1f".join([prompt, *map(str, parts)]).encode()).hexdigest()[:16]
+
+
+def read_pairs(path, limit: Optional[int] = None) -> list:
+    """Pairs from our JSONL format; image paths are resolved against the file's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} not found")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            label = str(rec["label"]).strip()
+            label = {"a": "A", "b": "B", "tie": "tie"}[label.lower()]
+            item = {"prompt": rec["prompt"], "label": label,
+                    **{k: str(path.parent / rec[k]) for k in ("image_a", "image_b", "source_image") if rec.get(k)}}
+            if "image_a" not in item or "image_b" not in item:
+                raise KeyError("image_a/image_b")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}:{n}: expected prompt, image_a, image_b, label (A/B/tie): {err!r}") from None
+        item["id"] = str(rec.get("id") or pair_id(item["prompt"], item["image_a"], item["image_b"]))
+        pairs.append(item)
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs
+
+
+def preference_metrics(records: list, task: str) -> dict:
+    """Accuracy with ties (tie labels included, must be predicted exactly) and without (A/B labels only)."""
+    correct = [r["predicted"] == r["label"] for r in records]
+    no_tie = [c for c, r in zip(correct, records) if r["label"] != "tie"]
+    dim_means = {}
+    for d in dimensions(task):
+        vals = [r[k][d] for r in records for k in ("scores_a", "scores_b") if r[k].get(d) is not None]
+        dim_means[d] = sum(vals) / len(vals) if vals else None
+    return {"pairs": len(records),
+            "accuracy_with_ties": sum(correct) / len(correct) if correct else None,
+            "accuracy_without_ties": sum(no_tie) / len(no_tie) if no_tie else None,
+            "unreadable_outputs": sum(r["unreadable"] for r in records),
+            "predicted_ties": sum(r["predicted"] == "tie" for r in records),
+            "mean_scores": dim_means}
+
+
+def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str = "pointwise",
+                         out_dir: Optional[str] = None, batch_size: int = 8) -> dict:
+    """Predict every pair, append each prediction to out_dir/predictions.jsonl, return metrics.
+
+    A rerun with the same out_dir skips pairs already predicted.
+    """
+    from tqdm import tqdm
+    pred_path = Path(out_dir) / "predictions.jsonl" if out_dir else None
+    records = read_jsonl(pred_path) if pred_path else []
+    done = {r["id"] for r in records}
+    todo = [p for p in pairs if p["id"] not in done]
+    skipped = 0
+    bar = tqdm(total=len(todo), desc=f"eval ({mode})", unit="pair")
+    for i in range(0, len(todo), batch_size):
+        batch = []
+        for p in todo[i:i + batch_size]:
+            imgs = {k: load_image(p[k]) for k in ("image_a", "image_b", "source_image") if k in p}
+            if any(v is None for v in imgs.values()) or (scorer.task == "edit" and "source_image" not in imgs):
+                skipped += 1
+                print(f"warning: skipping pair {p['id']}: missing or unreadable image", file=sys.stderr)
+                continue
+            batch.append((p, imgs))
+        if batch:
+            reqs = [p["prompt"] for p, _ in batch]
+            src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
+            if mode == "pointwise":
+                # pointwise: both images of every pair go through one batched critique call
+                crits = scorer.critique([im["image_a"] for _, im in batch] + [im["image_b"] for _, im in batch],
+                                        reqs * 2, src * 2 if src else None)
+                for j, (p, _) in enumerate(batch):
+                    ca, cb = crits[j], crits[j + len(batch)]
+                    unreadable = not (ca.readable and cb.readable)
+                    rec = {"id": p["id"], "label": p["label"], "scores_a": ca.scores, "scores_b": cb.scores,
+                           "predicted": None if unreadable else preference_from_scores(ca.scores, cb.scores),
+                           "unreadable": unreadable, "outputs": [ca.text, cb.text]}
+                    records.append(rec)
+                    if pred_path:
+                        append_jsonl(pred_path, rec)
+            else:
+                for (p, _), jd in zip(batch, scorer.compare([im["image_a"] for _, im in batch],
+                                                             [im["image_b"] for _, im in batch], reqs, src)):
+                    rec = {"id": p["id"], "label": p["label"], "scores_a": jd.scores_a, "scores_b": jd.scores_b,
+                           "predicted": jd.preferred, "unreadable": jd.preferred is None, "outputs": [jd.text]}
+                    records.append(rec)
+                    if pred_path:
+                        append_jsonl(pred_path, rec)
+        bar.update(len(todo[i:i + batch_size]))
+        acc = preference_metrics(records, scorer.task)["accuracy_with_ties"] if records else None
+        bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "-")
+    bar.close()
+    metrics = preference_metrics(records, scorer.task)
+    metrics["skipped_pairs"] = skipped
+    metrics["mode"] = mode
+    if out_dir:
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+def _fmt(s) -> str:
+    return "N/A or unreadable" if s is None else f"{s:.2f}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
+    print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
+    import torch
+    torch.manual_seed(args.seed)
+    if args.command == "score":
+        if not args.prompt or not args.image:
+            raise SystemExit("score needs --prompt and at least one --image")
+        if args.task == "edit" and not args.source_image:
+            raise SystemExit("score --task edit needs --source-image")
+        images = [load_image(p) for p in args.image + ([args.source_image] if args.source_image else [])]
+        bad = [p for p, im in zip(args.image + [args.source_image], images) if im is None]
+        if bad:
+            raise SystemExit(f"cannot read image(s): {', '.join(bad)}")
+        scorer = RationalRewardsScorer.from_args(args)
+        src = [images[-1]] * len(args.image) if args.task == "edit" else None
+        crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)
+        results = [{"image": p, "scores": c.scores, "reward": aggregate(c.scores), "not_applicable": c.not_applicable,
+                    "summary": c.summary, "refined_request": c.refined_request, "critique": c.text}
+                   for p, c in zip(args.image, crits)]
+        if args.json:
+            print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        for r in [] if args.json else results:
+            print(f"==== {r['image']}\n{r['critique'].strip()}\n---- scores")
+            for d, s in r["scores"].items():
+                print(f"  {DIMENSION_TITLES[d]:<28} {_fmt(s)}")
+            print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  {r['refined_request']}")
+        return 0
+    if not args.pairs:
+        raise SystemExit("eval needs --pairs FILE.jsonl")
+    pairs = read_pairs(args.pairs, args.limit)
+    if args.out:
+        save_args(args, args.out)
+    scorer = RationalRewardsScorer.from_args(args)
+    metrics = evaluate_preferences(scorer, pairs, args.mode, args.out, args.batch_size)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ModelLoadError, BackendError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
