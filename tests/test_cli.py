@@ -1,0 +1,140 @@
+"""rationalrewards.py through its own command line, in subprocesses (CleanRL-style)."""
+import json
+
+import pytest
+
+from conftest import dominant_colour, images_in, run_cli, text_in
+
+SCORE_4 = """1. Text Faithfulness:
+## Justification: Exactly as asked.
+## Score: 4
+2. Physical and Visual Quality:
+## Justification: Clean.
+## Score: 3.5
+3. Text Rendering:
+## Justification: No text requested.
+## Score: N/A
+# Summary: Good.
+# User Request Refinement:
+## Refinement Comments: None needed.
+## Refined Request: {request}
+"""
+SCORE_1 = SCORE_4.replace("## Score: 4", "## Score: 1").replace("## Score: 3.5", "## Score: 2")
+
+
+def test_score_tiny_random_json(image_dir):
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "a red bicycle",
+                  "--image", image_dir / "red.png", "--max-new-tokens", "24", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out) >= {"image", "scores", "reward", "refined_request", "critique", "summary"}
+    assert set(out["scores"]) == {"text_faithfulness", "physical_quality", "text_rendering"}
+    assert 0.0 <= out["reward"] <= 1.0 and isinstance(out["critique"], str)
+
+
+def test_score_edit_tiny_random_two_images(image_dir):
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit", "--prompt", "make it blue",
+                  "--image", image_dir / "blue.png", image_dir / "green.png", "--source-image", image_dir / "red.png",
+                  "--max-new-tokens", "16", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [o["image"] for o in out] == [str(image_dir / "blue.png"), str(image_dir / "green.png")]
+    assert all(set(o["scores"]) == {"text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering"} for o in out)
+
+
+def test_score_through_http_backend_reports_exact_numbers(image_dir, scripted_server):
+    server = scripted_server(lambda p: SCORE_4.format(request="a red bicycle, sharp focus"))
+    res = run_cli("rationalrewards.py", "score", "--model", "served", "--api-base", server.url,
+                  "--prompt", "a red bicycle", "--image", image_dir / "red.png")
+    assert res.returncode == 0, res.stderr
+    # readable report: per-dimension scores, the reward (mean(4, 3.5) - 1) / 3 = 0.917, the refined request
+    assert "Physical and Visual Quality  3.50" in res.stdout
+    assert "reward (0-1)                 0.917" in res.stdout
+    assert "a red bicycle, sharp focus" in res.stdout
+
+
+def test_bad_inputs_are_clear_errors(image_dir):
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x", "--image", image_dir / "bad.png")
+    assert res.returncode != 0 and "cannot read image" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit", "--prompt", "x",
+                  "--image", image_dir / "red.png")
+    assert res.returncode != 0 and "--source-image" in res.stderr
+    res = run_cli("rationalrewards.py", "score", "--model", "someone/not-downloaded", "--prompt", "x",
+                  "--image", image_dir / "red.png")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "Could not load model 'someone/not-downloaded'" in res.stderr and "hf download" in res.stderr
+
+
+def write_pairs(image_dir, rows):
+    path = image_dir / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def colour_judge(payload):
+    """A scripted scorer that likes red and dislikes everything else (pointwise) or prefers the red image (pairwise)."""
+    colours = [dominant_colour(u) for u in images_in(payload)]
+    if "## Score A:" in text_in(payload):
+        a, b = colours
+        sa, sb = (4, 1) if a == "red" else (1, 4) if b == "red" else (2, 2)
+        return (f"1. Text Faithfulness:\n## Score A: {sa}\n## Score B: {sb}\n2. Physical and Visual Quality:\n"
+                f"## Score A: 3\n## Score B: 3\n3. Text Rendering:\n## Score A: N/A\n## Score B: N/A")
+    if colours[0] == "green":
+        return "I refuse."  # unreadable
+    return (SCORE_4 if colours[0] == "red" else SCORE_1).format(request="r")
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, mode, tmp_path):
+    rows = [
+        {"prompt": "p1", "image_a": "red.png", "image_b": "blue.png", "label": "A"},   # correct
+        {"prompt": "p2", "image_a": "blue.png", "image_b": "red.png", "label": "B"},   # correct
+        {"prompt": "p3", "image_a": "red.png", "image_b": "blue.png", "label": "B"},   # wrong
+        {"prompt": "p4", "image_a": "blue.png", "image_b": "blue.png", "label": "tie"},  # tie predicted: correct
+        {"prompt": "p5", "image_a": "green.png", "image_b": "red.png", "label": "B"},  # pointwise: unreadable
+        {"prompt": "p6", "image_a": "bad.png", "image_b": "red.png", "label": "A"},    # corrupt: skipped
+        {"prompt": "p7", "image_a": "missing.png", "image_b": "red.png", "label": "A"},  # missing: skipped
+    ]
+    server = scripted_server(colour_judge)
+    out = tmp_path / "eval"
+    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url, "--mode", mode,
+                  "--pairs", write_pairs(image_dir, rows), "--out", out, "--batch-size", "3")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pairs"] == 5 and m["skipped_pairs"] == 2
+    if mode == "pointwise":
+        # p5: green is unreadable -> counted, wrong. 3 of 5 correct; without ties 2 of 4
+        assert m["unreadable_outputs"] == 1
+        assert m["accuracy_with_ties"] == pytest.approx(3 / 5) and m["accuracy_without_ties"] == pytest.approx(2 / 4)
+        # red scores 4 / 3.5; blue scores 1 / 2. Readable images: p1 r,b p2 b,r p3 r,b p4 b,b p5 r -> 4 red, 5 blue
+        assert m["mean_scores"]["text_faithfulness"] == pytest.approx((4 * 4 + 5 * 1) / 9)
+    else:
+        # p5: red is B -> correct; 4 of 5 correct; without ties 3 of 4
+        assert m["unreadable_outputs"] == 0
+        assert m["accuracy_with_ties"] == pytest.approx(4 / 5) and m["accuracy_without_ties"] == pytest.approx(3 / 4)
+    assert "accuracy_with_ties" in res.stdout and "eval (" in res.stderr  # the metrics and the progress bar
+    assert json.loads((out / "args.json").read_text())["mode"] == mode
+    # a rerun resumes: nothing is asked again, nothing duplicated
+    n_requests = len(server.requests)
+    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url, "--mode", mode,
+                  "--pairs", image_dir / "pairs.jsonl", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert len(server.requests) == n_requests
+    ids = [json.loads(l)["id"] for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 5
+
+
+def test_eval_tiny_random_in_process_model(image_dir, tmp_path):
+    rows = [{"prompt": f"p{i}", "image_a": "red.png", "image_b": "blue.png", "label": "A"} for i in range(3)]
+    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", write_pairs(image_dir, rows),
+                  "--mode", "pairwise", "--max-new-tokens", "16", "--out", tmp_path / "e", "--limit", "2")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["pairs"] == 2 and m["mode"] == "pairwise"
+
+
+def test_eval_bad_pairs_file_is_clear(image_dir):
+    path = image_dir / "broken.jsonl"
+    path.write_text('{"prompt": "x", "image_a": "red.png"}\n')
+    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", path)
+    assert res.returncode == 2 and "broken.jsonl:1" in res.stderr and "Traceback" not in res.stderr

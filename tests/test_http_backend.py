@@ -1,0 +1,107 @@
+"""The OpenAI-compatible backend against a scripted server on 127.0.0.1."""
+import math
+import time
+
+import pytest
+
+import rationalrewards as rr
+from conftest import dominant_colour, images_in, solid, text_in
+from test_parsing import CLEAN_POINTWISE
+
+
+def backend(server, **kw):
+    kw = {"timeout": 5.0, "max_retries": 2, "backoff": 0.01, **kw}
+    return rr.OpenAIBackend(server.url, "served-model", api_key="secret", **kw)
+
+
+def test_generate_sends_images_as_data_urls_in_order(scripted_server):
+    server = scripted_server(lambda p: "colours: " + ",".join(dominant_colour(u) for u in images_in(p)))
+    msgs = [rr.render_messages("pairwise_t2i", [solid("red"), solid("blue")], request="a red square"),
+            rr.render_messages("pairwise_t2i", [solid("green"), solid("red")], request="a green square")]
+    out = backend(server).generate(msgs, max_new_tokens=77, temperature=0.1)
+    assert out == ["colours: red,blue", "colours: green,red"]
+    payload = server.requests[0]["payload"]
+    assert server.requests[0]["path"] == "/v1/chat/completions"
+    assert payload["model"] == "served-model" and payload["max_tokens"] == 77 and payload["temperature"] == 0.1
+    assert images_in(payload)[0].startswith("data:image/png;base64,")
+    assert "a red square" in text_in(payload) or "a green square" in text_in(payload)
+
+
+def test_images_are_bounded_before_sending(scripted_server):
+    sizes = []
+
+    def handler(p):
+        import base64, io
+        from PIL import Image
+        raw = base64.b64decode(images_in(p)[0].split(",", 1)[1])
+        sizes.append(Image.open(io.BytesIO(raw)).size)
+        return "ok"
+    server = scripted_server(handler)
+    backend(server, max_pixels=50 * 50).generate([rr.render_messages("pointwise_t2i", [solid("red", (400, 200))], request="x")])
+    w, h = sizes[0]
+    assert w * h <= 50 * 50 and abs(w / h - 2.0) < 0.1
+
+
+def test_logprobs_path_normalises_over_answers(scripted_server):
+    body = {"choices": [{"message": {"content": "A"}, "logprobs": {"content": [{"token": "A", "logprob": -0.1, "top_logprobs": [
+        {"token": "A", "logprob": math.log(0.6)}, {"token": " B", "logprob": math.log(0.2)}, {"token": "The", "logprob": -3.0}]}]}}]}
+    server = scripted_server(lambda p: body)
+    [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    # 0.6 and 0.2 renormalised over {A, B}: 0.75 and 0.25
+    assert math.exp(lp["A"]) == pytest.approx(0.75) and math.exp(lp["B"]) == pytest.approx(0.25)
+    sent = server.requests[0]["payload"]
+    assert sent["logprobs"] is True and sent["max_tokens"] == 1 and sent["temperature"] == 0.0
+
+
+def test_logprobs_fall_back_to_answer_text(scripted_server):
+    server = scripted_server(lambda p: "B")  # a server that ignores logprobs
+    [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    assert lp == {"A": -math.inf, "B": 0.0}
+
+
+def test_server_error_then_success_is_retried(scripted_server):
+    replies = iter([500, 503, CLEAN_POINTWISE])
+    server = scripted_server(lambda p: next(replies))
+    scorer = rr.RationalRewardsScorer(backend(server), "t2i")
+    [reward] = scorer.rewards([solid("red")], ["a red bicycle"])
+    assert reward == pytest.approx(1.75 / 3)
+    assert len(server.requests) == 3
+
+
+def test_client_error_is_not_retried_and_is_clear(scripted_server):
+    server = scripted_server(lambda p: 400)
+    with pytest.raises(rr.BackendError, match="HTTP 400"):
+        backend(server).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    assert len(server.requests) == 1
+
+
+def test_server_that_never_answers_times_out_clearly(scripted_server):
+    server = scripted_server(lambda p: ("hang", 3.0))
+    start = time.time()
+    with pytest.raises(rr.BackendError, match=r"no answer within 0.3 s.*|failed after 2 attempt"):
+        backend(server, timeout=0.3, max_retries=1).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    assert time.time() - start < 2.5
+
+
+def test_nothing_listening_is_a_clear_error():
+    b = rr.OpenAIBackend("http://127.0.0.1:9/v1", "m", timeout=1.0, max_retries=1, backoff=0.01)
+    with pytest.raises(rr.BackendError, match="127.0.0.1:9/v1/chat/completions failed after 2 attempt"):
+        b.generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+
+
+def test_requests_in_flight_are_bounded(scripted_server):
+    import threading
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def handler(p):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.05)
+        with lock:
+            live[0] -= 1
+        return "ok"
+    server = scripted_server(handler)
+    msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request=str(i)) for i in range(12)]
+    assert backend(server, max_concurrency=3).generate(msgs) == ["ok"] * 12
+    assert 1 < peak[0] <= 3

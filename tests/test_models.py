@@ -1,0 +1,116 @@
+"""tiny-random Qwen3-VL: determinism, save/reload, 4-bit on CPU, adapters, batching, offline errors."""
+import math
+
+import pytest
+import torch
+
+import rationalrewards as rr
+from conftest import solid
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return rr.load_vlm("tiny-random")
+
+
+def greedy(backend, msgs, n=12):
+    return backend.generate(msgs, max_new_tokens=n, temperature=0.0, min_new_tokens=n)
+
+
+def test_tiny_random_is_deterministic_per_seed():
+    m0, _ = rr.build_tiny_vlm(0)
+    m0b, _ = rr.build_tiny_vlm(0)
+    m1, _ = rr.build_tiny_vlm(1)
+    w = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(m0.state_dict()[w], m0b.state_dict()[w])
+    assert not torch.equal(m0.state_dict()[w], m1.state_dict()[w])
+    hidden = [m0.config.text_config.hidden_size, m0.config.text_config.intermediate_size,
+              m0.config.vision_config.hidden_size, m0.config.vision_config.intermediate_size]
+    assert all(h % 64 == 0 for h in hidden)
+
+
+def test_tiny_saves_and_reloads_through_from_pretrained(tmp_path):
+    model, processor = rr.build_tiny_vlm(0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    processor.tokenizer.padding_side = "left"
+    reloaded, rproc = rr.load_vlm(str(tmp_path))
+    assert type(reloaded).__name__ == "Qwen3VLForConditionalGeneration"
+    msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")]
+    a = greedy(rr.TransformersBackend(model.eval(), processor), msgs)
+    b = greedy(rr.TransformersBackend(reloaded, rproc), msgs)
+    assert a == b
+    # and the reloaded model scores through the scorer
+    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(reloaded, rproc), max_new_tokens=16)
+    [r] = scorer.rewards([solid("red")], ["a red cat"])
+    assert 0.0 <= r <= 1.0
+
+
+def test_chat_template_expands_image_tokens(tiny):
+    model, processor = tiny
+    msgs = [rr.render_messages("pairwise_t2i", [solid("red"), solid("blue")], request="x")]
+    inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(model.config.vision_start_token_id) == 2
+    assert ids.count(model.config.image_token_id) == int(inputs["image_grid_thw"].prod(-1).sum()) // 4
+    assert processor.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_batched_generation_matches_one_by_one(tiny):
+    """Left padding is right: greedy outputs do not depend on the batch."""
+    model, processor = tiny
+    reqs = ["a cat", "a very long request about a red bicycle leaning on a brick wall at sunset", "dog"]
+    msgs = [rr.render_messages("pointwise_t2i", [solid(c, s)], request=r)
+            for c, s, r in zip(("red", "blue", "green"), ((64, 64), (96, 48), (40, 80)), reqs)]
+    batched = greedy(rr.TransformersBackend(model, processor, batch_size=3), msgs)
+    single = greedy(rr.TransformersBackend(model, processor, batch_size=1), msgs)
+    assert batched == single and len(batched) == 3
+
+
+def test_answer_logprobs_is_a_distribution_and_batch_invariant(tiny):
+    model, processor = tiny
+    msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r, rationale="A is better.")
+            for r in ("x", "a longer request here")]
+    batched = rr.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
+    single = rr.TransformersBackend(model, processor, batch_size=1).answer_logprobs(msgs)
+    for lb, ls in zip(batched, single):
+        assert math.exp(lb["A"]) + math.exp(lb["B"]) == pytest.approx(1.0)
+        assert lb["A"] == pytest.approx(ls["A"], abs=1e-4)
+
+
+def test_4bit_loads_and_generates_on_cpu():
+    import bitsandbytes as bnb
+    model, processor = rr.load_vlm("tiny-random", quantization="4bit", device="cpu")
+    assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert isinstance(model.model.language_model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert type(model.model.visual.blocks[0].attn.qkv) is torch.nn.Linear  # vision tower left alone
+    assert type(model.lm_head) is torch.nn.Linear
+    out = greedy(rr.TransformersBackend(model, processor), [rr.render_messages("pointwise_t2i", [solid("red")], request="x")] * 2, n=8)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_adapter_is_applied_and_bad_adapter_is_clear(tmp_path, tiny):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    base, _ = rr.build_tiny_vlm(0)
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    model, _ = rr.load_vlm("tiny-random", adapter=str(tmp_path / "adapter"))
+    assert isinstance(model, PeftModel)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(rr.ModelLoadError, match="adapter_config.json"):
+        rr.load_vlm("tiny-random", adapter=str(tmp_path / "empty"))
+
+
+def test_offline_hub_id_is_a_clear_error():
+    with pytest.raises(rr.ModelLoadError) as err:
+        rr.load_vlm("no-such-org/no-such-model")
+    msg = str(err.value)
+    assert "no-such-org/no-such-model" in msg and "hf download" in msg and "tiny-random" in msg
+
+
+def test_edit_scorer_needs_source_images(tiny):
+    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(*tiny), task="edit", max_new_tokens=4)
+    with pytest.raises(ValueError, match="source image"):
+        scorer.critique([solid("red")], ["x"])
+    [c] = scorer.critique([solid("red")], ["x"], [solid("blue")])
+    assert set(c.scores) == set(rr.EDIT_DIMENSIONS)

@@ -1,0 +1,224 @@
+"""Parsers, aggregation and prompt rendering on hand-written model outputs (no model)."""
+import json
+
+import pytest
+
+import rationalrewards as rr
+from conftest import solid
+
+CLEAN_POINTWISE = """# Detailed Judgement
+1. Text Faithfulness:
+## Justification: The bicycle is red and leans on a brick wall.
+## Score: 3.5
+2. Physical and Visual Quality:
+## Justification: The front wheel is warped.
+## Score: 2
+3. Text Rendering:
+## Justification: No text is requested.
+## Score: N/A
+# Summary: Faithful, but the wheel is broken.
+# User Request Refinement:
+## Refinement Comments: Ask for round wheels.
+## Refined Request: a red bicycle with two perfectly round wheels leaning on a brick wall
+"""
+
+MESSY_POINTWISE = """<think>Let me look. Score: 1</think>
+Sure! Here is my evaluation.
+**# Detailed Judgement**
+**2. Physical and Visual Quality:**
+**## Justification:** Clean lines,
+no artifacts.
+**## Score:** [3]
+**1.  Text Faithfulness:**
+## Justification:   Missing the hat.
+##   Score:    1.5/4
+# Summary:   ok
+"""
+
+PAIRWISE = """# User Request Analysis
+The user wants a cat wearing a hat.
+# Detailed Judgement
+1. Text Faithfulness:
+## Justification: A has the hat; B does not.
+## Score A: 4
+## Score B: 2
+## Winner: Image A
+2. Physical and Visual Quality:
+## Justification: B is sharper.
+## Score A: 2.5
+## Score B: 3.5
+## Winner: Image B
+3. Text Rendering:
+## Justification: No text.
+## Score A: N/A
+## Score B: N/A
+## Winner: N/A
+# Summary: A is better overall.
+"""
+
+
+def test_clean_pointwise():
+    c = rr.parse_pointwise(CLEAN_POINTWISE, "t2i")
+    assert c.scores == {"text_faithfulness": 3.5, "physical_quality": 2.0, "text_rendering": None}
+    assert c.not_applicable == ["text_rendering"]
+    assert c.justifications["physical_quality"] == "The front wheel is warped."
+    assert c.summary == "Faithful, but the wheel is broken."
+    assert c.refinement_comments == "Ask for round wheels."
+    assert c.refined_request == "a red bicycle with two perfectly round wheels leaning on a brick wall"
+    # R = (mean(3.5, 2) - 1) / 3 = 0.58333
+    assert rr.aggregate(c.scores) == pytest.approx(1.75 / 3)
+
+
+def test_messy_pointwise_bold_fraction_brackets_preamble_out_of_order():
+    c = rr.parse_pointwise(MESSY_POINTWISE, "t2i")
+    # the "Score: 1" inside <think> is ignored; 1.5/4 -> 1.5; [3] -> 3; text rendering missing -> None
+    assert c.scores == {"text_faithfulness": 1.5, "physical_quality": 3.0, "text_rendering": None}
+    assert c.not_applicable == []
+    assert c.justifications["physical_quality"] == "Clean lines,\nno artifacts."
+    assert c.summary == "ok"
+    assert c.refined_request is None
+    # R = (mean(1.5, 3) - 1) / 3 = 1.25 / 3
+    assert rr.aggregate(c.scores) == pytest.approx(1.25 / 3)
+
+
+def test_unreadable_output_is_none_not_exception():
+    for text in ["I cannot evaluate this image.", "", "## Score: banana", "1. Text Faithfulness:\n## Score:"]:
+        c = rr.parse_pointwise(text, "t2i")
+        assert not c.readable
+        assert set(c.scores) == {"text_faithfulness", "physical_quality", "text_rendering"}
+        assert rr.aggregate(c.scores) == 0.0
+        j = rr.parse_pairwise(text, "edit")
+        assert j.preferred is None
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("3.5", 3.5), ("**3.5**", 3.5), ("[3.5]", 3.5), ("3.5/4", 3.5), ("Score: 3", 3.0), ("  2 ", 2.0),
+    ("7", 4.0), ("0", 1.0), ("-2", 1.0), ("N/A", "N/A"), ("n/a (no text)", "N/A"), ("NA", "N/A"),
+    ("Not applicable", "N/A"), ("good", None), ("", None),
+])
+def test_parse_score_forms(raw, expected):
+    assert rr.parse_score(raw) == expected
+
+
+def test_out_of_range_scores_are_clamped_in_parse_and_aggregate():
+    c = rr.parse_pointwise("1. Text Faithfulness:\n## Score: 9\n2. Physical and Visual Quality:\n## Score: 0.2", "t2i")
+    assert c.scores["text_faithfulness"] == 4.0 and c.scores["physical_quality"] == 1.0
+    assert rr.aggregate({"a": 10.0, "b": -3.0}) == pytest.approx(((4 + 1) / 2 - 1) / 3)
+
+
+def test_edit_dimensions_and_unknown_numbered_title():
+    text = """1. Text Faithfulness:
+## Justification: The sky is now purple.
+## Score: 4
+2. Preservation of the source:
+## Justification: The house changed colour too.
+## Score: 2.5
+3. Physical and Visual Quality:
+## Score: 3
+4. Text Rendering:
+## Score: N/A
+"""
+    c = rr.parse_pointwise(text, "edit")
+    assert c.scores == {"text_faithfulness": 4.0, "image_faithfulness": 2.5, "physical_quality": 3.0,
+                        "text_rendering": None}
+    assert c.justifications["image_faithfulness"] == "The house changed colour too."
+
+
+def test_sentence_starting_with_dimension_name_is_not_a_header():
+    text = "1. Text Faithfulness:\n## Justification: fine\nText rendering is not needed here, the request has no words.\n## Score: 3"
+    c = rr.parse_pointwise(text, "t2i")
+    assert c.scores["text_faithfulness"] == 3.0
+    assert "Text rendering is not needed" in c.justifications["text_faithfulness"]
+
+
+def test_pairwise_clean():
+    j = rr.parse_pairwise(PAIRWISE, "t2i")
+    assert j.scores_a == {"text_faithfulness": 4.0, "physical_quality": 2.5, "text_rendering": None}
+    assert j.scores_b == {"text_faithfulness": 2.0, "physical_quality": 3.5, "text_rendering": None}
+    assert j.winners == {"text_faithfulness": "A", "physical_quality": "B", "text_rendering": None}
+    # sums: A = 4 + 2.5 + 2.5(N/A) = 9.0, B = 2 + 3.5 + 2.5 = 8.0
+    assert j.preferred == "A"
+    assert j.summary == "A is better overall."
+
+
+def test_pairwise_tie_and_missing_score():
+    text = PAIRWISE.replace("## Score A: 4", "## Score A: 3").replace("## Score B: 2\n", "## Score B: 4\n")
+    # A = 3 + 2.5 + 2.5 = 8.0, B = 4 + 3.5 + 2.5 = 10.0
+    assert rr.parse_pairwise(text, "t2i").preferred == "B"
+    # B's physical score unreadable -> counts 2.5: A = 4 + 2.5 + 2.5 = 9, B = 2 + 2.5 + 2.5 = 7
+    assert rr.parse_pairwise(PAIRWISE.replace("## Score B: 3.5", "## Score B: ??"), "t2i").preferred == "A"
+    tie = "1. Text Faithfulness:\n## Score A: 3\n## Score B: 3\n## Winner: It's a tie"
+    j = rr.parse_pairwise(tie, "t2i")
+    assert j.preferred == "tie" and j.winners["text_faithfulness"] == "tie"
+
+
+def test_preference_from_scores_and_weights():
+    # A = 3 + 2.5(None) = 5.5; B = 2.5 + 3 = 5.5 -> tie
+    assert rr.preference_from_scores({"tf": 3.0, "pq": None}, {"tf": 2.5, "pq": 3.0}) == "tie"
+    assert rr.preference_from_scores({"tf": 3.0}, {"tf": 2.0, "pq": 4.0}) == "B"  # missing key counts 2.5
+    # weighted: (3*4 + 1*1) / 4 = 3.25 -> (3.25 - 1) / 3 = 0.75
+    assert rr.aggregate({"tf": 4.0, "pq": 1.0, "tr": None}, {"tf": 3.0, "pq": 1.0}) == pytest.approx(0.75)
+    assert rr.aggregate({}) == 0.0 and rr.aggregate({"tf": None}) == 0.0
+
+
+def test_render_messages_places_images_in_order_and_checks_fields():
+    a, b, src = solid("red"), solid("blue"), solid("green")
+    msgs = rr.render_messages("pairwise_edit", [src, a, b], request="make it purple")
+    content = msgs[0]["content"]
+    assert [p["image"] for p in content if p["type"] == "image"] == [src, a, b]
+    text = "".join(p["text"] for p in content if p["type"] == "text")
+    assert "Editing instruction: make it purple" in text and "{request}" not in text
+    assert "## Score A:" in text and "## Winner:" in text  # the paper's headers survive verbatim
+    with pytest.raises(ValueError, match="image slots"):
+        rr.render_messages("pointwise_t2i", [a, b], request="x")
+    with pytest.raises(ValueError, match="needs fields"):
+        rr.render_messages("anchored_pairwise_t2i", [a, b], request="x")
+
+
+def test_every_template_keeps_the_paper_headers():
+    for task in ("t2i", "edit"):
+        point = rr.load_prompt(f"pointwise_{task}") + rr.load_prompt(f"projection_{task}")
+        for h in ("## Justification:", "## Score:", "# Summary:", "# User Request Refinement:",
+                  "## Refinement Comments:", "## Refined Request:"):
+            assert h in point
+        pair = rr.load_prompt(f"pairwise_{task}") + rr.load_prompt(f"anchored_pairwise_{task}")
+        for h in ("# User Request Analysis", "# Detailed Judgement", "## Score A:", "## Score B:", "## Winner:"):
+            assert h in pair
+        n = len(rr.dimensions(task))
+        assert rr.load_prompt(f"pointwise_{task}").count("## Score:") == n
+
+
+def test_parse_args_reads_docstrings_and_types(capsys):
+    args = rr.parse_args(rr.Args, ["eval", "--pairs", "p.jsonl", "--limit", "3", "--json", "--image", "a.png", "b.png"])
+    assert (args.command, args.pairs, args.limit, args.json, args.image) == ("eval", "p.jsonl", 3, True, ["a.png", "b.png"])
+    with pytest.raises(SystemExit):
+        rr.parse_args(rr.Args, ["score", "--quantization", "3bit"])
+    with pytest.raises(SystemExit):
+        rr.parse_args(rr.Args, ["--help"])
+    assert "LoRA adapter directory" in capsys.readouterr().out
+
+
+def test_read_jsonl_cuts_a_torn_last_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    rr.append_jsonl(p, {"id": "a"})
+    rr.append_jsonl(p, {"id": "b"})
+    with open(p, "a") as f:
+        f.write('{"id": "c", "val')  # killed mid-write
+    assert [r["id"] for r in rr.read_jsonl(p)] == ["a", "b"]
+    rr.append_jsonl(p, {"id": "c"})
+    assert [json.loads(l)["id"] for l in p.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_preference_metrics_hand_computed():
+    recs = [
+        {"label": "A", "predicted": "A", "unreadable": False, "scores_a": {"text_faithfulness": 4.0}, "scores_b": {"text_faithfulness": 2.0}},
+        {"label": "B", "predicted": "tie", "unreadable": False, "scores_a": {"text_faithfulness": 3.0}, "scores_b": {"text_faithfulness": 3.0}},
+        {"label": "tie", "predicted": "tie", "unreadable": False, "scores_a": {}, "scores_b": {}},
+        {"label": "A", "predicted": None, "unreadable": True, "scores_a": {}, "scores_b": {}},
+    ]
+    m = rr.preference_metrics(recs, "t2i")
+    assert m["accuracy_with_ties"] == pytest.approx(2 / 4)
+    assert m["accuracy_without_ties"] == pytest.approx(1 / 3)
+    assert m["unreadable_outputs"] == 1 and m["predicted_ties"] == 2
+    assert m["mean_scores"]["text_faithfulness"] == pytest.approx(3.0)  # (4 + 2 + 3 + 3) / 4
+    assert m["mean_scores"]["physical_quality"] is None
