@@ -508,18 +508,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None, device: Optional[str] = None,
-             trainable: bool = False, seed: int = 0):
+             trainable: bool = False, seed: int = 0, dtype=None):
     """(model, processor) for a hub id, a local directory or `tiny-random`.
 
     quantization: auto (4-bit on GPU, none on CPU), 4bit (nf4, double quantization), 8bit, none.
     The vision tower and lm_head are never quantized. `adapter`: a peft LoRA directory.
+    dtype: compute/storage dtype of unquantized weights; default bf16 on GPU, fp32 on CPU.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
     path = str(tiny_vlm_dir(seed)) if name == "tiny-random" else name
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if quantization == "auto":
         quantization = "4bit" if device.startswith("cuda") else "none"
     kwargs = {"dtype": dtype}
