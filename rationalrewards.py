@@ -188,22 +188,32 @@ def render_messages(name: str, images: list, **fields) -> list:
 
     Images are placed where the template says `<image>`, in the order given.
     """
+    return [{"role": "user", "content": to_content(fill_prompt(name, **fields), images, name)}]
+
+
+def fill_prompt(name: str, **fields) -> str:
+    """The template text with its `{name}` fields filled and its `<image>` markers kept."""
     template = load_prompt(name)
     missing = set(re.findall(r"\{([a-z_]+)\}", template)) - set(fields)
     if missing:
         raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
     for key, value in fields.items():
         template = template.replace("{" + key + "}", str(value))
-    pieces = template.split("<image>")
+    return template
+
+
+def to_content(text: str, images: list, what: str = "text") -> list:
+    """Text with `<image>` markers + images -> a chat content list with the images in place."""
+    pieces = text.split("<image>")
     if len(pieces) - 1 != len(images):
-        raise ValueError(f"prompt {name!r} has {len(pieces) - 1} image slots, got {len(images)} images")
+        raise ValueError(f"{what!r} has {len(pieces) - 1} image slots, got {len(images)} images")
     content = []
-    for i, text in enumerate(pieces):
-        if text.strip():
-            content.append({"type": "text", "text": text})
+    for i, piece in enumerate(pieces):
+        if piece.strip():
+            content.append({"type": "text", "text": piece})
         if i < len(images):
             content.append({"type": "image", "image": images[i]})
-    return [{"role": "user", "content": content}]
+    return content
 
 
 def load_image(path) -> Optional[Image.Image]:
@@ -829,7 +839,7 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
     for i in range(0, len(todo), batch_size):
         batch = []
         for p in todo[i:i + batch_size]:
-            imgs = {k: load_image(p[k]) for k in ("image_a", "image_b", "source_image") if k in p}
+            imgs = {k: load_image(p[k]) for k in ("image_a", "image_b", "source_image") if p.get(k)}
             if any(v is None for v in imgs.values()) or (scorer.task == "edit" and "source_image" not in imgs):
                 skipped += 1
                 print(f"warning: skipping pair {p['id']}: missing or unreadable image", file=sys.stderr)

@@ -1,0 +1,354 @@
+"""PARROT in-process: pure logic, loaders on fixtures, phases with a scripted teacher, SFT."""
+import io
+import json
+import math
+import re
+
+import pytest
+
+import parrot
+import rationalrewards as rr
+from conftest import solid
+
+
+def rationale(sa_tf, sb_tf, sa_pq=3, sb_pq=3, extra=""):
+    return (f"# User Request Analysis\nThe request.\n# Detailed Judgement\n1. Text Faithfulness:\n## Justification: {extra}\n"
+            f"## Score A: {sa_tf}\n## Score B: {sb_tf}\n## Winner: Image A\n2. Physical and Visual Quality:\n"
+            f"## Justification: fine\n## Score A: {sa_pq}\n## Score B: {sb_pq}\n## Winner: It's a tie\n3. Text Rendering:\n"
+            f"## Justification: no text\n## Score A: N/A\n## Score B: N/A\n## Winner: N/A\n# Summary: done")
+
+
+class ScriptedTeacher:
+    """Answers by the request text: 'consistent', 'contradict', 'unparseable', 'vague' pairs.
+
+    A vague rationale's scores lean to the label, but a reader cannot tell why: P(y|x,z) = 0.3.
+    """
+
+    def __init__(self, fail_after=None):
+        self.generate_calls, self.fail_after = 0, fail_after
+
+    @staticmethod
+    def _text(msgs):
+        return "".join(p["text"] for p in msgs[0]["content"] if p["type"] == "text")
+
+    def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0):
+        self.generate_calls += 1
+        if self.fail_after is not None and self.generate_calls > self.fail_after:
+            raise KeyboardInterrupt  # the run is killed here
+        out = []
+        for msgs in messages_batch:
+            text = self._text(msgs)
+            label = re.search(r"preferred Image ([AB])", text).group(1)
+            hi, lo = (4, 2) if label == "A" else (2, 4)
+            if "contradict" in text:
+                out.append(rationale(lo, hi))
+            elif "unparseable" in text:
+                out.append("I am not able to compare these images.")
+            elif "vague" in text:
+                out.append(rationale(3, 2.5, extra="VAGUE") if label == "A" else rationale(2.5, 3, extra="VAGUE"))
+            else:
+                out.append(rationale(hi, lo))
+        return out
+
+    def answer_logprobs(self, messages_batch, answers=("A", "B")):
+        res = []
+        for msgs in messages_batch:
+            text = self._text(msgs)
+            j = rr.parse_pairwise(text.split("Judge's comparison:")[1], "t2i")
+            p_pref = 0.3 if "VAGUE" in text else 0.9  # probability of the side the scores favour
+            pa = p_pref if j.preferred == "A" else 1 - p_pref
+            res.append({"A": math.log(pa), "B": math.log(1 - pa)})
+        return res
+
+
+def make_jsonl(tmp_path, prompts):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for c in ("red", "blue"):
+        solid(c).save(tmp_path / f"{c}.png")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "image_a": "red.png", "image_b": "blue.png", "label": "A"}) + "\n"
+                            for p in prompts))
+    return path
+
+
+def args_for(tmp_path, **kw):
+    return parrot.Args(**{"dataset": "jsonl", "out": str(tmp_path / "run"), "batch_size": 2, **kw})
+
+
+# ---- pure logic ----
+def test_consistency_verdict_buckets():
+    good = rr.parse_pairwise(rationale(4, 2), "t2i")
+    assert parrot.consistency_verdict(good, "A", 0.9, 0.5) is None
+    assert parrot.consistency_verdict(good, "B", 0.9, 0.5) == "scores_contradict_label"
+    assert parrot.consistency_verdict(good, "A", 0.4, 0.5) == "teacher_disagrees"
+    assert parrot.consistency_verdict(good, "A", 0.5, 0.5) is None  # "at least" the threshold
+    tie = rr.parse_pairwise(rationale(3, 3), "t2i")
+    assert parrot.consistency_verdict(tie, "A", 0.9, 0.5) == "scores_contradict_label"
+    assert parrot.consistency_verdict(rr.parse_pairwise("no idea", "t2i"), "A", 0.9, 0.5) == "unparseable"
+
+
+def test_projection_matches_and_largest_gap():
+    crit = rr.parse_pointwise("1. Text Faithfulness:\n## Score: 3.5\n2. Physical and Visual Quality:\n## Score: 2\n"
+                              "3. Text Rendering:\n## Score: N/A", "t2i")
+    anchors = {"text_faithfulness": 4.0, "physical_quality": 2.0, "text_rendering": None}
+    assert parrot.projection_matches(crit, anchors)
+    assert not parrot.projection_matches(crit, {**anchors, "text_faithfulness": 2.5})  # strays by 1.0
+    assert not parrot.projection_matches(crit, {**anchors, "text_rendering": 3.0})     # anchored but missing
+    gap = parrot.largest_gap_dimension({"text_faithfulness": 4, "physical_quality": 3, "text_rendering": None},
+                                       {"text_faithfulness": 3.5, "physical_quality": 1, "text_rendering": 2})
+    assert gap == "physical_quality"
+    assert parrot.largest_gap_dimension({"text_faithfulness": 3}, {"text_faithfulness": 3}) is None
+
+
+def test_ab_shuffle_is_seeded_and_balanced():
+    pairs = [parrot.make_pair("x", "t2i", f"p{i}", f"good{i}.png", f"bad{i}.png", seed=0) for i in range(400)]
+    for p in pairs:  # the preferred image is where the label says
+        assert p[f"image_{p['label'].lower()}"].startswith("good")
+    share_b = sum(p["label"] == "B" for p in pairs) / len(pairs)
+    assert 0.4 < share_b < 0.6
+    again = [parrot.make_pair("x", "t2i", f"p{i}", f"good{i}.png", f"bad{i}.png", seed=0) for i in range(400)]
+    assert again == pairs
+    other = [parrot.make_pair("x", "t2i", f"p{i}", f"good{i}.png", f"bad{i}.png", seed=1) for i in range(400)]
+    assert [p["label"] for p in other] != [p["label"] for p in pairs]
+
+
+def test_heldout_split_is_by_prompt():
+    prompts = [f"prompt {i}" for i in range(2000)]
+    held = [p for p in prompts if parrot.is_heldout(p, 0.1, 0)]
+    assert 0.07 < len(held) / len(prompts) < 0.13
+    assert all(parrot.is_heldout(p, 0.1, 0) for p in held)  # stable
+
+
+# ---- loaders ----
+def test_hpdv3_loader_counts_missing_and_corrupt(tmp_path):
+    root = tmp_path / "hpdv3"
+    (root / "images").mkdir(parents=True)
+    for n in ("g1", "b1", "g2", "b2", "g4"):
+        solid("red").save(root / "images" / f"{n}.jpg")
+    (root / "images" / "b3.jpg").write_bytes(b"\xff\xd8 truncated")
+    solid("red").save(root / "images" / "g3.jpg")
+    recs = [{"prompt": "one", "path1": "images/g1.jpg", "path2": "images/b1.jpg", "model1": "m", "confidence": 0.9},
+            {"prompt": "two", "path1": "images/g2.jpg", "path2": "images/b2.jpg"},
+            {"prompt": "three", "path1": "images/g3.jpg", "path2": "images/b3.jpg"},
+            {"prompt": "four", "path1": "images/g4.jpg", "path2": "images/nope.jpg"}]
+    (root / "train.json").write_text(json.dumps(recs))
+    args = parrot.Args(dataset="hpdv3", data_dir=str(root), out=str(tmp_path / "run"))
+    pairs, stats = parrot.load_dataset_pairs(args)
+    assert [p["prompt"] for p in pairs] == ["one", "two"]
+    assert stats["skipped_corrupt_image"] == 1 and stats["skipped_missing_image"] == 1 and stats["rows_read"] == 4
+    for p in pairs:  # path1 is the preferred image, wherever the shuffle put it
+        assert "/g" in p[f"image_{p['label'].lower()}"]
+    args.limit = 1
+    assert len(parrot.load_dataset_pairs(args)[0]) == 1
+
+
+def test_hpdv3_missing_gives_download_commands(tmp_path):
+    with pytest.raises(parrot.DataError, match=r"hf download MizzenAI/HPDv3 --repo-type dataset(.|\n)*tar -xzf"):
+        parrot.load_dataset_pairs(parrot.Args(dataset="hpdv3", data_dir=str(tmp_path / "none"), out=str(tmp_path)))
+
+
+def _png_bytes(color):
+    buf = io.BytesIO()
+    solid(color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_rapidata_parquet_through_datasets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    img = lambda b: {"bytes": b, "path": None}
+    rows = [  # votes: clear A, clear B, exact tie, near tie (52%), corrupt image
+        ("a red cat", img(_png_bytes("red")), img(_png_bytes("blue")), 9, 1),
+        ("a blue dog", img(_png_bytes("red")), img(_png_bytes("blue")), 2, 8),
+        ("tie", img(_png_bytes("red")), img(_png_bytes("blue")), 5, 5),
+        ("close", img(_png_bytes("red")), img(_png_bytes("blue")), 52, 48),
+        ("broken", img(b"not an image"), img(_png_bytes("blue")), 9, 1),
+        ("after", img(_png_bytes("green")), img(_png_bytes("blue")), 7, 3),
+    ]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"prompt": [r[0] for r in rows], "image1": pa.array([r[1] for r in rows], image_type),
+                      "image2": pa.array([r[2] for r in rows], image_type),
+                      "votes_image1": [r[3] for r in rows], "votes_image2": [r[4] for r in rows]})
+    pq.write_table(table, tmp_path / "train.parquet")
+    args = parrot.Args(dataset="rapidata", hf_dataset=str(tmp_path / "train.parquet"), out=str(tmp_path / "run"))
+    pairs, stats = parrot.load_dataset_pairs(args)
+    assert [p["prompt"] for p in pairs] == ["a red cat", "a blue dog", "after"]
+    assert (stats["dropped_ties"], stats["dropped_near_ties"], stats["skipped_corrupt_image"]) == (1, 1, 1)
+    for p, winner in zip(pairs, ("red", "blue", "green")):
+        from conftest import dominant_colour
+        import base64
+        with open(p[f"image_{p['label'].lower()}"], "rb") as f:
+            assert dominant_colour("data:," + base64.b64encode(f.read()).decode()) == winner
+    args.limit = 1  # streaming: stops after the first valid pair
+    pairs, stats = parrot.load_dataset_pairs(args)
+    assert len(pairs) == 1 and stats["rows_read"] == 1
+
+
+def test_editreward_parquet_is_an_edit_dataset(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    img = lambda c: {"bytes": _png_bytes(c), "path": None}
+    table = pa.table({
+        "instruction": ["make it blue", "make it green", "same"], "unique_key": ["k1", "k2", "k3"],
+        "source_img": pa.array([img("red")] * 3, image_type),
+        "left_output_image": pa.array([img("blue"), img("red"), img("red")], image_type),
+        "right_output_image": pa.array([img("red"), img("green"), img("red")], image_type),
+        "left_overall_score": [7.0, 3.0, 5.0], "right_overall_score": [3.0, 7.5, 5.0],
+        "vote_type": ["leftvote", "rightvote", "tie"]})
+    pq.write_table(table, tmp_path / "edit.parquet")
+    args = parrot.Args(dataset="editreward", hf_dataset=str(tmp_path / "edit.parquet"), out=str(tmp_path / "run"))
+    pairs, stats = parrot.load_dataset_pairs(args)
+    assert [p["id"] for p in pairs] == ["k1", "k2"] and stats["dropped_ties"] == 1
+    assert all(p["task"] == "edit" and p["source_image"].endswith("-src.png") for p in pairs)
+
+
+def test_demo_pairs_have_one_known_defect(tmp_path):
+    pairs, _ = parrot.load_dataset_pairs(parrot.Args(dataset="demo", limit=30, out=str(tmp_path)))
+    assert len({p["id"] for p in pairs}) == 30
+    assert {p["defect_dimension"] for p in pairs} == {"text_faithfulness", "physical_quality", "text_rendering"}
+    for p in pairs:
+        if p["defect_dimension"] == "text_rendering":
+            assert '"' in p["prompt"]  # only word prompts get spelling defects
+        a, b = rr.load_image(p["image_a"]), rr.load_image(p["image_b"])
+        assert a.tobytes() != b.tobytes()
+    again, _ = parrot.load_dataset_pairs(parrot.Args(dataset="demo", limit=30, out=str(tmp_path / "2")))
+    assert [p["prompt"] for p in again] == [p["prompt"] for p in pairs]
+
+
+# ---- Phases 1 and 2 with a scripted teacher ----
+PROMPTS = ["consistent one", "contradict two", "unparseable three", "vague four", "consistent five", "contradict six"]
+
+
+def run_phases_12(tmp_path, teacher, out_name="run", **kw):
+    data = tmp_path / "data" / "pairs.jsonl"
+    if not data.is_file():
+        make_jsonl(data.parent, PROMPTS)
+    args = args_for(tmp_path, data_dir=str(data), out=str(tmp_path / out_name), **kw)
+    out = parrot.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs, inputs = parrot.load_dataset_pairs(args)
+    parrot.anchored_generation(teacher, pairs, out, args)
+    parrot.consistency_filter(teacher, out, args)
+    return out, parrot.elbo_report(out, inputs, None)
+
+
+def test_phases_put_each_rationale_in_the_right_bucket(tmp_path):
+    out, report = run_phases_12(tmp_path, ScriptedTeacher())
+    by_prompt = {r["prompt"]: r for r in rr.read_jsonl(out / "phase2.jsonl")}
+    assert by_prompt["consistent one"]["kept"] and by_prompt["consistent one"]["reason"] is None
+    assert by_prompt["contradict two"]["reason"] == "scores_contradict_label"
+    assert by_prompt["unparseable three"]["reason"] == "unparseable"
+    assert by_prompt["vague four"]["reason"] == "teacher_disagrees"
+    assert by_prompt["consistent one"]["log_p_label"] == pytest.approx(math.log(0.9))
+    assert report["kept"] == 2 and report["phase2_pairs"] == 6 and report["phase1_parse_failures"] == 1
+    assert report["drops_by_reason"] == {"unparseable": 1, "scores_contradict_label": 2, "teacher_disagrees": 1}
+    assert report["retention_rate"] == pytest.approx(2 / 6)
+    assert report["elbo_term1_mean_log_p_y_given_xz"] == pytest.approx(math.log(0.9))
+    # kept rationales: text faithfulness 4 vs 2 -> gap 2, physical 3 vs 3
+    assert report["score_statistics"]["text_faithfulness"]["mean_abs_gap"] == pytest.approx(2.0)
+    assert report["score_statistics"]["physical_quality"]["mean"] == pytest.approx(3.0)
+
+
+def test_anchored_prompt_holds_the_label_and_the_consistency_prompt_hides_it(tmp_path):
+    seen = []
+
+    class Spy(ScriptedTeacher):
+        def generate(self, mb, *a, **k):
+            seen.extend(self._text(m) for m in mb)
+            return super().generate(mb, *a, **k)
+
+        def answer_logprobs(self, mb, answers=("A", "B")):
+            seen.extend("CHECK" + self._text(m) for m in mb)
+            return super().answer_logprobs(mb, answers)
+    run_phases_12(tmp_path, Spy())
+    anchored = [t for t in seen if not t.startswith("CHECK")]
+    checks = [t for t in seen if t.startswith("CHECK")]
+    assert anchored and all(re.search(r"preferred Image [AB]", t) for t in anchored)
+    assert checks and not any("annotator" in t or "preferred Image" in t for t in checks)
+
+
+def test_candidates_first_passing_is_kept(tmp_path):
+    class SecondTime(ScriptedTeacher):
+        def generate(self, mb, *a, **k):  # candidate 0 contradicts, candidate 1 is consistent
+            out = super().generate(mb, *a, **k)
+            return [rationale(2, 4) if i % 2 == 0 and "preferred Image A" in self._text(m) else o
+                    for i, (m, o) in enumerate(zip(mb, out))]
+    out, _ = run_phases_12(tmp_path, SecondTime(), num_candidates=2, batch_size=4)
+    rec = next(r for r in rr.read_jsonl(out / "phase2.jsonl") if r["prompt"] == "consistent one")
+    assert rec["kept"]
+    assert [c["reason"] for c in rec["candidates"]][-1] is None
+    assert len(rr.read_jsonl(out / "phase1.jsonl")) == 12
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path):
+    ref_out, _ = run_phases_12(tmp_path, ScriptedTeacher(), "ref", batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_phases_12(tmp_path, ScriptedTeacher(fail_after=3), "cut", batch_size=1)
+    cut = tmp_path / "cut"
+    assert len(rr.read_jsonl(cut / "phase1.jsonl")) == 3
+    run_phases_12(tmp_path, ScriptedTeacher(), "cut", batch_size=1)
+    for name in ("phase1.jsonl", "phase2.jsonl"):
+        got = (cut / name).read_text()
+        assert got == (ref_out / name).read_text()  # same records, same order, nothing twice
+        ids = [(r["id"], r.get("candidate")) for r in rr.read_jsonl(cut / name)]
+        assert len(ids) == len(set(ids)) == 6
+
+
+# ---- Phase 3 ----
+def test_sft_sample_has_no_label_and_masks_the_prompt(tmp_path):
+    model, processor = rr.load_vlm("tiny-random")
+    solid("red").save(tmp_path / "a.png")
+    solid("blue").save(tmp_path / "b.png")
+    rec = {"id": "x", "task": "t2i", "prompt": "a red cat", "image_a": str(tmp_path / "a.png"),
+           "image_b": str(tmp_path / "b.png"), "source_image": None}
+    answer = rationale(4, 2)
+    sample = parrot.sft_sample("pairwise", rec, answer)
+    user = sample["messages"][0]["content"]
+    assert user.count("<image>") == 2 and "preferred" not in user and "annotator" not in user
+    feats = parrot.sample_features(processor, sample, 64 * 64)
+    labels, ids = feats["labels"][0], feats["input_ids"][0]
+    n_prompt = int((labels == -100).sum())
+    assert (labels[:n_prompt] == -100).all() and (labels[n_prompt:] != -100).all()
+    assert processor.tokenizer.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    assert processor.tokenizer.decode(labels[n_prompt:]).startswith(answer)
+
+
+def test_foresight_distillation_lowers_loss_and_adapter_loads(tmp_path):
+    import torch
+    solid("red").save(tmp_path / "a.png")
+    solid("blue").save(tmp_path / "b.png")
+    rec = {"id": "x", "task": "t2i", "prompt": "a red cat", "image_a": str(tmp_path / "a.png"),
+           "image_b": str(tmp_path / "b.png"), "source_image": None}
+    train = [parrot.sft_sample("pairwise", rec, "## Score A: 4\n## Score B: 2"),
+             parrot.sft_sample("pointwise", rec, "## Score: 4", "A")]
+    args = parrot.Args(out=str(tmp_path), epochs=6, lr=3e-3, grad_accum=1, lora_r=8, warmup_ratio=0.0)
+    torch.manual_seed(0)
+    model, processor = rr.load_vlm("tiny-random", trainable=True)
+    model = parrot.add_lora(model, args, quantized=False)
+    before = parrot.answer_nll(model, processor, train, args.max_pixels)
+    losses = parrot.foresight_distillation(model, processor, train, tmp_path, args)
+    after = parrot.answer_nll(model, processor, train, args.max_pixels)
+    assert len(losses) == 12 and after < before - 0.5
+    assert sum(losses[-2:]) < sum(losses[:2])
+    assert json.loads((tmp_path / "student" / "train_state.json").read_text())["epochs_done"] == 6
+    loaded, proc = rr.load_vlm("tiny-random", adapter=str(tmp_path / "student"))
+    assert parrot.answer_nll(loaded, proc, train, args.max_pixels) == pytest.approx(after, rel=1e-3)
+    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(loaded, proc), max_new_tokens=8)
+    assert len(scorer.critique([solid("red")], ["a red cat"])) == 1
+
+
+def test_qlora_student_trains_on_cpu(tmp_path):
+    solid("red").save(tmp_path / "a.png")
+    rec = {"id": "x", "task": "t2i", "prompt": "a red cat", "image_a": str(tmp_path / "a.png"),
+           "image_b": str(tmp_path / "a.png"), "source_image": None}
+    train = [parrot.sft_sample("pointwise", rec, "## Score: 4", "A")]
+    args = parrot.Args(out=str(tmp_path), epochs=3, lr=3e-3, grad_accum=1, lora_r=8, warmup_ratio=0.0)
+    model, processor = rr.load_vlm("tiny-random", quantization="4bit", device="cpu", trainable=True)
+    model = parrot.add_lora(model, args, quantized=True)
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(float(v.abs().sum()) == 0 for v in lora_b.values())  # LoRA starts as a no-op
+    losses = parrot.foresight_distillation(model, processor, train, tmp_path, args)
+    moved = [n for n, p in model.named_parameters() if "lora_B" in n and float((p.detach() - lora_b[n]).abs().sum()) > 0]
+    assert len(moved) == len(lora_b)  # every adapter got gradients through the 4-bit layers and checkpointing
+    assert losses[-1] < losses[0]

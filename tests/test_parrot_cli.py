@@ -1,0 +1,138 @@
+"""parrot.py through its command line: the smoke run, a scripted HTTP teacher end to end, SIGKILL resume."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import rationalrewards as rr
+from conftest import ROOT, run_cli, text_in
+
+
+def teacher_reply(payload):
+    """A scripted teacher served over HTTP: consistent rationales that blame text faithfulness,
+    consistency answers with logprobs that follow the rationale's scores, projections that copy their anchors."""
+    text = text_in(payload)
+    if payload.get("logprobs"):
+        j = rr.parse_pairwise(text.split("Judge's comparison:")[1], "t2i")
+        pa = 0.8 if j.preferred == "A" else 0.2
+        return {"choices": [{"message": {"content": j.preferred}, "logprobs": {"content": [{"token": j.preferred, "logprob": 0.0,
+                "top_logprobs": [{"token": "A", "logprob": math.log(pa)}, {"token": "B", "logprob": math.log(1 - pa)}]}]}}]}
+    if "gave it these scores" in text:
+        anchors = dict(re.findall(r"- (Text Faithfulness|Physical and Visual Quality|Text Rendering): (\S+)", text))
+        return "".join(f"{i}. {name}:\n## Justification: seen.\n## Score: {anchors[name]}\n" for i, name in
+                       enumerate(("Text Faithfulness", "Physical and Visual Quality", "Text Rendering"), 1)) + \
+            "# Summary: ok\n# User Request Refinement:\n## Refinement Comments: none\n## Refined Request: same"
+    label = re.search(r"preferred Image ([AB])", text).group(1)
+    hi, lo = ("4", "2") if label == "A" else ("2", "4")
+    return (f"# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n## Justification: one is off.\n"
+            f"## Score A: {hi}\n## Score B: {lo}\n## Winner: Image {label}\n2. Physical and Visual Quality:\n"
+            f"## Justification: both clean.\n## Score A: 3\n## Score B: 3\n## Winner: It's a tie\n3. Text Rendering:\n"
+            f"## Justification: n/a\n## Score A: N/A\n## Score B: N/A\n## Winner: N/A\n# Summary: {label} wins.")
+
+
+def test_smoke_command_tiny_random(tmp_path):
+    """The README's smoke command (with shorter generations to keep the suite fast)."""
+    out = tmp_path / "smoke"
+    res = run_cli("parrot.py", "--dataset", "demo", "--limit", "16", "--teacher", "tiny-random", "--student",
+                  "tiny-random", "--out", out, "--max-new-tokens", "48")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["raw_pairs"] == 16 and report["phase1_rationales"] == 16 and report["phase2_pairs"] == 16
+    assert report["kept"] + sum(report["drops_by_reason"].values()) == 16
+    for name in ("args.json", "inputs.json", "phase1.jsonl", "phase2.jsonl", "sft.jsonl", "heldout.jsonl"):
+        assert (out / name).is_file(), name
+    assert "PARROT report" in res.stdout and "retention rate" in res.stdout
+    assert "phase 1: anchored generation" in res.stderr  # progress bars
+
+
+def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, scripted_server):
+    server = scripted_server(teacher_reply)
+    out = tmp_path / "run"
+    common = ["--dataset", "demo", "--limit", "12", "--teacher", "served", "--teacher-api-base", server.url,
+              "--student", "tiny-random", "--out", out, "--max-new-tokens", "16", "--epochs", "2",
+              "--grad-accum", "2", "--eval-fraction", "0.25"]
+    res = run_cli("parrot.py", *common, "--phases", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (out / "phase2.jsonl").exists()
+    res = run_cli("parrot.py", *common, "--phases", "23")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    phase2 = rr.read_jsonl(out / "phase2.jsonl")
+    assert report["kept"] == 12 and report["retention_rate"] == 1.0
+    assert report["elbo_term1_mean_log_p_y_given_xz"] == pytest.approx(math.log(0.8))
+    # the scripted teacher always separates the images on text faithfulness
+    share = sum(r["defect_dimension"] == "text_faithfulness" for r in phase2) / 12
+    assert report["attribution_accuracy"] == pytest.approx(share)
+    sft, held = rr.read_jsonl(out / "sft.jsonl"), rr.read_jsonl(out / "heldout.jsonl")
+    assert len(sft) + len(held) == 36  # one pairwise + two pointwise per kept pair
+    assert {s["kind"] for s in sft} == {"pairwise", "pointwise"}
+    train_prompts = {r["prompt"] for r in phase2 if r["id"] in {s["id"] for s in sft}}
+    held_prompts = {r["prompt"] for r in phase2 if r["id"] in {s["id"] for s in held}}
+    assert held_prompts and not train_prompts & held_prompts
+    for s in sft:  # LLaMA-Factory / TRL form, with no label anywhere in the input
+        assert [m["role"] for m in s["messages"]] == ["user", "assistant"]
+        assert s["messages"][0]["content"].count("<image>") == len(s["images"])
+        assert "preferred" not in s["messages"][0]["content"]
+    st = report["student"]
+    assert st["sft_samples"] == len(sft) and len(st["train_losses"]) == 2 * math.ceil(len(sft) / 2)
+    assert set(st["before"]["accuracy"]) == set(st["after"]["accuracy"]) == {"pointwise", "pairwise"}
+    assert st["before"]["heldout_nll"] is not None and st["after"]["heldout_nll"] is not None
+    assert (out / "student" / "adapter_config.json").is_file()
+    # the student loads in rationalrewards.py as an adapter
+    img = phase2[0]["image_a"]
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--adapter", out / "student",
+                  "--prompt", "a red circle", "--image", img, "--max-new-tokens", "8", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert set(json.loads(res.stdout)["scores"]) == {"text_faithfulness", "physical_quality", "text_rendering"}
+    # the same command again redoes nothing: no teacher request, same report
+    n = len(server.requests)
+    res = run_cli("parrot.py", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(server.requests) == n
+    assert json.loads((out / "report.json").read_text())["student"] == st
+
+
+def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scripted_server):
+    def slow(payload):
+        time.sleep(0.15)
+        return teacher_reply(payload)
+    server = scripted_server(slow)
+    args = lambda out: [sys.executable, "parrot.py", "--dataset", "demo", "--limit", "10", "--teacher", "served",
+                        "--teacher-api-base", server.url, "--out", str(out), "--phases", "12", "--batch-size", "1"]
+    env = {**os.environ}
+    ref = subprocess.run(args(tmp_path / "ref"), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen(args(tmp_path / "cut"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    phase1 = tmp_path / "cut" / "phase1.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not phase1.is_file() or len(phase1.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(phase1.read_text().splitlines())
+    assert 4 <= written < 10
+    res = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name in ("phase1.jsonl", "phase2.jsonl"):
+        got, want = rr.read_jsonl(tmp_path / "cut" / name), rr.read_jsonl(tmp_path / "ref" / name)
+        assert len(got) == len({r["id"] for r in got}) == 10
+        key = lambda r: json.dumps({k: v for k, v in r.items() if not k.startswith(("image", "source"))}, sort_keys=True)
+        assert sorted(map(key, got)) == sorted(map(key, want))
+
+
+def test_clear_errors(tmp_path):
+    res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "o",
+                  "--teacher", "tiny-random")
+    assert res.returncode == 2 and "hf download MizzenAI/HPDv3" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("parrot.py", "--phases", "2", "--out", tmp_path / "empty", "--teacher", "tiny-random")
+    assert res.returncode == 2 and "run --phases 1 first" in res.stderr
+    res = run_cli("parrot.py", "--phases", "4", "--out", tmp_path / "o")
+    assert res.returncode != 0 and "--phases" in res.stderr
+    res = run_cli("parrot.py", "--dataset", "rapidata", "--out", tmp_path / "o", "--teacher", "tiny-random")
+    assert res.returncode == 2 and "hf download" in res.stderr and "--hf-dataset" in res.stderr
