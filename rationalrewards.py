@@ -612,7 +612,8 @@ class TransformersBackend:
         for i in range(0, len(messages_batch), self.batch_size):
             inputs = self._inputs(messages_batch[i:i + self.batch_size])
             with torch.no_grad():
-                logits = self.model(**inputs).logits[:, -1, :].float()  # (B, V); left padding: last is real
+                # only the last position's logits (B, 1, V): the full (B, T, V) tensor is large for a 151k vocabulary
+                logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()  # (B, V)
             logp = torch.log_softmax(logits[:, ids], dim=-1)  # (B, len(answers))
             results += [dict(zip(answers, row.tolist())) for row in logp]
         return results
