@@ -449,6 +449,33 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+class LazyTeacher:
+    """The teacher backend, loaded on first use (a resumed run with nothing left to do loads no
+    model) and released before the student trains, so both fit on one GPU in turn."""
+
+    def __init__(self, args: Args):
+        self.args, self.backend = args, None
+
+    def _get(self):
+        if self.backend is None:
+            a = self.args
+            self.backend = rr.load_backend(a.teacher, a.teacher_api_base, None, a.teacher_quantization, a.batch_size,
+                                           a.max_pixels, a.timeout, a.max_retries)
+        return self.backend
+
+    def generate(self, *args, **kwargs):
+        return self._get().generate(*args, **kwargs)
+
+    def answer_logprobs(self, *args, **kwargs):
+        return self._get().answer_logprobs(*args, **kwargs)
+
+    def release(self):
+        import torch
+        self.backend = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 PAIR_FIELDS = ("id", "dataset", "task", "prompt", "image_a", "image_b", "source_image", "label", "defect_dimension")
 
 
@@ -656,17 +683,16 @@ def student_accuracy(model, processor, heldout_pairs: list, task: str, args: Arg
             for mode in ("pointwise", "pairwise")}
 
 
-def phase3(teacher_fn, out: Path, args: Args) -> dict:
+def phase3(teacher, out: Path, args: Args) -> dict:
     """Projections, SFT files, then the student: before/after NLL and accuracy on held-out prompts."""
     import torch
     phase2 = rr.read_jsonl(out / "phase2.jsonl")
     if not phase2:
         raise DataError(f"{out / 'phase2.jsonl'} is missing or empty: run --phases 2 first")
     kept = [r for r in phase2 if r["kept"]]
-    if kept:
-        project_pointwise(teacher_fn(), kept, out, args)
+    project_pointwise(teacher, kept, out, args)
     train, held = build_sft(out, args)
-    teacher_fn(release=True)  # free the teacher's memory before the student trains
+    teacher.release()  # free the teacher's memory before the student trains
     metrics_path = out / "student_metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     seen, heldout_pairs = set(), []
@@ -773,31 +799,18 @@ def main(argv=None) -> int:
     import torch
     torch.manual_seed(args.seed)
 
-    teacher = {}
-
-    def teacher_fn(release=False):
-        """The teacher backend, loaded on first use and released before the student trains."""
-        if release:
-            teacher.clear()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return None
-        if "backend" not in teacher:
-            teacher["backend"] = rr.load_backend(args.teacher, args.teacher_api_base, None, args.teacher_quantization,
-                                                 args.batch_size, args.max_pixels, args.timeout, args.max_retries)
-        return teacher["backend"]
-
+    teacher = LazyTeacher(args)
     inputs_path = out / "inputs.json"
     if "1" in args.phases:
         pairs, inputs = load_dataset_pairs(args)
         write_atomic(inputs_path, json.dumps(inputs))
         print(f"{inputs['pairs']} pairs from {args.dataset} ({inputs})", file=sys.stderr)
-        anchored_generation(teacher_fn(), pairs, out, args)
+        anchored_generation(teacher, pairs, out, args)
     if "2" in args.phases:
-        consistency_filter(teacher_fn(), out, args)
+        consistency_filter(teacher, out, args)
     student = None
     if "3" in args.phases:
-        student = phase3(teacher_fn, out, args)
+        student = phase3(teacher, out, args)
     elif (out / "student_metrics.json").is_file():
         student = json.loads((out / "student_metrics.json").read_text())
     inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}

@@ -89,6 +89,15 @@ def test_4bit_loads_and_generates_on_cpu():
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
+def test_8bit_loads_and_generates_on_cpu():
+    import bitsandbytes as bnb
+    model, processor = rr.load_vlm("tiny-random", quantization="8bit", device="cpu")
+    assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+    assert type(model.model.visual.blocks[0].attn.qkv) is torch.nn.Linear
+    out = greedy(rr.TransformersBackend(model, processor), [rr.render_messages("pointwise_t2i", [solid("red")], request="x")], n=4)
+    assert len(out) == 1
+
+
 def test_adapter_is_applied_and_bad_adapter_is_clear(tmp_path, tiny):
     from peft import LoraConfig, PeftModel, get_peft_model
     base, _ = rr.build_tiny_vlm(0)

@@ -54,8 +54,8 @@ def test_smoke_command_tiny_random(tmp_path):
 def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, scripted_server):
     server = scripted_server(teacher_reply)
     out = tmp_path / "run"
-    common = ["--dataset", "demo", "--limit", "12", "--teacher", "served", "--teacher-api-base", server.url,
-              "--student", "tiny-random", "--out", out, "--max-new-tokens", "16", "--epochs", "2",
+    http_teacher = ["--teacher", "served", "--teacher-api-base", server.url]
+    common = http_teacher + ["--dataset", "demo", "--limit", "12", "--student", "tiny-random", "--out", out, "--max-new-tokens", "16", "--epochs", "2",
               "--grad-accum", "2", "--eval-fraction", "0.25"]
     res = run_cli("parrot.py", *common, "--phases", "1")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -95,6 +95,9 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
     res = run_cli("parrot.py", *common)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(server.requests) == n
+    # ... and loads no teacher at all: a teacher that cannot be loaded is never touched
+    res = run_cli("parrot.py", *common[len(http_teacher):], "--teacher", "nobody/not-a-model")
+    assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["student"] == st
 
 
