@@ -299,18 +299,20 @@ def _parse_winner(value: str) -> Optional[str]:
 def _classify_header(line: str, dims: tuple) -> Optional[str]:
     """Dimension key if `line` starts a dimension section, else None.
 
-    A header is `1. Title`, `## Title`, or a line that holds only the title, so a
-    justification sentence that happens to start with "Text rendering is ..." is not one.
+    A header is `1. Title`, `## Title` (a short tail allowed) or a line holding only the title,
+    so neither a sentence like "Text rendering is fine." nor a numbered list item inside a
+    justification ("1. The hand has six fingers.") starts a new section.
     """
     m = _HEADER_RE.match(line.replace("**", ""))
     hashes, number, title = m.group(1), m.group(2), m.group(3)
-    bare = title.rstrip(":： ")
     for key, pattern in _DIMENSION_PATTERNS:
-        hit = re.match(rf"({pattern})\b", bare, re.I)
-        if hit and key in dims and (number or hashes or len(bare) - hit.end() < 25):
-            return key
-    if number and 1 <= int(number) <= len(dims) and len(bare) < 60:
-        return dims[int(number) - 1]  # numbered header with a title we do not know: trust the number
+        hit = re.match(rf"({pattern})\b", title, re.I)
+        if hit and key in dims:
+            rest = title[hit.end():].strip(" :：-")
+            if (len(rest) < 25) if (number or hashes) else (not rest or rest.startswith("(")):
+                return key
+    if number and 1 <= int(number) <= len(dims) and title.endswith((":", "：")) and len(title.split()) <= 6:
+        return dims[int(number) - 1]  # a numbered "Title:" we do not know: trust the number
     return None
 
 
@@ -494,14 +496,6 @@ class ModelLoadError(RuntimeError):
     """A model, adapter or dataset could not be found or loaded; the message says how to get it."""
 
 
-def _missing_model_message(name: str, err: Exception) -> str:
-    return (f"Could not load model '{name}': it is not a local directory and could not be fetched from the "
-            f"Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
-            f"On a machine with network access run `hf download {name} --local-dir models/{name.split('/')[-1]}` "
-            f"and pass --model models/{name.split('/')[-1]}, or set HF_HOME to a cache that holds it. "
-            f"For an offline smoke run use --model tiny-random.")
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect to the hub, so an offline machine fails in seconds instead of
     minutes of huggingface_hub retries."""
@@ -552,7 +546,12 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
     except (OSError, ValueError) as err:
         if Path(path).is_dir():
             raise ModelLoadError(f"'{path}' exists but does not hold a loadable model: {err}") from err
-        raise ModelLoadError(_missing_model_message(name, err)) from None
+        local = f"models/{name.split('/')[-1]}"
+        raise ModelLoadError(
+            f"Could not load model '{name}': it is not a local directory and could not be fetched from the Hugging Face "
+            f"hub ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}).\nOn a machine with network access run "
+            f"`hf download {name} --local-dir {local}` and pass --model {local}, or set HF_HOME to a cache that holds "
+            f"it. For an offline smoke run use --model tiny-random.") from None
     if quantization == "none":
         model.to(device)
     if adapter is not None:
@@ -576,13 +575,11 @@ class TransformersBackend:
         self.batch_size, self.max_pixels = batch_size, max_pixels
 
     def _inputs(self, messages_batch):
-        for conv in messages_batch:
-            for turn in conv:
-                for item in turn["content"] if isinstance(turn["content"], list) else []:
-                    if item["type"] == "image":
-                        item["image"] = bound_pixels(item["image"], self.max_pixels)
+        bounded = [[{**turn, "content": [{**p, "image": bound_pixels(p["image"], self.max_pixels)} if p["type"] == "image"
+                                         else p for p in turn["content"]]} if isinstance(turn["content"], list) else turn
+                    for turn in conv] for conv in messages_batch]
         return self.processor.apply_chat_template(
-            messages_batch, add_generation_prompt=True, tokenize=True, return_dict=True,
+            bounded, add_generation_prompt=True, tokenize=True, return_dict=True,
             return_tensors="pt", processor_kwargs={"padding": True}).to(self.model.device)
 
     def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
@@ -661,7 +658,10 @@ class OpenAIBackend:
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
+                    body = json.loads(resp.read())
+                if not body.get("choices"):
+                    raise BackendError(f"{self.url} answered without choices: {json.dumps(body)[:300]}")
+                return body
             except urllib.error.HTTPError as err:
                 last = f"HTTP {err.code}: {err.read()[:300].decode(errors='replace')}"
                 if err.code < 500 and err.code != 429:  # a bad request will not get better
@@ -698,9 +698,12 @@ class OpenAIBackend:
             if found:
                 total = math.log(sum(math.exp(v) for v in found.values()))
                 return {a: found[a] - total if a in found else -math.inf for a in answers}
-            text = (choice["message"].get("content") or "").strip().strip("*").upper()
-            picked = next((a for a in answers if text.startswith(a.upper())), None)
-            return {a: (0.0 if a == picked else -math.inf) for a in answers} if picked else {a: math.log(1 / len(answers)) for a in answers}
+            # no logprobs from this server: the first answer named in the text ("B", "Image B") gets all the mass
+            text = choice["message"].get("content") or ""
+            m = re.search(r"\b(" + "|".join(map(re.escape, answers)) + r")\b", text)
+            if not m:
+                return {a: math.log(1 / len(answers)) for a in answers}
+            return {a: (0.0 if a == m.group(1) else -math.inf) for a in answers}
         return self._map(one, messages_batch)
 
 
@@ -824,6 +827,22 @@ def preference_metrics(records: list, task: str) -> dict:
             "mean_scores": dim_means}
 
 
+def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
+    """One prediction record per (pair, images) in `batch`."""
+    a, b = [im["image_a"] for _, im in batch], [im["image_b"] for _, im in batch]
+    reqs = [p["prompt"] for p, _ in batch]
+    src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
+    if mode == "pointwise":  # both images of every pair in one batched critique call
+        crits = scorer.critique(a + b, reqs * 2, src * 2 if src else None)
+        results = [(ca.scores, cb.scores, ca.readable and cb.readable, [ca.text, cb.text])
+                   for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
+    else:
+        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text]) for j in scorer.compare(a, b, reqs, src)]
+    return [{"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
+             "predicted": preference_from_scores(sa, sb) if ok else None, "unreadable": not ok, "outputs": texts}
+            for (p, _), (sa, sb, ok, texts) in zip(batch, results)]
+
+
 def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str = "pointwise",
                          out_dir: Optional[str] = None, batch_size: int = 8) -> dict:
     """Predict every pair, append each prediction to out_dir/predictions.jsonl, return metrics.
@@ -832,6 +851,8 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
     """
     from tqdm import tqdm
     pred_path = Path(out_dir) / "predictions.jsonl" if out_dir else None
+    if pred_path:
+        pred_path.parent.mkdir(parents=True, exist_ok=True)
     records = read_jsonl(pred_path) if pred_path else []
     done = {r["id"] for r in records}
     todo = [p for p in pairs if p["id"] not in done]
@@ -846,37 +867,14 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
                 print(f"warning: skipping pair {p['id']}: missing or unreadable image", file=sys.stderr)
                 continue
             batch.append((p, imgs))
-        if batch:
-            reqs = [p["prompt"] for p, _ in batch]
-            src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
-            if mode == "pointwise":
-                # pointwise: both images of every pair go through one batched critique call
-                crits = scorer.critique([im["image_a"] for _, im in batch] + [im["image_b"] for _, im in batch],
-                                        reqs * 2, src * 2 if src else None)
-                for j, (p, _) in enumerate(batch):
-                    ca, cb = crits[j], crits[j + len(batch)]
-                    unreadable = not (ca.readable and cb.readable)
-                    rec = {"id": p["id"], "label": p["label"], "scores_a": ca.scores, "scores_b": cb.scores,
-                           "predicted": None if unreadable else preference_from_scores(ca.scores, cb.scores),
-                           "unreadable": unreadable, "outputs": [ca.text, cb.text]}
-                    records.append(rec)
-                    if pred_path:
-                        append_jsonl(pred_path, rec)
-            else:
-                for (p, _), jd in zip(batch, scorer.compare([im["image_a"] for _, im in batch],
-                                                             [im["image_b"] for _, im in batch], reqs, src)):
-                    rec = {"id": p["id"], "label": p["label"], "scores_a": jd.scores_a, "scores_b": jd.scores_b,
-                           "predicted": jd.preferred, "unreadable": jd.preferred is None, "outputs": [jd.text]}
-                    records.append(rec)
-                    if pred_path:
-                        append_jsonl(pred_path, rec)
+        for rec in predict_pairs(scorer, batch, mode) if batch else []:
+            records.append(rec)
+            if pred_path:
+                append_jsonl(pred_path, rec)
         bar.update(len(todo[i:i + batch_size]))
-        acc = preference_metrics(records, scorer.task)["accuracy_with_ties"] if records else None
-        bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "-")
+        bar.set_postfix(acc=f"{preference_metrics(records, scorer.task)['accuracy_with_ties'] or 0:.3f}")
     bar.close()
-    metrics = preference_metrics(records, scorer.task)
-    metrics["skipped_pairs"] = skipped
-    metrics["mode"] = mode
+    metrics = {**preference_metrics(records, scorer.task), "skipped_pairs": skipped, "mode": mode}
     if out_dir:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -885,10 +883,6 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
-def _fmt(s) -> str:
-    return "N/A or unreadable" if s is None else f"{s:.2f}"
-
-
 def main(argv=None) -> int:
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
@@ -914,7 +908,7 @@ def main(argv=None) -> int:
         for r in [] if args.json else results:
             print(f"==== {r['image']}\n{r['critique'].strip()}\n---- scores")
             for d, s in r["scores"].items():
-                print(f"  {DIMENSION_TITLES[d]:<28} {_fmt(s)}")
+                print(f"  {DIMENSION_TITLES[d]:<28} {'N/A or unreadable' if s is None else f'{s:.2f}'}")
             print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  {r['refined_request']}")
         return 0
     if not args.pairs:

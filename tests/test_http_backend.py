@@ -105,3 +105,20 @@ def test_requests_in_flight_are_bounded(scripted_server):
     msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request=str(i)) for i in range(12)]
     assert backend(server, max_concurrency=3).generate(msgs) == ["ok"] * 12
     assert 1 < peak[0] <= 3
+
+
+def test_answer_text_fallback_reads_image_b_and_reply_without_choices_is_clear(scripted_server):
+    server = scripted_server(lambda p: "Image B is better.")
+    [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    assert lp == {"A": -math.inf, "B": 0.0}
+    server = scripted_server(lambda p: {"error": {"message": "model not found"}})
+    with pytest.raises(rr.BackendError, match="without choices.*model not found"):
+        backend(server).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+
+
+def test_transformers_backend_does_not_change_the_callers_messages():
+    model, processor = rr.load_vlm("tiny-random")
+    big = solid("red", (300, 200))
+    msgs = [rr.render_messages("pointwise_t2i", [big], request="x")]
+    rr.TransformersBackend(model, processor, max_pixels=32 * 32).generate(msgs, max_new_tokens=2)
+    assert msgs[0][0]["content"][1]["image"] is big and big.size == (300, 200)

@@ -222,3 +222,24 @@ def test_preference_metrics_hand_computed():
     assert m["unreadable_outputs"] == 1 and m["predicted_ties"] == 2
     assert m["mean_scores"]["text_faithfulness"] == pytest.approx(3.0)  # (4 + 2 + 3 + 3) / 4
     assert m["mean_scores"]["physical_quality"] is None
+
+
+def test_numbered_lists_and_short_sentences_inside_justifications_are_not_headers():
+    text = """1. Text Faithfulness:
+## Justification: Matches.
+## Score: 4
+2. Physical and Visual Quality:
+## Justification: Issues:
+1. The hand has six fingers.
+2. The shadow falls the wrong way.
+Text rendering is fine.
+## Score: 2
+3. Text Rendering (if applicable):
+## Justification: none requested
+## Score: N/A
+"""
+    c = rr.parse_pointwise(text, "t2i")
+    assert c.scores == {"text_faithfulness": 4.0, "physical_quality": 2.0, "text_rendering": None}
+    assert c.not_applicable == ["text_rendering"]
+    assert "six fingers" in c.justifications["physical_quality"]
+    assert "Text rendering is fine." in c.justifications["physical_quality"]
