@@ -584,7 +584,11 @@ def build_sft(out: Path, args: Args) -> tuple:
 
 def sample_features(processor, sample: dict, max_pixels: int):
     """Token ids of (prompt + answer) with labels = -100 on every prompt token: loss on the answer only."""
-    images = [rr.bound_pixels(rr.load_image(p), max_pixels) for p in sample["images"]]
+    images = [rr.load_image(p) for p in sample["images"]]
+    if any(im is None for im in images):
+        raise ValueError(f"SFT sample {sample['id']}: cannot read {[p for p, im in zip(sample['images'], images) if im is None]}; "
+                         f"the run directory's images must stay where Phase 1 found them")
+    images = [rr.bound_pixels(im, max_pixels) for im in images]
     user = [{"role": "user", "content": rr.to_content(sample["messages"][0]["content"], images)}]
     answer = {"role": "assistant", "content": [{"type": "text", "text": sample["messages"][1]["content"]}]}
     kw = dict(tokenize=True, return_dict=True, return_tensors="pt")
@@ -621,6 +625,8 @@ def add_lora(model, args: Args, quantized: bool):
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     # Language model only: the paper freezes the vision tower.
@@ -677,6 +683,7 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
 
 
 def student_accuracy(model, processor, heldout_pairs: list, task: str, args: Args) -> dict:
+    model.eval()  # no LoRA dropout while the student writes critiques
     backend = rr.TransformersBackend(model, processor, args.batch_size, args.max_pixels)
     scorer = rr.RationalRewardsScorer(backend, task, args.max_new_tokens, temperature=0.1)
     return {mode: rr.evaluate_preferences(scorer, heldout_pairs, mode, None, args.batch_size)["accuracy_with_ties"]
