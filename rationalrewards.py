@@ -73,6 +73,7 @@ DIMENSION_TITLES = {
     "physical_quality": "Physical and Visual Quality",
     "text_rendering": "Text Rendering",
 }
+RELEASED = {"t2i": "TIGER-Lab/RationalRewards-8B-T2I", "edit": "TIGER-Lab/RationalRewards-8B-Edit"}
 NA_SCORE = 2.5  # a dimension that is N/A or unreadable counts as the midpoint in pairwise sums
 
 
@@ -86,8 +87,9 @@ def dimensions(task: str) -> tuple:
 class Args:
     command: Literal["score", "eval"] = field(default="score", metadata={"positional": True})
     """`score`: critique and score images; `eval`: preference accuracy on a file of pairs"""
-    model: str = "TIGER-Lab/RationalRewards-8B-T2I"
-    """hub id, local directory, or `tiny-random`; with --api-base, the model name the server serves"""
+    model: Optional[str] = None
+    """hub id, local directory, or `tiny-random` (default: the released checkpoint for --task);
+    with --api-base, the model name the server serves"""
     adapter: Optional[str] = None
     """LoRA adapter directory applied on top of --model (e.g. the student written by parrot.py)"""
     task: Literal["t2i", "edit"] = "t2i"
@@ -732,7 +734,7 @@ class RationalRewardsScorer:
 
     @classmethod
     def from_args(cls, args: Args) -> "RationalRewardsScorer":
-        backend = load_backend(args.model, args.api_base, args.adapter, args.quantization, args.batch_size,
+        backend = load_backend(args.model or RELEASED[args.task], args.api_base, args.adapter, args.quantization, args.batch_size,
                                args.max_pixels, args.timeout, args.max_retries, args.api_key_env)
         return cls(backend, args.task, args.max_new_tokens, args.temperature)
 
@@ -885,6 +887,7 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
+    args.model = args.model or RELEASED[args.task]
     print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
     import torch
     torch.manual_seed(args.seed)

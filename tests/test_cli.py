@@ -138,3 +138,9 @@ def test_eval_bad_pairs_file_is_clear(image_dir):
     path.write_text('{"prompt": "x", "image_a": "red.png"}\n')
     res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", path)
     assert res.returncode == 2 and "broken.jsonl:1" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_default_model_follows_the_task(image_dir):
+    res = run_cli("rationalrewards.py", "score", "--task", "edit", "--prompt", "x", "--image", image_dir / "red.png",
+                  "--source-image", image_dir / "blue.png")
+    assert res.returncode == 2 and "Could not load model 'TIGER-Lab/RationalRewards-8B-Edit'" in res.stderr
