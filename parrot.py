@@ -761,6 +761,10 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
         "elbo_term1_mean_log_p_y_given_xz": sum(r["log_p_label"] for r in kept) / len(kept) if kept else None,
         "score_statistics": stats,
     }
+    proj = rr.read_jsonl(out / "projections.jsonl")
+    if proj:  # Phase 3's own filter: pointwise projections that kept their anchor scores
+        report["phase3_projections"] = {"kept": sum(p["kept"] for p in proj), "dropped_score_stray": sum(not p["kept"] for p in proj)}
+        report["sft_samples"] = {"train": len(rr.read_jsonl(out / "sft.jsonl")), "heldout": len(rr.read_jsonl(out / "heldout.jsonl"))}
     if any(r.get("defect_dimension") for r in kept):
         hits = [largest_gap_dimension(r["scores_a"], r["scores_b"]) == r["defect_dimension"] for r in kept]
         report["attribution_accuracy"] = sum(hits) / len(hits)
@@ -778,6 +782,9 @@ def print_report(report: dict) -> None:
     rows += [(f"  dropped: {k}", v) for k, v in report["drops_by_reason"].items()]
     rows += [("retention rate (paper ~0.72)", report["retention_rate"]),
              ("ELBO term 1: mean log P(y|x,z)", report["elbo_term1_mean_log_p_y_given_xz"])]
+    if "phase3_projections" in report:
+        rows += [(f"Phase 3 projections {k}", v) for k, v in report["phase3_projections"].items()]
+        rows += [(f"SFT samples {k}", v) for k, v in report["sft_samples"].items()]
     if "attribution_accuracy" in report:
         rows.append(("attribution accuracy (demo)", report["attribution_accuracy"]))
     st = report.get("student")

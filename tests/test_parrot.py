@@ -352,3 +352,38 @@ def test_qlora_student_trains_on_cpu(tmp_path):
     moved = [n for n, p in model.named_parameters() if "lora_B" in n and float((p.detach() - lora_b[n]).abs().sum()) > 0]
     assert len(moved) == len(lora_b)  # every adapter got gradients through the 4-bit layers and checkpointing
     assert losses[-1] < losses[0]
+
+
+def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
+    solid("red").save(tmp_path / "a.png")
+    solid("blue").save(tmp_path / "b.png")
+    scores_a = {"text_faithfulness": 4.0, "physical_quality": 3.0, "text_rendering": None}
+    scores_b = {"text_faithfulness": 2.0, "physical_quality": 3.0, "text_rendering": None}
+    kept = [{"id": f"p{i}", "task": "t2i", "prompt": f"prompt {i}", "image_a": str(tmp_path / "a.png"),
+             "image_b": str(tmp_path / "b.png"), "source_image": None, "label": "A", "kept": True,
+             "rationale": rationale(4, 2), "scores_a": scores_a, "scores_b": scores_b} for i in range(2)]
+
+    class Projector:
+        def generate(self, mb, *a, **k):  # copies the anchors for image A, strays by 1.5 for image B
+            out = []
+            for m in mb:
+                text = ScriptedTeacher._text(m)
+                tf = float(re.search(r"- Text Faithfulness: (\S+)", text).group(1))
+                tf = tf if "this image was Image A" in text else tf + 1.5
+                out.append(f"1. Text Faithfulness:\n## Score: {tf}\n2. Physical and Visual Quality:\n## Score: 3\n"
+                           f"3. Text Rendering:\n## Score: N/A\n# User Request Refinement:\n## Refined Request: r")
+            return out
+    out = tmp_path / "run"
+    out.mkdir()
+    for r in kept:
+        rr.append_jsonl(out / "phase2.jsonl", r)
+    args = parrot.Args(out=str(out), eval_fraction=0.0)
+    parrot.project_pointwise(Projector(), kept, out, args)
+    proj = rr.read_jsonl(out / "projections.jsonl")
+    assert sorted((p["id"], p["side"], p["kept"]) for p in proj) == [("p0", "A", True), ("p0", "B", False),
+                                                                     ("p1", "A", True), ("p1", "B", False)]
+    train, held = parrot.build_sft(out, args)
+    assert held == [] and sorted((s["id"], s["kind"], s["side"]) for s in train) == [
+        ("p0", "pairwise", None), ("p0", "pointwise", "A"), ("p1", "pairwise", None), ("p1", "pointwise", "A")]
+    pointwise = next(s for s in train if s["kind"] == "pointwise")
+    assert pointwise["images"] == [str(tmp_path / "a.png")] and pointwise["messages"][0]["content"].count("<image>") == 1

@@ -71,6 +71,8 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
     assert report["attribution_accuracy"] == pytest.approx(share)
     sft, held = rr.read_jsonl(out / "sft.jsonl"), rr.read_jsonl(out / "heldout.jsonl")
     assert len(sft) + len(held) == 36  # one pairwise + two pointwise per kept pair
+    assert report["phase3_projections"] == {"kept": 24, "dropped_score_stray": 0}
+    assert report["sft_samples"] == {"train": len(sft), "heldout": len(held)}
     assert {s["kind"] for s in sft} == {"pairwise", "pointwise"}
     train_prompts = {r["prompt"] for r in phase2 if r["id"] in {s["id"] for s in sft}}
     held_prompts = {r["prompt"] for r in phase2 if r["id"] in {s["id"] for s in held}}
