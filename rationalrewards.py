@@ -477,7 +477,9 @@ def build_tiny_vlm(seed: int = 0):
 def tiny_vlm_dir(seed: int = 0) -> Path:
     """Directory holding the saved tiny-random model, built on first use (atomic, so parallel runs are safe)."""
     root = Path(os.environ.get("RATIONALREWARDS_CACHE", Path.home() / ".cache" / "rationalrewards"))
-    path = root / f"tiny-random-qwen3vl-v{TINY_VERSION}-seed{seed}"
+    # the tokenizer is trained on the templates: editing one must rebuild the model
+    corpus = hashlib.sha1("".join(sorted(p.read_text() for p in PROMPTS_DIR.glob("*.txt"))).encode()).hexdigest()[:8]
+    path = root / f"tiny-random-qwen3vl-v{TINY_VERSION}-{corpus}-seed{seed}"
     if not (path / "config.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
