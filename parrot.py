@@ -511,7 +511,8 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
     todo = [sorted(c.values(), key=lambda r: r["candidate"]) for i, c in by_id.items() if i not in done]
     for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates), "phase 2: consistency"):
         parsed = {(r["id"], r["candidate"]): rr.parse_pairwise(r["rationale"], r["task"]) for g in group_batch for r in g}
-        # self-consistency first: only candidates whose own scores imply y go to the teacher
+        # self-consistency first: only candidates whose own scores imply y go to the teacher, all of
+        # them in one batched call (with K > 1 this also scores candidates after the first that passes)
         ask = [r for g in group_batch for r in g if parsed[(r["id"], r["candidate"])].preferred == r["label"]]
         msgs = [rr.render_messages(f"consistency_{r['task']}", images_of(r, "image_a", "image_b"),
                                    request=r["prompt"], rationale=r["rationale"]) for r in ask]
