@@ -459,8 +459,9 @@ class LazyTeacher:
     def _get(self):
         if self.backend is None:
             a = self.args
-            self.backend = rr.load_backend(a.teacher, a.teacher_api_base, None, a.teacher_quantization, a.batch_size,
-                                           a.max_pixels, a.timeout, a.max_retries)
+            self.backend = rr.load_backend(a.teacher, api_base=a.teacher_api_base, quantization=a.teacher_quantization,
+                                           batch_size=a.batch_size, max_pixels=a.max_pixels, timeout=a.timeout,
+                                           max_retries=a.max_retries)
         return self.backend
 
     def generate(self, *args, **kwargs):

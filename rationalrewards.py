@@ -717,7 +717,8 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
     if api_base:
         if adapter:
             raise ValueError("--adapter applies to a local model; serve the adapter with your server instead (vLLM: --lora-modules)")
-        return OpenAIBackend(api_base, model, os.environ.get(api_key_env), timeout, max_retries, batch_size, max_pixels)
+        return OpenAIBackend(api_base, model, api_key=os.environ.get(api_key_env), timeout=timeout,
+                             max_retries=max_retries, max_concurrency=batch_size, max_pixels=max_pixels)
     vlm, processor = load_vlm(model, quantization, adapter)
     return TransformersBackend(vlm, processor, batch_size, max_pixels)
 
@@ -736,8 +737,9 @@ class RationalRewardsScorer:
 
     @classmethod
     def from_args(cls, args: Args) -> "RationalRewardsScorer":
-        backend = load_backend(args.model or RELEASED[args.task], args.api_base, args.adapter, args.quantization, args.batch_size,
-                               args.max_pixels, args.timeout, args.max_retries, args.api_key_env)
+        backend = load_backend(args.model or RELEASED[args.task], api_base=args.api_base, adapter=args.adapter,
+                               quantization=args.quantization, batch_size=args.batch_size, max_pixels=args.max_pixels,
+                               timeout=args.timeout, max_retries=args.max_retries, api_key_env=args.api_key_env)
         return cls(backend, args.task, args.max_new_tokens, args.temperature)
 
     def _images(self, images, source_images, *others):
