@@ -118,6 +118,7 @@ class Args:
     """seed for the A/B shuffle, the held-out split, sampling and training"""
 
 
+LOGP_FLOOR = math.log(1e-6)  # log P(y|x,z) is stored floored, so a text-only "wrong" answer is not -inf
 PROJECTION_TOLERANCE = 0.5   # a pointwise projection may stray this far from its anchor score
 PROJECTION_TEMPERATURE = 0.1  # projections copy scores: decode like the scorer does
 DEFAULT_HUB = {"rapidata": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3",
@@ -142,7 +143,9 @@ def consistency_verdict(judgement: rr.PairwiseJudgement, label: str, p_label: Op
         return "unparseable"
     if judgement.preferred != label:  # label-ignoring or vague: its own scores do not pick y
         return "scores_contradict_label"
-    if p_label is None or p_label < min_consistency:  # hallucinated or non-predictive evidence
+    if p_label is None:  # the teacher's answer could not be read: no evidence either way
+        return "unreadable_answer"
+    if p_label < min_consistency:  # hallucinated or non-predictive evidence
         return "teacher_disagrees"
     return None
 
@@ -215,14 +218,24 @@ def load_hpdv3(root, split, limit, seed, stats) -> list:
             f"  hf download MizzenAI/HPDv3 --repo-type dataset --local-dir {root}\n"
             f"  cd {root} && cat images.tar.gz.* | tar -xzf -\n"
             f"then pass --data-dir {root}.")
+    try:
+        rows = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{index} is not valid JSON ({err}); expected a list of records with prompt, path1, path2") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{index}: expected a JSON list of records, got {type(rows).__name__}")
     pairs = []
-    for rec in json.loads(index.read_text()):
+    for n, rec in enumerate(rows):
         if limit is not None and len(pairs) >= limit:
             break
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "path1", "path2")):
+            raise DataError(f"{index}, row {n}: expected string fields prompt, path1 (preferred), path2 (rejected), "
+                            f"got {str(rec)[:200]}")
         stats["rows_read"] += 1
         good, bad = root / rec["path1"], root / rec["path2"]  # path1 is the preferred image
-        if _readable([good, bad], stats):
-            pairs.append(make_pair("hpdv3", "t2i", rec["prompt"], good, bad, seed))
+        if _readable([good, bad], stats):  # the id from the row itself, however --data-dir is spelled
+            key = rr.pair_id(rec["prompt"], rec["path1"], rec["path2"])
+            pairs.append(make_pair("hpdv3", "t2i", rec["prompt"], good, bad, seed, key=key))
     return pairs
 
 
@@ -499,45 +512,59 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
 # ---------------------------------------------------------------------------------------
 # ---- Phase 2: predictive consistency filtering, ELBO term 1: E_q[log P(y | x, z)] ----
 # ---------------------------------------------------------------------------------------
+def read_phase2(out: Path) -> list:
+    """One record per pair: the latest written (a rerun with more candidates supersedes the old one)."""
+    return list({r["id"]: r for r in rr.read_jsonl(out / "phase2.jsonl")}.values())
+
+
 def consistency_filter(teacher, out: Path, args: Args) -> None:
-    """Keep, per pair, the first candidate z from which the hidden label can be recovered."""
+    """Judge every Phase 1 candidate once; per pair keep the first z from which y can be recovered.
+
+    The teacher's log P(y|x,z) is read for every candidate, parseable or not, so that the report
+    can estimate ELBO term 1 over all of q(z|x,y), not only over the survivors. A rerun judges
+    only candidates not judged before (e.g. after Phase 1 ran again with a larger
+    --num-candidates) and appends a superseding record for those pairs.
+    """
     phase1 = rr.read_jsonl(out / "phase1.jsonl")
     if not phase1:
         raise DataError(f"{out / 'phase1.jsonl'} is missing or empty: run --phases 1 first")
-    path = out / "phase2.jsonl"
-    done = {r["id"] for r in rr.read_jsonl(path)}
+    judged = {r["id"]: r for r in read_phase2(out)}
     by_id = {}
     for r in phase1:
         by_id.setdefault(r["id"], {})[r["candidate"]] = r  # a rerun of Phase 1 cannot duplicate
-    todo = [sorted(c.values(), key=lambda r: r["candidate"]) for i, c in by_id.items() if i not in done]
+    todo = []
+    for pid, cands in by_id.items():
+        seen = {c["candidate"] for c in judged[pid]["candidates"]} if pid in judged else set()
+        new = [cands[k] for k in sorted(cands) if k not in seen]
+        if new:
+            todo.append(new)
     for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates), "phase 2: consistency"):
-        parsed = {(r["id"], r["candidate"]): rr.parse_pairwise(r["rationale"], r["task"]) for g in group_batch for r in g}
-        # self-consistency first: only candidates whose own scores imply y go to the teacher, all of
-        # them in one batched call (with K > 1 this also scores candidates after the first that passes)
-        ask = [r for g in group_batch for r in g if parsed[(r["id"], r["candidate"])].preferred == r["label"]]
+        flat = [r for g in group_batch for r in g]
         msgs = [rr.render_messages(f"consistency_{r['task']}", images_of(r, "image_a", "image_b"),
-                                   request=r["prompt"], rationale=r["rationale"]) for r in ask]
+                                   request=r["prompt"], rationale=r["rationale"]) for r in flat]
         # log P(y | x, z): the answer letter's probability, label hidden, one forward pass
-        logps = teacher.answer_logprobs(msgs, ("A", "B")) if ask else []
-        logps = {(r["id"], r["candidate"]): lp for r, lp in zip(ask, logps)}
+        answers = dict(zip(((r["id"], r["candidate"]) for r in flat), teacher.answer_logprobs(msgs, ("A", "B"))))
         for group in group_batch:
-            tried, kept = [], None
+            pid = group[0]["id"]
+            verdicts = list(judged[pid]["candidates"]) if pid in judged else []
             for r in group:
-                j = parsed[(r["id"], r["candidate"])]
-                lp = logps.get((r["id"], r["candidate"]), {}).get(r["label"])
-                p = math.exp(lp) if lp is not None else None
-                reason = consistency_verdict(j, r["label"], p, args.min_consistency)
-                tried.append({"candidate": r["candidate"], "reason": reason, "p_label": p})
-                if reason is None:
-                    kept = (r, j, lp)
-                    break
-            r, j, lp = kept or (group[-1], None, None)
-            rec = {**{f: r[f] for f in PAIR_FIELDS}, "kept": kept is not None,
-                   "reason": None if kept else tried[-1]["reason"], "candidates": tried}
+                lp = answers[(r["id"], r["candidate"])]
+                lp = None if lp is None else max(LOGP_FLOOR, lp[r["label"]])
+                p = None if lp is None else math.exp(lp)
+                j = rr.parse_pairwise(r["rationale"], r["task"])
+                verdicts.append({"candidate": r["candidate"], "p_label": p, "log_p_label": lp,
+                                 "reason": consistency_verdict(j, r["label"], p, args.min_consistency)})
+            verdicts.sort(key=lambda v: v["candidate"])
+            kept = next((v for v in verdicts if v["reason"] is None), None)
+            source = by_id[pid][kept["candidate"] if kept else verdicts[-1]["candidate"]]
+            rec = {**{f: source[f] for f in PAIR_FIELDS}, "kept": kept is not None,
+                   "reason": None if kept else verdicts[-1]["reason"], "candidates": verdicts}
             if kept:
-                rec.update(candidate=r["candidate"], rationale=r["rationale"], log_p_label=lp,
-                           scores_a=j.scores_a, scores_b=j.scores_b)
-            rr.append_jsonl(path, rec)
+                j = rr.parse_pairwise(source["rationale"], source["task"])
+                rec.update(candidate=kept["candidate"], rationale=source["rationale"],
+                           log_p_label=kept["log_p_label"], scores_a=j.scores_a, scores_b=j.scores_b)
+            judged[pid] = rec
+            rr.append_jsonl(out / "phase2.jsonl", rec)
 
 
 # ---------------------------------------------------------------------------------------
@@ -571,7 +598,7 @@ def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) ->
 
 def build_sft(out: Path, args: Args) -> tuple:
     """sft.jsonl (train prompts) and heldout.jsonl (held-out prompts), rebuilt from Phase 2 + projections."""
-    kept = [r for r in rr.read_jsonl(out / "phase2.jsonl") if r["kept"]]
+    kept = [r for r in read_phase2(out) if r["kept"]]
     proj = {(p["id"], p["side"]): p for p in rr.read_jsonl(out / "projections.jsonl")}
     train, held = [], []
     for r in kept:
@@ -637,6 +664,9 @@ def add_lora(model, args: Args, quantized: bool):
     return get_peft_model(model, config)
 
 
+# ELBO term 2: KL(q(z|x,y) || P_theta(z|x)) = E_q[log q(z|x,y)] - E_q[log P_theta(z|x)]. The first part,
+# minus the entropy of q, does not depend on theta, so minimising the SFT loss -log P_theta(z|x) on
+# samples z ~ q (the kept rationales) minimises the KL term up to that constant.
 def foresight_distillation(model, processor, train: list, out: Path, args: Args) -> list:
     """LoRA SFT of the student on the kept rationales, label absent. Returns the loss per optimizer step.
 
@@ -692,47 +722,63 @@ def student_accuracy(model, processor, heldout_pairs: list, task: str, args: Arg
             for mode in ("pointwise", "pairwise")}
 
 
-def phase3(teacher, out: Path, args: Args) -> dict:
-    """Projections, SFT files, then the student: before/after NLL and accuracy on held-out prompts."""
-    import torch
-    phase2 = rr.read_jsonl(out / "phase2.jsonl")
-    if not phase2:
-        raise DataError(f"{out / 'phase2.jsonl'} is missing or empty: run --phases 2 first")
-    kept = [r for r in phase2 if r["kept"]]
-    project_pointwise(teacher, kept, out, args)
-    train, held = build_sft(out, args)
-    teacher.release()  # free the teacher's memory before the student trains
-    metrics_path = out / "student_metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    seen, heldout_pairs = set(), []
-    for r in phase2:  # every labelled held-out pair, kept or not, is fair evaluation data
+def heldout_pairs_of(phase2: list, args: Args) -> list:
+    """Every labelled held-out pair, kept or not, is fair evaluation data (never in sft.jsonl)."""
+    seen, pairs = set(), []
+    for r in phase2:
         if is_heldout(r["prompt"], args.eval_fraction, args.seed) and r["id"] not in seen:
             seen.add(r["id"])
-            heldout_pairs.append(r)
-    heldout_pairs = heldout_pairs[:args.eval_limit]
-    task = phase2[0]["task"]
+            pairs.append(r)
+    return pairs[:args.eval_limit]
+
+
+def student_report(model, processor, held: list, heldout_pairs: list, task: str, args: Args) -> dict:
+    return {"heldout_nll": answer_nll(model, processor, held, args.max_pixels),
+            "accuracy": student_accuracy(model, processor, heldout_pairs, task, args)}
+
+
+def phase3(teacher, out: Path, args: Args) -> dict:
+    """Phase 3 in the paper's steps: project, build the SFT data, distil, evaluate before/after."""
+    import shutil
+    import torch
+    phase2 = read_phase2(out)
+    if not phase2:
+        raise DataError(f"{out / 'phase2.jsonl'} is missing or empty: run --phases 2 first")
+    # 1. pointwise projections of every kept rationale (teacher), 2. sft.jsonl / heldout.jsonl
+    project_pointwise(teacher, [r for r in phase2 if r["kept"]], out, args)
+    train, held = build_sft(out, args)
+    teacher.release()  # free the teacher's memory before the student trains
+    # 3. resume only what was trained on exactly this data; new SFT data means a new student
+    ckpt, metrics_path = out / "student", out / "student_metrics.json"
+    fingerprint = hashlib.sha1(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if metrics and metrics.get("sft_fingerprint") != fingerprint:
+        print("warning: sft.jsonl changed since the student was trained: training it again from the base model",
+              file=sys.stderr)
+        metrics = {}
+        shutil.rmtree(ckpt, ignore_errors=True)
+    metrics["sft_fingerprint"] = fingerprint
+    state_path = ckpt / "train_state.json"
+    if "after" in metrics and state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
+        return metrics  # a finished run, started again on the same data: nothing to redo
+    heldout_pairs, task = heldout_pairs_of(phase2, args), phase2[0]["task"]
     torch.manual_seed(args.seed)
     model, processor = rr.load_vlm(args.student, args.student_quantization, trainable=True)
     model = add_lora(model, args, args.student_quantization == "4bit")
     if "before" not in metrics:  # LoRA starts at zero: the student is still the base model
-        metrics["before"] = {"heldout_nll": answer_nll(model, processor, held, args.max_pixels),
-                             "accuracy": student_accuracy(model, processor, heldout_pairs, task, args)}
+        metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
         write_atomic(metrics_path, json.dumps(metrics))
     if not train:
         print("warning: no SFT samples survived Phases 1-2; the student is not trained", file=sys.stderr)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
         return metrics
-    ckpt = out / "student"
-    state_path = ckpt / "train_state.json"
-    if "after" in metrics and state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
-        return metrics  # a finished run, started again: nothing to redo
     if state_path.is_file():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    # 4. foresight distillation, then 5. the student on held-out prompts
     metrics["train_losses"] = foresight_distillation(model, processor, train, out, args)
-    metrics["after"] = {"heldout_nll": answer_nll(model, processor, held, args.max_pixels),
-                        "accuracy": student_accuracy(model, processor, heldout_pairs, task, args)}
+    metrics["after"] = student_report(model, processor, held, heldout_pairs, task, args)
     metrics["sft_samples"], metrics["heldout_samples"], metrics["heldout_pairs"] = len(train), len(held), len(heldout_pairs)
     write_atomic(metrics_path, json.dumps(metrics))
     return metrics
@@ -742,9 +788,13 @@ def phase3(teacher, out: Path, args: Args) -> dict:
 # The ELBO report
 # ---------------------------------------------------------------------------------------
 def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
-    phase1, phase2 = rr.read_jsonl(out / "phase1.jsonl"), rr.read_jsonl(out / "phase2.jsonl")
+    phase1, phase2 = rr.read_jsonl(out / "phase1.jsonl"), read_phase2(out)
     kept = [r for r in phase2 if r["kept"]]
-    reasons = {k: sum(r["reason"] == k for r in phase2) for k in ("unparseable", "scores_contradict_label", "teacher_disagrees")}
+    reasons = {k: sum(r["reason"] == k for r in phase2)
+               for k in ("unparseable", "scores_contradict_label", "unreadable_answer", "teacher_disagrees")}
+    # ELBO term 1, E_{q(z|x,y)}[log P(y|x,z)]: every candidate z that q produced, not only survivors
+    all_lp = [c["log_p_label"] for r in phase2 for c in r.get("candidates", []) if c.get("log_p_label") is not None]
+    kept_lp = [r["log_p_label"] for r in kept if r.get("log_p_label") is not None]
     dims = rr.dimensions(phase2[0]["task"]) if phase2 else ()
     stats = {}
     for d in dims:
@@ -759,8 +809,12 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
         "phase1_parse_failures": sum(rr.parse_pairwise(r["rationale"], r["task"]).preferred is None for r in phase1),
         "phase2_pairs": len(phase2), "kept": len(kept), "drops_by_reason": reasons,
         "retention_rate": len(kept) / len(phase2) if phase2 else None, "paper_retention_rate": 0.72,
-        # ELBO term 1 on the kept rationales: mean log P(y | x, z)
-        "elbo_term1_mean_log_p_y_given_xz": sum(r["log_p_label"] for r in kept) / len(kept) if kept else None,
+        "elbo_term1_all_candidates": sum(all_lp) / len(all_lp) if all_lp else None,
+        "elbo_term1_candidates_scored": len(all_lp),
+        "unreadable_teacher_answers": sum(c.get("log_p_label") is None for r in phase2 for c in r.get("candidates", [])),
+        # over the kept rationales only: bounded below by the filter itself, so it describes the
+        # SFT data, it does not estimate the bound
+        "mean_log_p_y_given_xz_kept": sum(kept_lp) / len(kept_lp) if kept_lp else None,
         "score_statistics": stats,
     }
     proj = rr.read_jsonl(out / "projections.jsonl")
@@ -783,7 +837,9 @@ def print_report(report: dict) -> None:
              ("Phase 2 pairs judged", report["phase2_pairs"]), ("kept", report["kept"])]
     rows += [(f"  dropped: {k}", v) for k, v in report["drops_by_reason"].items()]
     rows += [("retention rate (paper ~0.72)", report["retention_rate"]),
-             ("ELBO term 1: mean log P(y|x,z)", report["elbo_term1_mean_log_p_y_given_xz"])]
+             (f"ELBO term 1, E_q log P(y|x,z), {report['elbo_term1_candidates_scored']} z", report["elbo_term1_all_candidates"]),
+             ("  unreadable teacher answers", report["unreadable_teacher_answers"]),
+             ("mean log P(y|x,z), kept z only", report["mean_log_p_y_given_xz_kept"])]
     if "phase3_projections" in report:
         rows += [(f"Phase 3 projections {k}", v) for k, v in report["phase3_projections"].items()]
         rows += [(f"SFT samples {k}", v) for k, v in report["sft_samples"].items()]
@@ -806,8 +862,8 @@ def main(argv=None) -> int:
     args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     if not set(args.phases) <= set("123") or not args.phases:
         raise SystemExit(f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
-    if args.num_candidates < 1:
-        raise SystemExit("--num-candidates must be at least 1")
+    rr.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens", "max_pixels", "epochs",
+                        "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rr.save_args(args, out)
@@ -815,6 +871,10 @@ def main(argv=None) -> int:
     import torch
     torch.manual_seed(args.seed)
 
+    # the student is checked before hours of Phases 1-2, not after them; the teacher is loaded (and
+    # so checked) on its first use, which is immediate whenever there is teacher work to do
+    if "3" in args.phases:
+        rr.check_model_available(args.student, "student")
     teacher = LazyTeacher(args)
     inputs_path = out / "inputs.json"
     if "1" in args.phases:

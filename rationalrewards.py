@@ -170,6 +170,34 @@ def parse_args(cls, argv=None, description=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
+def require_positive(args, *names) -> None:
+    """Counts given on the command line must be >= 1 (None means "no limit" where allowed)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def check_same_run(out_dir, args, keys, paths=()) -> None:
+    """Refuse to resume `out_dir` when it was written with other settings for any of `keys`.
+
+    Without this, a rerun into the same directory with another model or mode would silently
+    report the old outputs under the new settings. `paths`: keys compared as resolved paths.
+    """
+    saved_path = Path(out_dir) / "args.json"
+    if not saved_path.is_file():
+        return
+    saved, now = json.loads(saved_path.read_text()), dataclasses.asdict(args)
+
+    def norm(k, v):
+        return str(Path(v).resolve()) if k in paths and v else v
+    diff = [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now" for k in keys
+            if norm(k, saved.get(k)) != norm(k, now[k])]
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diff)}). "
+                         f"Use another --out, or delete {out_dir} to start over.")
+
+
 def save_args(args, out_dir) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
@@ -239,11 +267,17 @@ def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
 # Parsing. The model writes markdown; we read it back tolerantly: bold markers, `3.5/4`,
 # `[3.5]`, N/A, sections missing or out of order, a reasoning preamble. Unreadable -> None.
 # ---------------------------------------------------------------------------------------
-_DIMENSION_PATTERNS = [  # first match wins, so the specific names come before "quality"
-    ("text_rendering", r"text[\s_-]*rendering|typography"),
-    ("image_faithfulness", r"image[\s_-]*(faithfulness|consistency|preservation)|(source|input)[\s_-]*(image[\s_-]*)?(faithfulness|consistency|preservation)"),
-    ("text_faithfulness", r"text[\s_-]*(faithfulness|alignment|fidelity)|(instruction|prompt)[\s_-]*(following|faithfulness|alignment)"),
-    ("physical_quality", r"physical|visual[\s_-]*quality|image[\s_-]*quality|quality"),
+_S = r"[\s_/&-]*"  # what may stand between the words of a dimension's name
+# First key wins, so the specific names come before "quality"; within a key the long names come
+# first, so that a header line holding only "Physical and Visual Quality" is read as exactly a title.
+_DIMENSION_PATTERNS = [
+    ("text_rendering", rf"text{_S}rendering|typography"),
+    ("image_faithfulness", rf"image{_S}(?:faithfulness|consistency|preservation)|"
+                           rf"(?:source|input){_S}(?:image{_S})?(?:faithfulness|consistency|preservation)"),
+    ("text_faithfulness", rf"text{_S}(?:faithfulness|alignment|fidelity)|"
+                          rf"(?:instruction|prompt){_S}(?:following|faithfulness|alignment)"),
+    ("physical_quality", rf"physical{_S}(?:and{_S})?visual{_S}quality|physical{_S}(?:quality|plausibility)|"
+                         rf"visual{_S}quality|image{_S}quality|physical|(?:overall{_S})?quality"),
 ]
 _FIELD_RE = re.compile(r"^[\s#>*_-]*(justification|score\s*(?:for\s*)?(?:image\s*)?[ab]|score|winner)\s*[:：]\s*(.*)$", re.I)
 _HEADER_RE = re.compile(r"^[\s>*_]*(#*)\s*(?:(\d+)\s*[.):]\s*)?(.*?)\s*$")
@@ -367,7 +401,9 @@ def parse_pointwise(text: str, task: str = "t2i") -> Critique:
         scores[d], justs[d] = s, raw.get("justification")
     refined = sections.get("refined request")
     if refined:
-        refined = refined.strip().strip('"“”').strip() or None
+        refined = refined.strip()
+        if len(refined) > 1 and refined[0] in '"“' and refined[-1] in '"”':  # a wrapped request, not a quoted word
+            refined = refined[1:-1].strip()
     return Critique(scores, justs, na, sections.get("summary") or None,
                     sections.get("refinement comments") or None, refined or None, text)
 
@@ -396,13 +432,49 @@ def aggregate(scores: dict, weights: Optional[dict] = None) -> float:
 
     R = (sum_d w_d * clamp(s_d, 1, 4) / sum_d w_d - 1) / 3, over readable, non-N/A d; 0 if none.
     """
-    weights = weights or {}
+    weights = check_weights(weights)
+    if weights and scores and not any(weights.get(d, 1.0) > 0 for d in scores):
+        raise ValueError(f"reward weights {weights} are all zero on {sorted(scores)}: at least one dimension must count")
     readable = {d: min(4.0, max(1.0, float(s))) for d, s in scores.items() if s is not None}
     total_w = sum(weights.get(d, 1.0) for d in readable)
     if not readable or total_w <= 0:
         return 0.0
     mean = sum(weights.get(d, 1.0) * s for d, s in readable.items()) / total_w
     return (mean - 1.0) / 3.0
+
+
+def check_weights(weights: Optional[dict]) -> dict:
+    """Per-dimension reward weights, validated so that the reward stays in [0, 1].
+
+    Known dimension names only, each weight finite and >= 0 (`aggregate` also refuses weights
+    that are zero on every dimension it is given). Dimensions not named keep weight 1; weight 0 leaves a dimension out (e.g. image_faithfulness=0 gives the
+    official edit-RL reward, which averages the other three).
+    """
+    if not weights:
+        return {}
+    unknown = sorted(set(weights) - set(DIMENSION_TITLES))
+    if unknown:
+        raise ValueError(f"unknown reward dimension(s) {unknown}; known: {sorted(DIMENSION_TITLES)}")
+    bad = {d: w for d, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
+    if bad:
+        raise ValueError(f"reward weights must be finite numbers >= 0, got {bad}")
+    return dict(weights)
+
+
+def parse_weights(spec: Optional[str]) -> Optional[dict]:
+    """'text_faithfulness=2,image_faithfulness=0' -> {'text_faithfulness': 2.0, 'image_faithfulness': 0.0}."""
+    if not spec:
+        return None
+    weights = {}
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"reward weights look like 'text_faithfulness=1,physical_quality=0.5', got {spec!r}")
+    return check_weights(weights)
 
 
 def preference_from_scores(scores_a: dict, scores_b: dict) -> str:
@@ -515,6 +587,40 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else with a slash, a dot or a tilde in front is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+
+
+def check_model_available(name: str, what: str = "model") -> None:
+    """Fail fast, before any work, when `name` can be neither found locally nor downloaded.
+
+    A path that does not exist says so (no hub advice); an uncached hub id on an offline
+    machine gets the download command. A reachable hub is trusted here (loading reports
+    a wrong id with its own error).
+    """
+    if name == "tiny-random":
+        return
+    if looks_like_path(name):
+        if not Path(name).expanduser().is_dir():
+            raise ModelLoadError(f"{what} path '{name}' does not exist (or is not a directory)")
+        if not (Path(name).expanduser() / "config.json").is_file() and not (Path(name).expanduser() / "model_index.json").is_file():
+            raise ModelLoadError(f"{what} directory '{name}' holds no config.json or model_index.json: not a saved model")
+        return
+    if hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    if not any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "model_index.json")):
+        raise ModelLoadError(_download_advice(name, what, "the hub is not reachable and it is not in the local cache"))
+
+
+def _download_advice(name: str, what: str, why: str) -> str:
+    local = f"models/{name.split('/')[-1]}"
+    return (f"Could not load {what} '{name}': {why}.\nOn a machine with network access run "
+            f"`hf download {name} --local-dir {local}` and pass {local} instead, or set HF_HOME to a cache that "
+            f"holds it. For an offline smoke run use tiny-random.")
+
+
 def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None, device: Optional[str] = None,
              trainable: bool = False, seed: int = 0, dtype=None):
     """(model, processor) for a hub id, a local directory or `tiny-random`.
@@ -526,6 +632,7 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+    check_model_available(name)
     path = str(tiny_vlm_dir(seed)) if name == "tiny-random" else name
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -550,12 +657,8 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
     except (OSError, ValueError) as err:
         if Path(path).is_dir():
             raise ModelLoadError(f"'{path}' exists but does not hold a loadable model: {err}") from err
-        local = f"models/{name.split('/')[-1]}"
-        raise ModelLoadError(
-            f"Could not load model '{name}': it is not a local directory and could not be fetched from the Hugging Face "
-            f"hub ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}).\nOn a machine with network access run "
-            f"`hf download {name} --local-dir {local}` and pass --model {local}, or set HF_HOME to a cache that holds "
-            f"it. For an offline smoke run use --model tiny-random.") from None
+        raise ModelLoadError(_download_advice(name, "model", f"it could not be fetched from the Hugging Face hub "
+                                              f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")) from None
     if quantization == "none":
         model.to(device)
     if adapter is not None:
@@ -577,6 +680,9 @@ class TransformersBackend:
     def __init__(self, model, processor, batch_size: int = 8, max_pixels: int = 768 * 768):
         self.model, self.processor = model, processor
         self.batch_size, self.max_pixels = batch_size, max_pixels
+        # Batches are padded on the left, whoever loaded the processor: generation appends on the
+        # right, and answer_logprobs reads the last position, which right padding fills with pads.
+        processor.tokenizer.padding_side = "left"
 
     def _inputs(self, messages_batch):
         bounded = [[{**turn, "content": [{**p, "image": bound_pixels(p["image"], self.max_pixels)} if p["type"] == "image"
@@ -688,25 +794,35 @@ class OpenAIBackend:
         return self._map(one, messages_batch)
 
     def answer_logprobs(self, messages_batch, answers=("A", "B")) -> list:
-        """log P(answer) from the server's top logprobs when it returns them, else from the answer text."""
+        """log P(answer), normalised over `answers`, from the server's top logprobs; None when unreadable.
+
+        An answer missing from the top-k list has at most the smallest probability listed, so it
+        gets that logprob as an upper bound instead of zero mass by omission (which would turn
+        P(A) = 0.135 into 1.0). A server without logprobs: the answer named in the text gets all
+        the mass. Neither a listed answer nor a readable text: None, never a uniform guess, so
+        Phase 2 drops the rationale for its own reason instead of passing it at P = 0.5.
+        """
         def one(conv):
             resp = self._post({"model": self.model, "messages": self._to_openai(conv), "max_tokens": 1,
                                "temperature": 0.0, "logprobs": True, "top_logprobs": 20})
             choice = resp["choices"][0]
             top = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
+            top = [e for e in top if isinstance(e, dict) and isinstance(e.get("logprob"), (int, float))]
             found = {}
             for entry in top:
-                key = entry.get("token", "").strip()
+                key = str(entry.get("token", "")).strip()
                 if key in answers and key not in found:
-                    found[key] = entry["logprob"]
+                    found[key] = float(entry["logprob"])
             if found:
-                total = math.log(sum(math.exp(v) for v in found.values()))
-                return {a: found[a] - total if a in found else -math.inf for a in answers}
-            # no logprobs from this server: the first answer named in the text ("B", "Image B") gets all the mass
+                floor = min(e["logprob"] for e in top)  # upper bound for an answer not in the list
+                logp = {a: found.get(a, floor) for a in answers}
+                total = math.log(sum(math.exp(v) for v in logp.values()))
+                return {a: v - total for a, v in logp.items()}
             text = choice["message"].get("content") or ""
             m = re.search(r"\b(" + "|".join(map(re.escape, answers)) + r")\b", text)
             if not m:
-                return {a: math.log(1 / len(answers)) for a in answers}
+                print(f"warning: teacher answer not readable as one of {answers}: {text[:80]!r}", file=sys.stderr)
+                return None
             return {a: (0.0 if a == m.group(1) else -math.inf) for a in answers}
         return self._map(one, messages_batch)
 
@@ -810,7 +926,9 @@ def read_pairs(path, limit: Optional[int] = None) -> list:
                 raise KeyError("image_a/image_b")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}:{n}: expected prompt, image_a, image_b, label (A/B/tie): {err!r}") from None
-        item["id"] = str(rec.get("id") or pair_id(item["prompt"], item["image_a"], item["image_b"]))
+        # the id comes from the record as written, never from where the file was found, so the
+        # same file named by a relative or an absolute path resumes the same run
+        item["id"] = str(rec.get("id") or pair_id(rec["prompt"], rec["image_a"], rec["image_b"], rec.get("source_image") or ""))
         pairs.append(item)
         if limit is not None and len(pairs) >= limit:
             break
@@ -844,8 +962,10 @@ def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list
                    for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
     else:
         results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text]) for j in scorer.compare(a, b, reqs, src)]
+    # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
+    # (DESIGN.md, and the official scoring), so a wholly unreadable side loses to any score above 2.5.
     return [{"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
-             "predicted": preference_from_scores(sa, sb) if ok else None, "unreadable": not ok, "outputs": texts}
+             "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "outputs": texts}
             for (p, _), (sa, sb, ok, texts) in zip(batch, results)]
 
 
@@ -889,9 +1009,15 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
+# what an eval's predictions depend on: resuming --out with any of these changed is refused
+EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization", "max_new_tokens",
+                 "temperature", "max_pixels")
+
+
 def main(argv=None) -> int:
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     args.model = args.model or RELEASED[args.task]
+    require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
     print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
     import torch
     torch.manual_seed(args.seed)
@@ -922,6 +1048,7 @@ def main(argv=None) -> int:
         raise SystemExit("eval needs --pairs FILE.jsonl")
     pairs = read_pairs(args.pairs, args.limit)
     if args.out:
+        check_same_run(args.out, args, EVAL_RUN_KEYS, paths=("pairs", "adapter"))
         save_args(args, args.out)
     scorer = RationalRewardsScorer.from_args(args)
     metrics = evaluate_preferences(scorer, pairs, args.mode, args.out, args.batch_size)

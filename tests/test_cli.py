@@ -63,6 +63,15 @@ def test_bad_inputs_are_clear_errors(image_dir):
                   "--image", image_dir / "red.png")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "Could not load model 'someone/not-downloaded'" in res.stderr and "hf download" in res.stderr
+    res = run_cli("rationalrewards.py", "score", "--model", image_dir / "no-such-model", "--prompt", "x",
+                  "--image", image_dir / "red.png")
+    assert res.returncode == 2 and "does not exist" in res.stderr and "hf download" not in res.stderr
+    (image_dir / "p.jsonl").write_text(json.dumps({"prompt": "p", "image_a": "red.png", "image_b": "blue.png",
+                                                   "label": "A"}) + "\n")
+    for limit in ("0", "-1"):  # issue 7.11: eval --limit 0 used to evaluate one pair
+        res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", image_dir / "p.jsonl",
+                      "--limit", limit)
+        assert res.returncode != 0 and "--limit must be a positive number" in res.stderr
 
 
 def write_pairs(image_dir, rows):
@@ -103,9 +112,12 @@ def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, 
     m = json.loads((out / "metrics.json").read_text())
     assert m["pairs"] == 5 and m["skipped_pairs"] == 2
     if mode == "pointwise":
-        # p5: green is unreadable -> counted, wrong. 3 of 5 correct; without ties 2 of 4
+        # p5: green is unreadable -> counted, and each of its dimensions counts 2.5 (issue 7.4):
+        # A = 7.5 < B (red) = 4 + 3.5 + 2.5 = 10 -> B, correct. 4 of 5 correct; without ties 3 of 4
         assert m["unreadable_outputs"] == 1
-        assert m["accuracy_with_ties"] == pytest.approx(3 / 5) and m["accuracy_without_ties"] == pytest.approx(2 / 4)
+        assert m["accuracy_with_ties"] == pytest.approx(4 / 5) and m["accuracy_without_ties"] == pytest.approx(3 / 4)
+        assert next(r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
+                    if r["label"] == "B" and r["unreadable"])["predicted"] == "B"
         # red scores 4 / 3.5; blue scores 1 / 2. Readable images: p1 r,b p2 b,r p3 r,b p4 b,b p5 r -> 4 red, 5 blue
         assert m["mean_scores"]["text_faithfulness"] == pytest.approx((4 * 4 + 5 * 1) / 9)
     else:
@@ -122,6 +134,17 @@ def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, 
     assert len(server.requests) == n_requests
     ids = [json.loads(l)["id"] for l in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 5
+    # issue 7.7: the same pairs file named by its absolute path resumes too
+    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url, "--mode", mode,
+                  "--pairs", (image_dir / "pairs.jsonl").resolve(), "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert len(server.requests) == n_requests
+    # issue 7.8: other settings into the same --out are refused, naming the difference
+    other = "pairwise" if mode == "pointwise" else "pointwise"
+    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url, "--mode", other,
+                  "--pairs", image_dir / "pairs.jsonl", "--out", out)
+    assert res.returncode == 2 and "--mode" in res.stderr and "other settings" in res.stderr
+    assert "Traceback" not in res.stderr and len(server.requests) == n_requests
 
 
 def test_eval_tiny_random_in_process_model(image_dir, tmp_path):

@@ -53,6 +53,29 @@ def test_logprobs_path_normalises_over_answers(scripted_server):
     assert sent["logprobs"] is True and sent["max_tokens"] == 1 and sent["temperature"] == 0.0
 
 
+def test_answer_missing_from_top_logprobs_gets_the_smallest_listed_not_zero(scripted_server):
+    # issue 7.2: P(A) = 0.135 with B not listed used to renormalise to P(A) = 1.0
+    top = [{"token": "The", "logprob": math.log(0.6)}, {"token": "A", "logprob": math.log(0.135)},
+           {"token": "Image", "logprob": math.log(0.05)}]
+    server = scripted_server(lambda p: {"choices": [{"message": {"content": "The"},
+                                                     "logprobs": {"content": [{"token": "The", "top_logprobs": top}]}}]})
+    [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    # B gets at most 0.05: P(A) = 0.135 / (0.135 + 0.05)
+    assert math.exp(lp["A"]) == pytest.approx(0.135 / 0.185)
+    assert math.exp(lp["B"]) == pytest.approx(0.05 / 0.185)
+
+
+def test_unreadable_answer_is_none_not_a_coin_flip(scripted_server):
+    # issue 7.2: no logprobs and no A/B in the text used to give P = 0.5, which passed Phase 2
+    server = scripted_server(lambda p: "I cannot tell.")
+    msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request="x")]
+    assert backend(server).answer_logprobs(msgs) == [None]
+    top_without_answers = [{"token": "The", "logprob": -0.1}, {"token": "I", "logprob": -2.0}]
+    server = scripted_server(lambda p: {"choices": [{"message": {"content": "The"}, "logprobs": {
+        "content": [{"token": "The", "top_logprobs": top_without_answers}]}}]})
+    assert backend(server).answer_logprobs(msgs) == [None]
+
+
 def test_logprobs_fall_back_to_answer_text(scripted_server):
     server = scripted_server(lambda p: "B")  # a server that ignores logprobs
     [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])

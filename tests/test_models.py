@@ -78,6 +78,18 @@ def test_answer_logprobs_is_a_distribution_and_batch_invariant(tiny):
         assert lb["A"] == pytest.approx(ls["A"], abs=1e-4)
 
 
+def test_right_padded_processor_still_gives_batch_invariant_logprobs():
+    # issue 7.6: a processor loaded elsewhere with right padding; the backend must pad left itself
+    model, processor = rr.load_vlm("tiny-random")
+    msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r, rationale="A is better.")
+            for r in ("x", "a much longer request with many more words in it")]
+    single = [rr.TransformersBackend(model, processor, batch_size=1).answer_logprobs([m])[0] for m in msgs]
+    processor.tokenizer.padding_side = "right"
+    batched = rr.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
+    for lb, ls in zip(batched, single):
+        assert lb["A"] == pytest.approx(ls["A"], abs=1e-4) and lb["B"] == pytest.approx(ls["B"], abs=1e-4)
+
+
 def test_4bit_loads_and_generates_on_cpu():
     import bitsandbytes as bnb
     model, processor = rr.load_vlm("tiny-random", quantization="4bit", device="cpu")

@@ -55,6 +55,9 @@ class ScriptedTeacher:
         for msgs in messages_batch:
             text = self._text(msgs)
             j = rr.parse_pairwise(text.split("Judge's comparison:")[1], "t2i")
+            if j.preferred is None:  # a rationale that says nothing: no evidence either way
+                res.append({"A": math.log(0.5), "B": math.log(0.5)})
+                continue
             p_pref = 0.3 if "VAGUE" in text else 0.9  # probability of the side the scores favour
             pa = p_pref if j.preferred == "A" else 1 - p_pref
             res.append({"A": math.log(pa), "B": math.log(1 - pa)})
@@ -81,6 +84,7 @@ def test_consistency_verdict_buckets():
     assert parrot.consistency_verdict(good, "A", 0.9, 0.5) is None
     assert parrot.consistency_verdict(good, "B", 0.9, 0.5) == "scores_contradict_label"
     assert parrot.consistency_verdict(good, "A", 0.4, 0.5) == "teacher_disagrees"
+    assert parrot.consistency_verdict(good, "A", None, 0.5) == "unreadable_answer"  # not a free pass
     assert parrot.consistency_verdict(good, "A", 0.5, 0.5) is None  # "at least" the threshold
     tie = rr.parse_pairwise(rationale(3, 3), "t2i")
     assert parrot.consistency_verdict(tie, "A", 0.9, 0.5) == "scores_contradict_label"
@@ -140,6 +144,19 @@ def test_hpdv3_loader_counts_missing_and_corrupt(tmp_path):
         assert "/g" in p[f"image_{p['label'].lower()}"]
     args.limit = 1
     assert len(parrot.load_dataset_pairs(args)[0]) == 1
+    # issue 7.7: the same data named by another spelling of its path gives the same pair ids
+    import os
+    rel = os.path.relpath(root)
+    assert rel != str(root)
+    again = parrot.load_dataset_pairs(parrot.Args(dataset="hpdv3", data_dir=rel + "/", out=str(tmp_path / "run")))[0]
+    assert [p["id"] for p in again[:2]] == [p["id"] for p in pairs]
+    # issue 7.14: a broken index names the file and the row
+    (root / "train.json").write_text("{not json")
+    with pytest.raises(parrot.DataError, match=r"train.json is not valid JSON"):
+        parrot.load_dataset_pairs(args)
+    (root / "train.json").write_text(json.dumps([recs[0], {"prompt": "no paths"}]))
+    with pytest.raises(parrot.DataError, match=r"train.json, row 1: expected string fields"):
+        parrot.load_dataset_pairs(parrot.Args(dataset="hpdv3", data_dir=str(root), out=str(tmp_path / "run")))
 
 
 def test_hpdv3_missing_gives_download_commands(tmp_path):
@@ -242,9 +259,16 @@ def test_phases_put_each_rationale_in_the_right_bucket(tmp_path):
     assert by_prompt["vague four"]["reason"] == "teacher_disagrees"
     assert by_prompt["consistent one"]["log_p_label"] == pytest.approx(math.log(0.9))
     assert report["kept"] == 2 and report["phase2_pairs"] == 6 and report["phase1_parse_failures"] == 1
-    assert report["drops_by_reason"] == {"unparseable": 1, "scores_contradict_label": 2, "teacher_disagrees": 1}
+    assert report["drops_by_reason"] == {"unparseable": 1, "scores_contradict_label": 2, "unreadable_answer": 0,
+                                         "teacher_disagrees": 1}
     assert report["retention_rate"] == pytest.approx(2 / 6)
-    assert report["elbo_term1_mean_log_p_y_given_xz"] == pytest.approx(math.log(0.9))
+    # ELBO term 1 over all six candidates of q, the dropped ones included (issue 7.3):
+    # consistent x2: P(y)=0.9; contradicting x2: the teacher follows their scores, P(y)=0.1;
+    # unparseable: 0.5; vague: 0.3
+    term1 = (2 * math.log(0.9) + 2 * math.log(0.1) + math.log(0.5) + math.log(0.3)) / 6
+    assert report["elbo_term1_all_candidates"] == pytest.approx(term1)
+    assert report["elbo_term1_candidates_scored"] == 6
+    assert report["mean_log_p_y_given_xz_kept"] == pytest.approx(math.log(0.9))
     # kept rationales: text faithfulness 4 vs 2 -> gap 2, physical 3 vs 3
     assert report["score_statistics"]["text_faithfulness"]["mean_abs_gap"] == pytest.approx(2.0)
     assert report["score_statistics"]["physical_quality"]["mean"] == pytest.approx(3.0)
@@ -279,6 +303,39 @@ def test_candidates_first_passing_is_kept(tmp_path):
     assert rec["kept"]
     assert [c["reason"] for c in rec["candidates"]][-1] is None
     assert len(rr.read_jsonl(out / "phase1.jsonl")) == 12
+
+
+def test_more_candidates_later_judges_exactly_the_new_ones(tmp_path):
+    # Issue 7.10: Phase 1 rerun with a larger --num-candidates; Phase 2 must judge the new z only.
+    class Counting(ScriptedTeacher):
+        judged = []
+
+        def answer_logprobs(self, mb, answers=("A", "B")):
+            self.judged.append(len(mb))
+            return super().answer_logprobs(mb, answers)
+    out, first = run_phases_12(tmp_path, Counting(), num_candidates=1, batch_size=8)
+    assert sum(Counting.judged) == 6 and first["elbo_term1_candidates_scored"] == 6
+    Counting.judged.clear()
+    out, second = run_phases_12(tmp_path, Counting(), num_candidates=3, batch_size=8)
+    assert sum(Counting.judged) == 12  # 2 new candidates x 6 pairs, none of the 6 old ones again
+    assert second["phase2_pairs"] == 6 and second["elbo_term1_candidates_scored"] == 18
+    latest = parrot.read_phase2(out)
+    assert all([c["candidate"] for c in r["candidates"]] == [0, 1, 2] for r in latest)
+    assert second["kept"] == first["kept"] == 2  # the scripted teacher repeats itself per pair
+    Counting.judged.clear()
+    run_phases_12(tmp_path, Counting(), num_candidates=3, batch_size=8)
+    assert Counting.judged == []  # nothing new: no teacher call
+
+
+def test_unreadable_http_answer_drops_with_its_own_reason(tmp_path):
+    class Mute(ScriptedTeacher):
+        def answer_logprobs(self, mb, answers=("A", "B")):
+            return [None] * len(mb)  # what OpenAIBackend returns for an answer it cannot read
+    out, report = run_phases_12(tmp_path, Mute())
+    assert report["kept"] == 0
+    # self-consistent candidates (2 consistent + 1 vague) would have passed at P = 0.5 before
+    assert report["drops_by_reason"]["unreadable_answer"] == 3
+    assert report["unreadable_teacher_answers"] == 6 and report["elbo_term1_all_candidates"] is None
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path):
@@ -387,3 +444,36 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
         ("p0", "pairwise", None), ("p0", "pointwise", "A"), ("p1", "pairwise", None), ("p1", "pointwise", "A")]
     pointwise = next(s for s in train if s["kind"] == "pointwise")
     assert pointwise["images"] == [str(tmp_path / "a.png")] and pointwise["messages"][0]["content"].count("<image>") == 1
+
+
+def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
+    # issue 7.10: Phase 3 returned early even when sft.jsonl had changed
+    trained = []
+    monkeypatch.setattr(parrot, "foresight_distillation",
+                        lambda model, proc, train, out, args: trained.append(len(train)) or [0.0])
+    monkeypatch.setattr(parrot, "student_report", lambda *a, **k: {"heldout_nll": None, "accuracy": {}})
+
+    def finish(out):  # what a finished training leaves behind
+        (out / "student").mkdir(exist_ok=True)
+        (out / "student" / "train_state.json").write_text(json.dumps({"epochs_done": 1}))
+    monkeypatch.setattr(parrot, "add_lora", lambda model, args, q: model)
+    out, _ = run_phases_12(tmp_path, ScriptedTeacher())
+    args = args_for(tmp_path, epochs=1, student="tiny-random", eval_fraction=0.0)
+
+    class Copier(ScriptedTeacher):
+        def release(self):
+            pass
+
+        def generate(self, mb, *a, **k):
+            return ["1. Text Faithfulness:\n## Score: 4\n2. Physical and Visual Quality:\n## Score: 3"] * len(mb)
+    parrot.phase3(Copier(), out, args)
+    finish(out)
+    first = len(rr.read_jsonl(out / "sft.jsonl"))
+    assert trained == [first] and first >= 2  # 2 kept pairs: 2 pairwise samples + the projections kept
+    parrot.phase3(Copier(), out, args)
+    assert trained == [first]  # same data: nothing redone
+    rr.append_jsonl(out / "phase2.jsonl", {**parrot.read_phase2(out)[2], "kept": True, "reason": None,
+                                           "rationale": rationale(4, 2), "scores_a": {}, "scores_b": {}})
+    parrot.phase3(Copier(), out, args)
+    second = len(rr.read_jsonl(out / "sft.jsonl"))
+    assert second > first and trained == [first, second]  # a third kept pair: trained again, on all of it

@@ -65,7 +65,8 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
     report = json.loads((out / "report.json").read_text())
     phase2 = rr.read_jsonl(out / "phase2.jsonl")
     assert report["kept"] == 12 and report["retention_rate"] == 1.0
-    assert report["elbo_term1_mean_log_p_y_given_xz"] == pytest.approx(math.log(0.8))
+    assert report["elbo_term1_all_candidates"] == pytest.approx(math.log(0.8))
+    assert report["mean_log_p_y_given_xz_kept"] == pytest.approx(math.log(0.8))
     # the scripted teacher always separates the images on text faithfulness
     share = sum(r["defect_dimension"] == "text_faithfulness" for r in phase2) / 12
     assert report["attribution_accuracy"] == pytest.approx(share)
@@ -133,11 +134,31 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
 
 def test_clear_errors(tmp_path):
     res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "o",
-                  "--teacher", "tiny-random")
+                  "--teacher", "tiny-random", "--student", "tiny-random")
     assert res.returncode == 2 and "hf download MizzenAI/HPDv3" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("parrot.py", "--phases", "2", "--out", tmp_path / "empty", "--teacher", "tiny-random")
     assert res.returncode == 2 and "run --phases 1 first" in res.stderr
     res = run_cli("parrot.py", "--phases", "4", "--out", tmp_path / "o")
     assert res.returncode != 0 and "--phases" in res.stderr
-    res = run_cli("parrot.py", "--dataset", "rapidata", "--out", tmp_path / "o", "--teacher", "tiny-random")
+    res = run_cli("parrot.py", "--dataset", "rapidata", "--out", tmp_path / "o", "--teacher", "tiny-random",
+                  "--student", "tiny-random")
     assert res.returncode == 2 and "hf download" in res.stderr and "--hf-dataset" in res.stderr
+
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path):
+    # issue 7.15: the student is checked at start, not after Phases 1 and 2 ran
+    res = run_cli("parrot.py", "--dataset", "demo", "--limit", "2", "--teacher", "tiny-random",
+                  "--student", "someone/not-downloaded", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "student 'someone/not-downloaded'" in res.stderr and "hf download" in res.stderr
+    assert not (tmp_path / "o" / "phase1.jsonl").exists()
+    # issue 7.14: a path that does not exist says so, without hub advice
+    res = run_cli("parrot.py", "--dataset", "demo", "--teacher", "tiny-random", "--student", "./models/nope",
+                  "--out", tmp_path / "o")
+    assert res.returncode == 2 and "does not exist" in res.stderr and "hf download" not in res.stderr
+    # issue 7.11: non-positive limits
+    for flag, value in (("--limit", "0"), ("--limit", "-1"), ("--num-candidates", "0")):
+        res = run_cli("parrot.py", "--dataset", "demo", flag, value, "--teacher", "tiny-random",
+                      "--student", "tiny-random", "--out", tmp_path / "o")
+        assert res.returncode != 0 and f"{flag} must be a positive number" in res.stderr, (flag, res.stderr[-500:])
+    assert not (tmp_path / "o" / "phase1.jsonl").exists()

@@ -157,7 +157,8 @@ def test_preference_from_scores_and_weights():
     assert rr.preference_from_scores({"tf": 3.0, "pq": None}, {"tf": 2.5, "pq": 3.0}) == "tie"
     assert rr.preference_from_scores({"tf": 3.0}, {"tf": 2.0, "pq": 4.0}) == "B"  # missing key counts 2.5
     # weighted: (3*4 + 1*1) / 4 = 3.25 -> (3.25 - 1) / 3 = 0.75
-    assert rr.aggregate({"tf": 4.0, "pq": 1.0, "tr": None}, {"tf": 3.0, "pq": 1.0}) == pytest.approx(0.75)
+    tf, pq, tr = rr.T2I_DIMENSIONS
+    assert rr.aggregate({tf: 4.0, pq: 1.0, tr: None}, {tf: 3.0, pq: 1.0}) == pytest.approx(0.75)
     assert rr.aggregate({}) == 0.0 and rr.aggregate({"tf": None}) == 0.0
 
 
@@ -243,3 +244,85 @@ Text rendering is fine.
     assert c.not_applicable == ["text_rendering"]
     assert "six fingers" in c.justifications["physical_quality"]
     assert "Text rendering is fine." in c.justifications["physical_quality"]
+
+
+@pytest.mark.parametrize("tf,pq,tr", [
+    ("**Text Faithfulness:**", "**Physical and Visual Quality:**", "**Text Rendering:**"),
+    ("Text Faithfulness:", "Physical Quality:", "Text Rendering:"),
+    ("### Text Faithfulness", "### Physical & Visual Quality", "### Text Rendering"),
+    ("Text Faithfulness", "Physical/Visual Quality", "Text Rendering (if applicable)"),
+    ("1. Text Faithfulness:", "Physical and Visual Quality:", "3) **Text Rendering**"),
+])
+def test_unnumbered_and_bold_headers_open_their_own_dimension(tf, pq, tr):
+    # Issue 7.1: the physical-quality score used to land under text faithfulness.
+    text = f"""# Detailed Judgement
+{tf}
+## Justification: The cat wears the hat.
+## Score: 4
+{pq}
+## Justification: Six legs on the cat.
+## Score: 1.5
+{tr}
+## Justification: No text requested.
+## Score: N/A
+# Summary: faithful but malformed
+"""
+    c = rr.parse_pointwise(text, "t2i")
+    assert c.scores == {"text_faithfulness": 4.0, "physical_quality": 1.5, "text_rendering": None}
+    assert c.not_applicable == ["text_rendering"]
+    assert c.justifications["physical_quality"] == "Six legs on the cat."
+    # R = (mean(4, 1.5) - 1) / 3 = 1.75 / 3
+    assert rr.aggregate(c.scores) == pytest.approx(1.75 / 3)
+
+
+def test_paper_field_order_score_before_justification():
+    # Appendix C.4 writes "## Score:" first; the official templates write the justification first.
+    text = """1. Text Faithfulness:
+## Score: 2.5
+## Justification: Only two apples,
+not three.
+**Physical and Visual Quality:**
+## Score: 3.5
+## Justification: Clean.
+Text Rendering:
+## Score: 1
+## Justification: FRESH is spelled FRSEH.
+# Summary: count and spelling are off
+# User Request Refinement:
+## Refinement Comments: Stress the count.
+## Refined Request: exactly three red apples on a crate labelled "FRESH"
+"""
+    c = rr.parse_pointwise(text, "t2i")
+    assert c.scores == {"text_faithfulness": 2.5, "physical_quality": 3.5, "text_rendering": 1.0}
+    assert c.justifications["text_faithfulness"] == "Only two apples,\nnot three."
+    assert c.justifications["text_rendering"] == "FRESH is spelled FRSEH."
+    assert c.refined_request == 'exactly three red apples on a crate labelled "FRESH"'
+    # pairwise in the same order, unnumbered
+    pair = ("Text Faithfulness:\n## Score A: 4\n## Score B: 2\n## Justification: A has three.\n"
+            "Physical Quality:\n## Score A: 2\n## Score B: 3\n## Winner: Image B\n")
+    j = rr.parse_pairwise(pair, "t2i")
+    assert j.scores_a["physical_quality"] == 2.0 and j.scores_b["physical_quality"] == 3.0
+    assert j.scores_a["text_faithfulness"] == 4.0 and j.winners["physical_quality"] == "B"
+
+
+def test_aggregate_rejects_weights_that_leave_zero_to_one():
+    scores = {"text_faithfulness": 4.0, "physical_quality": 1.0}
+    with pytest.raises(ValueError, match="finite numbers >= 0"):  # (2*4 - 1*1) / 1 = 7 -> reward 2.0
+        rr.aggregate(scores, {"text_faithfulness": 2.0, "physical_quality": -1.0})
+    with pytest.raises(ValueError, match="all zero"):
+        rr.aggregate(scores, {"text_faithfulness": 0, "physical_quality": 0, "text_rendering": 0})
+    with pytest.raises(ValueError, match="unknown reward dimension"):
+        rr.aggregate(scores, {"text_faithfullness": 1.0})
+    # weight 0 drops a dimension: the official edit-RL reward without image faithfulness
+    edit = {"text_faithfulness": 4.0, "image_faithfulness": 1.0, "physical_quality": 4.0, "text_rendering": None}
+    assert rr.aggregate(edit, rr.parse_weights("image_faithfulness=0")) == pytest.approx(1.0)
+    assert rr.aggregate(edit) == pytest.approx((3.0 - 1) / 3)  # mean(4, 1, 4) = 3
+    with pytest.raises(ValueError, match="look like"):
+        rr.parse_weights("text_faithfulness:2")
+
+
+def test_quoted_word_at_the_end_of_a_refined_request_survives():
+    c = rr.parse_pointwise('## Refined Request: a wooden sign that says "OPEN"', "t2i")
+    assert c.refined_request == 'a wooden sign that says "OPEN"'
+    c = rr.parse_pointwise('## Refined Request: "a calm lake at dawn"', "t2i")
+    assert c.refined_request == "a calm lake at dawn"
