@@ -41,11 +41,13 @@ import argparse
 import ast
 import base64
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -61,6 +63,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from PIL import Image, UnidentifiedImageError
+
+# bitsandbytes warns on every CPU import that an optional fast kernel (fetched from the hub) is
+# missing; the built-in CPU path it falls back to is what runs here, so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
@@ -132,16 +138,58 @@ class Args:
     """seed for sampling"""
 
 
+@dataclass
+class ScorerArgs:
+    """The scorer's flags as rl_nft.py and gcr_loop.py take them (their Args inherit these fields),
+    with the meanings of rationalrewards.py's --model, --adapter, --api-base, --quantization, ..."""
+    scorer: Optional[str] = None
+    """scorer VLM: hub id, local directory or tiny-random (default: the released checkpoint for the task);
+    with --scorer-api-base, the model name the server serves"""
+    scorer_adapter: Optional[str] = None
+    """LoRA adapter applied on top of --scorer, e.g. the PARROT student (runs/X/student)"""
+    scorer_api_base: Optional[str] = None
+    """OpenAI-compatible endpoint serving the scorer (vLLM, SGLang); skips local loading"""
+    scorer_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
+    """auto = 4-bit nf4 on a GPU, none on CPU"""
+    scorer_batch_size: int = 8
+    """critiques per generate() call, or requests in flight over HTTP"""
+    scorer_max_new_tokens: Optional[int] = None
+    """longest critique (default 2048 as in the paper; 128 for tiny-random, whose text is noise anyway)"""
+    scorer_temperature: float = 0.1
+    """scorer sampling temperature (paper: 0.1)"""
+    max_pixels: int = 768 * 768
+    """images are downscaled to at most this many pixels before the scorer sees them"""
+    timeout: float = 600.0
+    """HTTP scorer: seconds to wait for one response"""
+    max_retries: int = 3
+    """HTTP scorer: retries after a failed request, with exponential backoff"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the API key for --scorer-api-base"""
+
+
+def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = None) -> "RationalRewardsScorer":
+    """The scorer described by the --scorer-* flags (shared by rl_nft.py and gcr_loop.py)."""
+    model = args.scorer or RELEASED[task]
+    tokens = args.scorer_max_new_tokens or (128 if model == "tiny-random" else 2048)
+    backend = load_backend(model, api_base=args.scorer_api_base, adapter=args.scorer_adapter,
+                           quantization=args.scorer_quantization, batch_size=args.scorer_batch_size,
+                           max_pixels=args.max_pixels, timeout=args.timeout, max_retries=args.max_retries,
+                           api_key_env=args.api_key_env)
+    return RationalRewardsScorer(backend, task, tokens, args.scorer_temperature, weights)
+
+
 # ---------------------------------------------------------------------------------------
 # Command line: one flag per Args field, help text from the docstring under the field.
 # Shared by every module of the project.
 # ---------------------------------------------------------------------------------------
 def _field_docs(cls) -> dict:
-    body = ast.parse(inspect.getsource(cls)).body[0].body
+    """The docstring under each field, inherited fields (e.g. ScorerArgs) included."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
     return docs
 
 
@@ -206,10 +254,38 @@ def save_args(args, out_dir) -> None:
 # ---------------------------------------------------------------------------------------
 # Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field.
 # ---------------------------------------------------------------------------------------
+def template_files() -> list:
+    """The rubric templates in prompts/ (lists of generation prompts, *_prompts.txt, are not templates)."""
+    return sorted(p for p in PROMPTS_DIR.glob("*.txt") if not p.name.endswith("_prompts.txt"))
+
+
+def read_prompt_list(path) -> list:
+    """Generation prompts from a .txt (one per line; blank lines and # comments skipped) or a .jsonl
+    (a `prompt` field per line). Used by rl_nft.py and gcr_loop.py."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found (expected .txt, one prompt per line, or .jsonl with 'prompt')")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+                prompts.append(str(rec["prompt"]).strip())
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field ({err!r})") from None
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
 def load_prompt(name: str) -> str:
     path = PROMPTS_DIR / f"{name}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"prompt template {path} not found (known: {sorted(p.stem for p in PROMPTS_DIR.glob('*.txt'))})")
+        raise FileNotFoundError(f"prompt template {path} not found (known: {sorted(p.stem for p in template_files())})")
     return path.read_text()
 
 
@@ -518,7 +594,7 @@ def build_tiny_vlm(seed: int = 0):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=_SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(sorted(p.read_text() for p in PROMPTS_DIR.glob("*.txt")), trainer)
+    bpe.train_from_iterator(sorted(p.read_text() for p in template_files()), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=_SPECIAL_TOKENS[1:], chat_template=_CHAT_TEMPLATE)
     pixels = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}  # at most 4 image tokens per image
@@ -546,23 +622,117 @@ def build_tiny_vlm(seed: int = 0):
     return model, processor
 
 
-def tiny_vlm_dir(seed: int = 0) -> Path:
-    """Directory holding the saved tiny-random model, built on first use (atomic, so parallel runs are safe)."""
+@contextlib.contextmanager
+def quiet_loading(local: bool = True):
+    """Hide the libraries' per-shard loading bars and info logs while a model already on disk is
+    loaded or saved; a hub download (local=False) keeps its progress bar."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    if not local:
+        yield
+        return
+    levels = tlog.get_verbosity(), dlog.get_verbosity()
+    tlog.disable_progress_bar(), dlog.disable_progress_bar()
+    tlog.set_verbosity_error(), dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.enable_progress_bar(), dlog.enable_progress_bar()
+        tlog.set_verbosity(levels[0]), dlog.set_verbosity(levels[1])
+
+
+def _tiny_dir(kind: str, build, seed: int) -> Path:
+    """Directory of a saved tiny model, built by `build(seed) -> objects with save_pretrained` on
+    first use; atomic, so parallel test workers and runs are safe."""
     root = Path(os.environ.get("RATIONALREWARDS_CACHE", Path.home() / ".cache" / "rationalrewards"))
-    # the tokenizer is trained on the templates: editing one must rebuild the model
-    corpus = hashlib.sha1("".join(sorted(p.read_text() for p in PROMPTS_DIR.glob("*.txt"))).encode()).hexdigest()[:8]
-    path = root / f"tiny-random-qwen3vl-v{TINY_VERSION}-{corpus}-seed{seed}"
-    if not (path / "config.json").is_file():
+    path = root / f"{kind}-seed{seed}"
+    if not any(path.glob("*.json")):
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-        model, processor = build_tiny_vlm(seed)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        with quiet_loading():
+            for part in build(seed):
+                part.save_pretrained(tmp)
         try:
             tmp.rename(path)
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def tiny_vlm_dir(seed: int = 0) -> Path:
+    # the tokenizer is trained on the templates: editing one must rebuild the model
+    corpus = hashlib.sha1("".join(sorted(p.read_text() for p in template_files())).encode()).hexdigest()[:8]
+    return _tiny_dir(f"tiny-random-qwen3vl-v{TINY_VERSION}-{corpus}", build_tiny_vlm, seed)
+
+
+def build_tiny_sd3(seed: int = 0):
+    """A StableDiffusion3Pipeline of the real architecture, ~0.3M parameters, 64x64 images, offline.
+
+    Two CLIP text encoders with a character-level tokenizer (no T5: the pipeline pads its share
+    of the prompt embedding with zeros, as SD3 does with text_encoder_3=None), an SD3 transformer,
+    a small VAE and the flow-matching Euler scheduler with SD3's shift of 3.
+    """
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    torch.manual_seed(seed)
+    clip = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                projection_dim=32, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text_encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval() for _ in range(2)]
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=64)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                        scaling_factor=1.5305, shift_factor=0.0609)  # SD3's latent normalisation
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizer,
+                                    text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
+                                    text_encoder_3=None, tokenizer_3=None)
+    return [pipe]
+
+
+def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, dtype=None, no_t5: bool = False,
+                   seed: int = 0):
+    """A diffusers pipeline for a hub id, a local directory or `tiny-random`, on `device`.
+
+    task "t2i": a text-to-image pipeline (default SD3.5-Medium). task "edit": an image-conditioned
+    pipeline (it takes `image=`); for tiny-random that is SD3's image-to-image pipeline built on
+    the same parts. no_t5: leave SD3's T5 encoder out (about 9.5 GB in bf16 for SD3.5).
+    """
+    import torch
+    from diffusers import DiffusionPipeline, StableDiffusion3Img2ImgPipeline
+    dimensions(task)
+    check_model_available(name, "generator")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    kwargs = {"dtype": dtype}
+    if name == "tiny-random" or no_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    path = str(_tiny_dir(f"tiny-random-sd3-v{TINY_VERSION}", build_tiny_sd3, seed)) if name == "tiny-random" else name
+    if not Path(path).is_dir() and not hub_reachable():
+        kwargs["local_files_only"] = True
+    try:
+        with quiet_loading(Path(path).is_dir() or kwargs.get("local_files_only", False)):
+            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        if Path(path).is_dir():
+            raise ModelLoadError(f"'{path}' exists but does not hold a loadable diffusers pipeline: {err}") from err
+        raise ModelLoadError(_download_advice(name, "generator", f"it could not be fetched from the Hugging Face hub "
+                                              f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")) from None
+    if task == "edit" and name == "tiny-random":
+        pipe = StableDiffusion3Img2ImgPipeline(**pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -652,8 +822,9 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
     if not Path(path).is_dir() and not hub_reachable():
         kwargs["local_files_only"] = True  # the HF cache may still hold it
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        with quiet_loading(Path(path).is_dir() or kwargs.get("local_files_only", False)):
+            processor = AutoProcessor.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         if Path(path).is_dir():
             raise ModelLoadError(f"'{path}' exists but does not hold a loadable model: {err}") from err
