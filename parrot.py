@@ -316,13 +316,13 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
                 continue
             cell, path = row.get(cols[part]) or {}, image_dir / f"{key}-{part}.png"
             paths[part] = path
-            if path.is_file():  # written by an earlier, interrupted run
+            if path.is_file() and rr.load_image(path) is not None:  # written by an earlier, interrupted run
                 continue
             if not cell.get("bytes"):
                 problem = "skipped_missing_image"
                 break
             try:
-                Image.open(io.BytesIO(cell["bytes"])).convert("RGB").save(path)
+                rr.save_image_atomic(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"), path)
             except (OSError, ValueError, Image.DecompressionBombError):
                 problem = "skipped_corrupt_image"
                 break
@@ -410,8 +410,8 @@ def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
     key = f"demo-{seed}-{index:05d}"
     paths = [image_dir / f"{key}-good.png", image_dir / f"{key}-bad.png"]
     for p, im in zip(paths, (good, bad)):
-        if not p.is_file():
-            im.save(p)
+        if not p.is_file() or rr.load_image(p) is None:  # missing, or truncated by a killed run
+            rr.save_image_atomic(im, p)
     return make_pair("demo", "t2i", prompt, paths[0], paths[1], seed, key=key, defect=defect)
 
 

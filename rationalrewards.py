@@ -331,6 +331,15 @@ def load_image(path) -> Optional[Image.Image]:
         return None
 
 
+def save_image_atomic(image: Image.Image, path) -> None:
+    """Write to a temporary name, then rename: a run killed mid-write leaves no truncated image
+    under the real name for the next run to trust."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
 def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     w, h = image.size
     if w * h <= max_pixels:
@@ -579,7 +588,7 @@ _CHAT_TEMPLATE = (
 )
 # Left in bf16 under 4/8-bit: transformers matches these as prefixes of full module names.
 _NOT_QUANTIZED = ["model.visual", "lm_head"]
-TINY_VERSION = 1  # bump when the tiny architecture changes, so cached copies are rebuilt
+TINY_VERSION = 2  # bump when the tiny architecture changes, so cached copies are rebuilt
 
 
 def build_tiny_vlm(seed: int = 0):
@@ -687,9 +696,10 @@ def build_tiny_sd3(seed: int = 0):
     clip = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 projection_dim=32, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     text_encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval() for _ in range(2)]
+    # inner width 4 heads x 16 = 64, so that bitsandbytes 4-bit works on CPU here too
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=64)
+                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=64)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
@@ -702,12 +712,14 @@ def build_tiny_sd3(seed: int = 0):
 
 
 def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, dtype=None, no_t5: bool = False,
-                   seed: int = 0):
+                   quantization: str = "none", seed: int = 0):
     """A diffusers pipeline for a hub id, a local directory or `tiny-random`, on `device`.
 
     task "t2i": a text-to-image pipeline (default SD3.5-Medium). task "edit": an image-conditioned
     pipeline (it takes `image=`); for tiny-random that is SD3's image-to-image pipeline built on
     the same parts. no_t5: leave SD3's T5 encoder out (about 9.5 GB in bf16 for SD3.5).
+    quantization "4bit": the pipeline's transformer in bitsandbytes nf4 (how a 12B editing model
+    such as FLUX.1-Kontext-dev fits next to the scorer on 24 GB); "none": dtype throughout.
     """
     import torch
     from diffusers import DiffusionPipeline, StableDiffusion3Img2ImgPipeline
@@ -716,6 +728,16 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     kwargs = {"dtype": dtype}
+    if quantization == "4bit":
+        if not device.startswith("cuda"):
+            raise ModelLoadError("4-bit generator quantization needs a CUDA GPU (diffusers' bitsandbytes quantizer "
+                                 "refuses to run on CPU); use --generator-quantization none here")
+        from diffusers import PipelineQuantizationConfig
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_4bit", components_to_quantize=["transformer"],
+            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype})
+    elif quantization != "none":
+        raise ValueError(f"generator quantization must be none or 4bit, got {quantization!r}")
     if name == "tiny-random" or no_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     path = str(_tiny_dir(f"tiny-random-sd3-v{TINY_VERSION}", build_tiny_sd3, seed)) if name == "tiny-random" else name
@@ -732,7 +754,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
     if task == "edit" and name == "tiny-random":
         pipe = StableDiffusion3Img2ImgPipeline(**pipe.components)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe if quantization == "4bit" else pipe.to(device)  # quantized weights are placed at load
 
 
 # ---------------------------------------------------------------------------------------

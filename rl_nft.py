@@ -467,7 +467,7 @@ def plot_reward_curve(rows: list, path: Path) -> None:
     d.text((m, H - m + 8), f"epoch 1 .. {len(rows)}", fill="black", font=font)
     series = [("reward R", "black", lambda r: r["reward_mean"])]
     colours = {"text_faithfulness": (200, 40, 40), "physical_quality": (40, 120, 200), "text_rendering": (40, 160, 60)}
-    series += [(f"{rr.DIMENSION_TITLES[k]} (s-1)/3", c, lambda r, k=k: None if r[k] is None else (r[k] - 1) / 3)
+    series += [(f"{k.replace('_', ' ')} (s-1)/3", c, lambda r, k=k: None if r[k] is None else (r[k] - 1) / 3)
                for k, c in colours.items()]
     for n, (name, colour, get) in enumerate(series):
         pts = [(px(i), py(get(r))) for i, r in enumerate(rows) if get(r) is not None]
@@ -482,16 +482,16 @@ def plot_reward_curve(rows: list, path: Path) -> None:
 
 def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Path) -> None:
     """The eval images side by side, each with its reward and per-dimension scores under it."""
-    side = max(im.width for im in images)
-    cell_h, font = side + 64, _font(11)
+    side = 256  # every image is shown at this size, small ones scaled up without smoothing
+    cell_h, font = side + 70, _font(11)
     grid = Image.new("RGB", (side * len(images), cell_h), "white")
     d = ImageDraw.Draw(grid)
     for i, (im, p, R, s) in enumerate(zip(images, prompts, rewards, scores)):
-        grid.paste(im, (i * side, 0))
-        lines = [p[:side // 6], f"R = {R:.3f}"] + [f"{rr.DIMENSION_TITLES[k][:14]}: {'-' if v is None else f'{v:.1f}'}"
+        grid.paste(im.resize((side, side), Image.NEAREST if im.width < side else Image.BICUBIC), (i * side, 0))
+        lines = [p[:side // 6], f"R = {R:.3f}"] + [f"{rr.DIMENSION_TITLES[k]}: {'-' if v is None else f'{v:.1f}'}"
                                                      for k, v in s.items()]
         for j, line in enumerate(lines[:5]):
-            d.text((i * side + 3, side + 2 + 12 * j), line, fill="black", font=font)
+            d.text((i * side + 3, side + 3 + 13 * j), line, fill="black", font=font)
     grid.save(path)
 
 

@@ -1,0 +1,229 @@
+"""gcr_loop.py: the gate on hand-written critiques, the loop with a recording generator and
+scripted critiques, resume, and the smoke commands for both tasks."""
+import json
+import re
+
+import pytest
+from PIL import Image
+
+import gcr_loop
+import rationalrewards as rr
+from conftest import run_cli, solid, text_in
+
+GATE = ("text_faithfulness", "physical_quality")
+
+
+def crit(tf, pq, refined="a better request", tr="N/A"):
+    text = (f"1. Text Faithfulness:\n## Justification: j\n## Score: {tf}\n2. Physical and Visual Quality:\n"
+            f"## Justification: j\n## Score: {pq}\n3. Text Rendering:\n## Score: {tr}\n# Summary: s\n"
+            f"# User Request Refinement:\n## Refinement Comments: c\n")
+    return text + (f"## Refined Request: {refined}\n" if refined else "")
+
+
+# ---- the decision of one round ----
+@pytest.mark.parametrize("tf,pq,expected", [
+    (3, 3, "passed"), (4, 3.5, "passed"),            # both at least the threshold
+    (2.5, 4, "refine"), (4, 2.9, "refine"),          # either below
+    (2, "??", "refine"),                             # a readable failing score decides, even if the other is unreadable
+    (4, "??", "unreadable"), ("??", "??", "unreadable"),
+])
+def test_gate_decision(tf, pq, expected):
+    assert gcr_loop.gate_decision(rr.parse_pointwise(crit(tf, pq), "t2i"), GATE, 3.0) == expected
+
+
+def test_next_step_and_selection():
+    low = rr.parse_pointwise(crit(2, 4, refined="three red apples, clearly three"), "t2i")
+    assert gcr_loop.next_step(low, GATE, 3.0, 0, 1) == (None, "three red apples, clearly three")
+    assert gcr_loop.next_step(low, GATE, 3.0, 1, 1) == ("max_rounds", None)
+    assert gcr_loop.next_step(rr.parse_pointwise(crit(2, 4, refined=None), "t2i"), GATE, 3.0, 0, 1) == \
+        ("no_refined_request", None)
+    assert gcr_loop.next_step(rr.parse_pointwise("I cannot see an image.", "t2i"), GATE, 3.0, 0, 1) == \
+        ("unreadable_critique", None)
+    # a gate on text rendering alone: N/A is unreadable for the gate
+    assert gcr_loop.gate_decision(rr.parse_pointwise(crit(4, 4), "t2i"), ("text_rendering",), 3.0) == "unreadable"
+    rounds = [{"reward": 0.4}, {"reward": 0.7}, {"reward": 0.7}, {"reward": 0.5}]
+    assert gcr_loop.select_round(rounds, "last") == 3 and gcr_loop.select_round(rounds, "best") == 1
+
+
+def test_summary_by_hand():
+    recs = [{"rounds": [{"reward": 0.2}, {"reward": 0.6}], "selected_round": 1, "stop_reason": "passed"},
+            {"rounds": [{"reward": 0.5}, {"reward": 0.3}], "selected_round": 1, "stop_reason": "max_rounds"},
+            {"rounds": [{"reward": 0.9}], "selected_round": 0, "stop_reason": "passed"}]
+    s = gcr_loop.summarize(recs)
+    assert s["prompts"] == 3 and s["share_refined"] == pytest.approx(2 / 3)
+    assert s["mean_reward_first"] == pytest.approx(1.6 / 3) and s["mean_reward_final"] == pytest.approx(1.8 / 3)
+    assert s["share_improved"] == pytest.approx(1 / 3) and s["share_worse"] == pytest.approx(1 / 3)
+    assert s["stop_reasons"] == {"passed": 2, "max_rounds": 1, "unreadable_critique": 0, "no_refined_request": 0}
+
+
+# ---- the loop, with a recording generator and scripted critiques ----
+class RecordingPipe:
+    """Stands in for a diffusers pipeline: records each call's requests and seeds."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompt, generator, num_inference_steps=None, guidance_scale=None, height=None, width=None,
+                 image=None):
+        self.calls.append({"prompts": list(prompt), "seeds": [g.initial_seed() for g in generator], "image": image})
+
+        class Out:
+            images = [solid((len(p) * 7 % 256, 0, 0)) for p in prompt]
+        return Out()
+
+
+class ScriptedScorer:
+    """Critiques chosen per original request (the scorer always sees it) and per call count."""
+    batch_size = 8
+
+    def __init__(self, script):
+        self.script, self.seen, self.requests = script, {}, []
+
+    def generate(self, batch, *a, **k):
+        out = []
+        for msgs in batch:
+            text = "".join(p["text"] for p in msgs[0]["content"] if p["type"] == "text")
+            request = re.search(r"(?:User request|Editing instruction): (.*)", text).group(1)
+            key = next(k for k in self.script if k in request)
+            n = self.seen.get(key, 0)
+            self.seen[key] = n + 1
+            self.requests.append(key)
+            replies = self.script[key]
+            out.append(replies[min(n, len(replies) - 1)])
+        return out
+
+
+def run(tmp_path, script, prompts, **kw):
+    args = gcr_loop.Args(prompt="x", out=str(tmp_path), **kw)
+    pipe, backend = RecordingPipe(), ScriptedScorer(script)
+    scorer = rr.RationalRewardsScorer(backend, args.task)
+    (tmp_path / "images").mkdir(exist_ok=True)
+    items = [{"id": f"id{i}", "prompt": p, "source_image": kw.get("source_image"), "seed": 100 + i}
+             for i, p in enumerate(prompts)]
+    recs = gcr_loop.run_batch(pipe, scorer, items, args, GATE if args.task == "t2i" else GATE, None, tmp_path)
+    return {r["prompt"]: r for r in recs}, pipe, backend
+
+
+def test_low_then_high_regenerates_once_with_the_refined_request_and_the_same_seed(tmp_path):
+    script = {"apples": [crit(2, 4, refined="exactly three red apples"), crit(3.5, 4)],
+              "sky": [crit(4, 3.5)]}
+    recs, pipe, backend = run(tmp_path, script, ["three apples", "a blue sky"])
+    # round 0: both prompts in one batch; round 1: only the apples, refined, with its own seed again
+    assert pipe.calls[0] == {"prompts": ["three apples", "a blue sky"], "seeds": [100, 101], "image": None}
+    assert pipe.calls[1]["prompts"] == ["exactly three red apples"] and pipe.calls[1]["seeds"] == [100]
+    assert len(pipe.calls) == 2
+    apples, sky = recs["three apples"], recs["a blue sky"]
+    assert apples["stop_reason"] == "passed" and len(apples["rounds"]) == 2
+    assert [r["request"] for r in apples["rounds"]] == ["three apples", "exactly three red apples"]
+    assert apples["rounds"][1]["scores"]["text_faithfulness"] == 3.5
+    assert sky["stop_reason"] == "passed" and len(sky["rounds"]) == 1  # above at first: no regeneration
+    # the scorer judged the original request in both rounds: 3 critiques, each keyed by it
+    assert sorted(backend.requests) == ["apples", "apples", "sky"]
+    assert (tmp_path / apples["rounds"][1]["image"]).is_file()
+
+
+def test_three_rounds_of_low_scores_give_three_refinements(tmp_path):
+    script = {"hand": [crit(2, 2, refined=f"a hand, attempt {i}") for i in range(1, 9)]}
+    recs, pipe, _ = run(tmp_path, script, ["a hand"], rounds=3)
+    r = recs["a hand"]
+    assert len(pipe.calls) == 4 and r["stop_reason"] == "max_rounds" and len(r["rounds"]) == 4
+    assert [c["prompts"][0] for c in pipe.calls] == ["a hand", "a hand, attempt 1", "a hand, attempt 2",
+                                                     "a hand, attempt 3"]
+    assert all(c["seeds"] == [100] for c in pipe.calls)
+
+
+def test_unreadable_and_missing_refinement_stop_with_their_reason(tmp_path):
+    script = {"fog": ["The image shows fog."], "cat": [crit(1.5, 4, refined=None)], "dog": [crit(2, 2), crit(2.5, 2)]}
+    recs, pipe, _ = run(tmp_path, script, ["fog", "cat", "dog"])
+    assert recs["fog"]["stop_reason"] == "unreadable_critique" and len(recs["fog"]["rounds"]) == 1
+    assert recs["cat"]["stop_reason"] == "no_refined_request" and len(recs["cat"]["rounds"]) == 1
+    assert recs["dog"]["stop_reason"] == "max_rounds" and len(recs["dog"]["rounds"]) == 2
+    assert recs["fog"]["rounds"][0]["reward"] == 0.0
+
+
+def test_select_best_keeps_the_highest_reward(tmp_path):
+    # rewards: round 0 mean(3, 2.5) -> 0.583; round 1 mean(2, 2) -> 0.333: "best" keeps round 0
+    script = {"tree": [crit(3, 2.5, refined="a taller tree"), crit(2, 2, refined="a tree again")]}
+    recs, _, _ = run(tmp_path, script, ["tree"], select="best")
+    assert recs["tree"]["selected_round"] == 0 and recs["tree"]["final_image"] == recs["tree"]["rounds"][0]["image"]
+    recs, _, _ = run(tmp_path, script, ["tree"], select="last")
+    assert recs["tree"]["selected_round"] == 1
+
+
+def test_edit_passes_the_source_to_generator_and_scorer_first(tmp_path):
+    src = tmp_path / "src.png"
+    solid("green").save(src)
+    script = {"stormy": [crit(2, 4, refined="dark stormy clouds"), crit(4, 4)]}
+    seen = []
+
+    class Spy(ScriptedScorer):
+        def generate(self, batch, *a, **k):
+            seen.extend([p["image"] for p in m[0]["content"] if p["type"] == "image"] for m in batch)
+            return super().generate(batch, *a, **k)
+    args = gcr_loop.Args(prompt="x", out=str(tmp_path), task="edit")
+    pipe = RecordingPipe()
+    items = [{"id": "e", "prompt": "make the sky stormy", "source_image": str(src), "seed": 7}]
+    scorer = rr.RationalRewardsScorer(Spy(script), "edit")
+    (tmp_path / "images").mkdir()
+    [rec] = gcr_loop.run_batch(pipe, scorer, items, args, GATE, None, tmp_path)
+    assert rec["stop_reason"] == "passed" and len(pipe.calls) == 2
+    assert pipe.calls[0]["image"][0].getpixel((0, 0)) == (0, 128, 0)  # the source went to the generator
+    assert all(len(imgs) == 2 and imgs[0].getpixel((0, 0)) == (0, 128, 0) for imgs in seen)  # source first
+    assert set(rec["rounds"][0]["scores"]) == set(rr.EDIT_DIMENSIONS)
+
+
+# ---- the CLI ----
+def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_server):
+    def judge(payload):
+        return crit(2, 4, refined="a sharper request") if "apples" in text_in(payload) else crit(4, 4)
+    server = scripted_server(judge)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("three apples\na blue sky\n")
+    argv = ["--generator", "tiny-random", "--scorer", "served", "--scorer-api-base", server.url,
+            "--prompts", str(prompts), "--out", str(tmp_path / "run")]
+    assert gcr_loop.main(argv) == 0
+    out = tmp_path / "run"
+    recs = rr.read_jsonl(out / "gcr.jsonl")
+    assert [r["stop_reason"] for r in recs] == ["max_rounds", "passed"]
+    assert len(server.requests) == 3  # at most one critique per round
+    for r in recs:
+        assert (out / "sheets" / f"{r['id']}.png").is_file()
+        assert all((out / rnd["image"]).is_file() for rnd in r["rounds"])
+    assert Image.open(out / "contact_sheet.png").height > Image.open(out / "sheets" / f"{recs[0]['id']}.png").height
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["share_refined"] == 0.5 and summary["stop_reasons"]["max_rounds"] == 1
+    # a new prompt added to the file: the rerun does only that one
+    prompts.write_text("three apples\na blue sky\na red door\n")
+    assert gcr_loop.main(argv) == 0
+    assert len(server.requests) == 4 and len(rr.read_jsonl(out / "gcr.jsonl")) == 3
+    with pytest.raises(ValueError, match="--threshold"):  # other settings into the same --out
+        gcr_loop.main(argv + ["--threshold", "3.5"])
+
+
+def test_bad_arguments_are_clear(tmp_path):
+    for argv, message in ((["--prompt", "x", "--prompts", "y.txt"], "exactly one of"),
+                          (["--prompt", "x", "--task", "edit"], "needs a source image"),
+                          (["--prompt", "x", "--gate", "text_faithfulness,image_faithfulness"], "--gate takes"),
+                          (["--prompt", "x", "--rounds", "0"], "--rounds must be a positive")):
+        with pytest.raises(SystemExit, match=message):
+            gcr_loop.main(["--out", str(tmp_path / "o"), *argv])
+    with pytest.raises(rr.ModelLoadError, match="needs a CUDA GPU"):
+        gcr_loop.main(["--out", str(tmp_path / "q"), "--prompt", "x", "--generator", "tiny-random",
+                       "--generator-quantization", "4bit", "--scorer", "tiny-random"])
+
+
+def test_smoke_commands_both_tasks(tmp_path):
+    res = run_cli("gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random",
+                  "--prompts", "prompts/gcr_demo_prompts.txt", "--out", tmp_path / "t2i")
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = rr.read_jsonl(tmp_path / "t2i" / "gcr.jsonl")
+    assert len(recs) == 4 and all(r["stop_reason"] in gcr_loop.STOP_REASONS for r in recs)
+    assert "GCR over 4 prompts" in res.stdout and "Traceback" not in res.stderr
+    solid("green", (64, 64)).save(tmp_path / "in.png")
+    res = run_cli("gcr_loop.py", "--task", "edit", "--source-image", tmp_path / "in.png", "--prompt",
+                  "make the sky stormy", "--generator", "tiny-random", "--scorer", "tiny-random",
+                  "--out", tmp_path / "edit")
+    assert res.returncode == 0, res.stderr[-3000:]
+    [rec] = rr.read_jsonl(tmp_path / "edit" / "gcr.jsonl")
+    assert rec["task"] == "edit" and set(rec["rounds"][0]["scores"]) == set(rr.EDIT_DIMENSIONS)
+    assert Image.open(tmp_path / "edit" / rec["final_image"]).size == (64, 64)
