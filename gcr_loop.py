@@ -65,7 +65,7 @@ class Args(rr.ScorerArgs):
     """diffusers pipeline: hub id, local directory or tiny-random (default: SD3.5-Medium for t2i,
     FLUX.1-Kontext-dev for edit)"""
     generator_quantization: Literal["none", "4bit"] = "none"
-    """4bit: the generator's transformer in nf4 (needs a GPU; how FLUX.1-Kontext-dev fits in 24 GB)"""
+    """4bit: the generator's transformer and T5 encoder in nf4 (needs a GPU; how FLUX.1-Kontext-dev fits in 24 GB)"""
     no_t5: bool = False
     """SD3 generators: leave the T5 text encoder out"""
     steps: Optional[int] = None

@@ -758,10 +758,16 @@ def phase3(teacher, out: Path, args: Args) -> dict:
         metrics = {}
         shutil.rmtree(ckpt, ignore_errors=True)
     metrics["sft_fingerprint"] = fingerprint
+    heldout_pairs, task = heldout_pairs_of(phase2, args), phase2[0]["task"]
+    # the same pairs in rationalrewards.py eval's format, to measure any scorer on them later
+    write_atomic(out / "heldout_pairs.jsonl", "".join(json.dumps(
+        {"id": r["id"], "prompt": r["prompt"], "image_a": str(Path(r["image_a"]).resolve()),
+         "image_b": str(Path(r["image_b"]).resolve()), "label": r["label"],
+         **({"source_image": str(Path(r["source_image"]).resolve())} if r.get("source_image") else {})}) + "\n"
+        for r in heldout_pairs))
     state_path = ckpt / "train_state.json"
     if "after" in metrics and state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
         return metrics  # a finished run, started again on the same data: nothing to redo
-    heldout_pairs, task = heldout_pairs_of(phase2, args), phase2[0]["task"]
     torch.manual_seed(args.seed)
     model, processor = rr.load_vlm(args.student, args.student_quantization, trainable=True)
     model = add_lora(model, args, args.student_quantization == "4bit")
@@ -769,8 +775,13 @@ def phase3(teacher, out: Path, args: Args) -> dict:
         metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
         write_atomic(metrics_path, json.dumps(metrics))
     if not train:
-        print("warning: no SFT samples survived Phases 1-2; the student is not trained", file=sys.stderr)
+        # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest of the
+        # chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says what it is
+        print("warning: no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the base model)",
+              file=sys.stderr)
+        model.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
+        write_atomic(metrics_path, json.dumps(metrics))
         return metrics
     if state_path.is_file():
         from peft import set_peft_model_state_dict

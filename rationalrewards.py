@@ -718,7 +718,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
     task "t2i": a text-to-image pipeline (default SD3.5-Medium). task "edit": an image-conditioned
     pipeline (it takes `image=`); for tiny-random that is SD3's image-to-image pipeline built on
     the same parts. no_t5: leave SD3's T5 encoder out (about 9.5 GB in bf16 for SD3.5).
-    quantization "4bit": the pipeline's transformer in bitsandbytes nf4 (how a 12B editing model
+    quantization "4bit": the transformer and text encoders 2/3 in bitsandbytes nf4 (how a 12B editing model
     such as FLUX.1-Kontext-dev fits next to the scorer on 24 GB); "none": dtype throughout.
     """
     import torch
@@ -734,7 +734,9 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
                                  "refuses to run on CPU); use --generator-quantization none here")
         from diffusers import PipelineQuantizationConfig
         kwargs["quantization_config"] = PipelineQuantizationConfig(
-            quant_backend="bitsandbytes_4bit", components_to_quantize=["transformer"],
+            # the transformer and the large text encoders (T5 is text_encoder_2 in FLUX, text_encoder_3 in
+            # SD3); names a pipeline does not have are skipped by diffusers
+            quant_backend="bitsandbytes_4bit", components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
             quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype})
     elif quantization != "none":
         raise ValueError(f"generator quantization must be none or 4bit, got {quantization!r}")

@@ -36,21 +36,6 @@ def teacher_reply(payload):
             f"## Justification: n/a\n## Score A: N/A\n## Score B: N/A\n## Winner: N/A\n# Summary: {label} wins.")
 
 
-def test_smoke_command_tiny_random(tmp_path):
-    """The README's smoke command (with shorter generations to keep the suite fast)."""
-    out = tmp_path / "smoke"
-    res = run_cli("parrot.py", "--dataset", "demo", "--limit", "16", "--teacher", "tiny-random", "--student",
-                  "tiny-random", "--out", out, "--max-new-tokens", "48")
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert report["raw_pairs"] == 16 and report["phase1_rationales"] == 16 and report["phase2_pairs"] == 16
-    assert report["kept"] + sum(report["drops_by_reason"].values()) == 16
-    for name in ("args.json", "inputs.json", "phase1.jsonl", "phase2.jsonl", "sft.jsonl", "heldout.jsonl"):
-        assert (out / name).is_file(), name
-    assert "PARROT report" in res.stdout and "retention rate" in res.stdout
-    assert "phase 1: anchored generation" in res.stderr  # progress bars
-
-
 def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, scripted_server):
     server = scripted_server(teacher_reply)
     out = tmp_path / "run"

@@ -197,7 +197,7 @@ def rows_of(path):
 
 
 def nft_main(server, out, *extra):
-    """rl_nft.main in-process (the CLI's subprocess path is covered by the smoke test)."""
+    """rl_nft.main in-process (the CLI's subprocess path runs in tests/test_chain.py)."""
     return rl_nft.main(["--generator", "tiny-random", "--scorer", "served", "--scorer-api-base", server.url,
                         "--out", str(out), "--prompts-per-epoch", "2", "--group-size", "3", "--sample-steps", "4",
                         "--lr", "3e-3", "--eval-every", "2", "--num-eval-prompts", "2", *map(str, extra)])
@@ -247,18 +247,6 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     # resuming with other settings is refused, naming the difference
     with pytest.raises(ValueError, match="--lora-r"):
         nft_main(server, out, "--epochs", "4", "--resume", "--lora-r", "8")
-
-
-def test_smoke_command_tiny_random(tmp_path):
-    """The README's smoke command, verbatim but for --out."""
-    out = tmp_path / "nft"
-    res = run_cli("rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--epochs", "2", "--out", out)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = rows_of(out / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["step"] == "16"  # 4 prompts x 4 images / 2
-    assert all(int(r["unreadable"]) == 16 for r in rows)  # tiny-random writes noise: counted, not a crash
-    assert (out / "checkpoint" / "pytorch_lora_weights.safetensors").is_file()
-    assert "Traceback" not in res.stderr and "Loading weights" not in res.stderr
 
 
 def test_bad_arguments_are_clear(tmp_path):

@@ -1,0 +1,60 @@
+"""The README's whole-chain block, command by command, exactly as written there (only the
+run directory is moved into the test's temporary directory). This is also the smoke test of
+parrot.py and rl_nft.py: their README smoke commands are these with fewer flags."""
+import csv
+import json
+import re
+import shlex
+
+from conftest import ROOT, run_cli
+
+import rationalrewards as rr
+
+
+def chain_commands():
+    block = re.search(r"<!-- chain -->\s*```bash\n(.*?)```\s*<!-- /chain -->", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README.md lost its chain block"
+    return [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_chain_runs_end_to_end(tmp_path):
+    commands = chain_commands()
+    assert [c[1] for c in commands] == ["parrot.py", "rationalrewards.py", "rl_nft.py", "gcr_loop.py"]
+    runs = tmp_path / "runs"
+    results = []
+    for argv in commands:
+        assert argv[0] == "python"
+        argv = [a.replace("runs/chain", str(runs / "chain")) for a in argv[1:]]
+        res = run_cli(*argv)
+        assert res.returncode == 0, (argv[0], res.stderr[-3000:])
+        assert "Traceback" not in res.stderr
+        results.append(res)
+    parrot_out = runs / "chain" / "parrot"
+    # 1. PARROT: every demo pair went through both phases; the student adapter exists either way
+    report = json.loads((parrot_out / "report.json").read_text())
+    assert report["raw_pairs"] == 16 and report["phase1_rationales"] == 16 and report["phase2_pairs"] == 16
+    assert report["kept"] + sum(report["drops_by_reason"].values()) == 16
+    assert report["elbo_term1_candidates_scored"] + report["unreadable_teacher_answers"] == 16
+    for name in ("args.json", "inputs.json", "phase1.jsonl", "phase2.jsonl", "sft.jsonl", "heldout.jsonl",
+                 "heldout_pairs.jsonl", "student/adapter_config.json"):
+        assert (parrot_out / name).is_file(), name
+    assert "PARROT report" in results[0].stdout and "phase 1: anchored generation" in results[0].stderr
+    if report["kept"] == 0:
+        assert "untrained adapter" in results[0].stderr
+    # 2. eval of the student on the held-out pairs, which share no prompt with the SFT data
+    held = rr.read_jsonl(parrot_out / "heldout_pairs.jsonl")
+    sft_ids = {s["id"] for s in rr.read_jsonl(parrot_out / "sft.jsonl")}
+    assert held and not {p["id"] for p in held} & sft_ids
+    metrics = json.loads((runs / "chain" / "eval" / "metrics.json").read_text())
+    assert metrics["pairs"] == len(held) and metrics["mode"] == "pairwise"
+    # 3. RL with the student as the reward: the smoke run of rl_nft.py
+    with open(runs / "chain" / "nft" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["step"] == "16"  # 4 prompts x 4 images / 2
+    assert all(int(r["unreadable"]) == 16 for r in rows)  # tiny-random writes noise: counted, not a crash
+    assert json.loads((runs / "chain" / "nft" / "args.json").read_text())["scorer_adapter"].endswith("student")
+    assert (runs / "chain" / "nft" / "checkpoint" / "pytorch_lora_weights.safetensors").is_file()
+    assert "Loading weights" not in results[2].stderr  # library loading bars are kept quiet
+    # 4. GCR with the student as the critic
+    recs = rr.read_jsonl(runs / "chain" / "gcr" / "gcr.jsonl")
+    assert len(recs) == 4 and "GCR over 4 prompts" in results[3].stdout
