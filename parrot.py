@@ -198,13 +198,10 @@ def _readable(paths, stats) -> bool:
     for p in paths:
         if p is None:
             continue
-        if not Path(p).is_file():
-            stats["skipped_missing_image"] += 1
-            print(f"warning: missing image {p}: pair skipped", file=sys.stderr)
-            return False
-        if rr.load_image(p) is None:
-            stats["skipped_corrupt_image"] += 1
-            print(f"warning: unreadable image {p}: pair skipped", file=sys.stderr)
+        _, problem = rr.read_image(p)
+        if problem:
+            stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
+            print(f"warning: image {p}: {problem}: pair skipped", file=sys.stderr)
             return False
     return True
 

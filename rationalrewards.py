@@ -58,6 +58,7 @@ import time
 import typing
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -67,6 +68,10 @@ from PIL import Image, UnidentifiedImageError
 # bitsandbytes warns on every CPU import that an optional fast kernel (fetched from the hub) is
 # missing; the built-in CPU path it falls back to is what runs here, so the warning is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft still calls transformers' old gradient-checkpointing names (saving, loading, k-bit prep);
+# the deprecation is between those two libraries and nothing a user of this code can act on
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                        category=FutureWarning)
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
@@ -322,13 +327,25 @@ def to_content(text: str, images: list, what: str = "text") -> list:
     return content
 
 
-def load_image(path) -> Optional[Image.Image]:
-    """RGB image, or None when the file is missing or not a readable image (callers count skips)."""
+def read_image(path) -> tuple:
+    """(RGB image, None), or (None, what is wrong): 'missing', 'corrupt ...' or 'too large ...'.
+
+    Never raises for a bad file: callers skip and count it, naming the file and the problem.
+    """
+    if not Path(path).is_file():
+        return None, "missing"
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
+            return im.convert("RGB"), None
+    except Image.DecompressionBombError as err:  # PIL refuses > ~179 MP: a decompression bomb or a giant scan
+        return None, f"too large to decode ({err})"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        return None, f"corrupt or not an image ({type(err).__name__})"
+
+
+def load_image(path) -> Optional[Image.Image]:
+    """RGB image, or None when the file is missing or not a readable image (callers count skips)."""
+    return read_image(path)[0]
 
 
 def save_image_atomic(image: Image.Image, path) -> None:
@@ -931,6 +948,18 @@ def _data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _not_a_chat_completion(body) -> Optional[str]:
+    """What is wrong with a reply that should be a chat completion, or None when it is one."""
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "no choices"
+    if not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
+        return "choices[0] has no message object"
+    return None
+
+
 class OpenAIBackend:
     """Chat completions over HTTP (vLLM, SGLang, hosted APIs); standard library only."""
 
@@ -959,13 +988,18 @@ class OpenAIBackend:
         last = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                delay = self.backoff * 2 ** (attempt - 1)
+                # say so at once: with the defaults a dead server would otherwise stay silent for many minutes
+                print(f"warning: {self.url}: {last}; retry {attempt}/{self.max_retries} in {delay:g} s", file=sys.stderr)
+                time.sleep(delay)
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     body = json.loads(resp.read())
-                if not body.get("choices"):
-                    raise BackendError(f"{self.url} answered without choices: {json.dumps(body)[:300]}")
+                problem = _not_a_chat_completion(body)
+                if problem:  # the server answered, but not with a chat completion: retrying will not help
+                    raise BackendError(f"{self.url} answered with something that is not a chat completion "
+                                       f"({problem}): {json.dumps(body)[:300]}")
                 return body
             except urllib.error.HTTPError as err:
                 last = f"HTTP {err.code}: {err.read()[:300].decode(errors='replace')}"
@@ -985,7 +1019,13 @@ class OpenAIBackend:
         def one(conv):
             resp = self._post({"model": self.model, "messages": self._to_openai(conv),
                                "max_tokens": max_new_tokens, "temperature": temperature})
-            return resp["choices"][0]["message"].get("content") or ""
+            content = resp["choices"][0]["message"].get("content")
+            if not isinstance(content, str) or not content.strip():
+                # counted downstream as an unreadable output; said here so it is not silent
+                print(f"warning: {self.url} returned no text content ({str(content)[:80]!r}); counted as unreadable",
+                      file=sys.stderr)
+                return ""
+            return content
         return self._map(one, messages_batch)
 
     def answer_logprobs(self, messages_batch, answers=("A", "B")) -> list:
@@ -1177,17 +1217,21 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
     records = read_jsonl(pred_path) if pred_path else []
     done = {r["id"] for r in records}
     todo = [p for p in pairs if p["id"] not in done]
-    skipped = 0
+    skipped = {"missing": 0, "unreadable": 0}
     bar = tqdm(total=len(todo), desc=f"eval ({mode})", unit="pair")
     for i in range(0, len(todo), batch_size):
         batch = []
         for p in todo[i:i + batch_size]:
-            imgs = {k: load_image(p[k]) for k in ("image_a", "image_b", "source_image") if p.get(k)}
-            if any(v is None for v in imgs.values()) or (scorer.task == "edit" and "source_image" not in imgs):
-                skipped += 1
-                print(f"warning: skipping pair {p['id']}: missing or unreadable image", file=sys.stderr)
+            read = {k: read_image(p[k]) for k in ("image_a", "image_b", "source_image") if p.get(k)}
+            bad = {p[k]: problem for k, (_, problem) in read.items() if problem}
+            if scorer.task == "edit" and not p.get("source_image"):
+                bad["source_image"] = "missing (an edit pair needs one)"
+            if bad:
+                skipped["missing" if all(v.startswith("missing") for v in bad.values()) else "unreadable"] += 1
+                print(f"warning: skipping pair {p['id']}: " + "; ".join(f"{f}: {v}" for f, v in bad.items()),
+                      file=sys.stderr)
                 continue
-            batch.append((p, imgs))
+            batch.append((p, {k: im for k, (im, _) in read.items()}))
         for rec in predict_pairs(scorer, batch, mode) if batch else []:
             records.append(rec)
             if pred_path:
@@ -1195,7 +1239,8 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
         bar.update(len(todo[i:i + batch_size]))
         bar.set_postfix(acc=f"{preference_metrics(records, scorer.task)['accuracy_with_ties'] or 0:.3f}")
     bar.close()
-    metrics = {**preference_metrics(records, scorer.task), "skipped_pairs": skipped, "mode": mode}
+    metrics = {**preference_metrics(records, scorer.task), "skipped_pairs": sum(skipped.values()),
+               "skipped_missing_image": skipped["missing"], "skipped_unreadable_image": skipped["unreadable"], "mode": mode}
     if out_dir:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -1221,10 +1266,12 @@ def main(argv=None) -> int:
             raise SystemExit("score needs --prompt and at least one --image")
         if args.task == "edit" and not args.source_image:
             raise SystemExit("score --task edit needs --source-image")
-        images = [load_image(p) for p in args.image + ([args.source_image] if args.source_image else [])]
-        bad = [p for p, im in zip(args.image + [args.source_image], images) if im is None]
+        paths = args.image + ([args.source_image] if args.source_image else [])
+        read = [read_image(p) for p in paths]
+        bad = [f"{p} ({problem})" for p, (_, problem) in zip(paths, read) if problem]
         if bad:
             raise SystemExit(f"cannot read image(s): {', '.join(bad)}")
+        images = [im for im, _ in read]
         scorer = RationalRewardsScorer.from_args(args)
         src = [images[-1]] * len(args.image) if args.task == "edit" else None
         crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)

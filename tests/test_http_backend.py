@@ -100,10 +100,9 @@ def test_client_error_is_not_retried_and_is_clear(scripted_server):
 
 def test_server_that_never_answers_times_out_clearly(scripted_server):
     server = scripted_server(lambda p: ("hang", 3.0))
-    start = time.time()
-    with pytest.raises(rr.BackendError, match=r"no answer within 0.3 s.*|failed after 2 attempt"):
+    with pytest.raises(rr.BackendError, match=r"failed after 2 attempt\(s\): no answer within 0.3 s"):
         backend(server, timeout=0.3, max_retries=1).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
-    assert time.time() - start < 2.5
+    assert len(server.requests) == 2  # the first try and one retry, then a clear error
 
 
 def test_nothing_listening_is_a_clear_error():
@@ -135,7 +134,7 @@ def test_answer_text_fallback_reads_image_b_and_reply_without_choices_is_clear(s
     [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     assert lp == {"A": -math.inf, "B": 0.0}
     server = scripted_server(lambda p: {"error": {"message": "model not found"}})
-    with pytest.raises(rr.BackendError, match="without choices.*model not found"):
+    with pytest.raises(rr.BackendError, match="not a chat completion \\(no choices\\).*model not found"):
         backend(server).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
 
 
@@ -145,3 +144,35 @@ def test_transformers_backend_does_not_change_the_callers_messages():
     msgs = [rr.render_messages("pointwise_t2i", [big], request="x")]
     rr.TransformersBackend(model, processor, max_pixels=32 * 32).generate(msgs, max_new_tokens=2)
     assert msgs[0][0]["content"][1]["image"] is big and big.size == (300, 200)
+
+
+@pytest.mark.parametrize("reply,problem", [
+    (["not", "an", "object"], "a JSON list"),
+    ({"choices": ["A"]}, "choices\\[0\\] has no message"),
+    ({"choices": [{"text": "A"}]}, "choices\\[0\\] has no message"),
+])
+def test_json_that_is_not_a_chat_completion_is_a_clear_error(scripted_server, reply, problem):
+    # issue 7.13: these raised TypeError/AttributeError tracebacks deep in the backend
+    server = scripted_server(lambda p: reply)
+    msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request="x")]
+    with pytest.raises(rr.BackendError, match=problem):
+        backend(server).generate(msgs)
+    with pytest.raises(rr.BackendError, match=problem):
+        backend(server).answer_logprobs(msgs)
+    assert len(server.requests) == 2  # not retried: the same request would get the same answer
+
+
+def test_null_content_is_counted_unreadable_with_a_warning(scripted_server, capsys):
+    server = scripted_server(lambda p: {"choices": [{"message": {"role": "assistant", "content": None}}]})
+    scorer = rr.RationalRewardsScorer(backend(server), "t2i")
+    [c] = scorer.critique([solid("red")], ["x"])
+    assert not c.readable and rr.aggregate(c.scores) == 0.0
+    assert "returned no text content" in capsys.readouterr().err
+
+
+def test_each_retry_is_announced(scripted_server, capsys):
+    calls = []
+    server = scripted_server(lambda p: calls.append(1) or (503 if len(calls) < 3 else "ok"))
+    assert backend(server, max_retries=3).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")]) == ["ok"]
+    err = capsys.readouterr().err
+    assert "retry 1/3" in err and "retry 2/3" in err and "HTTP 503" in err and "retry 3/3" not in err

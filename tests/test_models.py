@@ -41,9 +41,9 @@ def test_tiny_saves_and_reloads_through_from_pretrained(tmp_path):
     b = greedy(rr.TransformersBackend(reloaded, rproc), msgs)
     assert a == b
     # and the reloaded model scores through the scorer
-    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(reloaded, rproc), max_new_tokens=16)
-    [r] = scorer.rewards([solid("red")], ["a red cat"])
-    assert 0.0 <= r <= 1.0
+    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(reloaded, rproc), max_new_tokens=16, temperature=0.0)
+    [c] = scorer.critique([solid("red")], ["a red cat"])
+    assert scorer.rewards([solid("red")], ["a red cat"]) == [rr.aggregate(c.scores)]
 
 
 def test_chat_template_expands_image_tokens(tiny):

@@ -120,7 +120,23 @@ def test_heldout_split_is_by_prompt():
     prompts = [f"prompt {i}" for i in range(2000)]
     held = [p for p in prompts if parrot.is_heldout(p, 0.1, 0)]
     assert 0.07 < len(held) / len(prompts) < 0.13
-    assert all(parrot.is_heldout(p, 0.1, 0) for p in held)  # stable
+    assert held != [p for p in prompts if parrot.is_heldout(p, 0.1, 1)]  # the seed moves the split
+
+
+def test_build_sft_keeps_pairs_of_one_prompt_on_one_side(tmp_path):
+    # issue 7.19: two pairs share each prompt; whichever side a prompt lands on, both its pairs go there
+    kept = [{"id": f"{p}-{k}", "task": "t2i", "prompt": p, "image_a": "a.png", "image_b": "b.png",
+             "source_image": None, "label": "A", "kept": True, "rationale": rationale(4, 2)}
+            for p in (f"prompt {i}" for i in range(40)) for k in range(2)]
+    for r in kept:
+        rr.append_jsonl(tmp_path / "phase2.jsonl", r)
+    train, held = parrot.build_sft(tmp_path, parrot.Args(out=str(tmp_path), eval_fraction=0.3))
+    side = {}
+    for name, samples in (("train", train), ("held", held)):
+        for s in samples:
+            side.setdefault(s["id"].rsplit("-", 1)[0], set()).add(name)
+    assert all(len(v) == 1 for v in side.values()) and len(side) == 40
+    assert 0 < len(held) < len(train)
 
 
 # ---- loaders ----

@@ -176,17 +176,26 @@ def test_render_messages_places_images_in_order_and_checks_fields():
         rr.render_messages("anchored_pairwise_t2i", [a, b], request="x")
 
 
-def test_every_template_keeps_the_paper_headers():
-    for task in ("t2i", "edit"):
-        point = rr.load_prompt(f"pointwise_{task}") + rr.load_prompt(f"projection_{task}")
-        for h in ("## Justification:", "## Score:", "# Summary:", "# User Request Refinement:",
-                  "## Refinement Comments:", "## Refined Request:"):
-            assert h in point
-        pair = rr.load_prompt(f"pairwise_{task}") + rr.load_prompt(f"anchored_pairwise_{task}")
-        for h in ("# User Request Analysis", "# Detailed Judgement", "## Score A:", "## Score B:", "## Winner:"):
-            assert h in pair
-        n = len(rr.dimensions(task))
-        assert rr.load_prompt(f"pointwise_{task}").count("## Score:") == n
+POINTWISE_HEADERS = ("## Justification:", "## Score:", "# Summary:", "# User Request Refinement:",
+                     "## Refinement Comments:", "## Refined Request:")
+PAIRWISE_HEADERS = ("# User Request Analysis", "# Detailed Judgement", "## Justification:", "## Score A:",
+                    "## Score B:", "## Winner:", "# Summary:")
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+@pytest.mark.parametrize("template,headers,per_dimension", [
+    ("pointwise", POINTWISE_HEADERS, "## Score:"), ("projection", POINTWISE_HEADERS, "## Score:"),
+    ("pairwise", PAIRWISE_HEADERS, "## Winner:"), ("anchored_pairwise", PAIRWISE_HEADERS, "## Winner:"),
+    ("consistency", ("{rationale}", "A or B"), None),
+])
+def test_each_template_keeps_its_own_paper_headers(task, template, headers, per_dimension):
+    # issue 7.18: each file on its own, not the concatenation of several
+    text = rr.load_prompt(f"{template}_{task}")
+    missing = [h for h in headers if h not in text]
+    assert not missing, f"{template}_{task}.txt lost {missing}"
+    if per_dimension:  # one block per rubric dimension, each with its title
+        assert text.count(per_dimension) == len(rr.dimensions(task))
+        assert all(rr.DIMENSION_TITLES[d] in text for d in rr.dimensions(task))
 
 
 def test_parse_args_reads_docstrings_and_types(capsys):
