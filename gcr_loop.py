@@ -94,7 +94,7 @@ class Args(rr.ScorerArgs):
 
 DEFAULT_GENERATOR = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
 # what the records of a run directory depend on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "scorer", "scorer_adapter", "scorer_api_base", "steps", "guidance_scale",
+RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base", "steps", "guidance_scale",
             "resolution", "strength", "threshold", "gate", "rounds", "select", "reward_weights", "seed")
 STOP_REASONS = ("passed", "max_rounds", "unreadable_critique", "no_refined_request")
 
@@ -307,6 +307,7 @@ def contact_sheet(records: list, out: Path, path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
+    rr.set_prompts_dir(args.prompts_dir)
     rr.require_positive(args, "rounds", "batch_size", "steps", "resolution", "scorer_batch_size")
     gate = tuple(d.strip() for d in args.gate.split(",") if d.strip())
     unknown = [d for d in gate if d not in rr.dimensions(args.task)]

@@ -114,6 +114,8 @@ class Args:
     """HTTP teacher: seconds to wait for one response"""
     max_retries: int = 3
     """HTTP teacher: retries with backoff"""
+    prompts_dir: Optional[str] = None
+    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
     seed: int = 0
     """seed for the A/B shuffle, the held-out split, sampling and training"""
 
@@ -276,26 +278,15 @@ def _vote_label(row, dataset, margin):
 
 def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> list:
     """Rapidata (t2i) or EditReward (edit) parquet, streamed so --limit N reads about N rows."""
-    import datasets
     hf_id = hf_id or DEFAULT_HUB[dataset]
-    local = Path(hf_id).exists()
-    if not local and not rr.hub_reachable():
-        raise DataError(f"cannot reach the Hugging Face hub to stream {hf_id}. On a machine with network run\n"
-                        f"  hf download {hf_id} --repo-type dataset --local-dir data/{dataset}\n"
-                        f"and pass --hf-dataset data/{dataset}/data (a parquet file or a directory of them).")
-    try:
-        if local:
-            files = sorted(str(p) for p in Path(hf_id).rglob("*.parquet")) if Path(hf_id).is_dir() else [hf_id]
-            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
-        else:
-            ds = datasets.load_dataset(hf_id, split=split, streaming=True)
-    except Exception as err:  # datasets raises many types for a missing repo/split/file
-        raise DataError(f"could not open {hf_id} split {split!r}: {type(err).__name__}: {err}") from None
     cols = ({"prompt": "instruction", "a": "left_output_image", "b": "right_output_image", "src": "source_img"}
             if dataset == "editreward" else {"prompt": "prompt", "a": "image1", "b": "image2", "src": None})
-    for c in (cols["a"], cols["b"], cols["src"]):
-        if c:  # decode ourselves, so that one corrupt image is a counted skip, not a crash
-            ds = ds.cast_column(c, datasets.Image(decode=False))
+    hint = (f"On a machine with network run\n  hf download {hf_id} --repo-type dataset --local-dir data/{dataset}\n"
+            f"and pass --hf-dataset data/{dataset}/data (a parquet file or a directory of them).")
+    try:
+        ds = rr.open_parquet_stream(hf_id, split, [c for c in (cols["a"], cols["b"], cols["src"]) if c], hint=hint)
+    except rr.ModelLoadError as err:
+        raise DataError(str(err)) from None
     image_dir.mkdir(parents=True, exist_ok=True)
     pairs = []
     for i, row in enumerate(ds):
@@ -311,17 +302,10 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
         for part in ("a", "b", "src"):
             if not cols[part]:
                 continue
-            cell, path = row.get(cols[part]) or {}, image_dir / f"{key}-{part}.png"
-            paths[part] = path
-            if path.is_file() and rr.load_image(path) is not None:  # written by an earlier, interrupted run
-                continue
-            if not cell.get("bytes"):
-                problem = "skipped_missing_image"
-                break
-            try:
-                rr.save_image_atomic(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"), path)
-            except (OSError, ValueError, Image.DecompressionBombError):
-                problem = "skipped_corrupt_image"
+            paths[part] = image_dir / f"{key}-{part}.png"
+            bad = rr.save_embedded_image(row.get(cols[part]), paths[part])
+            if bad:
+                problem = "skipped_missing_image" if bad == "missing" else "skipped_corrupt_image"
                 break
         if problem:
             stats[problem] += 1
@@ -583,14 +567,13 @@ def project_pointwise(teacher, kept: list, out: Path, args: Args) -> None:
 
 def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) -> dict:
     """One sample in the messages + images form read by LLaMA-Factory and TRL; the label is never in it."""
-    if kind == "pairwise":
-        user = rr.fill_prompt(f"pairwise_{rec['task']}", request=rec["prompt"])
-        images = paths_of(rec, "image_a", "image_b")
-    else:
-        user = rr.fill_prompt(f"pointwise_{rec['task']}", request=rec["prompt"])
-        images = paths_of(rec, f"image_{side.lower()}")
-    return {"id": rec["id"], "kind": kind, "side": side, "images": images,
-            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+    name = f"{kind}_{rec['task']}"
+    images = paths_of(rec, "image_a", "image_b") if kind == "pairwise" else paths_of(rec, f"image_{side.lower()}")
+    system = rr.system_prompt(name, request=rec["prompt"])  # only with a --prompts-dir template that has one
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": rr.fill_prompt(name, request=rec["prompt"])},
+                 {"role": "assistant", "content": answer}]
+    return {"id": rec["id"], "kind": kind, "side": side, "images": images, "messages": messages}
 
 
 def build_sft(out: Path, args: Args) -> tuple:
@@ -615,8 +598,10 @@ def sample_features(processor, sample: dict, max_pixels: int):
         raise ValueError(f"SFT sample {sample['id']}: cannot read {[p for p, im in zip(sample['images'], images) if im is None]}; "
                          f"the run directory's images must stay where Phase 1 found them")
     images = [rr.bound_pixels(im, max_pixels) for im in images]
-    user = [{"role": "user", "content": rr.to_content(sample["messages"][0]["content"], images)}]
-    answer = {"role": "assistant", "content": [{"type": "text", "text": sample["messages"][1]["content"]}]}
+    *turns, last = sample["messages"]
+    user = [{"role": m["role"], "content": rr.to_content(m["content"], images) if m["role"] == "user" else m["content"]}
+            for m in turns]
+    answer = {"role": "assistant", "content": [{"type": "text", "text": last["content"]}]}
     kw = dict(tokenize=True, return_dict=True, return_tensors="pt")
     prompt = processor.apply_chat_template(user, add_generation_prompt=True, **kw)
     full = processor.apply_chat_template(user + [answer], **kw)
@@ -870,6 +855,7 @@ def main(argv=None) -> int:
     args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     if not set(args.phases) <= set("123") or not args.phases:
         raise SystemExit(f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
+    rr.set_prompts_dir(args.prompts_dir)
     rr.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens", "max_pixels", "epochs",
                         "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)

@@ -113,8 +113,14 @@ class Args:
     """score --task edit: the image that was edited"""
     pairs: Optional[str] = None
     """eval: JSONL of pairs: prompt, image_a, image_b, label (A/B/tie), optional source_image, id"""
-    mode: Literal["pointwise", "pairwise"] = "pointwise"
-    """eval: pointwise scores each image and compares sums; pairwise reads both images at once"""
+    benchmark: Optional[Literal["genai-bench-t2i", "genai-bench-edit", "editreward-bench", "mmrb2-t2i", "mmrb2-edit",
+                                "all"]] = None
+    """eval: a benchmark of the paper's Table 1 instead of --pairs (its task, labels and protocol follow it)"""
+    data_dir: Optional[str] = None
+    """eval --benchmark: a local copy (parquet file or directory; with `all`, a folder holding one per name)"""
+    mode: Optional[Literal["pointwise", "pairwise"]] = None
+    """eval: pointwise scores each image and compares sums; pairwise reads both images at once
+    (default: pointwise for --pairs, pairwise for --benchmark, as the paper evaluates)"""
     limit: Optional[int] = None
     """eval: use only the first N pairs"""
     out: Optional[str] = None
@@ -139,6 +145,9 @@ class Args:
     """HTTP backend: seconds to wait for one response"""
     max_retries: int = 3
     """HTTP backend: retries after a failed request, with exponential backoff"""
+    prompts_dir: Optional[str] = None
+    """templates with the same file names read from this folder first (e.g. the official wording; a file
+    may open with [system] ... [user] to add a system turn)"""
     seed: int = 0
     """seed for sampling"""
 
@@ -170,6 +179,8 @@ class ScorerArgs:
     """HTTP scorer: retries after a failed request, with exponential backoff"""
     api_key_env: str = "OPENAI_API_KEY"
     """environment variable holding the API key for --scorer-api-base"""
+    prompts_dir: Optional[str] = None
+    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
 
 
 def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = None) -> "RationalRewardsScorer":
@@ -287,30 +298,72 @@ def read_prompt_list(path) -> list:
     return prompts
 
 
+_prompts_override: Optional[Path] = None  # set by --prompts-dir
+
+
+def set_prompts_dir(path: Optional[str]) -> None:
+    """Read templates from `path` first (same file names as prompts/), e.g. the official wording."""
+    global _prompts_override
+    if path and not Path(path).is_dir():
+        raise FileNotFoundError(f"--prompts-dir {path} is not a directory")
+    _prompts_override = Path(path) if path else None
+    if _prompts_override:
+        mine = {p.name for p in template_files()}
+        found = sorted(p.name for p in _prompts_override.glob("*.txt") if p.name in mine)
+        print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); the rest from "
+              f"{PROMPTS_DIR}", file=sys.stderr)
+
+
 def load_prompt(name: str) -> str:
+    """The template file's text: from --prompts-dir when it has this file, else from prompts/."""
     path = PROMPTS_DIR / f"{name}.txt"
+    if _prompts_override and (_prompts_override / f"{name}.txt").is_file():
+        path = _prompts_override / f"{name}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"prompt template {path} not found (known: {sorted(p.stem for p in template_files())})")
     return path.read_text()
 
 
+def split_system(text: str, what: str = "template") -> tuple:
+    """(system text or None, user text). A template may open with a line `[system]`, then the
+    system turn, then a line `[user]` and the user turn; without `[system]` it is all user turn."""
+    if not text.lstrip().startswith("[system]"):
+        return None, text
+    body = text.lstrip()[len("[system]"):]
+    m = re.search(r"^\[user\][ \t]*$", body, re.M)
+    if not m:
+        raise ValueError(f"{what} opens with [system] but has no [user] line to end it")
+    return body[:m.start()].strip("\n"), body[m.end():].lstrip("\n")
+
+
 def render_messages(name: str, images: list, **fields) -> list:
-    """Template + images + fields -> one user turn in the transformers chat format.
+    """Template + images + fields -> [system turn,] user turn in the transformers chat format.
 
     Images are placed where the template says `<image>`, in the order given.
     """
-    return [{"role": "user", "content": to_content(fill_prompt(name, **fields), images, name)}]
+    system = system_prompt(name, **fields)
+    user = [{"role": "user", "content": to_content(fill_prompt(name, **fields), images, name)}]
+    return ([{"role": "system", "content": system}] if system else []) + user
 
 
-def fill_prompt(name: str, **fields) -> str:
-    """The template text with its `{name}` fields filled and its `<image>` markers kept."""
-    template = load_prompt(name)
-    missing = set(re.findall(r"\{([a-z_]+)\}", template)) - set(fields)
+def _fill(text: str, name: str, fields: dict) -> str:
+    missing = set(re.findall(r"\{([a-z_]+)\}", text)) - set(fields)
     if missing:
         raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
     for key, value in fields.items():
-        template = template.replace("{" + key + "}", str(value))
-    return template
+        text = text.replace("{" + key + "}", str(value))
+    return text
+
+
+def fill_prompt(name: str, **fields) -> str:
+    """The template's user turn with its `{name}` fields filled and its `<image>` markers kept."""
+    return _fill(split_system(load_prompt(name), name)[1], name, fields)
+
+
+def system_prompt(name: str, **fields) -> Optional[str]:
+    """The template's system turn, filled, or None when it has none (every template in prompts/)."""
+    system = split_system(load_prompt(name), name)[0]
+    return _fill(system, name, fields) if system else None
 
 
 def to_content(text: str, images: list, what: str = "text") -> list:
@@ -355,6 +408,48 @@ def save_image_atomic(image: Image.Image, path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     image.save(tmp)
     os.replace(tmp, path)
+
+
+def save_embedded_image(cell, path) -> Optional[str]:
+    """Write a parquet image cell ({"bytes": ...}) to `path` as RGB PNG, atomically; reuse a valid
+    earlier copy. Returns what is wrong ('missing', 'corrupt ...', 'too large ...') or None."""
+    path = Path(path)
+    if path.is_file() and load_image(path) is not None:  # written by an earlier, interrupted run
+        return None
+    raw = (cell or {}).get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
+    if not raw:
+        return "missing"
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            save_image_atomic(im.convert("RGB"), path)
+    except Image.DecompressionBombError as err:
+        return f"too large to decode ({err})"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        return f"corrupt or not an image ({type(err).__name__})"
+    return None
+
+
+def open_parquet_stream(source: str, split: str, image_columns, config: Optional[str] = None, hint: str = ""):
+    """A `datasets` stream over a hub dataset or a local parquet file/directory, so that a limit of N
+    reads about N rows; image columns stay undecoded (one corrupt image is a skip, not a crash)."""
+    import datasets
+    local = Path(source).exists()
+    if not local and not hub_reachable():
+        raise ModelLoadError(f"cannot reach the Hugging Face hub to stream {source}. {hint}".strip())
+    try:
+        if local:
+            files = sorted(str(p) for p in Path(source).rglob("*.parquet")) if Path(source).is_dir() else [source]
+            if not files:
+                raise FileNotFoundError(f"no .parquet files under {source}")
+            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+        else:
+            ds = datasets.load_dataset(source, config, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types for a missing repo/config/split/file
+        raise ModelLoadError(f"could not open {source} ({config or 'default'}, split {split!r}): "
+                             f"{type(err).__name__}: {err}. {hint}".strip()) from None
+    for c in image_columns:
+        ds = ds.cast_column(c, datasets.Image(decode=False))
+    return ds
 
 
 def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
@@ -1249,15 +1344,197 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
+# The paper's Table 1: one command per benchmark, its official labels and protocol.
+# ---------------------------------------------------------------------------------------
+# Each row streams from the hub (or --data-dir) and becomes our pairs: A = left / candidate_1.
+# Labels follow the official RationalRewards evaluation (reward_model_evaluation/modular_rm_eval):
+# leftvote -> A, rightvote -> B, every other vote (tie, both bad) -> tie, and ties stay in the
+# accuracy (a tie is right only when the score sums are equal). EditReward-Bench follows its own
+# repository (TIGER-AI-Lab/EditReward, EditReward/evaluate): rows are already the pairwise
+# comparisons of 2-, 3- and 4-way groups; accuracy is over comparisons, group accuracy over groups.
+BENCHMARKS = {
+    "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test", task="t2i",
+                            prompt="prompt", a="left_image", b="right_image", src=None, paper=69.8,
+                            baselines={"Qwen3-VL-8B (base)": 55.1, "Gemini 2.5 Pro": 66.2}),
+    "genai-bench-edit": dict(hub="TIGER-Lab/GenAI-Bench", config="image_edition", split="test", task="edit",
+                             prompt="instruct_prompt", a="left_output_image", b="right_output_image",
+                             src="source_image", paper=80.1, baselines={}),
+    "editreward-bench": dict(hub="TIGER-Lab/EditReward-Bench", config=None, split="train", task="edit",
+                             prompt="instruction", a="candidate_1", b="candidate_2", src="source_image", paper=66.2,
+                             baselines={}),
+    # MMRB2's pairs are built by facebookresearch/MMRB2 from facebook/MMRB2_image; read locally
+    "mmrb2-t2i": dict(hub=None, config=None, split="train", task="t2i", prompt="prompt_text", a="response_a_images",
+                      b="response_b_images", src=None, paper=64.2, baselines={}),
+    "mmrb2-edit": dict(hub=None, config=None, split="train", task="edit", prompt="prompt_text", a="response_a_images",
+                       b="response_b_images", src="prompt_images", paper=70.3, baselines={}),
+}
+
+
+def benchmark_label(name: str, row: dict) -> Optional[str]:
+    """'A', 'B' or 'tie' for one benchmark row; None when the row carries no usable label."""
+    if name.startswith("genai-bench"):
+        vote = str(row.get("vote_type") or "").strip().lower()
+        return {"leftvote": "A", "rightvote": "B"}.get(vote, "tie") if vote else None
+    if name == "editreward-bench":  # ranking "C>A" for comparison "AvsC": candidate_1 is A, candidate_2 is C
+        ranking, kind = str(row.get("ranking") or "").replace(" ", ""), str(row.get("comparison_type") or "")
+        left, _, right = kind.partition("vs")
+        if "=" in ranking:
+            return "tie"
+        m = re.fullmatch(r"([A-Z])>([A-Z])", ranking)
+        if not m or not left:
+            return None
+        return "A" if m.group(1) == left else "B" if m.group(1) == right else None
+    chosen = str(row.get("chosen") or "").strip().lower()  # MMRB2, as the official adapter reads it
+    return {"a": "A", "left": "A", "1": "A", "b": "B", "right": "B", "2": "B", "tie": "tie", "a=b": "tie"}.get(chosen)
+
+
+def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], image_dir: Path) -> tuple:
+    """(pairs in our eval format, counts of skipped rows); images are written under image_dir."""
+    spec = BENCHMARKS[name]
+    source = data_dir or spec["hub"]
+    local = f"data/{name}"
+    if spec["hub"] is None:
+        hint = ("needs pairs built with facebookresearch/MMRB2 (images from facebook/MMRB2_image): parquet with pair_id, "
+                "prompt_text, prompt_images, response_a_images, response_b_images, chosen; pass --data-dir")
+    else:
+        hint = (f"On a machine with network run\n  hf download {spec['hub']} --repo-type dataset --local-dir {local}\n"
+                f"and pass --data-dir {local}" + (f"/{spec['config']}" if spec["config"] else "") + ".")
+    if source is None or (data_dir and not Path(data_dir).exists()):
+        where = f"no local copy at {data_dir}" if data_dir else "no local copy given"
+        raise ModelLoadError(f"{name}: {where}; {hint}" if spec["hub"] is None else f"{name}: {where}. {hint}")
+    cols = [c for c in (spec["a"], spec["b"], spec["src"]) if c]
+    ds = open_parquet_stream(source, spec["split"], [] if name.startswith("mmrb2") else cols,
+                             None if data_dir else spec["config"], hint)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    pairs, skipped = [], {"unlabelled": 0, "missing_image": 0, "unreadable_image": 0}
+    for i, row in enumerate(ds):
+        if limit is not None and len(pairs) >= limit:
+            break
+        label = benchmark_label(name, row)
+        if label is None:
+            skipped["unlabelled"] += 1
+            continue
+        # ids from the data (or the row's place in its split), never from where the files were found
+        pid = str(row.get("id") or row.get("pair_id") or f"{name}-{i}")
+        item, problem = {"id": pid, "prompt": str(row[spec["prompt"]]), "label": label}, None
+        for key, col in (("image_a", spec["a"]), ("image_b", spec["b"]), ("source_image", spec["src"])):
+            if col is None:
+                continue
+            cell = row.get(col)
+            if isinstance(cell, list):  # MMRB2 keeps lists of images per response
+                cell = cell[0] if cell else None
+            path = image_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pid)}-{key}.png"
+            problem = save_embedded_image(cell, path)
+            if problem:
+                break
+            item[key] = str(path)
+        if problem:
+            skipped["missing_image" if problem == "missing" else "unreadable_image"] += 1
+            print(f"warning: {name} row {i} ({pid}): image {problem}: skipped", file=sys.stderr)
+            continue
+        if name == "editreward-bench":
+            item["group"] = pid.split("_")[0]  # the official grouping of a 3- or 4-way sample
+        pairs.append(item)
+    return pairs, skipped
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple:
+    """95% Wilson score interval of a proportion: honest at a few hundred pairs and near 0 or 1."""
+    if n == 0:
+        return None, None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def group_accuracy(records: list, groups: dict) -> Optional[float]:
+    """Share of multi-way groups (3- and 4-way) whose every pairwise decision is right."""
+    by_group = {}
+    for r in records:
+        by_group.setdefault(groups.get(r["id"]), []).append(r["predicted"] == r["label"])
+    multi = [all(v) for g, v in by_group.items() if g is not None and len(v) > 1]
+    return sum(multi) / len(multi) if multi else None
+
+
+_backends = {}  # one loaded model serves every benchmark of an `all` run
+
+
+def run_benchmark(name: str, args: Args) -> dict:
+    spec = BENCHMARKS[name]
+    sub = dataclasses.replace(args, benchmark=name, task=spec["task"], model=args.model or RELEASED[spec["task"]],
+                              mode=args.mode or "pairwise",
+                              data_dir=str(Path(args.data_dir) / name) if args.data_dir and args.benchmark == "all"
+                              else args.data_dir)
+    out = Path(args.out or "runs") / name if args.benchmark == "all" or not args.out else Path(args.out)
+    pairs, skipped = benchmark_pairs(name, sub.data_dir, sub.limit, out / "images")
+    check_same_run(out, sub, EVAL_RUN_KEYS + ("benchmark", "data_dir"), paths=("adapter", "data_dir"))
+    save_args(sub, out)
+    key = (sub.model, sub.adapter, sub.api_base, sub.quantization)
+    if key not in _backends:
+        _backends[key] = RationalRewardsScorer.from_args(sub).backend
+    scorer = RationalRewardsScorer(_backends[key], sub.task, sub.max_new_tokens, sub.temperature)
+    metrics = evaluate_preferences(scorer, pairs, sub.mode, str(out), sub.batch_size)
+    records = [r for r in read_jsonl(out / "predictions.jsonl") if r["id"] in {p["id"] for p in pairs}]
+    correct = sum(r["predicted"] == r["label"] for r in records)
+    low, high = wilson_interval(correct, len(records))
+    acc = correct / len(records) if records else None
+    metrics.update(benchmark=name, skipped_rows=skipped, accuracy=acc, ci95=[low, high], paper=spec["paper"],
+                   difference=None if acc is None else 100 * acc - spec["paper"], baselines=spec["baselines"])
+    if name == "editreward-bench":
+        metrics["group_accuracy"] = group_accuracy(records, {p["id"]: p.get("group") for p in pairs})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def print_benchmark_table(rows: list) -> None:
+    """Ours (with its 95% interval) beside the paper's RationalRewards-8B, per benchmark."""
+    print(f"{'benchmark':<18} {'pairs':>6} {'ours':>7} {'95% CI':>15} {'paper':>6} {'diff':>7}  note")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['benchmark']:<18} {'-':>6} {'-':>7} {'-':>15} {r['paper']:>6.1f} {'-':>7}  "
+                  f"not run: {r['error'].splitlines()[0][:160]}")
+            continue
+        ci = f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}" if r["ci95"][0] is not None else "-"
+        ours = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}"
+        diff = "-" if r["difference"] is None else f"{r['difference']:+.1f}"
+        note = [f"group acc {100 * r['group_accuracy']:.1f}"] if r.get("group_accuracy") is not None else []
+        note += [f"{k} {v}" for k, v in r["baselines"].items()]
+        note += [f"{r['unreadable_outputs']} unreadable"] if r["unreadable_outputs"] else []
+        print(f"{r['benchmark']:<18} {r['pairs']:>6} {ours:>7} {ci:>15} {r['paper']:>6.1f} {diff:>7}  {'; '.join(note)}")
+    print("paper: RationalRewards-8B in the paper's Table 1 (pairwise protocol, ties included); "
+          "a gap inside the 95% interval is noise.")
+
+
 # what an eval's predictions depend on: resuming --out with any of these changed is refused
 EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization", "max_new_tokens",
-                 "temperature", "max_pixels")
+                 "temperature", "max_pixels", "prompts_dir")
 
 
 def main(argv=None) -> int:
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
-    args.model = args.model or RELEASED[args.task]
     require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
+    set_prompts_dir(args.prompts_dir)
+    if args.command == "eval" and args.benchmark:
+        if args.pairs:
+            raise SystemExit("eval takes --pairs FILE or --benchmark NAME, not both")
+        names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+        print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
+        import torch
+        torch.manual_seed(args.seed)
+        rows = []
+        for name in names:
+            try:
+                rows.append(run_benchmark(name, args))
+            except ModelLoadError as err:
+                if args.benchmark != "all":
+                    raise
+                rows.append({"benchmark": name, "paper": BENCHMARKS[name]["paper"], "error": str(err)})
+        print_benchmark_table(rows)
+        return 0
+    args.model = args.model or RELEASED[args.task]
+    args.mode = args.mode or "pointwise"
     print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
     import torch
     torch.manual_seed(args.seed)

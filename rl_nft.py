@@ -131,7 +131,7 @@ class Args(rr.ScorerArgs):
 
 
 # what the checkpoint depends on: resuming with any of these changed is refused
-RUN_KEYS = ("generator", "prompts", "resolution", "group_size", "sample_steps", "lora_r", "lora_alpha", "scorer",
+RUN_KEYS = ("generator", "prompts", "prompts_dir", "resolution", "group_size", "sample_steps", "lora_r", "lora_alpha", "scorer",
             "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -500,6 +500,7 @@ def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Pa
 # ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
+    rr.set_prompts_dir(args.prompts_dir)
     rr.require_positive(args, "epochs", "prompts_per_epoch", "group_size", "sample_steps", "train_batch_size",
                         "num_eval_prompts", "eval_every", "save_every", "lora_r", "resolution", "scorer_batch_size")
     if args.group_size < 2:

@@ -1,0 +1,193 @@
+"""Paper Table 1 benchmarks: loaders on tiny parquet files with each benchmark's real columns
+(from its dataset card and evaluation code), labels and ties, multi-way groups, exact accuracy
+with a scripted pairwise judge, the CLI, and --prompts-dir with a system section."""
+import io
+import json
+
+import pytest
+
+import rationalrewards as rr
+from conftest import dominant_colour, images_in, run_cli, solid, text_in
+
+
+def png(colour):
+    buf = io.BytesIO()
+    solid(colour).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def write_parquet(path, columns: dict, image_columns=(), list_image_columns=()):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    arrays = {}
+    for k, v in columns.items():
+        if k in image_columns:
+            arrays[k] = pa.array(v, image_type)
+        elif k in list_image_columns:
+            arrays[k] = pa.array(v, pa.list_(image_type))
+        else:
+            arrays[k] = pa.array(v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(arrays), path)
+    return path
+
+
+def genai_t2i(root):
+    # votes: left, right, tie, both bad (-> tie), and a corrupt image (skipped)
+    return write_parquet(root / "genai-bench-t2i" / "test-00000-of-00001.parquet", {
+        "prompt": ["a red cat", "a red dog", "two cats", "a boat", "broken"],
+        "left_model": ["m1"] * 5, "right_model": ["m2"] * 5,
+        "left_image": [png("red"), png("blue"), png("red"), png("blue"), {"bytes": b"junk", "path": None}],
+        "right_image": [png("blue"), png("red"), png("blue"), png("blue"), png("red")],
+        "vote_type": ["leftvote", "rightvote", "tievote", "bothbad_vote", "leftvote"],
+    }, image_columns=("left_image", "right_image"))
+
+
+def genai_edit(root):
+    return write_parquet(root / "genai-bench-edit" / "test-00000-of-00001.parquet", {
+        "source_prompt": ["a house"] * 2, "target_prompt": ["a red house"] * 2,
+        "instruct_prompt": ["make it red", "make it red too"], "source_image": [png("green")] * 2,
+        "left_model": ["m1"] * 2, "left_output_image": [png("blue"), png("red")],
+        "right_model": ["m2"] * 2, "right_output_image": [png("red"), png("blue")],
+        "vote_type": ["rightvote", "rightvote"],
+    }, image_columns=("source_image", "left_output_image", "right_output_image"))
+
+
+def editreward(root):
+    # a 2-way sample (g1) and a 3-way group (g2: candidates A red, B blue, C green)
+    ids = ["g1", "g2_AvsB", "g2_AvsC", "g2_BvsC"]
+    return write_parquet(root / "editreward-bench" / "train.parquet", {
+        "id": ids, "instruction": ["make it red"] * 4, "source_image": [png("green")] * 4,
+        "candidate_1": [png("red"), png("red"), png("red"), png("blue")],
+        "candidate_2": [png("blue"), png("blue"), png("green"), png("green")],
+        "ranking": ["A>B", "A>B", "C>A", "B=C"], "comparison_type": ["AvsB", "AvsB", "AvsC", "BvsC"],
+        "dataset": ["2pair", "3pair", "3pair", "3pair"], "score_1": [6.0, 6.0, 4.0, 3.0], "score_2": [3.0, 3.0, 6.0, 3.0],
+        "model_1": ["x"] * 4, "model_2": ["y"] * 4,
+    }, image_columns=("source_image", "candidate_1", "candidate_2"))
+
+
+def mmrb2(root, name):
+    return write_parquet(root / name / "pairs.parquet", {
+        "pair_id": ["p1", "p2"], "prompt_text": ["a red kite", "a red kite again"],
+        "prompt_images": [[png("green")], [png("green")]],
+        "response_a_images": [[png("red")], [png("blue")]], "response_b_images": [[png("blue")], [png("red")]],
+        "chosen": ["A", "B"], "response_a_model": ["x", "y"], "response_b_model": ["y", "x"],
+    }, list_image_columns=("prompt_images", "response_a_images", "response_b_images"))
+
+
+def test_labels_follow_each_benchmarks_protocol(tmp_path):
+    genai_t2i(tmp_path), genai_edit(tmp_path), editreward(tmp_path), mmrb2(tmp_path, "mmrb2-edit")
+    pairs, skipped = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), None, tmp_path / "img")
+    assert [p["label"] for p in pairs] == ["A", "B", "tie", "tie"]  # both-bad counts as a tie, as officially
+    assert skipped == {"unlabelled": 0, "missing_image": 0, "unreadable_image": 1}
+    assert rr.load_image(pairs[0]["image_a"]).getpixel((0, 0)) == (255, 0, 0)  # left is A
+    pairs, _ = rr.benchmark_pairs("genai-bench-edit", str(tmp_path / "genai-bench-edit"), None, tmp_path / "img")
+    assert [p["label"] for p in pairs] == ["B", "B"] and pairs[0]["prompt"] == "make it red"
+    assert rr.load_image(pairs[0]["source_image"]).getpixel((0, 0)) == (0, 128, 0)
+    pairs, _ = rr.benchmark_pairs("editreward-bench", str(tmp_path / "editreward-bench"), None, tmp_path / "img")
+    # "C>A" in comparison AvsC: candidate_2 (C) wins -> B; "B=C" -> tie
+    assert [(p["id"], p["label"], p["group"]) for p in pairs] == [
+        ("g1", "A", "g1"), ("g2_AvsB", "A", "g2"), ("g2_AvsC", "B", "g2"), ("g2_BvsC", "tie", "g2")]
+    pairs, _ = rr.benchmark_pairs("mmrb2-edit", str(tmp_path / "mmrb2-edit"), None, tmp_path / "img")
+    assert [(p["id"], p["label"]) for p in pairs] == [("p1", "A"), ("p2", "B")] and "source_image" in pairs[0]
+    # --limit touches only what it needs
+    pairs, _ = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), 1, tmp_path / "img")
+    assert len(pairs) == 1
+
+
+def test_wilson_interval_and_group_accuracy_by_hand():
+    low, high = rr.wilson_interval(8, 10)  # the textbook 95% Wilson interval of 8/10
+    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
+    assert rr.wilson_interval(0, 5)[0] == 0.0 and rr.wilson_interval(0, 0) == (None, None)
+    recs = [{"id": "a", "predicted": "A", "label": "A"}, {"id": "b1", "predicted": "A", "label": "A"},
+            {"id": "b2", "predicted": "B", "label": "A"}, {"id": "c1", "predicted": "tie", "label": "tie"},
+            {"id": "c2", "predicted": "B", "label": "B"}]
+    groups = {"a": "a", "b1": "b", "b2": "b", "c1": "c", "c2": "c"}
+    assert rr.group_accuracy(recs, groups) == 0.5  # b fails, c passes; the 2-way "a" is not a group
+
+
+def red_judge(payload):
+    """Pairwise: the red image gets 4 on text faithfulness, any other 1; physical quality equal."""
+    cols = [dominant_colour(u) for u in images_in(payload)][-2:]  # the source (edit) comes first
+    sa, sb = (4 if cols[0] == "red" else 1), (4 if cols[1] == "red" else 1)
+    return (f"# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n## Score A: {sa}\n"
+            f"## Score B: {sb}\n2. Physical and Visual Quality:\n## Score A: 3\n## Score B: 3\n# Summary: s")
+
+
+def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_server, capsys):
+    genai_t2i(tmp_path), editreward(tmp_path)
+    server = scripted_server(red_judge)
+    argv = ["eval", "--model", "served", "--api-base", server.url, "--data-dir", str(tmp_path)]
+    assert rr.main(argv + ["--benchmark", "all", "--out", str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    t2i = json.loads((tmp_path / "runs" / "genai-bench-t2i" / "metrics.json").read_text())
+    # A red/B blue -> A right; blue/red -> B right; red/blue labelled tie -> wrong; blue/blue tie -> right
+    assert t2i["pairs"] == 4 and t2i["accuracy"] == pytest.approx(3 / 4) and t2i["mode"] == "pairwise"
+    assert t2i["difference"] == pytest.approx(75.0 - 69.8) and t2i["ci95"] == list(rr.wilson_interval(3, 4))
+    er = json.loads((tmp_path / "runs" / "editreward-bench" / "metrics.json").read_text())
+    # g1 red/blue A: right; AvsB red/blue A: right; AvsC red/green labelled C: wrong; blue/green tie: right
+    assert er["accuracy"] == pytest.approx(3 / 4) and er["group_accuracy"] == 0.0
+    assert "genai-bench-t2i" in table and "75.0" in table and "69.8" in table and "+5.2" in table
+    assert "mmrb2-t2i" in table and "not run" in table and "facebookresearch/MMRB2" in table
+    assert "Qwen3-VL-8B (base) 55.1" in table
+    # a rerun resumes: no new request
+    n = len(server.requests)
+    assert rr.main(argv + ["--benchmark", "genai-bench-t2i", "--data-dir", str(tmp_path / "genai-bench-t2i"),
+                           "--out", str(tmp_path / "runs" / "genai-bench-t2i")]) == 0
+    assert len(server.requests) == n
+
+
+def test_missing_benchmark_data_is_one_clear_error(tmp_path):
+    res = run_cli("rationalrewards.py", "eval", "--benchmark", "genai-bench-edit", "--model", "tiny-random",
+                  "--out", tmp_path / "o")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stderr and "image_edition" in res.stderr
+    res = run_cli("rationalrewards.py", "eval", "--benchmark", "mmrb2-t2i", "--model", "tiny-random")
+    assert res.returncode == 2 and "facebookresearch/MMRB2" in res.stderr
+
+
+def test_benchmark_cli_with_tiny_random(tmp_path):
+    genai_edit(tmp_path)
+    res = run_cli("rationalrewards.py", "eval", "--benchmark", "genai-bench-edit", "--data-dir",
+                  tmp_path / "genai-bench-edit", "--model", "tiny-random", "--max-new-tokens", "16",
+                  "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["pairs"] == 2 and m["mode"] == "pairwise" and m["paper"] == 80.1
+    assert "genai-bench-edit" in res.stdout and "95% CI" in res.stdout
+
+
+SYSTEM_TEMPLATE = """[system]
+You are RationalRewards, a careful judge of generated images.
+[user]
+<image>
+User request: {request}
+Write your critique with ## Score: per dimension.
+"""
+
+
+def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scripted_server):
+    (tmp_path / "official").mkdir()
+    (tmp_path / "official" / "pointwise_t2i.txt").write_text(SYSTEM_TEMPLATE)
+    try:
+        rr.set_prompts_dir(str(tmp_path / "official"))
+        msgs = rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")
+        assert msgs[0] == {"role": "system", "content": "You are RationalRewards, a careful judge of generated images."}
+        assert "a red cat" in msgs[1]["content"][1]["text"] and "[user]" not in msgs[1]["content"][1]["text"]
+        assert "## Score A:" in rr.fill_prompt("pairwise_t2i", request="x")  # files it lacks come from prompts/
+        # HTTP: the system turn is the first message of the request
+        server = scripted_server(lambda p: "ok")
+        rr.OpenAIBackend(server.url, "m", timeout=5, max_retries=0).generate([msgs])
+        sent = server.requests[0]["payload"]["messages"]
+        assert sent[0] == {"role": "system", "content": msgs[0]["content"]} and sent[1]["role"] == "user"
+        # transformers: the chat template renders a system turn before the user turn
+        model, processor = rr.load_vlm("tiny-random")
+        text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert text.index("<|im_start|>system\nYou are RationalRewards") < text.index("<|im_start|>user")
+        assert len(rr.TransformersBackend(model, processor).generate([msgs], max_new_tokens=2)) == 1
+        (tmp_path / "official" / "pairwise_t2i.txt").write_text("[system]\nno end marker\n")
+        with pytest.raises(ValueError, match="no \\[user\\] line"):
+            rr.fill_prompt("pairwise_t2i", request="x")
+    finally:
+        rr.set_prompts_dir(None)
