@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import rationalrewards as rr
 
@@ -250,13 +250,6 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
 # ---------------------------------------------------------------------------------------
 # Contact sheets
 # ---------------------------------------------------------------------------------------
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def _wrap(text: str, width: int) -> list:
     lines, line = [], ""
     for word in (text or "").split():
@@ -270,7 +263,7 @@ def _wrap(text: str, width: int) -> list:
 
 def sheet_row(record: dict, out: Path, side: int = 256) -> Image.Image:
     """First vs final image of one prompt, each with its request and scores under it."""
-    font, text_h = _font(12), 150
+    font, text_h = rr.label_font(12), 150
     row = Image.new("RGB", (2 * side + 10, side + text_h), "white")
     d = ImageDraw.Draw(row)
     picks = [("first", record["rounds"][0]), (f"final (round {record['selected_round']}, {record['stop_reason']})",
@@ -355,8 +348,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (rr.ModelLoadError, rr.BackendError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    rr.cli_entry(main)

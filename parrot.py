@@ -40,7 +40,6 @@ Deviations from the paper:
 """
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import random
@@ -892,8 +891,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataError, rr.ModelLoadError, rr.BackendError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    rr.cli_entry(main, errors=(DataError,))

@@ -1507,6 +1507,24 @@ def print_benchmark_table(rows: list) -> None:
           "a gap inside the 95% interval is noise.")
 
 
+def label_font(size: int):
+    """Pillow's built-in font at `size` (for contact sheets and eval grids; no font files needed)."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def cli_entry(main, errors=()) -> None:
+    """Run a module's main(); the errors a user can fix print one line and exit 2, not a traceback."""
+    try:
+        sys.exit(main())
+    except (ModelLoadError, BackendError, FileNotFoundError, ValueError, *errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 # what an eval's predictions depend on: resuming --out with any of these changed is refused
 EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization", "max_new_tokens",
                  "temperature", "max_pixels", "prompts_dir")
@@ -1576,8 +1594,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ModelLoadError, BackendError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli_entry(main)

@@ -48,7 +48,6 @@ Deviations from the paper and from DiffusionNFT:
 import csv
 import dataclasses
 import json
-import math
 import random
 import shutil
 import sys
@@ -57,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import rationalrewards as rr
 
@@ -445,18 +444,11 @@ def write_metrics(out: Path, rows: list) -> None:
     tmp.replace(out / "metrics.csv")
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def plot_reward_curve(rows: list, path: Path) -> None:
     """One line per dimension (scores mapped to [0, 1] like the reward) and one for R, per epoch."""
     W, H, m = 720, 420, 50
     img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), _font(12)
+    d, font = ImageDraw.Draw(img), rr.label_font(12)
     d.rectangle([m, m // 2, W - m // 2 - 150, H - m], outline="black")
     x_max = max(2, len(rows))
     px = lambda i: m + (W - 2 * m - 125) * i / (x_max - 1)
@@ -483,7 +475,7 @@ def plot_reward_curve(rows: list, path: Path) -> None:
 def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Path) -> None:
     """The eval images side by side, each with its reward and per-dimension scores under it."""
     side = 256  # every image is shown at this size, small ones scaled up without smoothing
-    cell_h, font = side + 70, _font(11)
+    cell_h, font = side + 70, rr.label_font(11)
     grid = Image.new("RGB", (side * len(images), cell_h), "white")
     d = ImageDraw.Draw(grid)
     for i, (im, p, R, s) in enumerate(zip(images, prompts, rewards, scores)):
@@ -524,7 +516,6 @@ def main(argv=None) -> int:
     # ---- setup: generator with two LoRA policies, prompt embeddings once, the scorer ----
     torch.manual_seed(args.seed)
     pipe = rr.load_generator(args.generator, no_t5=args.no_t5)
-    side = args.resolution // pipe.vae_scale_factor
     if args.resolution % (pipe.vae_scale_factor * pipe.transformer.config.patch_size):
         raise SystemExit(f"--resolution must be a multiple of {pipe.vae_scale_factor * pipe.transformer.config.patch_size}")
     embeds = encode_prompts(pipe, prompts + eval_prompts + [""])
@@ -614,8 +605,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (rr.ModelLoadError, rr.BackendError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    rr.cli_entry(main)

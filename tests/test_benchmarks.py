@@ -7,7 +7,7 @@ import json
 import pytest
 
 import rationalrewards as rr
-from conftest import dominant_colour, images_in, run_cli, solid, text_in
+from conftest import dominant_colour, images_in, run_cli, solid
 
 
 def png(colour):

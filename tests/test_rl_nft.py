@@ -11,7 +11,7 @@ from PIL import Image
 
 import rationalrewards as rr
 import rl_nft
-from conftest import images_in, run_cli
+from conftest import images_in
 
 
 def as_latent(values):
