@@ -194,3 +194,12 @@ def test_decompression_bomb_is_a_counted_skip_not_an_abort(image_dir, tmp_path, 
               "label": "A"}]
     m = rr.evaluate_preferences(rr.RationalRewardsScorer(Judge(), "t2i"), pairs, "pairwise", str(tmp_path / "e"))
     assert m["pairs"] == 1 and m["skipped_unreadable_image"] == 1 and m["accuracy_with_ties"] == 1.0
+
+
+def test_stderr_holds_what_a_user_needs(image_dir):
+    # issue 7.16: no bitsandbytes kernel warning, no library loading bars, no deprecation noise
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--quantization", "4bit", "--prompt", "x",
+                  "--image", image_dir / "red.png", "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith('{"command": "score"')  # the resolved arguments only

@@ -493,3 +493,23 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
     parrot.phase3(Copier(), out, args)
     second = len(rr.read_jsonl(out / "sft.jsonl"))
     assert second > first and trained == [first, second]  # a third kept pair: trained again, on all of it
+
+
+def test_truncated_cached_images_are_rewritten_not_trusted(tmp_path):
+    # issue 7.9: a run killed mid-write left a truncated PNG that crashed the next run in PIL
+    args = parrot.Args(dataset="demo", limit=3, out=str(tmp_path))
+    pairs, _ = parrot.load_dataset_pairs(args)
+    victim = pairs[0]["image_a"]
+    good = open(victim, "rb").read()
+    open(victim, "wb").write(good[:40])  # what a kill mid-write leaves
+    assert rr.load_image(victim) is None
+    again, stats = parrot.load_dataset_pairs(args)
+    assert rr.load_image(victim) is not None and open(victim, "rb").read() == good
+    assert [p["id"] for p in again] == [p["id"] for p in pairs] and stats["skipped_corrupt_image"] == 0
+    assert not list(tmp_path.glob("images/.*.tmp*"))  # no temporary files left behind
+    # the same for an image cached from a parquet cell
+    path = tmp_path / "cell.png"
+    path.write_bytes(b"\x89PNG\r\n truncated")
+    assert rr.save_embedded_image({"bytes": good}, path) is None and rr.load_image(path) is not None
+    assert rr.save_embedded_image({"bytes": b"junk"}, tmp_path / "x.png").startswith("corrupt")
+    assert rr.save_embedded_image({"bytes": None}, tmp_path / "y.png") == "missing"

@@ -335,3 +335,18 @@ def test_quoted_word_at_the_end_of_a_refined_request_survives():
     assert c.refined_request == 'a wooden sign that says "OPEN"'
     c = rr.parse_pointwise('## Refined Request: "a calm lake at dawn"', "t2i")
     assert c.refined_request == "a calm lake at dawn"
+
+
+def test_prompt_lists_from_txt_and_jsonl(tmp_path):
+    (tmp_path / "p.txt").write_text("# a comment\na red cat\n\n  two dogs  \n")
+    assert rr.read_prompt_list(tmp_path / "p.txt") == ["a red cat", "two dogs"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "seed": 3}\n\n{"prompt": "#not a comment"}\n')
+    assert rr.read_prompt_list(tmp_path / "p.jsonl") == ["a red cat", "#not a comment"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object with a 'prompt' field"):
+        rr.read_prompt_list(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("# only a comment\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        rr.read_prompt_list(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="prompt file"):
+        rr.read_prompt_list(tmp_path / "none.txt")
