@@ -159,13 +159,7 @@ def read_items(args: Args) -> list:
     """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records."""
     if bool(args.prompt) == bool(args.prompts):
         raise SystemExit("give exactly one of --prompt TEXT or --prompts FILE")
-    if args.prompt:
-        raw = [{"prompt": args.prompt}]
-    elif args.prompts.endswith(".jsonl"):
-        rr.read_prompt_list(args.prompts)  # the same checks and clear errors as every prompt file
-        raw = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    else:
-        raw = [{"prompt": p} for p in rr.read_prompt_list(args.prompts)]
+    raw = [{"prompt": args.prompt}] if args.prompt else rr.read_prompt_records(args.prompts)
     items = []
     for n, rec in enumerate(raw):
         source = rec.get("source_image") or args.source_image

@@ -520,8 +520,10 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
             todo.append(new)
     for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates), "phase 2: consistency"):
         flat = [r for g in group_batch for r in g]
-        msgs = [rr.render_messages(f"consistency_{r['task']}", images_of(r, "image_a", "image_b"),
-                                   request=r["prompt"], rationale=r["rationale"]) for r in flat]
+        images = {g[0]["id"]: images_of(g[0], "image_a", "image_b") for g in group_batch}  # once per pair, not per z
+        msgs = [rr.render_messages(f"consistency_{r['task']}", images[r["id"]], request=r["prompt"],
+                                   rationale=r["rationale"]) for r in flat]
+        parsed = {(r["id"], r["candidate"]): rr.parse_pairwise(r["rationale"], r["task"]) for r in flat}
         # log P(y | x, z): the answer letter's probability, label hidden, one forward pass
         answers = dict(zip(((r["id"], r["candidate"]) for r in flat), teacher.answer_logprobs(msgs, ("A", "B"))))
         for group in group_batch:
@@ -531,7 +533,7 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
                 lp = answers[(r["id"], r["candidate"])]
                 lp = None if lp is None else max(LOGP_FLOOR, lp[r["label"]])
                 p = None if lp is None else math.exp(lp)
-                j = rr.parse_pairwise(r["rationale"], r["task"])
+                j = parsed[(r["id"], r["candidate"])]
                 verdicts.append({"candidate": r["candidate"], "p_label": p, "log_p_label": lp,
                                  "reason": consistency_verdict(j, r["label"], p, args.min_consistency)})
             verdicts.sort(key=lambda v: v["candidate"])
@@ -539,8 +541,8 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
             source = by_id[pid][kept["candidate"] if kept else verdicts[-1]["candidate"]]
             rec = {**{f: source[f] for f in PAIR_FIELDS}, "kept": kept is not None,
                    "reason": None if kept else verdicts[-1]["reason"], "candidates": verdicts}
-            if kept:
-                j = rr.parse_pairwise(source["rationale"], source["task"])
+            if kept:  # a candidate kept on an earlier run was not parsed in this batch
+                j = parsed.get((pid, kept["candidate"])) or rr.parse_pairwise(source["rationale"], source["task"])
                 rec.update(candidate=kept["candidate"], rationale=source["rationale"],
                            log_p_label=kept["log_p_label"], scores_a=j.scores_a, scores_b=j.scores_b)
             judged[pid] = rec

@@ -11,7 +11,13 @@ Visual Generation Both Training and Test Time" (arXiv 2604.11626):
   default on a GPU, optionally with a LoRA adapter (the student that ``parrot.py`` trains);
 * two backends behind one interface: in-process transformers and an OpenAI-compatible
   HTTP endpoint (vLLM, SGLang, hosted APIs);
-* ``RationalRewardsScorer`` and the ``score`` / ``eval`` command line.
+* ``RationalRewardsScorer`` and the ``score`` / ``eval`` command line, including the
+  benchmarks of the paper's Table 1 (``eval --benchmark``).
+
+Reading order: the method comes first (rubric and arguments, prompts, parsing, aggregation,
+the scorer, preference evaluation, Table 1, ``main``); everything after the "Plumbing" banner
+is infrastructure a reader of the paper can skip: command-line parsing, files and datasets,
+model loading (VLMs, diffusers generators, ``tiny-random``) and the two inference backends.
 
 Smoke run (CPU, no network, seconds)::
 
@@ -43,6 +49,7 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import io
@@ -92,7 +99,6 @@ def dimensions(task: str) -> tuple:
     if task not in ("t2i", "edit"):
         raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
     return T2I_DIMENSIONS if task == "t2i" else EDIT_DIMENSIONS
-
 
 @dataclass
 class Args:
@@ -182,120 +188,12 @@ class ScorerArgs:
     prompts_dir: Optional[str] = None
     """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
 
-
-def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = None) -> "RationalRewardsScorer":
-    """The scorer described by the --scorer-* flags (shared by rl_nft.py and gcr_loop.py)."""
-    model = args.scorer or RELEASED[task]
-    tokens = args.scorer_max_new_tokens or (128 if model == "tiny-random" else 2048)
-    backend = load_backend(model, api_base=args.scorer_api_base, adapter=args.scorer_adapter,
-                           quantization=args.scorer_quantization, batch_size=args.scorer_batch_size,
-                           max_pixels=args.max_pixels, timeout=args.timeout, max_retries=args.max_retries,
-                           api_key_env=args.api_key_env)
-    return RationalRewardsScorer(backend, task, tokens, args.scorer_temperature, weights)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line: one flag per Args field, help text from the docstring under the field.
-# Shared by every module of the project.
-# ---------------------------------------------------------------------------------------
-def _field_docs(cls) -> dict:
-    """The docstring under each field, inherited fields (e.g. ScorerArgs) included."""
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        body = ast.parse(inspect.getsource(klass)).body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = str(nxt.value.value)
-    return docs
-
-
-def parse_args(cls, argv=None, description=None):
-    """Parse `argv` into an instance of the dataclass `cls`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        typ, kw = hints[f.name], {"help": docs.get(f.name, "")}
-        if typing.get_origin(typ) is typing.Union:  # Optional[X]
-            typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
-        if typing.get_origin(typ) is Literal:
-            kw["choices"] = typing.get_args(typ)
-            typ = type(kw["choices"][0])
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typ is list or typing.get_origin(typ) is list:
-            kw["nargs"] = "+"
-        else:
-            kw["type"] = typ
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=default, **kw)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, **kw)
-    return cls(**vars(parser.parse_args(argv)))
-
-
-def require_positive(args, *names) -> None:
-    """Counts given on the command line must be >= 1 (None means "no limit" where allowed)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-
-
-def check_same_run(out_dir, args, keys, paths=()) -> None:
-    """Refuse to resume `out_dir` when it was written with other settings for any of `keys`.
-
-    Without this, a rerun into the same directory with another model or mode would silently
-    report the old outputs under the new settings. `paths`: keys compared as resolved paths.
-    """
-    saved_path = Path(out_dir) / "args.json"
-    if not saved_path.is_file():
-        return
-    saved, now = json.loads(saved_path.read_text()), dataclasses.asdict(args)
-
-    def norm(k, v):
-        return str(Path(v).resolve()) if k in paths and v else v
-    diff = [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now" for k in keys
-            if norm(k, saved.get(k)) != norm(k, now[k])]
-    if diff:
-        raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diff)}). "
-                         f"Use another --out, or delete {out_dir} to start over.")
-
-
-def save_args(args, out_dir) -> None:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-
-
 # ---------------------------------------------------------------------------------------
 # Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field.
 # ---------------------------------------------------------------------------------------
 def template_files() -> list:
     """The rubric templates in prompts/ (lists of generation prompts, *_prompts.txt, are not templates)."""
     return sorted(p for p in PROMPTS_DIR.glob("*.txt") if not p.name.endswith("_prompts.txt"))
-
-
-def read_prompt_list(path) -> list:
-    """Generation prompts from a .txt (one per line; blank lines and # comments skipped) or a .jsonl
-    (a `prompt` field per line). Used by rl_nft.py and gcr_loop.py."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found (expected .txt, one prompt per line, or .jsonl with 'prompt')")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                rec = json.loads(line)
-                prompts.append(str(rec["prompt"]).strip())
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field ({err!r})") from None
-        else:
-            prompts.append(line.strip())
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
 
 
 _prompts_override: Optional[Path] = None  # set by --prompts-dir
@@ -378,87 +276,6 @@ def to_content(text: str, images: list, what: str = "text") -> list:
         if i < len(images):
             content.append({"type": "image", "image": images[i]})
     return content
-
-
-def read_image(path) -> tuple:
-    """(RGB image, None), or (None, what is wrong): 'missing', 'corrupt ...' or 'too large ...'.
-
-    Never raises for a bad file: callers skip and count it, naming the file and the problem.
-    """
-    if not Path(path).is_file():
-        return None, "missing"
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB"), None
-    except Image.DecompressionBombError as err:  # PIL refuses > ~179 MP: a decompression bomb or a giant scan
-        return None, f"too large to decode ({err})"
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        return None, f"corrupt or not an image ({type(err).__name__})"
-
-
-def load_image(path) -> Optional[Image.Image]:
-    """RGB image, or None when the file is missing or not a readable image (callers count skips)."""
-    return read_image(path)[0]
-
-
-def save_image_atomic(image: Image.Image, path) -> None:
-    """Write to a temporary name, then rename: a run killed mid-write leaves no truncated image
-    under the real name for the next run to trust."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    image.save(tmp)
-    os.replace(tmp, path)
-
-
-def save_embedded_image(cell, path) -> Optional[str]:
-    """Write a parquet image cell ({"bytes": ...}) to `path` as RGB PNG, atomically; reuse a valid
-    earlier copy. Returns what is wrong ('missing', 'corrupt ...', 'too large ...') or None."""
-    path = Path(path)
-    if path.is_file() and load_image(path) is not None:  # written by an earlier, interrupted run
-        return None
-    raw = (cell or {}).get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
-    if not raw:
-        return "missing"
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            save_image_atomic(im.convert("RGB"), path)
-    except Image.DecompressionBombError as err:
-        return f"too large to decode ({err})"
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        return f"corrupt or not an image ({type(err).__name__})"
-    return None
-
-
-def open_parquet_stream(source: str, split: str, image_columns, config: Optional[str] = None, hint: str = ""):
-    """A `datasets` stream over a hub dataset or a local parquet file/directory, so that a limit of N
-    reads about N rows; image columns stay undecoded (one corrupt image is a skip, not a crash)."""
-    import datasets
-    local = Path(source).exists()
-    if not local and not hub_reachable():
-        raise ModelLoadError(f"cannot reach the Hugging Face hub to stream {source}. {hint}".strip())
-    try:
-        if local:
-            files = sorted(str(p) for p in Path(source).rglob("*.parquet")) if Path(source).is_dir() else [source]
-            if not files:
-                raise FileNotFoundError(f"no .parquet files under {source}")
-            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
-        else:
-            ds = datasets.load_dataset(source, config, split=split, streaming=True)
-    except Exception as err:  # datasets raises many types for a missing repo/config/split/file
-        raise ModelLoadError(f"could not open {source} ({config or 'default'}, split {split!r}): "
-                             f"{type(err).__name__}: {err}. {hint}".strip()) from None
-    for c in image_columns:
-        ds = ds.cast_column(c, datasets.Image(decode=False))
-    return ds
-
-
-def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
-    w, h = image.size
-    if w * h <= max_pixels:
-        return image
-    s = math.sqrt(max_pixels / (w * h))
-    return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
-
 
 # ---------------------------------------------------------------------------------------
 # Parsing. The model writes markdown; we read it back tolerantly: bold markers, `3.5/4`,
@@ -620,7 +437,6 @@ def parse_pairwise(text: str, task: str = "t2i") -> PairwiseJudgement:
     preferred = preference_from_scores(scores_a, scores_b) if readable else None
     return PairwiseJudgement(scores_a, scores_b, winners, justs, sections.get("summary") or None, preferred, text)
 
-
 # ---------------------------------------------------------------------------------------
 # Aggregation (DESIGN.md; paper Sec. 2.2 for the reward, Sec. 3 for pairwise evaluation)
 # ---------------------------------------------------------------------------------------
@@ -683,10 +499,749 @@ def preference_from_scores(scores_a: dict, scores_b: dict) -> str:
         return "tie"
     return "A" if sum_a > sum_b else "B"
 
+# ---------------------------------------------------------------------------------------
+# The scorer (paper Sec. 2.2): critique -> scores -> reward, and the pairwise judge.
+# ---------------------------------------------------------------------------------------
+class RationalRewardsScorer:
+    """Pointwise critique-and-refine scorer; `rewards()` is the RL reward, `critique()` feeds GCR."""
+
+    def __init__(self, backend, task: str = "t2i", max_new_tokens: int = 2048, temperature: float = 0.1,
+                 weights: Optional[dict] = None):
+        dimensions(task)
+        self.backend, self.task, self.weights = backend, task, weights
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+
+    @classmethod
+    def from_args(cls, args: Args) -> "RationalRewardsScorer":
+        backend = load_backend(args.model or RELEASED[args.task], api_base=args.api_base, adapter=args.adapter,
+                               quantization=args.quantization, batch_size=args.batch_size, max_pixels=args.max_pixels,
+                               timeout=args.timeout, max_retries=args.max_retries, api_key_env=args.api_key_env)
+        return cls(backend, args.task, args.max_new_tokens, args.temperature)
+
+    def _images(self, images, source_images, *others):
+        if self.task == "edit":
+            if source_images is None or len(source_images) != len(images):
+                raise ValueError("task 'edit' needs one source image per edited image")
+            return [[s, *group] for s, group in zip(source_images, zip(images, *others))]
+        return [list(group) for group in zip(images, *others)]
+
+    def critique(self, images, requests, source_images=None) -> list:
+        groups = self._images(images, source_images)
+        msgs = [render_messages(f"pointwise_{self.task}", g, request=r) for g, r in zip(groups, requests)]
+        texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
+        return [parse_pointwise(t, self.task) for t in texts]
+
+    def rewards(self, images, requests, source_images=None) -> list:
+        return [aggregate(c.scores, self.weights) for c in self.critique(images, requests, source_images)]
+
+    def compare(self, images_a, images_b, requests, source_images=None) -> list:
+        groups = self._images(images_a, source_images, images_b)
+        msgs = [render_messages(f"pairwise_{self.task}", g, request=r) for g, r in zip(groups, requests)]
+        texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
+        return [parse_pairwise(t, self.task) for t in texts]
+
+
+def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = None) -> "RationalRewardsScorer":
+    """The scorer described by the --scorer-* flags (shared by rl_nft.py and gcr_loop.py)."""
+    model = args.scorer or RELEASED[task]
+    tokens = args.scorer_max_new_tokens or (128 if model == "tiny-random" else 2048)
+    backend = load_backend(model, api_base=args.scorer_api_base, adapter=args.scorer_adapter,
+                           quantization=args.scorer_quantization, batch_size=args.scorer_batch_size,
+                           max_pixels=args.max_pixels, timeout=args.timeout, max_retries=args.max_retries,
+                           api_key_env=args.api_key_env)
+    return RationalRewardsScorer(backend, task, tokens, args.scorer_temperature, weights)
 
 # ---------------------------------------------------------------------------------------
-# tiny-random: a Qwen3-VL of the real architecture, ~0.5M parameters, built offline.
-# Every width is a multiple of 64 so bitsandbytes 4-bit works on CPU.
+# Preference evaluation (paper Sec. 3): pairs file -> predictions -> accuracy.
+# ---------------------------------------------------------------------------------------
+def pair_id(prompt: str, *parts) -> str:
+    return hashlib.sha1("\x1f".join([prompt, *map(str, parts)]).encode()).hexdigest()[:16]
+
+
+def read_pairs(path, limit: Optional[int] = None) -> list:
+    """Pairs from our JSONL format; image paths are resolved against the file's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} not found")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            label = str(rec["label"]).strip()
+            label = {"a": "A", "b": "B", "tie": "tie"}[label.lower()]
+            item = {"prompt": rec["prompt"], "label": label,
+                    **{k: str(path.parent / rec[k]) for k in ("image_a", "image_b", "source_image") if rec.get(k)}}
+            if "image_a" not in item or "image_b" not in item:
+                raise KeyError("image_a/image_b")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}:{n}: expected prompt, image_a, image_b, label (A/B/tie): {err!r}") from None
+        # the id comes from the record as written, never from where the file was found, so the
+        # same file named by a relative or an absolute path resumes the same run
+        item["id"] = str(rec.get("id") or pair_id(rec["prompt"], rec["image_a"], rec["image_b"], rec.get("source_image") or ""))
+        pairs.append(item)
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs
+
+
+def preference_metrics(records: list, task: str) -> dict:
+    """Accuracy with ties (tie labels included, must be predicted exactly) and without (A/B labels only)."""
+    correct = [r["predicted"] == r["label"] for r in records]
+    no_tie = [c for c, r in zip(correct, records) if r["label"] != "tie"]
+    dim_means = {}
+    for d in dimensions(task):
+        vals = [r[k][d] for r in records for k in ("scores_a", "scores_b") if r[k].get(d) is not None]
+        dim_means[d] = sum(vals) / len(vals) if vals else None
+    return {"pairs": len(records),
+            "accuracy_with_ties": sum(correct) / len(correct) if correct else None,
+            "accuracy_without_ties": sum(no_tie) / len(no_tie) if no_tie else None,
+            "unreadable_outputs": sum(r["unreadable"] for r in records),
+            "predicted_ties": sum(r["predicted"] == "tie" for r in records),
+            "mean_scores": dim_means}
+
+
+def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
+    """One prediction record per (pair, images) in `batch`."""
+    a, b = [im["image_a"] for _, im in batch], [im["image_b"] for _, im in batch]
+    reqs = [p["prompt"] for p, _ in batch]
+    src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
+    if mode == "pointwise":  # both images of every pair in one batched critique call
+        crits = scorer.critique(a + b, reqs * 2, src * 2 if src else None)
+        results = [(ca.scores, cb.scores, ca.readable and cb.readable, [ca.text, cb.text])
+                   for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
+    else:
+        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text]) for j in scorer.compare(a, b, reqs, src)]
+    # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
+    # (DESIGN.md, and the official scoring), so a wholly unreadable side loses to any score above 2.5.
+    return [{"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
+             "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "outputs": texts}
+            for (p, _), (sa, sb, ok, texts) in zip(batch, results)]
+
+
+def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str = "pointwise",
+                         out_dir: Optional[str] = None, batch_size: int = 8) -> dict:
+    """Predict every pair, append each prediction to out_dir/predictions.jsonl, return metrics.
+
+    A rerun with the same out_dir skips pairs already predicted.
+    """
+    from tqdm import tqdm
+    pred_path = Path(out_dir) / "predictions.jsonl" if out_dir else None
+    if pred_path:
+        pred_path.parent.mkdir(parents=True, exist_ok=True)
+    records = read_jsonl(pred_path) if pred_path else []
+    done = {r["id"] for r in records}
+    todo = [p for p in pairs if p["id"] not in done]
+    skipped = {"missing": 0, "unreadable": 0}
+    bar = tqdm(total=len(todo), desc=f"eval ({mode})", unit="pair")
+    for i in range(0, len(todo), batch_size):
+        batch = []
+        for p in todo[i:i + batch_size]:
+            read = {k: read_image(p[k]) for k in ("image_a", "image_b", "source_image") if p.get(k)}
+            bad = {p[k]: problem for k, (_, problem) in read.items() if problem}
+            if scorer.task == "edit" and not p.get("source_image"):
+                bad["source_image"] = "missing (an edit pair needs one)"
+            if bad:
+                skipped["missing" if all(v.startswith("missing") for v in bad.values()) else "unreadable"] += 1
+                print(f"warning: skipping pair {p['id']}: " + "; ".join(f"{f}: {v}" for f, v in bad.items()),
+                      file=sys.stderr)
+                continue
+            batch.append((p, {k: im for k, (im, _) in read.items()}))
+        for rec in predict_pairs(scorer, batch, mode) if batch else []:
+            records.append(rec)
+            if pred_path:
+                append_jsonl(pred_path, rec)
+        bar.update(len(todo[i:i + batch_size]))
+        bar.set_postfix(acc=f"{preference_metrics(records, scorer.task)['accuracy_with_ties'] or 0:.3f}")
+    bar.close()
+    metrics = {**preference_metrics(records, scorer.task), "skipped_pairs": sum(skipped.values()),
+               "skipped_missing_image": skipped["missing"], "skipped_unreadable_image": skipped["unreadable"], "mode": mode}
+    if out_dir:
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+# ---------------------------------------------------------------------------------------
+# The paper's Table 1: one command per benchmark, its official labels and protocol.
+# ---------------------------------------------------------------------------------------
+# Each row streams from the hub (or --data-dir) and becomes our pairs: A = left / candidate_1.
+# Labels follow the official RationalRewards evaluation (reward_model_evaluation/modular_rm_eval):
+# leftvote -> A, rightvote -> B, every other vote (tie, both bad) -> tie, and ties stay in the
+# accuracy (a tie is right only when the score sums are equal). EditReward-Bench follows its own
+# repository (TIGER-AI-Lab/EditReward, EditReward/evaluate): rows are already the pairwise
+# comparisons of 2-, 3- and 4-way groups; accuracy is over comparisons, group accuracy over groups.
+BENCHMARKS = {
+    "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test", task="t2i",
+                            prompt="prompt", a="left_image", b="right_image", src=None, paper=69.8,
+                            baselines={"Qwen3-VL-8B (base)": 55.1, "Gemini 2.5 Pro": 66.2}),
+    "genai-bench-edit": dict(hub="TIGER-Lab/GenAI-Bench", config="image_edition", split="test", task="edit",
+                             prompt="instruct_prompt", a="left_output_image", b="right_output_image",
+                             src="source_image", paper=80.1, baselines={}),
+    "editreward-bench": dict(hub="TIGER-Lab/EditReward-Bench", config=None, split="train", task="edit",
+                             prompt="instruction", a="candidate_1", b="candidate_2", src="source_image", paper=66.2,
+                             baselines={}),
+    # MMRB2's pairs are built by facebookresearch/MMRB2 from facebook/MMRB2_image; read locally
+    "mmrb2-t2i": dict(hub=None, config=None, split="train", task="t2i", prompt="prompt_text", a="response_a_images",
+                      b="response_b_images", src=None, paper=64.2, baselines={}),
+    "mmrb2-edit": dict(hub=None, config=None, split="train", task="edit", prompt="prompt_text", a="response_a_images",
+                       b="response_b_images", src="prompt_images", paper=70.3, baselines={}),
+}
+
+
+def benchmark_label(name: str, row: dict) -> Optional[str]:
+    """'A', 'B' or 'tie' for one benchmark row; None when the row carries no usable label."""
+    if name.startswith("genai-bench"):
+        vote = str(row.get("vote_type") or "").strip().lower()
+        return {"leftvote": "A", "rightvote": "B"}.get(vote, "tie") if vote else None
+    if name == "editreward-bench":  # ranking "C>A" for comparison "AvsC": candidate_1 is A, candidate_2 is C
+        ranking, kind = str(row.get("ranking") or "").replace(" ", ""), str(row.get("comparison_type") or "")
+        left, _, right = kind.partition("vs")
+        if "=" in ranking:
+            return "tie"
+        m = re.fullmatch(r"([A-Z])>([A-Z])", ranking)
+        if not m or not left:
+            return None
+        return "A" if m.group(1) == left else "B" if m.group(1) == right else None
+    chosen = str(row.get("chosen") or "").strip().lower()  # MMRB2, as the official adapter reads it
+    return {"a": "A", "left": "A", "1": "A", "b": "B", "right": "B", "2": "B", "tie": "tie", "a=b": "tie"}.get(chosen)
+
+
+def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], image_dir: Path) -> tuple:
+    """(pairs in our eval format, counts of skipped rows); images are written under image_dir."""
+    spec = BENCHMARKS[name]
+    source = data_dir or spec["hub"]
+    local = f"data/{name}"
+    if spec["hub"] is None:
+        hint = ("needs pairs built with facebookresearch/MMRB2 (images from facebook/MMRB2_image): parquet with pair_id, "
+                "prompt_text, prompt_images, response_a_images, response_b_images, chosen; pass --data-dir")
+    else:
+        hint = (f"On a machine with network run\n  hf download {spec['hub']} --repo-type dataset --local-dir {local}\n"
+                f"and pass --data-dir {local}" + (f"/{spec['config']}" if spec["config"] else "") + ".")
+    if source is None or (data_dir and not Path(data_dir).exists()):
+        where = f"no local copy at {data_dir}" if data_dir else "no local copy given"
+        raise ModelLoadError(f"{name}: {where}; {hint}" if spec["hub"] is None else f"{name}: {where}. {hint}")
+    cols = [c for c in (spec["a"], spec["b"], spec["src"]) if c]
+    ds = open_parquet_stream(source, spec["split"], [] if name.startswith("mmrb2") else cols,
+                             None if data_dir else spec["config"], hint)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    pairs, skipped = [], {"unlabelled": 0, "missing_image": 0, "unreadable_image": 0}
+    for i, row in enumerate(ds):
+        if limit is not None and len(pairs) >= limit:
+            break
+        label = benchmark_label(name, row)
+        if label is None:
+            skipped["unlabelled"] += 1
+            continue
+        # ids from the data (or the row's place in its split), never from where the files were found
+        pid = str(row.get("id") or row.get("pair_id") or f"{name}-{i}")
+        item, problem = {"id": pid, "prompt": str(row[spec["prompt"]]), "label": label}, None
+        for key, col in (("image_a", spec["a"]), ("image_b", spec["b"]), ("source_image", spec["src"])):
+            if col is None:
+                continue
+            cell = row.get(col)
+            if isinstance(cell, list):  # MMRB2 keeps lists of images per response
+                cell = cell[0] if cell else None
+            path = image_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pid)}-{key}.png"
+            problem = save_embedded_image(cell, path)
+            if problem:
+                break
+            item[key] = str(path)
+        if problem:
+            skipped["missing_image" if problem == "missing" else "unreadable_image"] += 1
+            print(f"warning: {name} row {i} ({pid}): image {problem}: skipped", file=sys.stderr)
+            continue
+        if name == "editreward-bench":
+            item["group"] = pid.split("_")[0]  # the official grouping of a 3- or 4-way sample
+        pairs.append(item)
+    return pairs, skipped
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple:
+    """95% Wilson score interval of a proportion: honest at a few hundred pairs and near 0 or 1."""
+    if n == 0:
+        return None, None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def group_accuracy(records: list, groups: dict) -> Optional[float]:
+    """Share of multi-way groups (3- and 4-way) whose every pairwise decision is right."""
+    by_group = {}
+    for r in records:
+        by_group.setdefault(groups.get(r["id"]), []).append(r["predicted"] == r["label"])
+    multi = [all(v) for g, v in by_group.items() if g is not None and len(v) > 1]
+    return sum(multi) / len(multi) if multi else None
+
+
+_backends = {}  # one loaded model serves every benchmark of an `all` run
+
+
+def run_benchmark(name: str, args: Args) -> dict:
+    spec = BENCHMARKS[name]
+    sub = dataclasses.replace(args, benchmark=name, task=spec["task"], model=args.model or RELEASED[spec["task"]],
+                              mode=args.mode or "pairwise",
+                              data_dir=str(Path(args.data_dir) / name) if args.data_dir and args.benchmark == "all"
+                              else args.data_dir)
+    out = Path(args.out or "runs") / name if args.benchmark == "all" or not args.out else Path(args.out)
+    pairs, skipped = benchmark_pairs(name, sub.data_dir, sub.limit, out / "images")
+    check_same_run(out, sub, EVAL_RUN_KEYS + ("benchmark", "data_dir"), paths=("adapter", "data_dir"))
+    save_args(sub, out)
+    key = (sub.model, sub.adapter, sub.api_base, sub.quantization)
+    if key not in _backends:
+        _backends[key] = RationalRewardsScorer.from_args(sub).backend
+    scorer = RationalRewardsScorer(_backends[key], sub.task, sub.max_new_tokens, sub.temperature)
+    metrics = evaluate_preferences(scorer, pairs, sub.mode, str(out), sub.batch_size)
+    records = [r for r in read_jsonl(out / "predictions.jsonl") if r["id"] in {p["id"] for p in pairs}]
+    correct = sum(r["predicted"] == r["label"] for r in records)
+    low, high = wilson_interval(correct, len(records))
+    acc = correct / len(records) if records else None
+    metrics.update(benchmark=name, skipped_rows=skipped, accuracy=acc, ci95=[low, high], paper=spec["paper"],
+                   difference=None if acc is None else 100 * acc - spec["paper"], baselines=spec["baselines"])
+    if name == "editreward-bench":
+        metrics["group_accuracy"] = group_accuracy(records, {p["id"]: p.get("group") for p in pairs})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def print_benchmark_table(rows: list) -> None:
+    """Ours (with its 95% interval) beside the paper's RationalRewards-8B, per benchmark."""
+    print(f"{'benchmark':<18} {'pairs':>6} {'ours':>7} {'95% CI':>15} {'paper':>6} {'diff':>7}  note")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['benchmark']:<18} {'-':>6} {'-':>7} {'-':>15} {r['paper']:>6.1f} {'-':>7}  "
+                  f"not run: {r['error'].splitlines()[0][:160]}")
+            continue
+        ci = f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}" if r["ci95"][0] is not None else "-"
+        ours = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}"
+        diff = "-" if r["difference"] is None else f"{r['difference']:+.1f}"
+        note = [f"group acc {100 * r['group_accuracy']:.1f}"] if r.get("group_accuracy") is not None else []
+        note += [f"{k} {v}" for k, v in r["baselines"].items()]
+        note += [f"{r['unreadable_outputs']} unreadable"] if r["unreadable_outputs"] else []
+        print(f"{r['benchmark']:<18} {r['pairs']:>6} {ours:>7} {ci:>15} {r['paper']:>6.1f} {diff:>7}  {'; '.join(note)}")
+    print("paper: RationalRewards-8B in the paper's Table 1 (pairwise protocol, ties included); "
+          "a gap inside the 95% interval is noise.")
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+# what an eval's predictions depend on: resuming --out with any of these changed is refused
+EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization", "max_new_tokens",
+                 "temperature", "max_pixels", "prompts_dir")
+
+
+def main(argv=None) -> int:
+    args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
+    require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
+    set_prompts_dir(args.prompts_dir)
+    if args.command == "eval" and args.benchmark:
+        if args.pairs:
+            raise SystemExit("eval takes --pairs FILE or --benchmark NAME, not both")
+        names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+        print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
+        import torch
+        torch.manual_seed(args.seed)
+        rows = []
+        for name in names:
+            try:
+                rows.append(run_benchmark(name, args))
+            except ModelLoadError as err:
+                if args.benchmark != "all":
+                    raise
+                rows.append({"benchmark": name, "paper": BENCHMARKS[name]["paper"], "error": str(err)})
+        print_benchmark_table(rows)
+        return 0
+    args.model = args.model or RELEASED[args.task]
+    args.mode = args.mode or "pointwise"
+    print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
+    import torch
+    torch.manual_seed(args.seed)
+    if args.command == "score":
+        if not args.prompt or not args.image:
+            raise SystemExit("score needs --prompt and at least one --image")
+        if args.task == "edit" and not args.source_image:
+            raise SystemExit("score --task edit needs --source-image")
+        paths = args.image + ([args.source_image] if args.source_image else [])
+        read = [read_image(p) for p in paths]
+        bad = [f"{p} ({problem})" for p, (_, problem) in zip(paths, read) if problem]
+        if bad:
+            raise SystemExit(f"cannot read image(s): {', '.join(bad)}")
+        images = [im for im, _ in read]
+        scorer = RationalRewardsScorer.from_args(args)
+        src = [images[-1]] * len(args.image) if args.task == "edit" else None
+        crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)
+        results = [{"image": p, "scores": c.scores, "reward": aggregate(c.scores), "not_applicable": c.not_applicable,
+                    "summary": c.summary, "refined_request": c.refined_request, "critique": c.text}
+                   for p, c in zip(args.image, crits)]
+        if args.json:
+            print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        for r in [] if args.json else results:
+            print(f"==== {r['image']}\n{r['critique'].strip()}\n---- scores")
+            for d, s in r["scores"].items():
+                print(f"  {DIMENSION_TITLES[d]:<28} {'N/A or unreadable' if s is None else f'{s:.2f}'}")
+            print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  {r['refined_request']}")
+        return 0
+    if not args.pairs:
+        raise SystemExit("eval needs --pairs FILE.jsonl")
+    pairs = read_pairs(args.pairs, args.limit)
+    if args.out:
+        check_same_run(args.out, args, EVAL_RUN_KEYS, paths=("pairs", "adapter"))
+        save_args(args, args.out)
+    scorer = RationalRewardsScorer.from_args(args)
+    metrics = evaluate_preferences(scorer, pairs, args.mode, args.out, args.batch_size)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+# =======================================================================================
+# Plumbing. Nothing below is the paper: command-line parsing, files and datasets, model
+# loading (VLMs and diffusers generators, tiny-random), and the two inference backends.
+# =======================================================================================
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: one flag per Args field, help text from the docstring under the field.
+# Shared by every module of the project.
+# ---------------------------------------------------------------------------------------
+def _field_docs(cls) -> dict:
+    """The docstring under each field, inherited fields (e.g. ScorerArgs) included."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def parse_args(cls, argv=None, description=None):
+    """Parse `argv` into an instance of the dataclass `cls`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ, kw = hints[f.name], {"help": docs.get(f.name, "")}
+        if typing.get_origin(typ) is typing.Union:  # Optional[X]
+            typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
+        if typing.get_origin(typ) is Literal:
+            kw["choices"] = typing.get_args(typ)
+            typ = type(kw["choices"][0])
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typ is list or typing.get_origin(typ) is list:
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = typ
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=default, **kw)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def require_positive(args, *names) -> None:
+    """Counts given on the command line must be >= 1 (None means "no limit" where allowed)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def check_same_run(out_dir, args, keys, paths=()) -> None:
+    """Refuse to resume `out_dir` when it was written with other settings for any of `keys`.
+
+    Without this, a rerun into the same directory with another model or mode would silently
+    report the old outputs under the new settings. `paths`: keys compared as resolved paths.
+    """
+    saved_path = Path(out_dir) / "args.json"
+    if not saved_path.is_file():
+        return
+    saved, now = json.loads(saved_path.read_text()), dataclasses.asdict(args)
+
+    def norm(k, v):
+        return str(Path(v).resolve()) if k in paths and v else v
+    diff = [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now" for k in keys
+            if norm(k, saved.get(k)) != norm(k, now[k])]
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diff)}). "
+                         f"Use another --out, or delete {out_dir} to start over.")
+
+
+def save_args(args, out_dir) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+
+
+def cli_entry(main, errors=()) -> None:
+    """Run a module's main(); the errors a user can fix print one line and exit 2, not a traceback."""
+    try:
+        sys.exit(main())
+    except (ModelLoadError, BackendError, FileNotFoundError, ValueError, *errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+# ---------------------------------------------------------------------------------------
+# Files: prompt lists, JSONL records, images (atomic writes), streamed parquet, fonts.
+# ---------------------------------------------------------------------------------------
+def read_prompt_records(path) -> list:
+    """Generation prompts as records ({"prompt": ..., plus any other fields}) from a .txt (one per
+    line; blank lines and # comments skipped) or a .jsonl (a `prompt` field per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found (expected .txt, one prompt per line, or .jsonl with 'prompt')")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+                records.append({**rec, "prompt": str(rec["prompt"]).strip()})
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field ({err!r})") from None
+        else:
+            records.append({"prompt": line.strip()})
+    if not records:
+        raise ValueError(f"{path} holds no prompts")
+    return records
+
+
+def read_prompt_list(path) -> list:
+    """The prompts alone (rl_nft.py); gcr_loop.py reads the records for their source images and seeds."""
+    return [r["prompt"] for r in read_prompt_records(path)]
+
+
+def read_jsonl(path) -> list:
+    """Records of a JSONL file written by `append_jsonl`; a torn last line (killed run) is cut off."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):  # the process died mid-write: drop the partial record
+        raw = raw[:raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+
+
+def append_jsonl(path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _decode_rgb(source) -> tuple:
+    """(RGB image, None) or (None, what is wrong) for a path or a file object; never raises."""
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB"), None
+    except Image.DecompressionBombError as err:  # PIL refuses > ~179 MP: a decompression bomb or a giant scan
+        return None, f"too large to decode ({err})"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        return None, f"corrupt or not an image ({type(err).__name__})"
+
+
+def read_image(path) -> tuple:
+    """(RGB image, None), or (None, what is wrong): 'missing', 'corrupt ...' or 'too large ...'.
+
+    Never raises for a bad file: callers skip and count it, naming the file and the problem.
+    """
+    return (None, "missing") if not Path(path).is_file() else _decode_rgb(path)
+
+
+def load_image(path) -> Optional[Image.Image]:
+    """RGB image, or None when the file is missing or not a readable image (callers count skips)."""
+    return read_image(path)[0]
+
+
+def save_image_atomic(image: Image.Image, path) -> None:
+    """Write to a temporary name, then rename: a run killed mid-write leaves no truncated image
+    under the real name for the next run to trust."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_embedded_image(cell, path) -> Optional[str]:
+    """Write a parquet image cell ({"bytes": ...}) to `path` as RGB PNG, atomically; reuse a valid
+    earlier copy. Returns what is wrong ('missing', 'corrupt ...', 'too large ...') or None."""
+    path = Path(path)
+    if path.is_file() and load_image(path) is not None:  # written by an earlier, interrupted run
+        return None
+    raw = (cell or {}).get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
+    if not raw:
+        return "missing"
+    image, problem = _decode_rgb(io.BytesIO(raw))
+    if image is not None:
+        save_image_atomic(image, path)
+    return problem
+
+
+def open_parquet_stream(source: str, split: str, image_columns, config: Optional[str] = None, hint: str = ""):
+    """A `datasets` stream over a hub dataset or a local parquet file/directory, so that a limit of N
+    reads about N rows; image columns stay undecoded (one corrupt image is a skip, not a crash)."""
+    import datasets
+    local = Path(source).exists()
+    if not local and not hub_reachable():
+        raise ModelLoadError(f"cannot reach the Hugging Face hub to stream {source}. {hint}".strip())
+    try:
+        if local:
+            files = sorted(str(p) for p in Path(source).rglob("*.parquet")) if Path(source).is_dir() else [source]
+            if not files:
+                raise FileNotFoundError(f"no .parquet files under {source}")
+            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+        else:
+            ds = datasets.load_dataset(source, config, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types for a missing repo/config/split/file
+        raise ModelLoadError(f"could not open {source} ({config or 'default'}, split {split!r}): "
+                             f"{type(err).__name__}: {err}. {hint}".strip()) from None
+    for c in image_columns:
+        ds = ds.cast_column(c, datasets.Image(decode=False))
+    return ds
+
+
+def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    s = math.sqrt(max_pixels / (w * h))
+    return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
+
+
+def label_font(size: int):
+    """Pillow's built-in font at `size` (for contact sheets and eval grids; no font files needed)."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+# ---------------------------------------------------------------------------------------
+# Model loading: one function for every module of the project.
+# ---------------------------------------------------------------------------------------
+class ModelLoadError(RuntimeError):
+    """A model, adapter or dataset could not be found or loaded; the message says how to get it."""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so an offline machine fails in seconds instead of
+    minutes of huggingface_hub retries; the answer is kept for the process, so checking a model
+    and then loading it does not wait twice."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    return _probe_hub(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_hub(endpoint: str, timeout: float) -> bool:
+    import socket
+    import urllib.parse
+    url = urllib.parse.urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else with a slash, a dot or a tilde in front is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+
+
+def check_model_available(name: str, what: str = "model") -> None:
+    """Fail fast, before any work, when `name` can be neither found locally nor downloaded.
+
+    A path that does not exist says so (no hub advice); an uncached hub id on an offline
+    machine gets the download command. A reachable hub is trusted here (loading reports
+    a wrong id with its own error).
+    """
+    if name == "tiny-random":
+        return
+    if looks_like_path(name):
+        if not Path(name).expanduser().is_dir():
+            raise ModelLoadError(f"{what} path '{name}' does not exist (or is not a directory)")
+        if not (Path(name).expanduser() / "config.json").is_file() and not (Path(name).expanduser() / "model_index.json").is_file():
+            raise ModelLoadError(f"{what} directory '{name}' holds no config.json or model_index.json: not a saved model")
+        return
+    if hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    if not any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "model_index.json")):
+        raise ModelLoadError(_download_advice(name, what, "the hub is not reachable and it is not in the local cache"))
+
+
+def _from_pretrained(load, name: str, path: str, what: str, **kwargs):
+    """`load(path, **kwargs)` (a library's from_pretrained) for a hub id or a directory: offline it
+    looks only in the local cache, files on disk load quietly, and a failure is one ModelLoadError
+    that says what is missing and how to get it."""
+    if not Path(path).is_dir() and not hub_reachable():
+        kwargs["local_files_only"] = True  # the HF cache may still hold it
+    try:
+        with quiet_loading(Path(path).is_dir() or kwargs.get("local_files_only", False)):
+            return load(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(path).is_dir():
+            raise ModelLoadError(f"'{path}' exists but does not hold a loadable {what}: {err}") from err
+        raise ModelLoadError(_download_advice(name, what, f"it could not be fetched from the Hugging Face hub "
+                                              f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")) from None
+
+
+def _download_advice(name: str, what: str, why: str) -> str:
+    local = f"models/{name.split('/')[-1]}"
+    return (f"Could not load {what} '{name}': {why}.\nOn a machine with network access run "
+            f"`hf download {name} --local-dir {local}` and pass {local} instead, or set HF_HOME to a cache that "
+            f"holds it. For an offline smoke run use tiny-random.")
+
+
+def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None, device: Optional[str] = None,
+             trainable: bool = False, seed: int = 0, dtype=None):
+    """(model, processor) for a hub id, a local directory or `tiny-random`.
+
+    quantization: auto (4-bit on GPU, none on CPU), 4bit (nf4, double quantization), 8bit, none.
+    The vision tower and lm_head are never quantized. `adapter`: a peft LoRA directory.
+    dtype: compute/storage dtype of unquantized weights; default bf16 on GPU, fp32 on CPU.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    check_model_available(name)
+    path = str(tiny_vlm_dir(seed)) if name == "tiny-random" else name
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if quantization == "auto":
+        quantization = "4bit" if device.startswith("cuda") else "none"
+    kwargs = {"dtype": dtype}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED)
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_NOT_QUANTIZED)
+    elif quantization != "none":
+        raise ValueError(f"quantization must be auto, 4bit, 8bit or none, got {quantization!r}")
+    if quantization != "none":
+        kwargs["device_map"] = {"": device}
+
+    def both(p, **kw):
+        return (AutoProcessor.from_pretrained(p, local_files_only=kw.get("local_files_only", False)),
+                AutoModelForImageTextToText.from_pretrained(p, **kw))
+    processor, model = _from_pretrained(both, name, path, "model", **kwargs)
+    if quantization == "none":
+        model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelLoadError(f"adapter directory '{adapter}' has no adapter_config.json (expected a peft LoRA "
+                                 f"saved by parrot.py or PeftModel.save_pretrained)")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    return model if trainable else model.eval(), processor
+
+# ---------------------------------------------------------------------------------------
+# tiny-random models (a Qwen3-VL and an SD3 pipeline of the real architectures, built offline)
+# and the generator loader. Every VLM width is a multiple of 64 so bitsandbytes 4-bit works on CPU.
 # ---------------------------------------------------------------------------------------
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                    "<|image_pad|>", "<|video_pad|>"]
@@ -855,128 +1410,11 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
     if name == "tiny-random" or no_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     path = str(_tiny_dir(f"tiny-random-sd3-v{TINY_VERSION}", build_tiny_sd3, seed)) if name == "tiny-random" else name
-    if not Path(path).is_dir() and not hub_reachable():
-        kwargs["local_files_only"] = True
-    try:
-        with quiet_loading(Path(path).is_dir() or kwargs.get("local_files_only", False)):
-            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
-        if Path(path).is_dir():
-            raise ModelLoadError(f"'{path}' exists but does not hold a loadable diffusers pipeline: {err}") from err
-        raise ModelLoadError(_download_advice(name, "generator", f"it could not be fetched from the Hugging Face hub "
-                                              f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")) from None
+    pipe = _from_pretrained(DiffusionPipeline.from_pretrained, name, path, "generator", **kwargs)
     if task == "edit" and name == "tiny-random":
         pipe = StableDiffusion3Img2ImgPipeline(**pipe.components)
     pipe.set_progress_bar_config(disable=True)
     return pipe if quantization == "4bit" else pipe.to(device)  # quantized weights are placed at load
-
-
-# ---------------------------------------------------------------------------------------
-# Model loading: one function for every module of the project.
-# ---------------------------------------------------------------------------------------
-class ModelLoadError(RuntimeError):
-    """A model, adapter or dataset could not be found or loaded; the message says how to get it."""
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect to the hub, so an offline machine fails in seconds instead of
-    minutes of huggingface_hub retries."""
-    import socket
-    import urllib.parse
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def looks_like_path(name: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything else with a slash, a dot or a tilde in front is a path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
-
-
-def check_model_available(name: str, what: str = "model") -> None:
-    """Fail fast, before any work, when `name` can be neither found locally nor downloaded.
-
-    A path that does not exist says so (no hub advice); an uncached hub id on an offline
-    machine gets the download command. A reachable hub is trusted here (loading reports
-    a wrong id with its own error).
-    """
-    if name == "tiny-random":
-        return
-    if looks_like_path(name):
-        if not Path(name).expanduser().is_dir():
-            raise ModelLoadError(f"{what} path '{name}' does not exist (or is not a directory)")
-        if not (Path(name).expanduser() / "config.json").is_file() and not (Path(name).expanduser() / "model_index.json").is_file():
-            raise ModelLoadError(f"{what} directory '{name}' holds no config.json or model_index.json: not a saved model")
-        return
-    if hub_reachable():
-        return
-    from huggingface_hub import try_to_load_from_cache
-    if not any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "model_index.json")):
-        raise ModelLoadError(_download_advice(name, what, "the hub is not reachable and it is not in the local cache"))
-
-
-def _download_advice(name: str, what: str, why: str) -> str:
-    local = f"models/{name.split('/')[-1]}"
-    return (f"Could not load {what} '{name}': {why}.\nOn a machine with network access run "
-            f"`hf download {name} --local-dir {local}` and pass {local} instead, or set HF_HOME to a cache that "
-            f"holds it. For an offline smoke run use tiny-random.")
-
-
-def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None, device: Optional[str] = None,
-             trainable: bool = False, seed: int = 0, dtype=None):
-    """(model, processor) for a hub id, a local directory or `tiny-random`.
-
-    quantization: auto (4-bit on GPU, none on CPU), 4bit (nf4, double quantization), 8bit, none.
-    The vision tower and lm_head are never quantized. `adapter`: a peft LoRA directory.
-    dtype: compute/storage dtype of unquantized weights; default bf16 on GPU, fp32 on CPU.
-    """
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-
-    check_model_available(name)
-    path = str(tiny_vlm_dir(seed)) if name == "tiny-random" else name
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if quantization == "auto":
-        quantization = "4bit" if device.startswith("cuda") else "none"
-    kwargs = {"dtype": dtype}
-    if quantization == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED)
-    elif quantization == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_NOT_QUANTIZED)
-    elif quantization != "none":
-        raise ValueError(f"quantization must be auto, 4bit, 8bit or none, got {quantization!r}")
-    if quantization != "none":
-        kwargs["device_map"] = {"": device}
-    if not Path(path).is_dir() and not hub_reachable():
-        kwargs["local_files_only"] = True  # the HF cache may still hold it
-    try:
-        with quiet_loading(Path(path).is_dir() or kwargs.get("local_files_only", False)):
-            processor = AutoProcessor.from_pretrained(path, local_files_only=kwargs.get("local_files_only", False))
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        if Path(path).is_dir():
-            raise ModelLoadError(f"'{path}' exists but does not hold a loadable model: {err}") from err
-        raise ModelLoadError(_download_advice(name, "model", f"it could not be fetched from the Hugging Face hub "
-                                              f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")) from None
-    if quantization == "none":
-        model.to(device)
-    if adapter is not None:
-        from peft import PeftModel
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelLoadError(f"adapter directory '{adapter}' has no adapter_config.json (expected a peft LoRA "
-                                 f"saved by parrot.py or PeftModel.save_pretrained)")
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-    processor.tokenizer.padding_side = "left"  # generation appends on the right
-    return model if trainable else model.eval(), processor
-
 
 # ---------------------------------------------------------------------------------------
 # Backends: generate(messages_batch) -> texts, answer_logprobs(messages_batch, answers).
@@ -1167,431 +1605,6 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
                              max_retries=max_retries, max_concurrency=batch_size, max_pixels=max_pixels)
     vlm, processor = load_vlm(model, quantization, adapter)
     return TransformersBackend(vlm, processor, batch_size, max_pixels)
-
-
-# ---------------------------------------------------------------------------------------
-# The scorer (paper Sec. 2.2): critique -> scores -> reward, and the pairwise judge.
-# ---------------------------------------------------------------------------------------
-class RationalRewardsScorer:
-    """Pointwise critique-and-refine scorer; `rewards()` is the RL reward, `critique()` feeds GCR."""
-
-    def __init__(self, backend, task: str = "t2i", max_new_tokens: int = 2048, temperature: float = 0.1,
-                 weights: Optional[dict] = None):
-        dimensions(task)
-        self.backend, self.task, self.weights = backend, task, weights
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-
-    @classmethod
-    def from_args(cls, args: Args) -> "RationalRewardsScorer":
-        backend = load_backend(args.model or RELEASED[args.task], api_base=args.api_base, adapter=args.adapter,
-                               quantization=args.quantization, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                               timeout=args.timeout, max_retries=args.max_retries, api_key_env=args.api_key_env)
-        return cls(backend, args.task, args.max_new_tokens, args.temperature)
-
-    def _images(self, images, source_images, *others):
-        if self.task == "edit":
-            if source_images is None or len(source_images) != len(images):
-                raise ValueError("task 'edit' needs one source image per edited image")
-            return [[s, *group] for s, group in zip(source_images, zip(images, *others))]
-        return [list(group) for group in zip(images, *others)]
-
-    def critique(self, images, requests, source_images=None) -> list:
-        groups = self._images(images, source_images)
-        msgs = [render_messages(f"pointwise_{self.task}", g, request=r) for g, r in zip(groups, requests)]
-        texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
-        return [parse_pointwise(t, self.task) for t in texts]
-
-    def rewards(self, images, requests, source_images=None) -> list:
-        return [aggregate(c.scores, self.weights) for c in self.critique(images, requests, source_images)]
-
-    def compare(self, images_a, images_b, requests, source_images=None) -> list:
-        groups = self._images(images_a, source_images, images_b)
-        msgs = [render_messages(f"pairwise_{self.task}", g, request=r) for g, r in zip(groups, requests)]
-        texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
-        return [parse_pairwise(t, self.task) for t in texts]
-
-
-# ---------------------------------------------------------------------------------------
-# Preference evaluation (paper Sec. 3): pairs file -> predictions -> accuracy.
-# ---------------------------------------------------------------------------------------
-def read_jsonl(path) -> list:
-    """Records of a JSONL file written by `append_jsonl`; a torn last line (killed run) is cut off."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # the process died mid-write: drop the partial record
-        raw = raw[:raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-
-
-def append_jsonl(path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def pair_id(prompt: str, *parts) -> str:
-    return hashlib.sha1("\x1f".join([prompt, *map(str, parts)]).encode()).hexdigest()[:16]
-
-
-def read_pairs(path, limit: Optional[int] = None) -> list:
-    """Pairs from our JSONL format; image paths are resolved against the file's directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file {path} not found")
-    pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            label = str(rec["label"]).strip()
-            label = {"a": "A", "b": "B", "tie": "tie"}[label.lower()]
-            item = {"prompt": rec["prompt"], "label": label,
-                    **{k: str(path.parent / rec[k]) for k in ("image_a", "image_b", "source_image") if rec.get(k)}}
-            if "image_a" not in item or "image_b" not in item:
-                raise KeyError("image_a/image_b")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path}:{n}: expected prompt, image_a, image_b, label (A/B/tie): {err!r}") from None
-        # the id comes from the record as written, never from where the file was found, so the
-        # same file named by a relative or an absolute path resumes the same run
-        item["id"] = str(rec.get("id") or pair_id(rec["prompt"], rec["image_a"], rec["image_b"], rec.get("source_image") or ""))
-        pairs.append(item)
-        if limit is not None and len(pairs) >= limit:
-            break
-    return pairs
-
-
-def preference_metrics(records: list, task: str) -> dict:
-    """Accuracy with ties (tie labels included, must be predicted exactly) and without (A/B labels only)."""
-    correct = [r["predicted"] == r["label"] for r in records]
-    no_tie = [c for c, r in zip(correct, records) if r["label"] != "tie"]
-    dim_means = {}
-    for d in dimensions(task):
-        vals = [r[k][d] for r in records for k in ("scores_a", "scores_b") if r[k].get(d) is not None]
-        dim_means[d] = sum(vals) / len(vals) if vals else None
-    return {"pairs": len(records),
-            "accuracy_with_ties": sum(correct) / len(correct) if correct else None,
-            "accuracy_without_ties": sum(no_tie) / len(no_tie) if no_tie else None,
-            "unreadable_outputs": sum(r["unreadable"] for r in records),
-            "predicted_ties": sum(r["predicted"] == "tie" for r in records),
-            "mean_scores": dim_means}
-
-
-def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
-    """One prediction record per (pair, images) in `batch`."""
-    a, b = [im["image_a"] for _, im in batch], [im["image_b"] for _, im in batch]
-    reqs = [p["prompt"] for p, _ in batch]
-    src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
-    if mode == "pointwise":  # both images of every pair in one batched critique call
-        crits = scorer.critique(a + b, reqs * 2, src * 2 if src else None)
-        results = [(ca.scores, cb.scores, ca.readable and cb.readable, [ca.text, cb.text])
-                   for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
-    else:
-        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text]) for j in scorer.compare(a, b, reqs, src)]
-    # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
-    # (DESIGN.md, and the official scoring), so a wholly unreadable side loses to any score above 2.5.
-    return [{"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
-             "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "outputs": texts}
-            for (p, _), (sa, sb, ok, texts) in zip(batch, results)]
-
-
-def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str = "pointwise",
-                         out_dir: Optional[str] = None, batch_size: int = 8) -> dict:
-    """Predict every pair, append each prediction to out_dir/predictions.jsonl, return metrics.
-
-    A rerun with the same out_dir skips pairs already predicted.
-    """
-    from tqdm import tqdm
-    pred_path = Path(out_dir) / "predictions.jsonl" if out_dir else None
-    if pred_path:
-        pred_path.parent.mkdir(parents=True, exist_ok=True)
-    records = read_jsonl(pred_path) if pred_path else []
-    done = {r["id"] for r in records}
-    todo = [p for p in pairs if p["id"] not in done]
-    skipped = {"missing": 0, "unreadable": 0}
-    bar = tqdm(total=len(todo), desc=f"eval ({mode})", unit="pair")
-    for i in range(0, len(todo), batch_size):
-        batch = []
-        for p in todo[i:i + batch_size]:
-            read = {k: read_image(p[k]) for k in ("image_a", "image_b", "source_image") if p.get(k)}
-            bad = {p[k]: problem for k, (_, problem) in read.items() if problem}
-            if scorer.task == "edit" and not p.get("source_image"):
-                bad["source_image"] = "missing (an edit pair needs one)"
-            if bad:
-                skipped["missing" if all(v.startswith("missing") for v in bad.values()) else "unreadable"] += 1
-                print(f"warning: skipping pair {p['id']}: " + "; ".join(f"{f}: {v}" for f, v in bad.items()),
-                      file=sys.stderr)
-                continue
-            batch.append((p, {k: im for k, (im, _) in read.items()}))
-        for rec in predict_pairs(scorer, batch, mode) if batch else []:
-            records.append(rec)
-            if pred_path:
-                append_jsonl(pred_path, rec)
-        bar.update(len(todo[i:i + batch_size]))
-        bar.set_postfix(acc=f"{preference_metrics(records, scorer.task)['accuracy_with_ties'] or 0:.3f}")
-    bar.close()
-    metrics = {**preference_metrics(records, scorer.task), "skipped_pairs": sum(skipped.values()),
-               "skipped_missing_image": skipped["missing"], "skipped_unreadable_image": skipped["unreadable"], "mode": mode}
-    if out_dir:
-        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------
-# The paper's Table 1: one command per benchmark, its official labels and protocol.
-# ---------------------------------------------------------------------------------------
-# Each row streams from the hub (or --data-dir) and becomes our pairs: A = left / candidate_1.
-# Labels follow the official RationalRewards evaluation (reward_model_evaluation/modular_rm_eval):
-# leftvote -> A, rightvote -> B, every other vote (tie, both bad) -> tie, and ties stay in the
-# accuracy (a tie is right only when the score sums are equal). EditReward-Bench follows its own
-# repository (TIGER-AI-Lab/EditReward, EditReward/evaluate): rows are already the pairwise
-# comparisons of 2-, 3- and 4-way groups; accuracy is over comparisons, group accuracy over groups.
-BENCHMARKS = {
-    "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test", task="t2i",
-                            prompt="prompt", a="left_image", b="right_image", src=None, paper=69.8,
-                            baselines={"Qwen3-VL-8B (base)": 55.1, "Gemini 2.5 Pro": 66.2}),
-    "genai-bench-edit": dict(hub="TIGER-Lab/GenAI-Bench", config="image_edition", split="test", task="edit",
-                             prompt="instruct_prompt", a="left_output_image", b="right_output_image",
-                             src="source_image", paper=80.1, baselines={}),
-    "editreward-bench": dict(hub="TIGER-Lab/EditReward-Bench", config=None, split="train", task="edit",
-                             prompt="instruction", a="candidate_1", b="candidate_2", src="source_image", paper=66.2,
-                             baselines={}),
-    # MMRB2's pairs are built by facebookresearch/MMRB2 from facebook/MMRB2_image; read locally
-    "mmrb2-t2i": dict(hub=None, config=None, split="train", task="t2i", prompt="prompt_text", a="response_a_images",
-                      b="response_b_images", src=None, paper=64.2, baselines={}),
-    "mmrb2-edit": dict(hub=None, config=None, split="train", task="edit", prompt="prompt_text", a="response_a_images",
-                       b="response_b_images", src="prompt_images", paper=70.3, baselines={}),
-}
-
-
-def benchmark_label(name: str, row: dict) -> Optional[str]:
-    """'A', 'B' or 'tie' for one benchmark row; None when the row carries no usable label."""
-    if name.startswith("genai-bench"):
-        vote = str(row.get("vote_type") or "").strip().lower()
-        return {"leftvote": "A", "rightvote": "B"}.get(vote, "tie") if vote else None
-    if name == "editreward-bench":  # ranking "C>A" for comparison "AvsC": candidate_1 is A, candidate_2 is C
-        ranking, kind = str(row.get("ranking") or "").replace(" ", ""), str(row.get("comparison_type") or "")
-        left, _, right = kind.partition("vs")
-        if "=" in ranking:
-            return "tie"
-        m = re.fullmatch(r"([A-Z])>([A-Z])", ranking)
-        if not m or not left:
-            return None
-        return "A" if m.group(1) == left else "B" if m.group(1) == right else None
-    chosen = str(row.get("chosen") or "").strip().lower()  # MMRB2, as the official adapter reads it
-    return {"a": "A", "left": "A", "1": "A", "b": "B", "right": "B", "2": "B", "tie": "tie", "a=b": "tie"}.get(chosen)
-
-
-def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], image_dir: Path) -> tuple:
-    """(pairs in our eval format, counts of skipped rows); images are written under image_dir."""
-    spec = BENCHMARKS[name]
-    source = data_dir or spec["hub"]
-    local = f"data/{name}"
-    if spec["hub"] is None:
-        hint = ("needs pairs built with facebookresearch/MMRB2 (images from facebook/MMRB2_image): parquet with pair_id, "
-                "prompt_text, prompt_images, response_a_images, response_b_images, chosen; pass --data-dir")
-    else:
-        hint = (f"On a machine with network run\n  hf download {spec['hub']} --repo-type dataset --local-dir {local}\n"
-                f"and pass --data-dir {local}" + (f"/{spec['config']}" if spec["config"] else "") + ".")
-    if source is None or (data_dir and not Path(data_dir).exists()):
-        where = f"no local copy at {data_dir}" if data_dir else "no local copy given"
-        raise ModelLoadError(f"{name}: {where}; {hint}" if spec["hub"] is None else f"{name}: {where}. {hint}")
-    cols = [c for c in (spec["a"], spec["b"], spec["src"]) if c]
-    ds = open_parquet_stream(source, spec["split"], [] if name.startswith("mmrb2") else cols,
-                             None if data_dir else spec["config"], hint)
-    image_dir.mkdir(parents=True, exist_ok=True)
-    pairs, skipped = [], {"unlabelled": 0, "missing_image": 0, "unreadable_image": 0}
-    for i, row in enumerate(ds):
-        if limit is not None and len(pairs) >= limit:
-            break
-        label = benchmark_label(name, row)
-        if label is None:
-            skipped["unlabelled"] += 1
-            continue
-        # ids from the data (or the row's place in its split), never from where the files were found
-        pid = str(row.get("id") or row.get("pair_id") or f"{name}-{i}")
-        item, problem = {"id": pid, "prompt": str(row[spec["prompt"]]), "label": label}, None
-        for key, col in (("image_a", spec["a"]), ("image_b", spec["b"]), ("source_image", spec["src"])):
-            if col is None:
-                continue
-            cell = row.get(col)
-            if isinstance(cell, list):  # MMRB2 keeps lists of images per response
-                cell = cell[0] if cell else None
-            path = image_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pid)}-{key}.png"
-            problem = save_embedded_image(cell, path)
-            if problem:
-                break
-            item[key] = str(path)
-        if problem:
-            skipped["missing_image" if problem == "missing" else "unreadable_image"] += 1
-            print(f"warning: {name} row {i} ({pid}): image {problem}: skipped", file=sys.stderr)
-            continue
-        if name == "editreward-bench":
-            item["group"] = pid.split("_")[0]  # the official grouping of a 3- or 4-way sample
-        pairs.append(item)
-    return pairs, skipped
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple:
-    """95% Wilson score interval of a proportion: honest at a few hundred pairs and near 0 or 1."""
-    if n == 0:
-        return None, None
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def group_accuracy(records: list, groups: dict) -> Optional[float]:
-    """Share of multi-way groups (3- and 4-way) whose every pairwise decision is right."""
-    by_group = {}
-    for r in records:
-        by_group.setdefault(groups.get(r["id"]), []).append(r["predicted"] == r["label"])
-    multi = [all(v) for g, v in by_group.items() if g is not None and len(v) > 1]
-    return sum(multi) / len(multi) if multi else None
-
-
-_backends = {}  # one loaded model serves every benchmark of an `all` run
-
-
-def run_benchmark(name: str, args: Args) -> dict:
-    spec = BENCHMARKS[name]
-    sub = dataclasses.replace(args, benchmark=name, task=spec["task"], model=args.model or RELEASED[spec["task"]],
-                              mode=args.mode or "pairwise",
-                              data_dir=str(Path(args.data_dir) / name) if args.data_dir and args.benchmark == "all"
-                              else args.data_dir)
-    out = Path(args.out or "runs") / name if args.benchmark == "all" or not args.out else Path(args.out)
-    pairs, skipped = benchmark_pairs(name, sub.data_dir, sub.limit, out / "images")
-    check_same_run(out, sub, EVAL_RUN_KEYS + ("benchmark", "data_dir"), paths=("adapter", "data_dir"))
-    save_args(sub, out)
-    key = (sub.model, sub.adapter, sub.api_base, sub.quantization)
-    if key not in _backends:
-        _backends[key] = RationalRewardsScorer.from_args(sub).backend
-    scorer = RationalRewardsScorer(_backends[key], sub.task, sub.max_new_tokens, sub.temperature)
-    metrics = evaluate_preferences(scorer, pairs, sub.mode, str(out), sub.batch_size)
-    records = [r for r in read_jsonl(out / "predictions.jsonl") if r["id"] in {p["id"] for p in pairs}]
-    correct = sum(r["predicted"] == r["label"] for r in records)
-    low, high = wilson_interval(correct, len(records))
-    acc = correct / len(records) if records else None
-    metrics.update(benchmark=name, skipped_rows=skipped, accuracy=acc, ci95=[low, high], paper=spec["paper"],
-                   difference=None if acc is None else 100 * acc - spec["paper"], baselines=spec["baselines"])
-    if name == "editreward-bench":
-        metrics["group_accuracy"] = group_accuracy(records, {p["id"]: p.get("group") for p in pairs})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
-
-
-def print_benchmark_table(rows: list) -> None:
-    """Ours (with its 95% interval) beside the paper's RationalRewards-8B, per benchmark."""
-    print(f"{'benchmark':<18} {'pairs':>6} {'ours':>7} {'95% CI':>15} {'paper':>6} {'diff':>7}  note")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['benchmark']:<18} {'-':>6} {'-':>7} {'-':>15} {r['paper']:>6.1f} {'-':>7}  "
-                  f"not run: {r['error'].splitlines()[0][:160]}")
-            continue
-        ci = f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}" if r["ci95"][0] is not None else "-"
-        ours = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}"
-        diff = "-" if r["difference"] is None else f"{r['difference']:+.1f}"
-        note = [f"group acc {100 * r['group_accuracy']:.1f}"] if r.get("group_accuracy") is not None else []
-        note += [f"{k} {v}" for k, v in r["baselines"].items()]
-        note += [f"{r['unreadable_outputs']} unreadable"] if r["unreadable_outputs"] else []
-        print(f"{r['benchmark']:<18} {r['pairs']:>6} {ours:>7} {ci:>15} {r['paper']:>6.1f} {diff:>7}  {'; '.join(note)}")
-    print("paper: RationalRewards-8B in the paper's Table 1 (pairwise protocol, ties included); "
-          "a gap inside the 95% interval is noise.")
-
-
-def label_font(size: int):
-    """Pillow's built-in font at `size` (for contact sheets and eval grids; no font files needed)."""
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def cli_entry(main, errors=()) -> None:
-    """Run a module's main(); the errors a user can fix print one line and exit 2, not a traceback."""
-    try:
-        sys.exit(main())
-    except (ModelLoadError, BackendError, FileNotFoundError, ValueError, *errors) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-# what an eval's predictions depend on: resuming --out with any of these changed is refused
-EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization", "max_new_tokens",
-                 "temperature", "max_pixels", "prompts_dir")
-
-
-def main(argv=None) -> int:
-    args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
-    require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
-    set_prompts_dir(args.prompts_dir)
-    if args.command == "eval" and args.benchmark:
-        if args.pairs:
-            raise SystemExit("eval takes --pairs FILE or --benchmark NAME, not both")
-        names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
-        print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
-        import torch
-        torch.manual_seed(args.seed)
-        rows = []
-        for name in names:
-            try:
-                rows.append(run_benchmark(name, args))
-            except ModelLoadError as err:
-                if args.benchmark != "all":
-                    raise
-                rows.append({"benchmark": name, "paper": BENCHMARKS[name]["paper"], "error": str(err)})
-        print_benchmark_table(rows)
-        return 0
-    args.model = args.model or RELEASED[args.task]
-    args.mode = args.mode or "pointwise"
-    print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
-    import torch
-    torch.manual_seed(args.seed)
-    if args.command == "score":
-        if not args.prompt or not args.image:
-            raise SystemExit("score needs --prompt and at least one --image")
-        if args.task == "edit" and not args.source_image:
-            raise SystemExit("score --task edit needs --source-image")
-        paths = args.image + ([args.source_image] if args.source_image else [])
-        read = [read_image(p) for p in paths]
-        bad = [f"{p} ({problem})" for p, (_, problem) in zip(paths, read) if problem]
-        if bad:
-            raise SystemExit(f"cannot read image(s): {', '.join(bad)}")
-        images = [im for im, _ in read]
-        scorer = RationalRewardsScorer.from_args(args)
-        src = [images[-1]] * len(args.image) if args.task == "edit" else None
-        crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)
-        results = [{"image": p, "scores": c.scores, "reward": aggregate(c.scores), "not_applicable": c.not_applicable,
-                    "summary": c.summary, "refined_request": c.refined_request, "critique": c.text}
-                   for p, c in zip(args.image, crits)]
-        if args.json:
-            print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
-        for r in [] if args.json else results:
-            print(f"==== {r['image']}\n{r['critique'].strip()}\n---- scores")
-            for d, s in r["scores"].items():
-                print(f"  {DIMENSION_TITLES[d]:<28} {'N/A or unreadable' if s is None else f'{s:.2f}'}")
-            print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  {r['refined_request']}")
-        return 0
-    if not args.pairs:
-        raise SystemExit("eval needs --pairs FILE.jsonl")
-    pairs = read_pairs(args.pairs, args.limit)
-    if args.out:
-        check_same_run(args.out, args, EVAL_RUN_KEYS, paths=("pairs", "adapter"))
-        save_args(args, args.out)
-    scorer = RationalRewardsScorer.from_args(args)
-    metrics = evaluate_preferences(scorer, pairs, args.mode, args.out, args.batch_size)
-    print(json.dumps(metrics, indent=2))
-    return 0
-
 
 if __name__ == "__main__":
     cli_entry(main)

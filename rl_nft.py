@@ -325,7 +325,7 @@ def reward_images(scorer, images: list, prompts: list, weights) -> dict:
     """Critique every image (batched); R per image, per-dimension scores, unreadable count."""
     from tqdm import tqdm
     critiques = []
-    step = max(1, scorer.backend.batch_size if hasattr(scorer.backend, "batch_size") else 8)
+    step = max(1, getattr(scorer.backend, "batch_size", 8))  # HTTP backends have no batch size: 8 per bar step
     for i in tqdm(range(0, len(images), step), desc="reward: critiques", unit="batch", leave=False):
         critiques += scorer.critique(images[i:i + step], prompts[i:i + step])
     return {"rewards": [rr.aggregate(c.scores, weights) for c in critiques],
