@@ -73,9 +73,9 @@ class Args(rr.ScorerArgs):
     guidance_scale: Optional[float] = None
     """classifier-free guidance (default: the pipeline's own)"""
     resolution: Optional[int] = None
-    """t2i image side in pixels (default: the pipeline's own; 64 for tiny-random)"""
+    """image side in pixels, t2i and FLUX.1-Kontext edits (default: the pipeline's own; 64 for tiny-random)"""
     strength: float = 0.6
-    """edit with an image-to-image pipeline (one that takes `strength`): how far from the source"""
+    """edit with an image-to-image pipeline (one that takes `strength`, not FLUX.1-Kontext): how far from the source"""
     threshold: float = 3.0
     """refine while any gating dimension scores below this (paper: 3.0)"""
     gate: str = "text_faithfulness,physical_quality"
@@ -192,6 +192,10 @@ def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> li
         kw["image"] = sources
         if "strength" in accepted:  # an image-to-image pipeline rather than an instruction editor
             kw["strength"] = args.strength
+        if args.resolution and "max_area" in accepted:
+            # FLUX.1-Kontext: edit at this size instead of the pipeline's preferred ~1 MP resolution
+            kw.update(height=args.resolution, width=args.resolution, max_area=args.resolution ** 2,
+                      _auto_resize=False)
     elif args.resolution:
         kw["height"] = kw["width"] = args.resolution
     return pipe(**kw).images

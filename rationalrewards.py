@@ -438,7 +438,7 @@ def parse_pairwise(text: str, task: str = "t2i") -> PairwiseJudgement:
     return PairwiseJudgement(scores_a, scores_b, winners, justs, sections.get("summary") or None, preferred, text)
 
 # ---------------------------------------------------------------------------------------
-# Aggregation (DESIGN.md; paper Sec. 2.2 for the reward, Sec. 3 for pairwise evaluation)
+# Aggregation (paper Sec. 2.2 for the reward, Sec. 3 for pairwise evaluation)
 # ---------------------------------------------------------------------------------------
 def aggregate(scores: dict, weights: Optional[dict] = None) -> float:
     """Reward in [0, 1] from per-dimension scores.
@@ -614,7 +614,7 @@ def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list
     else:
         results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text]) for j in scorer.compare(a, b, reqs, src)]
     # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
-    # (DESIGN.md, and the official scoring), so a wholly unreadable side loses to any score above 2.5.
+    # (the official compute_pairwise_accuracy.py), so a wholly unreadable side loses to any score above 2.5.
     return [{"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
              "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "outputs": texts}
             for (p, _), (sa, sb, ok, texts) in zip(batch, results)]
@@ -1341,6 +1341,26 @@ def tiny_vlm_dir(seed: int = 0) -> Path:
     return _tiny_dir(f"tiny-random-qwen3vl-v{TINY_VERSION}-{corpus}", build_tiny_vlm, seed)
 
 
+def _tiny_clip_tokenizer(max_length: int):
+    """A character-level CLIP tokenizer (single characters and their `</w>` forms), offline."""
+    from transformers import CLIPTokenizer
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=max_length)
+
+
+def _tiny_vae(scaling_factor: float, shift_factor: float):
+    """A two-level AutoencoderKL (x2 downsampling, 4 latent channels) with the model's latent normalisation."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
 def build_tiny_sd3(seed: int = 0):
     """A StableDiffusion3Pipeline of the real architecture, ~0.3M parameters, 64x64 images, offline.
 
@@ -1349,28 +1369,20 @@ def build_tiny_sd3(seed: int = 0):
     a small VAE and the flow-matching Euler scheduler with SD3's shift of 3.
     """
     import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    chars = [chr(c) for c in range(33, 127)]
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    tokenizer = _tiny_clip_tokenizer(77)
     torch.manual_seed(seed)
-    clip = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                projection_dim=32, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    clip = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, projection_dim=32, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
     text_encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval() for _ in range(2)]
     # inner width 4 heads x 16 = 64, so that bitsandbytes 4-bit works on CPU here too
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
                                         caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=64)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-                        scaling_factor=1.5305, shift_factor=0.0609)  # SD3's latent normalisation
+    vae = _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's latent normalisation
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizer,
                                     text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
@@ -1378,18 +1390,50 @@ def build_tiny_sd3(seed: int = 0):
     return [pipe]
 
 
+def build_tiny_kontext(seed: int = 0):
+    """A FluxKontextPipeline of the real architecture (FLUX.1-Kontext-dev's structure), ~0.3M
+    parameters, 64x64 images, offline.
+
+    CLIP (pooled prompt) and T5 (token embeddings) encoders sharing a character-level tokenizer,
+    a FLUX transformer with one double-stream and one single-stream block and the guidance
+    embedding of the distilled -dev models, a small VAE with FLUX's latent normalisation, and the
+    flow-matching scheduler with FLUX's resolution-dependent shift.
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = _tiny_clip_tokenizer(77)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                 pad_token_id=1, eos_token_id=1)).eval()
+    # 4 latent channels packed 2x2 -> 16 input features per token; rope axes 4 + 6 + 6 = head dim 16
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, use_dynamic_shifting=True, shift=3.0)
+    pipe = FluxKontextPipeline(scheduler=scheduler, vae=_tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),
+                               text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                               tokenizer_2=_tiny_clip_tokenizer(512), transformer=transformer)
+    return [pipe]
+
+
 def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, dtype=None, no_t5: bool = False,
                    quantization: str = "none", seed: int = 0):
     """A diffusers pipeline for a hub id, a local directory or `tiny-random`, on `device`.
 
-    task "t2i": a text-to-image pipeline (default SD3.5-Medium). task "edit": an image-conditioned
-    pipeline (it takes `image=`); for tiny-random that is SD3's image-to-image pipeline built on
-    the same parts. no_t5: leave SD3's T5 encoder out (about 9.5 GB in bf16 for SD3.5).
-    quantization "4bit": the transformer and text encoders 2/3 in bitsandbytes nf4 (how a 12B editing model
-    such as FLUX.1-Kontext-dev fits next to the scorer on 24 GB); "none": dtype throughout.
+    task "t2i": a text-to-image pipeline (default SD3.5-Medium); tiny-random is a tiny SD3.
+    task "edit": an image-conditioned pipeline (it takes `image=`, default FLUX.1-Kontext-dev);
+    tiny-random is a tiny FLUX.1-Kontext. no_t5: leave SD3's T5 encoder out (about 9.5 GB in
+    bf16 for SD3.5). quantization "4bit": the transformer and the T5 encoder in bitsandbytes nf4
+    (how the 12B FLUX.1-Kontext-dev fits next to the scorer on 24 GB); "none": dtype throughout.
     """
     import torch
-    from diffusers import DiffusionPipeline, StableDiffusion3Img2ImgPipeline
+    from diffusers import DiffusionPipeline
     dimensions(task)
     check_model_available(name, "generator")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1407,12 +1451,16 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
             quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype})
     elif quantization != "none":
         raise ValueError(f"generator quantization must be none or 4bit, got {quantization!r}")
-    if name == "tiny-random" or no_t5:
+    if name == "tiny-random" and task == "edit":
+        path = str(_tiny_dir(f"tiny-random-kontext-v{TINY_VERSION}", build_tiny_kontext, seed))
+    elif name == "tiny-random":
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    path = str(_tiny_dir(f"tiny-random-sd3-v{TINY_VERSION}", build_tiny_sd3, seed)) if name == "tiny-random" else name
+        path = str(_tiny_dir(f"tiny-random-sd3-v{TINY_VERSION}", build_tiny_sd3, seed))
+    else:
+        path = name
+        if no_t5:
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
     pipe = _from_pretrained(DiffusionPipeline.from_pretrained, name, path, "generator", **kwargs)
-    if task == "edit" and name == "tiny-random":
-        pipe = StableDiffusion3Img2ImgPipeline(**pipe.components)
     pipe.set_progress_bar_config(disable=True)
     return pipe if quantization == "4bit" else pipe.to(device)  # quantized weights are placed at load
 

@@ -1,15 +1,18 @@
-"""One DiffusionNFT update vs one plain flow-matching fine-tuning step, side by side.
+"""One DiffusionNFT optimiser step vs one plain flow-matching fine-tuning step, side by side,
+for the text-to-image transformer (SD3) and the editing transformer (FLUX.1-Kontext).
 
-Both steps use the same transformer, LoRA, batch and timesteps; each loops over the same
-training timesteps and ends in one optimiser step. An NFT step adds two forward passes
-without gradient (the old policy and the base model) to a normal training step, so the
-target is at most 2.0x the time of the plain step.
+Both steps use the same transformer, LoRA, batch and 9 training timesteps (0.99 x 10 sampler
+steps) and end in one optimiser step; the NFT step is `rl_nft.optimise_epoch` itself. It adds
+the old policy's and the base model's velocities, without gradient, to a normal training step;
+rl_nft computes both in one forward pass over the batch twice (`old_and_ref_velocities`).
+Target: at most 1.8x the time of the plain step, with gradient checkpointing on as rl_nft.py
+runs by default (the row without it is printed too).
 
-Also prints the parameter counts behind the README's VRAM budget for the default run
-(SD3.5-Medium transformer + LoRA r32 on the attention and context projections), built on
-the meta device (no weights, no download).
+Also prints the per-policy LoRA parameter counts of SD3.5-Medium and FLUX.1-Kontext-dev (the
+sources' eight `attn.`-prefixed target names, r 32) and the parameter counts behind the
+README's VRAM budgets, built on the meta device (no weights, no download).
 
-    python benchmarks/bench_nft.py          # about two minutes on 2 CPU cores
+    python benchmarks/bench_nft.py          # a few minutes on 2 CPU cores
 """
 import statistics
 import sys
@@ -26,79 +29,110 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=1
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                    pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
                    qk_norm="rms_norm")
-# about 60M parameters, the same block structure (dual attention, qk-norm)
-MID = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=6, attention_head_dim=64,
-           num_attention_heads=8, joint_attention_dim=512, caption_projection_dim=512, pooled_projection_dim=256,
-           pos_embed_max_size=64, dual_attention_layers=(0, 1, 2), qk_norm="rms_norm")
-TINY = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-            pos_embed_max_size=64)
+# FLUX.1-Kontext-dev's transformer (black-forest-labs/FLUX.1-Kontext-dev, transformer/config.json)
+KONTEXT_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                   axes_dims_rope=(16, 56, 56))
+# about 60M parameters each, the same block structures (dual attention and qk-norm; double + single stream)
+SD3_MID = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=6, attention_head_dim=64,
+               num_attention_heads=8, joint_attention_dim=512, caption_projection_dim=512, pooled_projection_dim=256,
+               pos_embed_max_size=64, dual_attention_layers=(0, 1, 2), qk_norm="rms_norm")
+KONTEXT_MID = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                   num_attention_heads=8, joint_attention_dim=512, pooled_projection_dim=256, guidance_embeds=True,
+                   axes_dims_rope=(16, 24, 24))
 
 
-def build(config, lora_r=32):
-    from diffusers import SD3Transformer2DModel
+def build(kind, config, lora_r=32):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     torch.manual_seed(0)
-    tr = SD3Transformer2DModel(**config)
+    tr = (FluxTransformer2DModel if kind == "kontext" else SD3Transformer2DModel)(**config)
     params = rl_nft.add_policies(tr, rl_nft.Args(lora_r=lora_r, lora_alpha=2 * lora_r))
     tr.train()
     return tr, params
 
 
-def plain_step(tr, opt, params, x0, emb, pooled, train_sigmas, gen):
-    """Flow matching on the same samples: mean ||v_theta - (eps - x0)||^2 at each timestep."""
-    n = len(train_sigmas)
+def inputs(kind, config, side, batch, text_len=16):
+    """x0, the stacked condition and the run geometry, as rl_nft builds them, with random contents."""
+    c = config
+    cond = {"emb": torch.randn(batch, text_len, c["joint_attention_dim"]),
+            "pooled": torch.randn(batch, c["pooled_projection_dim"])}
+    if kind == "kontext":
+        tokens = (side // 2) ** 2
+        x0 = torch.randn(batch, tokens, c["in_channels"])                       # (B, L, 4C) packed
+        cond["image"] = torch.randn(batch, tokens, c["in_channels"])             # the source image's tokens
+        geo = {"kontext": True, "h": side, "w": side, "guidance": 2.5, "txt_ids": torch.zeros(text_len, 3),
+               "img_ids": torch.cat([rl_nft.token_ids(side, side, 0.0), rl_nft.token_ids(side, side, 1.0)])}
+    else:
+        x0 = torch.randn(batch, c["in_channels"], side, side)                    # (B, C, h, w)
+        geo = {"kontext": False, "h": side, "w": side, "guidance": 1.0}
+    return x0, cond, geo
+
+
+def plain_step(tr, opt, params, x0, cond, geo, sigmas, gen):
+    """Flow matching on the same samples: mean ||v_theta - (eps - x0)||^2 at each of the 9 timesteps."""
+    n = len(sigmas) - 2  # the NFT step trains on int(0.99 x 10) = 9 of the 10 sampler timesteps
     for j in range(n):
-        t = train_sigmas[torch.randint(n, (len(x0),), generator=gen)]
+        t = sigmas[torch.randint(n, (len(x0),), generator=gen)]
         eps = torch.randn(x0.shape, generator=gen)
-        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        tt = t.view(-1, *([1] * (x0.ndim - 1)))
+        x_t = (1 - tt) * x0 + tt * eps
         rl_nft.use_policy(tr, "default")
-        v = rl_nft.velocity(tr, x_t, t, emb, pooled)
+        v = rl_nft.velocity(tr, x_t, t, cond, geo)
         (((v - (eps - x0)) ** 2).mean() / n).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def compare(name, config, side, batch=2, text_len=16, repeats=3):
-    tr, params = build(config)
+def compare(name, kind, config, side, batch=2, repeats=3, checkpointing=True):
+    tr, params = build(kind, config)
+    if checkpointing:
+        tr.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    c = config
-    x0 = torch.randn(batch, c["in_channels"], side, side)
-    emb, pooled = torch.randn(batch, text_len, c["joint_attention_dim"]), torch.randn(batch, c["pooled_projection_dim"])
-    r = torch.rand(batch)
-    sigmas = torch.linspace(1.0, 0.1, 9)  # 9 training timesteps, as 0.99 x 10 sampler steps
-    args = rl_nft.Args()
+    x0, cond, geo = inputs(kind, config, side, batch)
+    r, keep = torch.rand(batch), torch.ones(batch, dtype=torch.bool)
+    sigmas = torch.cat([torch.linspace(1.0, 0.1, 10), torch.zeros(1)])  # a 10-step sampler schedule
+    args = rl_nft.Args(train_batch_size=batch)
     gen = torch.Generator().manual_seed(0)
     timings = {"plain": [], "nft": []}
     for i in range(repeats + 1):  # the first round warms up and is not counted
-        for kind in ("plain", "nft"):
+        for step in ("plain", "nft"):
             t0 = time.perf_counter()
-            if kind == "plain":
-                plain_step(tr, opt, params, x0, emb, pooled, sigmas, gen)
+            if step == "plain":
+                plain_step(tr, opt, params, x0, cond, geo, sigmas, gen)
             else:
-                rl_nft.nft_update(tr, opt, params, x0, emb, pooled, r, sigmas, args, gen)
+                rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen, None, 0)
             if i:
-                timings[kind].append(time.perf_counter() - t0)
+                timings[step].append(time.perf_counter() - t0)
     n_params = sum(p.numel() for n, p in tr.named_parameters() if "lora_" not in n)
     plain, nft = statistics.median(timings["plain"]), statistics.median(timings["nft"])
-    print(f"{name:<34} {n_params / 1e6:>8.1f}M  {plain:>8.3f} s  {nft:>8.3f} s  {nft / plain:>6.2f}x  (target <= 2.0x)")
+    ckpt = "on" if checkpointing else "off"
+    print(f"{name:<44} {ckpt:>5} {n_params / 1e6:>7.1f}M  {plain:>8.3f} s  {nft:>8.3f} s  {nft / plain:>6.2f}x")
 
 
 def budget():
-    from diffusers import SD3Transformer2DModel
-    with torch.device("meta"):
-        tr = SD3Transformer2DModel(**SD35_MEDIUM)
-        base = sum(p.numel() for p in tr.parameters())
-        lora = sum(p.numel() for p in rl_nft.add_policies(tr, rl_nft.Args()))
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     gb = 1e9
-    print(f"\nSD3.5-Medium transformer: {base / 1e9:.2f}B parameters -> {2 * base / gb:.1f} GB in bf16")
-    print(f"LoRA r32 on {len(rl_nft.TARGET_MODULES)} projection kinds: {lora / 1e6:.1f}M parameters per policy;")
-    print(f"  theta fp32 + old fp32 + grad fp32 + AdamW 2 x fp32 = {lora * 4 * 5 / gb:.2f} GB")
+    print()
+    for name, cls, config in (("SD3.5-Medium", SD3Transformer2DModel, SD35_MEDIUM),
+                              ("FLUX.1-Kontext-dev", FluxTransformer2DModel, KONTEXT_DEV)):
+        with torch.device("meta"):
+            tr = cls(**config)
+            base = sum(p.numel() for p in tr.parameters())
+            lora_params = rl_nft.add_policies(tr, rl_nft.Args())
+            lora = sum(p.numel() for p in lora_params)
+        modules = {n.rsplit(".lora_", 1)[0] for n, _ in tr.named_parameters() if ".lora_A.default" in n}
+        print(f"{name}: transformer {base / 1e9:.2f}B parameters -> {2 * base / gb:.1f} GB bf16, "
+              f"{0.5 * base / gb * 1.07:.1f} GB nf4 (0.5 byte + ~7% scales and unquantized layers)")
+        print(f"  LoRA r32 on {len(modules)} modules: {lora / 1e6:.1f}M parameters per policy; "
+              f"theta + old + EMA + grad + AdamW 2 x fp32 = {lora * 4 * 6 / gb:.2f} GB")
 
 
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(f"{'model':<34} {'params':>9}  {'plain FM':>10}  {'NFT':>10}  {'ratio':>7}")
-    compare("tiny SD3 (64 px, 32x32 latent)", TINY, 32)
-    compare("random SD3 ~60M (256 px, 32x32 latent)", MID, 32)
+    print(f"{'transformer':<44} {'ckpt':>5} {'params':>8}  {'plain FM':>10}  {'NFT':>10}  {'ratio':>7}  (target <= 1.8x)")
+    compare("SD3, SD3.5-M's block structure (32x32 latent)", "sd3", SD3_MID, 32)
+    compare("FLUX, Kontext's block structure (16x16 tokens)", "kontext", KONTEXT_MID, 32)
+    compare("SD3, SD3.5-M's block structure (32x32 latent)", "sd3", SD3_MID, 32, checkpointing=False)
+    compare("FLUX, Kontext's block structure (16x16 tokens)", "kontext", KONTEXT_MID, 32, checkpointing=False)
     budget()

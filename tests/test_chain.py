@@ -19,7 +19,7 @@ def chain_commands():
 
 def test_readme_chain_runs_end_to_end(tmp_path):
     commands = chain_commands()
-    assert [c[1] for c in commands] == ["parrot.py", "rationalrewards.py", "rl_nft.py", "gcr_loop.py"]
+    assert [c[1] for c in commands] == ["parrot.py", "rationalrewards.py", "rl_nft.py", "rl_nft.py", "gcr_loop.py"]
     runs = tmp_path / "runs"
     results = []
     for argv in commands:
@@ -51,11 +51,19 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     # 3. RL with the student as the reward: the smoke run of rl_nft.py
     with open(runs / "chain" / "nft" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["step"] == "16"  # 4 prompts x 4 images / 2
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["step"] == "2"  # one optimiser step per epoch
     assert all(int(r["unreadable"]) == 16 for r in rows)  # tiny-random writes noise: counted, not a crash
     assert json.loads((runs / "chain" / "nft" / "args.json").read_text())["scorer_adapter"].endswith("student")
-    assert (runs / "chain" / "nft" / "checkpoint" / "pytorch_lora_weights.safetensors").is_file()
+    assert (runs / "chain" / "nft" / "checkpoint" / "ema.safetensors").is_file()
+    assert (runs / "chain" / "nft" / "lora" / "epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
     assert "Loading weights" not in results[2].stderr  # library loading bars are kept quiet
+    # 3b. editing RL on the tiny FLUX.1-Kontext: four dimensions logged, the official mask (all-zero rewards
+    # do not vary, so every sample is masked and nothing is banned: their mean 0 is below 0.9)
+    with open(runs / "chain" / "nft-edit" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and "image_faithfulness" in rows[0]
+    assert all(r["masked_samples"] == "16" and r["banned_prompts"] == "0" for r in rows)
+    assert (runs / "chain" / "nft-edit" / "eval" / "epoch_0002.png").is_file()
     # 4. GCR with the student as the critic
     recs = rr.read_jsonl(runs / "chain" / "gcr" / "gcr.jsonl")
-    assert len(recs) == 4 and "GCR over 4 prompts" in results[3].stdout
+    assert len(recs) == 4 and "GCR over 4 prompts" in results[4].stdout
