@@ -149,6 +149,9 @@ def summarize(records: list) -> dict:
             "mean_reward_final": sum(final) / n if n else None,
             "share_improved": share([b > a + 1e-9 for a, b in zip(first, final)]),
             "share_worse": share([b < a - 1e-9 for a, b in zip(first, final)]),
+            # critiques cut by the token limit lose their later dimensions or their refined request
+            "truncated_critiques": sum(bool(rd.get("truncated")) for r in records for rd in r["rounds"]),
+            "critiques": sum(len(r["rounds"]) for r in records),
             "stop_reasons": {k: sum(r["stop_reason"] == k for r in records) for k in STOP_REASONS}}
 
 
@@ -227,7 +230,8 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
             st["rounds"].append({"round": round_, "request": st["request"], "image": str(path.relative_to(out)),
                                  "scores": c.scores, "not_applicable": c.not_applicable,
                                  "reward": rr.aggregate(c.scores, weights), "summary": c.summary,
-                                 "refined_request": c.refined_request, "critique": c.text})
+                                 "refined_request": c.refined_request, "truncated": c.truncated,
+                                 "critique": c.text})
             if stop:
                 st["stop"] = stop
             else:
@@ -338,6 +342,7 @@ def main(argv=None) -> int:
     records = [done[it["id"]] for it in items]
     contact_sheet(records, out, out / "contact_sheet.png")
     summary = summarize(records)
+    rr.warn_truncated(summary["truncated_critiques"], summary["critiques"], "--scorer-max-new-tokens")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):")
     for k, v in summary.items():

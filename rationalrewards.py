@@ -139,8 +139,9 @@ class Args:
     """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang); skips local loading"""
     api_key_env: str = "OPENAI_API_KEY"
     """environment variable holding the API key for --api-base (may be unset for local servers)"""
-    max_new_tokens: int = 2048
-    """longest critique the scorer may write (paper: 2048)"""
+    max_new_tokens: Optional[int] = None
+    """longest critique the scorer may write (default 2048, the paper's; eval --benchmark with --api-base: 20480,
+    the official evaluation scripts' budget, which costs nothing a short reply does not use)"""
     temperature: float = 0.1
     """scorer sampling temperature (paper: 0.1); 0 means greedy"""
     batch_size: int = 8
@@ -234,13 +235,20 @@ def split_system(text: str, what: str = "template") -> tuple:
     return body[:m.start()].strip("\n"), body[m.end():].lstrip("\n")
 
 
-def render_messages(name: str, images: list, **fields) -> list:
+def render_messages(name: str, images: list, sources: int = 0, **fields) -> list:
     """Template + images + fields -> [system turn,] user turn in the transformers chat format.
 
-    Images are placed where the template says `<image>`, in the order given.
+    Images are placed where the template says `<image>`, in the order given. sources > 1: the
+    template's first `<image>` (the source image's slot) holds that many source images, and the
+    text says how many there are and in which order.
     """
     system = system_prompt(name, **fields)
-    user = [{"role": "user", "content": to_content(fill_prompt(name, **fields), images, name)}]
+    text = fill_prompt(name, **fields)
+    if sources > 1:
+        slots = "\n".join(f"Source image {i + 1} of {sources}: <image>" for i in range(sources))
+        text = text.replace("<image>", f"({sources} source images, in order; the instruction refers to them "
+                                       f"by position)\n{slots}", 1)
+    user = [{"role": "user", "content": to_content(text, images, name)}]
     return ([{"role": "system", "content": system}] if system else []) + user
 
 
@@ -309,6 +317,8 @@ class Critique:
     refinement_comments: Optional[str]
     refined_request: Optional[str]
     text: str
+    truncated: bool = False        # generation stopped by the token limit, not by the model
+    error: Optional[str] = None    # the request failed (HTTP error after retries): no reply at all
 
     @property
     def readable(self) -> bool:
@@ -325,6 +335,8 @@ class PairwiseJudgement:
     summary: Optional[str]
     preferred: Optional[str]
     text: str
+    truncated: bool = False
+    error: Optional[str] = None
 
 
 def parse_score(value: str):
@@ -519,26 +531,48 @@ class RationalRewardsScorer:
         return cls(backend, args.task, args.max_new_tokens, args.temperature)
 
     def _images(self, images, source_images, *others):
+        """[(images of one request in order, number of source images)]. An edit's source may be a
+        list of images (MMRB2 edits with 2-3 inputs): all of them come first, in order."""
         if self.task == "edit":
             if source_images is None or len(source_images) != len(images):
-                raise ValueError("task 'edit' needs one source image per edited image")
-            return [[s, *group] for s, group in zip(source_images, zip(images, *others))]
-        return [list(group) for group in zip(images, *others)]
+                raise ValueError("task 'edit' needs one source image (or a list of them) per edited image")
+            out = []
+            for s, group in zip(source_images, zip(images, *others)):
+                srcs = list(s) if isinstance(s, (list, tuple)) else [s]
+                if not srcs:
+                    raise ValueError("an edit needs at least one source image")
+                out.append(([*srcs, *group], len(srcs)))
+            return out
+        return [(list(group), 0) for group in zip(images, *others)]
 
-    def critique(self, images, requests, source_images=None) -> list:
+    def _generate(self, msgs: list, allow_failures: bool) -> list:
+        """[Generation] for each conversation. A failed request raises BackendError unless
+        allow_failures (eval: the official scripts leave failed requests out and count them)."""
+        if hasattr(self.backend, "generate_detailed"):
+            outs = self.backend.generate_detailed(msgs, self.max_new_tokens, self.temperature)
+        else:  # any object with generate(messages, max_new_tokens, temperature) -> texts
+            outs = [Generation(t) for t in self.backend.generate(msgs, self.max_new_tokens, self.temperature)]
+        failed = [o.error for o in outs if o.error]
+        if failed and not allow_failures:
+            raise BackendError(failed[0])
+        return outs
+
+    def critique(self, images, requests, source_images=None, allow_failures: bool = False) -> list:
         groups = self._images(images, source_images)
-        msgs = [render_messages(f"pointwise_{self.task}", g, request=r) for g, r in zip(groups, requests)]
-        texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
-        return [parse_pointwise(t, self.task) for t in texts]
+        msgs = [render_messages(f"pointwise_{self.task}", g, request=r, sources=n)
+                for (g, n), r in zip(groups, requests)]
+        return [dataclasses.replace(parse_pointwise(o.text, self.task), truncated=o.truncated, error=o.error)
+                for o in self._generate(msgs, allow_failures)]
 
     def rewards(self, images, requests, source_images=None) -> list:
         return [aggregate(c.scores, self.weights) for c in self.critique(images, requests, source_images)]
 
-    def compare(self, images_a, images_b, requests, source_images=None) -> list:
+    def compare(self, images_a, images_b, requests, source_images=None, allow_failures: bool = False) -> list:
         groups = self._images(images_a, source_images, images_b)
-        msgs = [render_messages(f"pairwise_{self.task}", g, request=r) for g, r in zip(groups, requests)]
-        texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
-        return [parse_pairwise(t, self.task) for t in texts]
+        msgs = [render_messages(f"pairwise_{self.task}", g, request=r, sources=n)
+                for (g, n), r in zip(groups, requests)]
+        return [dataclasses.replace(parse_pairwise(o.text, self.task), truncated=o.truncated, error=o.error)
+                for o in self._generate(msgs, allow_failures)]
 
 
 def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = None) -> "RationalRewardsScorer":
@@ -587,76 +621,118 @@ def read_pairs(path, limit: Optional[int] = None) -> list:
 
 
 def preference_metrics(records: list, task: str) -> dict:
-    """Accuracy with ties (tie labels included, must be predicted exactly) and without (A/B labels only)."""
-    correct = [r["predicted"] == r["label"] for r in records]
-    no_tie = [c for c, r in zip(correct, records) if r["label"] != "tie"]
+    """Metrics over prediction records (one per pair; failed requests are counted, not scored).
+
+    accuracy_with_ties: over every labelled pair, a tie label right only when the score sums are equal;
+    accuracy_without_ties: over A/B labels only, a predicted tie counted wrong (the protocol of the
+    official compute_pairwise_accuracy.py once tie votes carry no label).
+    """
+    failed = [r for r in records if r.get("failed")]
+    scored = [r for r in records if not r.get("failed")]
+    correct = [r["predicted"] == r["label"] for r in scored]
+    no_tie = [c for c, r in zip(correct, scored) if r["label"] != "tie"]
     dim_means = {}
     for d in dimensions(task):
-        vals = [r[k][d] for r in records for k in ("scores_a", "scores_b") if r[k].get(d) is not None]
+        vals = [r[k][d] for r in scored for k in ("scores_a", "scores_b") if r[k].get(d) is not None]
         dim_means[d] = sum(vals) / len(vals) if vals else None
-    return {"pairs": len(records),
+    return {"pairs": len(scored),
             "accuracy_with_ties": sum(correct) / len(correct) if correct else None,
             "accuracy_without_ties": sum(no_tie) / len(no_tie) if no_tie else None,
-            "unreadable_outputs": sum(r["unreadable"] for r in records),
-            "predicted_ties": sum(r["predicted"] == "tie" for r in records),
+            "correct_with_ties": sum(correct), "correct_without_ties": sum(no_tie), "ab_labelled": len(no_tie),
+            "tie_labels": len(scored) - len(no_tie),
+            "unreadable_outputs": sum(r["unreadable"] for r in scored),
+            "predicted_ties": sum(r["predicted"] == "tie" for r in scored),
+            "outputs": sum(len(r.get("outputs") or [None]) for r in scored),
+            "truncated_outputs": sum(r.get("truncated", 0) for r in scored),
+            "failed": len(failed),
             "mean_scores": dim_means}
 
 
+def warn_truncated(truncated: int, total: int, flag: str = "--max-new-tokens") -> None:
+    """Outputs cut by the token limit lose their later dimensions (scored 2.5) or their refined
+    request: warn when more than 1% of them were cut."""
+    if total and truncated / total > 0.01:
+        print(f"warning: {truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by the token "
+              f"limit before the model finished; raise {flag}", file=sys.stderr)
+
+
 def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
-    """One prediction record per (pair, images) in `batch`."""
+    """One prediction record per (pair, images) in `batch`; a failed request gives a `failed` record."""
     a, b = [im["image_a"] for _, im in batch], [im["image_b"] for _, im in batch]
     reqs = [p["prompt"] for p, _ in batch]
     src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
     if mode == "pointwise":  # both images of every pair in one batched critique call
-        crits = scorer.critique(a + b, reqs * 2, src * 2 if src else None)
-        results = [(ca.scores, cb.scores, ca.readable and cb.readable, [ca.text, cb.text])
+        crits = scorer.critique(a + b, reqs * 2, src * 2 if src else None, allow_failures=True)
+        results = [(ca.scores, cb.scores, ca.readable and cb.readable, [ca.text, cb.text],
+                    int(ca.truncated) + int(cb.truncated), ca.error or cb.error)
                    for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
     else:
-        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text]) for j in scorer.compare(a, b, reqs, src)]
-    # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
-    # (the official compute_pairwise_accuracy.py), so a wholly unreadable side loses to any score above 2.5.
-    return [{"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
-             "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "outputs": texts}
-            for (p, _), (sa, sb, ok, texts) in zip(batch, results)]
+        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text], int(j.truncated), j.error)
+                   for j in scorer.compare(a, b, reqs, src, allow_failures=True)]
+    records = []
+    for (p, _), (sa, sb, ok, texts, cut, error) in zip(batch, results):
+        if error:  # no reply: left out of the accuracy and retried by the next run (official: success False)
+            records.append({"id": p["id"], "label": p["label"], "failed": True, "error": error})
+            continue
+        # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
+        # (the official compute_pairwise_accuracy.py), so a wholly unreadable side loses to any score above 2.5.
+        records.append({"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
+                        "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "truncated": cut,
+                        "outputs": texts})
+    return records
 
 
 def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str = "pointwise",
                          out_dir: Optional[str] = None, batch_size: int = 8) -> dict:
-    """Predict every pair, append each prediction to out_dir/predictions.jsonl, return metrics.
+    """Predict every pair, append each prediction to out_dir/predictions.jsonl, return metrics over
+    exactly `pairs`.
 
-    A rerun with the same out_dir skips pairs already predicted.
+    A rerun with the same out_dir skips pairs already predicted and retries the failed ones (the
+    newer record supersedes the older one).
     """
     from tqdm import tqdm
     pred_path = Path(out_dir) / "predictions.jsonl" if out_dir else None
     if pred_path:
         pred_path.parent.mkdir(parents=True, exist_ok=True)
-    records = read_jsonl(pred_path) if pred_path else []
-    done = {r["id"] for r in records}
-    todo = [p for p in pairs if p["id"] not in done]
+    latest = {r["id"]: r for r in (read_jsonl(pred_path) if pred_path else [])}
+    todo = [p for p in pairs if p["id"] not in latest or latest[p["id"]].get("failed")]
     skipped = {"missing": 0, "unreadable": 0}
     bar = tqdm(total=len(todo), desc=f"eval ({mode})", unit="pair")
     for i in range(0, len(todo), batch_size):
         batch = []
         for p in todo[i:i + batch_size]:
-            read = {k: read_image(p[k]) for k in ("image_a", "image_b", "source_image") if p.get(k)}
-            bad = {p[k]: problem for k, (_, problem) in read.items() if problem}
-            if scorer.task == "edit" and not p.get("source_image"):
+            # an edit pair has one source image, or several (`source_images`: MMRB2 edits), sent in order
+            sources = p.get("source_images") or ([p["source_image"]] if p.get("source_image") else [])
+            files = [("image_a", p["image_a"]), ("image_b", p["image_b"])] + [("source", f) for f in sources]
+            read = [(key, f, *read_image(f)) for key, f in files]
+            bad = {f: problem for _, f, _, problem in read if problem}
+            if scorer.task == "edit" and not sources:
                 bad["source_image"] = "missing (an edit pair needs one)"
             if bad:
                 skipped["missing" if all(v.startswith("missing") for v in bad.values()) else "unreadable"] += 1
                 print(f"warning: skipping pair {p['id']}: " + "; ".join(f"{f}: {v}" for f, v in bad.items()),
                       file=sys.stderr)
                 continue
-            batch.append((p, {k: im for k, (im, _) in read.items()}))
+            images = {key: im for key, _, im, _ in read if key != "source"}
+            if sources:
+                loaded = [im for key, _, im, _ in read if key == "source"]
+                images["source_image"] = loaded if p.get("source_images") else loaded[0]
+            batch.append((p, images))
         for rec in predict_pairs(scorer, batch, mode) if batch else []:
-            records.append(rec)
+            latest[rec["id"]] = rec
             if pred_path:
                 append_jsonl(pred_path, rec)
+            if rec.get("failed"):
+                print(f"warning: pair {rec['id']}: the request failed ({rec['error'][:200]}); left out and "
+                      "retried by the next run into the same --out", file=sys.stderr)
         bar.update(len(todo[i:i + batch_size]))
-        bar.set_postfix(acc=f"{preference_metrics(records, scorer.task)['accuracy_with_ties'] or 0:.3f}")
+        done = [latest[q["id"]] for q in pairs if q["id"] in latest]
+        bar.set_postfix(acc=f"{preference_metrics(done, scorer.task)['accuracy_with_ties'] or 0:.3f}")
     bar.close()
+    records = [latest[p["id"]] for p in pairs if p["id"] in latest]   # exactly the pairs asked for
     metrics = {**preference_metrics(records, scorer.task), "skipped_pairs": sum(skipped.values()),
                "skipped_missing_image": skipped["missing"], "skipped_unreadable_image": skipped["unreadable"], "mode": mode}
+    warn_truncated(metrics["truncated_outputs"], metrics["outputs"])
     if out_dir:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -665,11 +741,22 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # The paper's Table 1: one command per benchmark, its official labels and protocol.
 # ---------------------------------------------------------------------------------------
 # Each row streams from the hub (or --data-dir) and becomes our pairs: A = left / candidate_1.
-# Labels follow the official RationalRewards evaluation (reward_model_evaluation/modular_rm_eval):
-# leftvote -> A, rightvote -> B, every other vote (tie, both bad) -> tie, and ties stay in the
-# accuracy (a tie is right only when the score sums are equal). EditReward-Bench follows its own
-# repository (TIGER-AI-Lab/EditReward, EditReward/evaluate): rows are already the pairwise
-# comparisons of 2-, 3- and 4-way groups; accuracy is over comparisons, group accuracy over groups.
+# The "paper protocol" accuracy of each benchmark follows the official code that produced the
+# paper's figure:
+# - GenAI-Bench: TIGER-AI-Lab/RationalRewards reward_model_evaluation/rm_inference/inference_genaibench_*.py
+#   maps leftvote -> A, rightvote -> B and every other vote (tie, both bad) to no label, and
+#   compute_pairwise_accuracy.py skips unlabelled pairs and counts a predicted tie (equal sums) as
+#   wrong. (The newer modular_rm_eval adapter maps those votes to "tie", but its parser looks for
+#   "2. Physical Quality", which never matches the rubric's "2. Physical and Visual Quality", so on
+#   that path physical quality is 2.5 on every reply: it cannot have produced the paper's figures.)
+#   Tie votes are kept as "tie" labels for the second, with-ties column.
+# - MMRB2: the same scripts (inference_mmrb2_*.py): `chosen` a/b (ties, if any, must be predicted
+#   as ties); an edit's `prompt_images` are all sent, in order, before the two candidates.
+# - EditReward-Bench: its own repository (TIGER-AI-Lab/EditReward, EditReward/evaluate/eval_bench.py):
+#   pairwise comparisons of 2-, 3- and 4-way samples, accuracy over comparisons with A=B ties, and
+#   the strict (group) accuracy per subset: a sample is right when all its comparisons are.
+# Everywhere a request that failed (no reply after the retries) is left out and counted, as the
+# official scripts do with `success = False`; an unreadable reply scores 2.5 per dimension.
 BENCHMARKS = {
     "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test", task="t2i",
                             prompt="prompt", a="left_image", b="right_image", src=None, paper=69.8,
@@ -692,18 +779,38 @@ def benchmark_label(name: str, row: dict) -> Optional[str]:
     """'A', 'B' or 'tie' for one benchmark row; None when the row carries no usable label."""
     if name.startswith("genai-bench"):
         vote = str(row.get("vote_type") or "").strip().lower()
+        # tie and both-bad votes: "tie" here; the paper-protocol accuracy leaves them out (see above)
         return {"leftvote": "A", "rightvote": "B"}.get(vote, "tie") if vote else None
-    if name == "editreward-bench":  # ranking "C>A" for comparison "AvsC": candidate_1 is A, candidate_2 is C
-        ranking, kind = str(row.get("ranking") or "").replace(" ", ""), str(row.get("comparison_type") or "")
-        left, _, right = kind.partition("vs")
-        if "=" in ranking:
-            return "tie"
-        m = re.fullmatch(r"([A-Z])>([A-Z])", ranking)
-        if not m or not left:
-            return None
-        return "A" if m.group(1) == left else "B" if m.group(1) == right else None
-    chosen = str(row.get("chosen") or "").strip().lower()  # MMRB2, as the official adapter reads it
-    return {"a": "A", "left": "A", "1": "A", "b": "B", "right": "B", "2": "B", "tie": "tie", "a=b": "tie"}.get(chosen)
+    if name == "editreward-bench":
+        return editreward_label(row.get("ranking"), row.get("comparison_type"))
+    chosen = str(row.get("chosen") or "").strip().lower()  # MMRB2, as compute_pairwise_accuracy.py reads it
+    return {"a": "A", "left": "A", "leftvote": "A", "1": "A", "model_1": "A", "b": "B", "right": "B",
+            "rightvote": "B", "2": "B", "model_2": "B", "tie": "tie", "draw": "tie", "equal": "tie",
+            "a=b": "tie"}.get(chosen)
+
+
+def editreward_label(ranking, comparison_type) -> Optional[str]:
+    """EditReward-Bench: which of candidate_1 (A) and candidate_2 (B) humans ranked higher.
+
+    `comparison_type` names the two letters compared ("AvsC": candidate_1 is A, candidate_2 is C); the
+    `ranking` is a pairwise or a full ranking ("C>A", "C>A>B": the letter written first wins, as
+    eval_bench.py's get_pairwise_gt reads it) or a 2-way tie ("A=B=Good", "A=B=Bad"). A row without
+    `comparison_type` is a 2-way sample: its pair is the ranking's two letters, in alphabetical order.
+    """
+    ranking = str(ranking or "").replace(" ", "")
+    if ranking in ("A=B=Good", "A=B=Bad") or re.fullmatch(r"[A-Z]=[A-Z]", ranking):
+        return "tie"
+    letters = re.findall(r"[A-Z]", ranking)
+    if not letters or len(letters) != len(set(letters)) or not re.fullmatch(r"[A-Z](>[A-Z])+", ranking):
+        return None
+    left, _, right = str(comparison_type or "").partition("vs")
+    if not (left and right):
+        if len(letters) != 2:
+            return None  # a 3- or 4-way ranking says nothing about which pair the row holds
+        left, right = sorted(letters)
+    if left not in letters or right not in letters:
+        return None
+    return "A" if letters.index(left) < letters.index(right) else "B"
 
 
 def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], image_dir: Path) -> tuple:
@@ -738,20 +845,32 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], im
         for key, col in (("image_a", spec["a"]), ("image_b", spec["b"]), ("source_image", spec["src"])):
             if col is None:
                 continue
-            cell = row.get(col)
-            if isinstance(cell, list):  # MMRB2 keeps lists of images per response
-                cell = cell[0] if cell else None
-            path = image_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pid)}-{key}.png"
-            problem = save_embedded_image(cell, path)
+            cells = row.get(col)
+            # MMRB2 keeps a list of images per field: a response is its first image; an edit's
+            # prompt_images are all its source images (2-3 for 178 of 1,000 edit pairs), kept in order
+            cells = cells if isinstance(cells, list) else [cells]
+            if key != "source_image" or not name.startswith("mmrb2"):
+                cells = cells[:1]
+            paths = []
+            for n, cell in enumerate(cells or [None]):
+                path = image_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pid)}-{key}{n or ''}.png"
+                problem = save_embedded_image(cell, path)
+                if problem:
+                    break
+                paths.append(str(path))
             if problem:
                 break
-            item[key] = str(path)
+            if key == "source_image" and name.startswith("mmrb2"):
+                item["source_images"] = paths
+            else:
+                item[key] = paths[0]
         if problem:
             skipped["missing_image" if problem == "missing" else "unreadable_image"] += 1
             print(f"warning: {name} row {i} ({pid}): image {problem}: skipped", file=sys.stderr)
             continue
         if name == "editreward-bench":
             item["group"] = pid.split("_")[0]  # the official grouping of a 3- or 4-way sample
+            item["subset"] = str(row.get("dataset") or "")  # 2pair / 3pair / 4pair
         pairs.append(item)
     return pairs, skipped
 
@@ -767,15 +886,18 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple:
 
 
 def group_accuracy(records: list, groups: dict) -> Optional[float]:
-    """Share of multi-way groups (3- and 4-way) whose every pairwise decision is right."""
+    """Strict accuracy: the share of samples (groups of comparisons) whose every decision is right."""
     by_group = {}
     for r in records:
-        by_group.setdefault(groups.get(r["id"]), []).append(r["predicted"] == r["label"])
-    multi = [all(v) for g, v in by_group.items() if g is not None and len(v) > 1]
-    return sum(multi) / len(multi) if multi else None
+        if not r.get("failed") and groups.get(r["id"]) is not None:
+            by_group.setdefault(groups[r["id"]], []).append(r["predicted"] == r["label"])
+    return sum(all(v) for v in by_group.values()) / len(by_group) if by_group else None
 
 
 _backends = {}  # one loaded model serves every benchmark of an `all` run
+
+
+OFFICIAL_MAX_TOKENS = 20480  # the official evaluation scripts' max_tokens
 
 
 def run_benchmark(name: str, args: Args) -> dict:
@@ -793,35 +915,68 @@ def run_benchmark(name: str, args: Args) -> dict:
         _backends[key] = RationalRewardsScorer.from_args(sub).backend
     scorer = RationalRewardsScorer(_backends[key], sub.task, sub.max_new_tokens, sub.temperature)
     metrics = evaluate_preferences(scorer, pairs, sub.mode, str(out), sub.batch_size)
-    records = [r for r in read_jsonl(out / "predictions.jsonl") if r["id"] in {p["id"] for p in pairs}]
-    correct = sum(r["predicted"] == r["label"] for r in records)
-    low, high = wilson_interval(correct, len(records))
-    acc = correct / len(records) if records else None
-    metrics.update(benchmark=name, skipped_rows=skipped, accuracy=acc, ci95=[low, high], paper=spec["paper"],
+    latest = {r["id"]: r for r in read_jsonl(out / "predictions.jsonl")}
+    records = [latest[p["id"]] for p in pairs if p["id"] in latest]
+    # the paper-protocol accuracy: GenAI-Bench over A/B votes only; MMRB2 and EditReward-Bench over every label
+    if name.startswith("genai-bench"):
+        correct, n = metrics["correct_without_ties"], metrics["ab_labelled"]
+        skipped["tie_or_both_bad_votes"] = metrics["tie_labels"]
+    else:
+        correct, n = metrics["correct_with_ties"], metrics["pairs"]
+    skipped["failed_requests"] = metrics["failed"]
+    low, high = wilson_interval(correct, n)
+    acc = correct / n if n else None
+    metrics.update(benchmark=name, protocol=PROTOCOLS[name], skipped_rows=skipped, accuracy=acc, correct=correct,
+                   labelled=n, ci95=[low, high], paper=spec["paper"],
                    difference=None if acc is None else 100 * acc - spec["paper"], baselines=spec["baselines"])
     if name == "editreward-bench":
-        metrics["group_accuracy"] = group_accuracy(records, {p["id"]: p.get("group") for p in pairs})
+        groups = {p["id"]: p.get("group") for p in pairs}
+        metrics["group_accuracy"] = group_accuracy(records, groups)
+        metrics["group_accuracy_by_subset"] = {
+            subset: group_accuracy(records, {p["id"]: p.get("group") for p in pairs if p.get("subset") == subset})
+            for subset in sorted({p.get("subset") for p in pairs if p.get("subset")})}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
+PROTOCOLS = {
+    "genai-bench-t2i": "A/B votes only (tie and both-bad votes skipped), a predicted tie is wrong "
+                       "(rm_inference/inference_genaibench_imggen.py + compute_pairwise_accuracy.py)",
+    "genai-bench-edit": "A/B votes only (tie and both-bad votes skipped), a predicted tie is wrong "
+                        "(rm_inference/inference_genaibench_imgedit.py + compute_pairwise_accuracy.py)",
+    "editreward-bench": "every comparison, ties A=B included; strict group accuracy per subset "
+                        "(EditReward/evaluate/eval_bench.py)",
+    "mmrb2-t2i": "every labelled pair (rm_inference/inference_mmrb2_imggen.py + compute_pairwise_accuracy.py)",
+    "mmrb2-edit": "every labelled pair, all source images sent (rm_inference/inference_mmrb2_imgedit.py + "
+                  "compute_pairwise_accuracy.py)",
+}
+
+
 def print_benchmark_table(rows: list) -> None:
-    """Ours (with its 95% interval) beside the paper's RationalRewards-8B, per benchmark."""
-    print(f"{'benchmark':<18} {'pairs':>6} {'ours':>7} {'95% CI':>15} {'paper':>6} {'diff':>7}  note")
+    """Ours (paper protocol, with its 95% interval) beside the paper's RationalRewards-8B, per benchmark."""
+    import textwrap
+    print(f"{'benchmark':<17} {'paper':>6} {'ours':>6} {'w/ ties':>7} {'n':>6} {'95% CI':>11} {'skipped':>7} "
+          f"{'failed':>6} {'cut':>5}  note")
     for r in rows:
         if "error" in r:
-            print(f"{r['benchmark']:<18} {'-':>6} {'-':>7} {'-':>15} {r['paper']:>6.1f} {'-':>7}  "
-                  f"not run: {r['error'].splitlines()[0][:160]}")
+            print(f"{r['benchmark']:<17} {r['paper']:>6.1f} {'-':>6} {'-':>7} {'-':>6} {'-':>11} {'-':>7} {'-':>6} "
+                  f"{'-':>5}  not run:")
+            print(textwrap.indent(textwrap.fill(r["error"], 96, break_on_hyphens=False), " " * 4))
             continue
-        ci = f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}" if r["ci95"][0] is not None else "-"
-        ours = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}"
-        diff = "-" if r["difference"] is None else f"{r['difference']:+.1f}"
-        note = [f"group acc {100 * r['group_accuracy']:.1f}"] if r.get("group_accuracy") is not None else []
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+        ci = f"{pct(r['ci95'][0])}-{pct(r['ci95'][1])}" if r["ci95"][0] is not None else "-"
+        skipped = sum(v for k, v in r["skipped_rows"].items() if k != "failed_requests")
+        note = [f"diff {r['difference']:+.1f}"] if r["difference"] is not None else []
+        if r.get("group_accuracy") is not None:
+            note.append("group acc " + ", ".join(f"{k} {pct(v)}" for k, v in r["group_accuracy_by_subset"].items()))
         note += [f"{k} {v}" for k, v in r["baselines"].items()]
         note += [f"{r['unreadable_outputs']} unreadable"] if r["unreadable_outputs"] else []
-        print(f"{r['benchmark']:<18} {r['pairs']:>6} {ours:>7} {ci:>15} {r['paper']:>6.1f} {diff:>7}  {'; '.join(note)}")
-    print("paper: RationalRewards-8B in the paper's Table 1 (pairwise protocol, ties included); "
-          "a gap inside the 95% interval is noise.")
+        print(f"{r['benchmark']:<17} {r['paper']:>6.1f} {pct(r['accuracy']):>6} {pct(r['accuracy_with_ties']):>7} "
+              f"{r['labelled']:>6} {ci:>11} {skipped:>7} {r['failed']:>6} {r['truncated_outputs']:>5}  {'; '.join(note)}")
+    print("paper: RationalRewards-8B in the paper's Table 1; ours: the same protocol as the official code (README, "
+          "Table 1); w/ ties: tie labels kept, a tie right only when predicted; skipped: unlabelled rows, tie votes "
+          "(GenAI-Bench) and unreadable images; failed: requests with no reply (rerun to retry); cut: outputs stopped "
+          "by the token limit. A gap inside the 95% interval is noise.")
 
 # ---------------------------------------------------------------------------------------
 # main
@@ -834,6 +989,9 @@ EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quant
 def main(argv=None) -> int:
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
+    if args.max_new_tokens is None:
+        over_http_benchmark = args.command == "eval" and args.benchmark and args.api_base
+        args.max_new_tokens = OFFICIAL_MAX_TOKENS if over_http_benchmark else 2048
     set_prompts_dir(args.prompts_dir)
     if args.command == "eval" and args.benchmark:
         if args.pairs:
@@ -851,6 +1009,8 @@ def main(argv=None) -> int:
                     raise
                 rows.append({"benchmark": name, "paper": BENCHMARKS[name]["paper"], "error": str(err)})
         print_benchmark_table(rows)
+        if not any("error" not in r for r in rows):
+            raise ModelLoadError("no benchmark could be run (see the table above for each reason)")
         return 0
     args.model = args.model or RELEASED[args.task]
     args.mode = args.mode or "pointwise"
@@ -872,8 +1032,10 @@ def main(argv=None) -> int:
         src = [images[-1]] * len(args.image) if args.task == "edit" else None
         crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)
         results = [{"image": p, "scores": c.scores, "reward": aggregate(c.scores), "not_applicable": c.not_applicable,
-                    "summary": c.summary, "refined_request": c.refined_request, "critique": c.text}
+                    "summary": c.summary, "refined_request": c.refined_request, "truncated": c.truncated,
+                    "critique": c.text}
                    for p, c in zip(args.image, crits)]
+        warn_truncated(sum(c.truncated for c in crits), len(crits))
         if args.json:
             print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         for r in [] if args.json else results:
@@ -881,6 +1043,8 @@ def main(argv=None) -> int:
             for d, s in r["scores"].items():
                 print(f"  {DIMENSION_TITLES[d]:<28} {'N/A or unreadable' if s is None else f'{s:.2f}'}")
             print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  {r['refined_request']}")
+            if r["truncated"]:
+                print("  (the critique was cut by --max-new-tokens before it ended)")
         return 0
     if not args.pairs:
         raise SystemExit("eval needs --pairs FILE.jsonl")
@@ -973,12 +1137,19 @@ def save_args(args, out_dir) -> None:
 
 
 def cli_entry(main, errors=()) -> None:
-    """Run a module's main(); the errors a user can fix print one line and exit 2, not a traceback."""
+    """Run a module's main(); the errors a user can fix print one line `error: ...` and exit 2, as
+    argparse's own do, never a traceback (SystemExit("message") included)."""
     try:
-        sys.exit(main())
+        code = main()
+    except SystemExit as err:
+        if not isinstance(err.code, str):
+            raise
+        print(f"error: {err.code}", file=sys.stderr)
+        sys.exit(2)
     except (ModelLoadError, BackendError, FileNotFoundError, ValueError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(code)
 
 # ---------------------------------------------------------------------------------------
 # Files: prompt lists, JSONL records, images (atomic writes), streamed parquet, fonts.
@@ -1486,8 +1657,13 @@ class TransformersBackend:
             return_tensors="pt", processor_kwargs={"padding": True}).to(self.model.device)
 
     def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+        return [g.text for g in self.generate_detailed(messages_batch, max_new_tokens, temperature, min_new_tokens)]
+
+    def generate_detailed(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
         import torch
-        texts = []
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []))
+        outs = []
         for i in range(0, len(messages_batch), self.batch_size):
             inputs = self._inputs(messages_batch[i:i + self.batch_size])
             sample = temperature > 0
@@ -1496,8 +1672,11 @@ class TransformersBackend:
                                           do_sample=sample, temperature=temperature if sample else None,
                                           top_p=None, top_k=None)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, T_new)
-            texts += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return texts
+            # a reply without an end token was cut by max_new_tokens
+            ended = torch.isin(new_tokens.cpu(), eos).any(dim=1) if len(eos) else torch.zeros(len(new_tokens), dtype=torch.bool)
+            texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+            outs += [Generation(t, truncated=not bool(e)) for t, e in zip(texts, ended)]
+        return outs
 
     def answer_logprobs(self, messages_batch, answers=("A", "B")) -> list:
         """log P(answer | prompt), normalised over `answers`, from one forward pass (no sampling).
@@ -1521,6 +1700,15 @@ class TransformersBackend:
 
 class BackendError(RuntimeError):
     """The model server failed or did not answer; the message says which and how often it was tried."""
+
+
+@dataclass
+class Generation:
+    """One reply: its text, whether the token limit cut it (`finish_reason == "length"` over HTTP, no
+    end token in-process), and the error when the request failed altogether (then text is "")."""
+    text: str
+    truncated: bool = False
+    error: Optional[str] = None
 
 
 def _data_url(image: Image.Image) -> str:
@@ -1597,16 +1785,31 @@ class OpenAIBackend:
             return list(pool.map(fn, items))
 
     def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+        """Texts; a request that fails after its retries raises BackendError."""
+        outs = self.generate_detailed(messages_batch, max_new_tokens, temperature, min_new_tokens)
+        failed = [g.error for g in outs if g.error]
+        if failed:
+            raise BackendError(failed[0])
+        return [g.text for g in outs]
+
+    def generate_detailed(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+        """[Generation]: a request that fails after its retries is a Generation with its error, so the
+        others of the batch are kept (the caller decides whether a failure stops the run)."""
         def one(conv):
-            resp = self._post({"model": self.model, "messages": self._to_openai(conv),
-                               "max_tokens": max_new_tokens, "temperature": temperature})
-            content = resp["choices"][0]["message"].get("content")
+            try:
+                resp = self._post({"model": self.model, "messages": self._to_openai(conv),
+                                   "max_tokens": max_new_tokens, "temperature": temperature})
+            except BackendError as err:
+                return Generation("", error=str(err))
+            choice = resp["choices"][0]
+            content = choice["message"].get("content")
+            truncated = choice.get("finish_reason") == "length"
             if not isinstance(content, str) or not content.strip():
                 # counted downstream as an unreadable output; said here so it is not silent
                 print(f"warning: {self.url} returned no text content ({str(content)[:80]!r}); counted as unreadable",
                       file=sys.stderr)
-                return ""
-            return content
+                return Generation("", truncated=truncated)
+            return Generation(content, truncated=truncated)
         return self._map(one, messages_batch)
 
     def answer_logprobs(self, messages_batch, answers=("A", "B")) -> list:

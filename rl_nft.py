@@ -619,9 +619,11 @@ def reward_images(scorer, images: list, prompts: list, weights, sources: Optiona
     for i in tqdm(range(0, len(images), step), desc="reward: critiques", unit="batch", leave=False):
         src = sources[i:i + step] if sources is not None else None
         critiques += scorer.critique(images[i:i + step], prompts[i:i + step], src)
+    truncated = sum(c.truncated for c in critiques)
+    rr.warn_truncated(truncated, len(critiques), "--scorer-max-new-tokens")
     return {"rewards": [rr.aggregate(c.scores, weights) for c in critiques],
             "scores": [c.scores for c in critiques],
-            "unreadable": sum(not c.readable for c in critiques)}
+            "unreadable": sum(not c.readable for c in critiques), "truncated": truncated}
 
 
 def dimension_means(scores: list, dims: tuple = rr.T2I_DIMENSIONS) -> dict:
@@ -793,7 +795,7 @@ def load_checkpoint(pipe, optimizer, ema: Optional[dict], out: Path) -> Optional
 
 
 def metric_fields(task: str) -> list:
-    return ["epoch", "step", "reward_mean", "reward_std", *rr.dimensions(task), "unreadable", "masked_samples",
+    return ["epoch", "step", "reward_mean", "reward_std", *rr.dimensions(task), "unreadable", "truncated", "masked_samples",
             "trained_samples", "banned_prompts", "loss", "policy_loss", "kl", "eta", "eval_reward", "seconds"]
 
 
@@ -900,6 +902,26 @@ def validate(args: Args) -> None:
                          f"{batches} mini-batches ({samples} samples / --train-batch-size {args.train_batch_size})")
 
 
+RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.csv")
+
+
+def check_out_dir(out: Path, args: Args) -> None:
+    """--out must be a directory we can write; a folder holding any trace of a run (a checkpoint, even
+    half-swapped, or metrics) is continued only with --resume and the same settings."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file, not a directory")
+    existing = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+    if existing and not args.resume:
+        try:
+            rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"))
+        except ValueError as err:  # other settings: --resume would be refused too
+            raise SystemExit(str(err)) from None
+        raise SystemExit(f"{out} already holds a run with these settings: pass --resume to continue it, "
+                         f"or choose another --out")
+    if args.resume:
+        rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"))
+
+
 def main(argv=None) -> int:
     args = resolve_defaults(rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0]))
     rr.set_prompts_dir(args.prompts_dir)
@@ -910,10 +932,7 @@ def main(argv=None) -> int:
     eval_items = (read_items(args.eval_prompts, args.task, args.resolution) if args.eval_prompts
                   else items)[:args.num_eval_prompts]
     out = Path(args.out)
-    if (out / "checkpoint").exists() and not args.resume:
-        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if args.resume:
-        rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"))
+    check_out_dir(out, args)
     rr.save_args(args, out)
     print(json.dumps(vars(args)), file=sys.stderr)
     from tqdm import tqdm
@@ -1003,7 +1022,7 @@ def main(argv=None) -> int:
         totals = totals or {}
         row = {"epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
                "reward_std": float(R.std(unbiased=False)), **dimension_means(res["scores"], dims),
-               "unreadable": res["unreadable"], "masked_samples": int((~keep).sum()),
+               "unreadable": res["unreadable"], "truncated": res["truncated"], "masked_samples": int((~keep).sum()),
                "trained_samples": int(keep.sum()), "banned_prompts": len(state["banned"]),
                "loss": totals.get("loss"), "policy_loss": totals.get("policy"), "kl": totals.get("kl"), "eta": eta,
                "eval_reward": eval_reward, "seconds": round(time.time() - t0, 2)}

@@ -70,7 +70,7 @@ def editreward(root):
 def mmrb2(root, name):
     return write_parquet(root / name / "pairs.parquet", {
         "pair_id": ["p1", "p2"], "prompt_text": ["a red kite", "a red kite again"],
-        "prompt_images": [[png("green")], [png("green")]],
+        "prompt_images": [[png("green")], [png("green"), png("red"), png("blue")]],
         "response_a_images": [[png("red")], [png("blue")]], "response_b_images": [[png("blue")], [png("red")]],
         "chosen": ["A", "B"], "response_a_model": ["x", "y"], "response_b_model": ["y", "x"],
     }, list_image_columns=("prompt_images", "response_a_images", "response_b_images"))
@@ -90,10 +90,26 @@ def test_labels_follow_each_benchmarks_protocol(tmp_path):
     assert [(p["id"], p["label"], p["group"]) for p in pairs] == [
         ("g1", "A", "g1"), ("g2_AvsB", "A", "g2"), ("g2_AvsC", "B", "g2"), ("g2_BvsC", "tie", "g2")]
     pairs, _ = rr.benchmark_pairs("mmrb2-edit", str(tmp_path / "mmrb2-edit"), None, tmp_path / "img")
-    assert [(p["id"], p["label"]) for p in pairs] == [("p1", "A"), ("p2", "B")] and "source_image" in pairs[0]
+    assert [(p["id"], p["label"]) for p in pairs] == [("p1", "A"), ("p2", "B")]
+    assert [len(p["source_images"]) for p in pairs] == [1, 3]     # every prompt_images entry, in order
+    assert [rr.load_image(f).getpixel((0, 0)) for f in pairs[1]["source_images"]] == [(0, 128, 0), (255, 0, 0),
+                                                                                     (0, 0, 255)]
     # --limit touches only what it needs
     pairs, _ = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), 1, tmp_path / "img")
     assert len(pairs) == 1
+
+
+def test_editreward_labels_from_comparison_type_or_ranking():
+    # comparison_type names the pair; the ranking may be pairwise or a full ranking (the letter written first wins)
+    assert rr.editreward_label("C>A", "AvsC") == "B" and rr.editreward_label("A>C", "AvsC") == "A"
+    assert rr.editreward_label("C>A>B", "AvsB") == "A" and rr.editreward_label("C>A>B", "AvsC") == "B"
+    assert rr.editreward_label("D>B>A>C", "BvsD") == "B"
+    # 2-way rows: ties, and rows whose comparison_type is missing get their pair from the ranking
+    assert rr.editreward_label("A=B=Good", None) == "tie" and rr.editreward_label("A=B=Bad", "") == "tie"
+    assert rr.editreward_label("B>A", None) == "B" and rr.editreward_label("A>B", float("nan") if False else None) == "A"
+    # unusable: a full ranking without the pair, a malformed string, a pair not in the ranking
+    assert rr.editreward_label("C>A>B", None) is None and rr.editreward_label("A>>B", "AvsB") is None
+    assert rr.editreward_label("A>B", "AvsC") is None and rr.editreward_label(None, "AvsB") is None
 
 
 def test_wilson_interval_and_group_accuracy_by_hand():
@@ -104,7 +120,9 @@ def test_wilson_interval_and_group_accuracy_by_hand():
             {"id": "b2", "predicted": "B", "label": "A"}, {"id": "c1", "predicted": "tie", "label": "tie"},
             {"id": "c2", "predicted": "B", "label": "B"}]
     groups = {"a": "a", "b1": "b", "b2": "b", "c1": "c", "c2": "c"}
-    assert rr.group_accuracy(recs, groups) == 0.5  # b fails, c passes; the 2-way "a" is not a group
+    assert rr.group_accuracy(recs, groups) == pytest.approx(2 / 3)  # a and c pass, b fails
+    assert rr.group_accuracy(recs + [{"id": "d", "failed": True, "label": "A"}], {**groups, "d": "d"}) == \
+        pytest.approx(2 / 3)                                               # a failed request is no sample
 
 
 def red_judge(payload):
@@ -122,13 +140,19 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
     assert rr.main(argv + ["--benchmark", "all", "--out", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
     t2i = json.loads((tmp_path / "runs" / "genai-bench-t2i" / "metrics.json").read_text())
-    # A red/B blue -> A right; blue/red -> B right; red/blue labelled tie -> wrong; blue/blue tie -> right
-    assert t2i["pairs"] == 4 and t2i["accuracy"] == pytest.approx(3 / 4) and t2i["mode"] == "pairwise"
-    assert t2i["difference"] == pytest.approx(75.0 - 69.8) and t2i["ci95"] == list(rr.wilson_interval(3, 4))
+    # A red/B blue -> A right; blue/red -> B right; red/blue tie vote -> predicted A; blue/blue both-bad -> tie.
+    # Paper protocol (official rm_inference + compute_pairwise_accuracy): the two tie votes carry no label
+    assert (t2i["labelled"], t2i["correct"], t2i["accuracy"]) == (2, 2, 1.0) and t2i["mode"] == "pairwise"
+    assert t2i["skipped_rows"] == {"unlabelled": 0, "missing_image": 0, "unreadable_image": 1,
+                                   "tie_or_both_bad_votes": 2, "failed_requests": 0}
+    assert t2i["accuracy_with_ties"] == pytest.approx(3 / 4) and t2i["pairs"] == 4
+    assert t2i["difference"] == pytest.approx(100.0 - 69.8) and t2i["ci95"] == list(rr.wilson_interval(2, 2))
     er = json.loads((tmp_path / "runs" / "editreward-bench" / "metrics.json").read_text())
     # g1 red/blue A: right; AvsB red/blue A: right; AvsC red/green labelled C: wrong; blue/green tie: right
-    assert er["accuracy"] == pytest.approx(3 / 4) and er["group_accuracy"] == 0.0
-    assert "genai-bench-t2i" in table and "75.0" in table and "69.8" in table and "+5.2" in table
+    assert er["accuracy"] == pytest.approx(3 / 4) and er["group_accuracy"] == 0.5
+    assert er["group_accuracy_by_subset"] == {"2pair": 1.0, "3pair": 0.0}
+    assert "genai-bench-t2i" in table and "100.0" in table and "69.8" in table and "+30.2" in table
+    assert "75.0" in table and "2pair 100.0, 3pair 0.0" in table
     assert "mmrb2-t2i" in table and "not run" in table and "facebookresearch/MMRB2" in table
     assert "Qwen3-VL-8B (base) 55.1" in table
     # a rerun resumes: no new request
@@ -191,3 +215,71 @@ def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scrip
             rr.fill_prompt("pairwise_t2i", request="x")
     finally:
         rr.set_prompts_dir(None)
+
+
+def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, scripted_server, capsys):
+    """Official: a request with no reply is success = False, left out of the accuracy, counted as skipped."""
+    genai_t2i(tmp_path)
+    down = {"on": True}
+
+    def flaky(payload):
+        from conftest import text_in
+        return 500 if down["on"] and "a red dog" in text_in(payload) else red_judge(payload)
+    server = scripted_server(flaky)
+    argv = ["eval", "--model", "served", "--api-base", server.url, "--max-retries", "0", "--benchmark",
+            "genai-bench-t2i", "--data-dir", str(tmp_path / "genai-bench-t2i"), "--out", str(tmp_path / "run")]
+    assert rr.main(argv) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (m["failed"], m["labelled"], m["correct"], m["pairs"]) == (1, 1, 1, 3)   # the failed A/B pair is out
+    assert m["skipped_rows"]["failed_requests"] == 1
+    failed = [r for r in rr.read_jsonl(tmp_path / "run" / "predictions.jsonl") if r.get("failed")]
+    assert len(failed) == 1 and "HTTP 500" in failed[0]["error"] and "predicted" not in failed[0]
+    assert "retried by the next run" in capsys.readouterr().err
+    # the next run into the same --out retries only the failed pair, and its record supersedes the failure
+    down["on"] = False
+    n = len(server.requests)
+    assert rr.main(argv) == 0
+    assert len(server.requests) == n + 1
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (m["failed"], m["labelled"], m["correct"]) == (0, 2, 2)
+
+
+def test_truncated_replies_are_counted_and_warned(tmp_path, scripted_server, capsys):
+    genai_t2i(tmp_path)
+    cut = {"choices": [{"index": 0, "finish_reason": "length",
+                        "message": {"role": "assistant", "content": "# Detailed Judgement\n1. Text Faithfulness:\n"
+                                                                    "## Score A: 4\n## Score B: 1\n2. Physical and"}}]}
+    server = scripted_server(lambda payload: cut)
+    argv = ["eval", "--model", "served", "--api-base", server.url, "--benchmark", "genai-bench-t2i",
+            "--data-dir", str(tmp_path / "genai-bench-t2i"), "--out", str(tmp_path / "run")]
+    assert rr.main(argv) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["truncated_outputs"] == 4 and m["outputs"] == 4
+    captured = capsys.readouterr()
+    assert "4 of 4 outputs (100.0%) were cut" in captured.err and "--max-new-tokens" in captured.err
+    # over HTTP the benchmark asks for the official budget; a --pairs eval keeps the paper's 2048
+    assert {r["payload"]["max_tokens"] for r in server.requests} == {20480}
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["max_new_tokens"] == 20480
+
+
+def test_in_process_truncation_is_a_reply_without_an_end_token():
+    model, processor = rr.load_vlm("tiny-random")
+    backend = rr.TransformersBackend(model, processor)
+    msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")]
+    [out] = backend.generate_detailed(msgs, max_new_tokens=3, temperature=0, min_new_tokens=3)  # no end token allowed
+    assert out.truncated and out.error is None
+
+
+def test_mmrb2_edit_sends_every_source_image_first(tmp_path, scripted_server):
+    mmrb2(tmp_path, "mmrb2-edit")
+    server = scripted_server(red_judge)
+    assert rr.main(["eval", "--model", "served", "--api-base", server.url, "--benchmark", "mmrb2-edit",
+                    "--data-dir", str(tmp_path / "mmrb2-edit"), "--out", str(tmp_path / "run")]) == 0
+    from conftest import text_in
+    by_count = sorted((len(images_in(r["payload"])), text_in(r["payload"])) for r in server.requests)
+    assert [n for n, _ in by_count] == [3, 5]                 # 1 source + 2 candidates; 3 sources + 2 candidates
+    assert "3 source images" in by_count[1][1] and "Source image 3 of 3" in by_count[1][1]
+    cols = [dominant_colour(u) for u in images_in(max(server.requests, key=lambda r: len(images_in(r["payload"])))["payload"])]
+    assert cols[:3] == ["green", "red", "blue"]               # in the dataset's order, before the candidates
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["accuracy"] == 1.0 and m["labelled"] == 2

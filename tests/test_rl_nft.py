@@ -345,7 +345,7 @@ def test_reward_images_keeps_per_dimension_scores_and_counts_unreadable():
     img = Image.new("RGB", (8, 8))
     res = rl_nft.reward_images(scorer, [img] * 4, ["p"] * 4, None)
     assert res["rewards"] == pytest.approx([(2.5 - 1) / 3, 0.0] * 2)  # unreadable -> reward 0
-    assert res["unreadable"] == 2
+    assert res["unreadable"] == 2 and res["truncated"] == 0
     assert rl_nft.dimension_means(res["scores"]) == {"text_faithfulness": 3.0, "physical_quality": 2.0,
                                                      "text_rendering": None}
     weighted = rl_nft.reward_images(scorer, [img] * 2, ["p"] * 2, {"physical_quality": 0.0})
@@ -519,3 +519,28 @@ def test_a_non_finite_loss_stops_the_run_with_the_checkpoint_intact(tiny_policy)
         rl_nft.optimise_epoch(pipe.transformer, opt, params, x0, cond, torch.full((2,), 0.7),
                               torch.ones(2, dtype=torch.bool), rl_nft.sampler_sigmas(pipe, 4, geo), geo, args,
                               torch.Generator().manual_seed(0), None, 0)
+
+
+def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
+    """Killed between the two checkpoint renames: only checkpoint.old and metrics.csv are left. Starting
+    again without --resume must be refused (it used to start over and delete the checkpoint); with other
+    settings the refusal says what to do, never --resume; errors are one `error:` line, exit 2."""
+    from conftest import run_cli
+    out = tmp_path / "run"
+    (out / "checkpoint.old").mkdir(parents=True)
+    (out / "checkpoint.old" / "state.json").write_text("{}")
+    base = ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out", out]
+    rl_nft.check_out_dir(out, rl_nft.resolve_defaults(rl_nft.Args(generator="tiny-random", out=str(out),
+                                                                  resume=True)))  # resuming it is fine
+    (out / "args.json").write_text(json.dumps({**vars(rl_nft.resolve_defaults(
+        rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out))))}))
+    res = run_cli(*base)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "already holds a run with these settings: pass --resume" in res.stderr
+    res = run_cli(*base, "--lora-r", "8")
+    assert res.returncode == 2 and "--lora-r" in res.stderr and "Use another --out, or delete" in res.stderr
+    assert "pass --resume" not in res.stderr
+    assert (out / "checkpoint.old" / "state.json").is_file()          # nothing was deleted
+    (tmp_path / "file").write_text("x")
+    res = run_cli("rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out", tmp_path / "file")
+    assert res.returncode == 2 and "is a file, not a directory" in res.stderr
