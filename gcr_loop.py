@@ -94,7 +94,8 @@ class Args(rr.ScorerArgs):
 
 DEFAULT_GENERATOR = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
 # what the records of a run directory depend on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base", "steps", "guidance_scale",
+RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base", "scorer_quantization",
+            "scorer_max_new_tokens", "scorer_temperature", "max_pixels", "steps", "guidance_scale",
             "resolution", "strength", "threshold", "gate", "rounds", "select", "reward_weights", "seed")
 STOP_REASONS = ("passed", "max_rounds", "unreadable_critique", "no_refined_request")
 
@@ -159,22 +160,45 @@ def summarize(records: list) -> dict:
 # Inputs
 # ---------------------------------------------------------------------------------------
 def read_items(args: Args) -> list:
-    """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records."""
+    """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records.
+
+    One rule for repeats: the same (prompt, source image, seed) twice is one item, warned about and run
+    once; an explicit `id` must name one item only; a seed must be an integer.
+    """
     if bool(args.prompt) == bool(args.prompts):
         raise SystemExit("give exactly one of --prompt TEXT or --prompts FILE")
-    raw = [{"prompt": args.prompt}] if args.prompt else rr.read_prompt_records(args.prompts)
-    items = []
-    for n, rec in enumerate(raw):
-        source = rec.get("source_image") or args.source_image
-        if source and args.prompts and rec.get("source_image"):
+    raw = [{"prompt": args.prompt, "_line": None}] if args.prompt else rr.read_prompt_records(args.prompts)
+    items, by_id = [], {}
+    for rec in raw:
+        where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
+        given_source = rec.get("source_image")
+        if given_source is not None and not (isinstance(given_source, str) and given_source.strip()):
+            raise ValueError(f"{where}: 'source_image' must be a path (a string), got {given_source!r}")
+        source = given_source or args.source_image
+        if source and args.prompts and given_source:
             source = str(Path(args.prompts).parent / source)  # relative to the prompts file
         if args.task == "edit" and not source:
             raise SystemExit(f"--task edit needs a source image: --source-image, or a source_image field "
-                             f"(prompt {n + 1}: {rec['prompt'][:60]!r})")
-        seed = int(rec["seed"]) if rec.get("seed") is not None else \
-            int(hashlib.sha1(f"{args.seed}:{rec['prompt']}".encode()).hexdigest()[:8], 16)
-        key = rec.get("id") or rr.pair_id(rec["prompt"], rec.get("source_image") or args.source_image or "", seed)
-        items.append({"id": str(key), "prompt": rec["prompt"], "source_image": source, "seed": seed})
+                             f"({where}: {rec['prompt'][:60]!r})")
+        seed = rec.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise ValueError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+        if seed is None:
+            seed = int(hashlib.sha1(f"{args.seed}:{rec['prompt']}".encode()).hexdigest()[:8], 16)
+        if rec.get("id") is not None and not isinstance(rec["id"], (str, int)):
+            raise ValueError(f"{where}: 'id' must be a string, got {rec['id']!r}")
+        key = str(rec.get("id") or rr.pair_id(rec["prompt"], given_source or args.source_image or "", seed))
+        item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
+        if key in by_id:
+            first, first_where = by_id[key]
+            if {k: v for k, v in first.items()} != item:
+                raise ValueError(f"{where}: id {key!r} is already used by {first_where} for another prompt, source "
+                                 f"image or seed; ids must be unique")
+            print(f"warning: {where} repeats {first_where} (same prompt, source image and seed): run once",
+                  file=sys.stderr)
+            continue
+        by_id[key] = (item, where)
+        items.append(item)
     return items
 
 
@@ -304,6 +328,8 @@ def main(argv=None) -> int:
     args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     rr.set_prompts_dir(args.prompts_dir)
     rr.require_positive(args, "rounds", "batch_size", "steps", "resolution", "scorer_batch_size")
+    rr.check_http_args(args)
+    rr.check_writable_dir(args.out)
     gate = tuple(d.strip() for d in args.gate.split(",") if d.strip())
     unknown = [d for d in gate if d not in rr.dimensions(args.task)]
     if not gate or unknown:

@@ -51,6 +51,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import http.client
 import inspect
 import io
 import json
@@ -209,8 +210,25 @@ def set_prompts_dir(path: Optional[str]) -> None:
     if _prompts_override:
         mine = {p.name for p in template_files()}
         found = sorted(p.name for p in _prompts_override.glob("*.txt") if p.name in mine)
+        for name in found:
+            check_template(_prompts_override / name, PROMPTS_DIR / name)
         print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); the rest from "
               f"{PROMPTS_DIR}", file=sys.stderr)
+
+
+def check_template(path: Path, reference: Path) -> None:
+    """A --prompts-dir template must keep our template's fields ({request}, ...) and its number of
+    <image> slots: one without {request} would silently never show the model the user's request."""
+    text, ref = read_text_file(path), read_text_file(reference)
+    fields = lambda t: set(re.findall(r"\{([a-z_]+)\}", t))
+    missing, extra = sorted(fields(ref) - fields(text)), sorted(fields(text) - fields(ref))
+    problems = [f"it lacks {', '.join('{' + f + '}' for f in missing)}"] if missing else []
+    problems += [f"{', '.join('{' + f + '}' for f in extra)} is not a field we fill"] if extra else []
+    if text.count("<image>") != ref.count("<image>"):
+        problems.append(f"it has {text.count('<image>')} <image> slot(s) where {reference.name} has {ref.count('<image>')}")
+    if problems:
+        raise ValueError(f"--prompts-dir template {path}: {'; '.join(problems)} (see {reference} for the fields and "
+                         f"image slots each template needs)")
 
 
 def load_prompt(name: str) -> str:
@@ -832,15 +850,27 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], im
                              None if data_dir else spec["config"], hint)
     image_dir.mkdir(parents=True, exist_ok=True)
     pairs, skipped = [], {"unlabelled": 0, "missing_image": 0, "unreadable_image": 0}
+    label_col = {"genai": "vote_type", "editr": "ranking", "mmrb2": "chosen"}[name[:5]]
+    seen = set()
     for i, row in enumerate(ds):
+        if i == 0:  # a file without the columns this benchmark needs is an error, not zero pairs
+            missing = [c for c in (spec["prompt"], spec["a"], spec["b"], spec["src"], label_col) if c and c not in row]
+            if missing:
+                raise ValueError(f"{name}: {source} has no column(s) {', '.join(missing)}; columns found: "
+                                 f"{', '.join(sorted(row))}")
         if limit is not None and len(pairs) >= limit:
             break
         label = benchmark_label(name, row)
         if label is None:
             skipped["unlabelled"] += 1
             continue
-        # ids from the data (or the row's place in its split), never from where the files were found
+        # ids from the data (or the row's place in its split), never from where the files were found;
+        # a repeated id gets the row number, so that no row is judged on another's cached images
         pid = str(row.get("id") or row.get("pair_id") or f"{name}-{i}")
+        if pid in seen:
+            print(f"warning: {name} row {i}: id {pid!r} repeats an earlier row; kept as {pid}@{i}", file=sys.stderr)
+            pid = f"{pid}@{i}"
+        seen.add(pid)
         item, problem = {"id": pid, "prompt": str(row[spec["prompt"]]), "label": label}, None
         for key, col in (("image_a", spec["a"]), ("image_b", spec["b"]), ("source_image", spec["src"])):
             if col is None:
@@ -907,7 +937,11 @@ def run_benchmark(name: str, args: Args) -> dict:
                               data_dir=str(Path(args.data_dir) / name) if args.data_dir and args.benchmark == "all"
                               else args.data_dir)
     out = Path(args.out or "runs") / name if args.benchmark == "all" or not args.out else Path(args.out)
+    check_writable_dir(out)
     pairs, skipped = benchmark_pairs(name, sub.data_dir, sub.limit, out / "images")
+    if any(skipped.values()):
+        print(f"{name}: skipped rows: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items() if v),
+              file=sys.stderr)
     check_same_run(out, sub, EVAL_RUN_KEYS + ("benchmark", "data_dir"), paths=("adapter", "data_dir"))
     save_args(sub, out)
     key = (sub.model, sub.adapter, sub.api_base, sub.quantization)
@@ -989,6 +1023,9 @@ EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quant
 def main(argv=None) -> int:
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
+    check_http_args(args)
+    if args.out and args.command == "eval" and not args.benchmark:
+        check_writable_dir(args.out)
     if args.max_new_tokens is None:
         over_http_benchmark = args.command == "eval" and args.benchmark and args.api_base
         args.max_new_tokens = OFFICIAL_MAX_TOKENS if over_http_benchmark else 2048
@@ -1111,16 +1148,22 @@ def require_positive(args, *names) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
-def check_same_run(out_dir, args, keys, paths=()) -> None:
+def check_same_run(out_dir, args, keys, paths=(), extra=None) -> None:
     """Refuse to resume `out_dir` when it was written with other settings for any of `keys`.
 
     Without this, a rerun into the same directory with another model or mode would silently
-    report the old outputs under the new settings. `paths`: keys compared as resolved paths.
+    report the old outputs under the new settings. `paths`: keys compared as resolved paths;
+    `extra`: values that are not flags (e.g. a digest of an input file's content), saved by save_args.
     """
     saved_path = Path(out_dir) / "args.json"
     if not saved_path.is_file():
         return
-    saved, now = json.loads(saved_path.read_text()), dataclasses.asdict(args)
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{saved_path} is damaged (not JSON): delete {out_dir} to start over, or restore the file") from None
+    now = {**dataclasses.asdict(args), **(extra or {})}
+    keys = tuple(keys) + tuple(extra or ())
 
     def norm(k, v):
         return str(Path(v).resolve()) if k in paths and v else v
@@ -1131,9 +1174,12 @@ def check_same_run(out_dir, args, keys, paths=()) -> None:
                          f"Use another --out, or delete {out_dir} to start over.")
 
 
-def save_args(args, out_dir) -> None:
+def save_args(args, out_dir, extra=None) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+    record = {**dataclasses.asdict(args), **(extra or {})}
+    tmp = Path(out_dir) / "args.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(Path(out_dir) / "args.json")
 
 
 def cli_entry(main, errors=()) -> None:
@@ -1149,7 +1195,34 @@ def cli_entry(main, errors=()) -> None:
     except (ModelLoadError, BackendError, FileNotFoundError, ValueError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # disk full, read-only folder, ...: what was written before is whole (atomic writes)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}. Everything written before this is kept: fix the cause and run "
+              f"the same command again to continue (rl_nft.py: with --resume)", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code)
+
+
+def check_http_args(args) -> None:
+    """--timeout and --max-retries, checked before any model is loaded."""
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise SystemExit(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.max_retries < 0:
+        raise SystemExit(f"--max-retries must be 0 or more, got {args.max_retries}")
+
+
+def check_writable_dir(path, flag: str = "--out") -> None:
+    """The output folder exists as a folder we can write, or can be made: checked before loading anything."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"{flag} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"cannot write to {flag} {path}: {err.strerror or err}") from None
 
 # ---------------------------------------------------------------------------------------
 # Files: prompt lists, JSONL records, images (atomic writes), streamed parquet, fonts.
@@ -1161,20 +1234,32 @@ def read_prompt_records(path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found (expected .txt, one prompt per line, or .jsonl with 'prompt')")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
             continue
         if path.suffix == ".jsonl":
             try:
                 rec = json.loads(line)
-                records.append({**rec, "prompt": str(rec["prompt"]).strip()})
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field ({err!r})") from None
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(rec, dict) or "prompt" not in rec:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field, got {line[:80]!r}")
+            if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+                raise ValueError(f"{path}:{n}: 'prompt' must be a non-empty string, got {rec['prompt']!r}")
+            records.append({**rec, "prompt": rec["prompt"].strip(), "_line": n})
         else:
-            records.append({"prompt": line.strip()})
+            records.append({"prompt": line.strip(), "_line": n})
     if not records:
         raise ValueError(f"{path} holds no prompts")
     return records
+
+
+def read_text_file(path) -> str:
+    """A text file's contents; a file that is not UTF-8 is a clear error naming it and the byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
 
 
 def read_prompt_list(path) -> list:
@@ -1191,7 +1276,17 @@ def read_jsonl(path) -> list:
     if raw and not raw.endswith(b"\n"):  # the process died mid-write: drop the partial record
         raw = raw[:raw.rfind(b"\n") + 1]
         path.write_bytes(raw)
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # a complete line that is not JSON is damage (not a killed write): say where, skip nothing silently
+            raise ValueError(f"{path}:{n} is not a JSON record ({line[:60]!r}); the file was damaged outside this "
+                             f"program: fix or delete that line, then rerun") from None
+    return records
 
 
 def append_jsonl(path, record: dict) -> None:
@@ -1776,6 +1871,8 @@ class OpenAIBackend:
                     break
             except (TimeoutError, OSError) as err:  # URLError, connection refused, socket timeout
                 last = f"no answer within {self.timeout:g} s" if "timed out" in str(err) else str(err)
+            except http.client.HTTPException as err:  # a connection dropped mid-body, a non-HTTP status line
+                last = f"broken HTTP response ({type(err).__name__}: {str(err)[:120]})"
             except json.JSONDecodeError as err:
                 last = f"response is not JSON ({err})"
         raise BackendError(f"chat-completions request to {self.url} failed after {attempt + 1} attempt(s): {last}")

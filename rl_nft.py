@@ -783,15 +783,27 @@ def load_checkpoint(pipe, optimizer, ema: Optional[dict], out: Path) -> Optional
                ("old", "old.safetensors", adapter_params(tr, "old"))]
     if ema is not None:
         targets.append(("ema", "ema.safetensors", ema))
+    damaged = (f"is damaged or unreadable: if {out / 'checkpoint.old'} exists and is whole, move it to "
+                f"{ckpt} and resume; otherwise start again in another --out")
     for _, file, params in targets:
-        saved = load_file(ckpt / file)
+        try:
+            saved = load_file(ckpt / file)
+        except Exception as err:  # safetensors raises its own errors for a truncated or foreign file
+            raise ValueError(f"{ckpt / file} {damaged} ({type(err).__name__})") from None
         if set(saved) != set(params):
             raise ValueError(f"{ckpt / file} does not match this model's LoRA layout (other --generator or --lora-r?)")
+        wrong = [k for k, p in params.items() if saved[k].shape != p.shape]
+        if wrong:
+            raise ValueError(f"{ckpt / file} holds LoRA weights of shape {tuple(saved[wrong[0]].shape)} where this "
+                             f"model has {tuple(params[wrong[0]].shape)}: another --lora-r than the run's?")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(saved[k])
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    return json.loads((ckpt / "state.json").read_text())
+    try:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        return json.loads((ckpt / "state.json").read_text())
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{ckpt} (optimizer.pt or state.json) {damaged} ({type(err).__name__})") from None
 
 
 def metric_fields(task: str) -> list:
@@ -876,6 +888,7 @@ def resolve_defaults(args: Args) -> Args:
 
 
 def validate(args: Args) -> None:
+    rr.check_http_args(args)
     rr.require_positive(args, "epochs", "prompts_per_epoch", "group_size", "sample_steps", "eval_steps",
                         "train_batch_size", "gradient_steps_per_epoch", "num_eval_prompts", "eval_every",
                         "save_every", "lora_r", "resolution", "scorer_batch_size")
@@ -905,21 +918,32 @@ def validate(args: Args) -> None:
 RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.csv")
 
 
+def prompts_digest(args: Args) -> str:
+    """The training prompts' content (and, for editing, their source images'), so a resume after the file
+    changed is refused even when its path did not."""
+    import hashlib
+    h = hashlib.sha1(Path(args.prompts).read_bytes())
+    for it in read_items(args.prompts, args.task, args.resolution) if args.task == "edit" else []:
+        h.update(it["source"].tobytes())
+    return h.hexdigest()
+
+
 def check_out_dir(out: Path, args: Args) -> None:
     """--out must be a directory we can write; a folder holding any trace of a run (a checkpoint, even
     half-swapped, or metrics) is continued only with --resume and the same settings."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {out} is a file, not a directory")
+    rr.check_writable_dir(out)
     existing = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
     if existing and not args.resume:
         try:
-            rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"))
+            rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
+                              extra={"prompts_sha1": prompts_digest(args)})
         except ValueError as err:  # other settings: --resume would be refused too
             raise SystemExit(str(err)) from None
         raise SystemExit(f"{out} already holds a run with these settings: pass --resume to continue it, "
                          f"or choose another --out")
     if args.resume:
-        rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"))
+        rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
+                          extra={"prompts_sha1": prompts_digest(args)})
 
 
 def main(argv=None) -> int:
@@ -933,7 +957,7 @@ def main(argv=None) -> int:
                   else items)[:args.num_eval_prompts]
     out = Path(args.out)
     check_out_dir(out, args)
-    rr.save_args(args, out)
+    rr.save_args(args, out, extra={"prompts_sha1": prompts_digest(args)})
     print(json.dumps(vars(args)), file=sys.stderr)
     from tqdm import tqdm
 

@@ -46,7 +46,7 @@ def test_next_step_and_selection():
 
 
 def test_summary_by_hand():
-    recs = [{"rounds": [{"reward": 0.2}, {"reward": 0.6}], "selected_round": 1, "stop_reason": "passed"},
+    recs = [{"rounds": [{"reward": 0.2, "truncated": True}, {"reward": 0.6}], "selected_round": 1, "stop_reason": "passed"},
             {"rounds": [{"reward": 0.5}, {"reward": 0.3}], "selected_round": 1, "stop_reason": "max_rounds"},
             {"rounds": [{"reward": 0.9}], "selected_round": 0, "stop_reason": "passed"}]
     s = gcr_loop.summarize(recs)
@@ -54,6 +54,7 @@ def test_summary_by_hand():
     assert s["mean_reward_first"] == pytest.approx(1.6 / 3) and s["mean_reward_final"] == pytest.approx(1.8 / 3)
     assert s["share_improved"] == pytest.approx(1 / 3) and s["share_worse"] == pytest.approx(1 / 3)
     assert s["stop_reasons"] == {"passed": 2, "max_rounds": 1, "unreadable_critique": 0, "no_refined_request": 0}
+    assert (s["truncated_critiques"], s["critiques"]) == (1, 5)
 
 
 # ---- the loop, with a recording generator and scripted critiques ----
@@ -222,3 +223,49 @@ def test_smoke_command_edit(tmp_path):
     [rec] = rr.read_jsonl(tmp_path / "edit" / "gcr.jsonl")
     assert rec["task"] == "edit" and set(rec["rounds"][0]["scores"]) == set(rr.EDIT_DIMENSIONS)
     assert Image.open(tmp_path / "edit" / rec["final_image"]).size == (64, 64)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "a cat", "id": "x"}\n{"prompt": "a dog", "id": "x"}\n', r"p.jsonl:2: id 'x' is already used by .*p.jsonl:1"),
+    ('{"prompt": "a cat", "seed": 1.9}\n', r"p.jsonl:1: 'seed' must be a non-negative integer, got 1.9"),
+    ('{"prompt": "a cat", "seed": "abc"}\n', "'seed' must be a non-negative integer, got 'abc'"),
+    ('{"prompt": "a cat", "seed": 1e23}\n', "'seed' must be a non-negative integer"),
+    ('{"prompt": null}\n', r"p.jsonl:1: 'prompt' must be a non-empty string, got None"),
+    ('{"prompt": ["a", "b"]}\n', "'prompt' must be a non-empty string"),
+    ('{"prompt": "  "}\n', "'prompt' must be a non-empty string"),
+    ('{"prompt": "x", "source_image": 5}\n', r"p.jsonl:1: 'source_image' must be a path"),
+    ('{"prompt": "x"}\n{"prompt": \n', r"p.jsonl:2: not valid JSON"),
+])
+def test_prompt_file_errors_name_the_line(tmp_path, content, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        gcr_loop.read_items(gcr_loop.Args(prompts=str(f)))
+
+
+def test_repeated_prompts_run_once_and_non_utf8_files_are_named(tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a cat", "seed": 1}\n{"prompt": "a cat", "seed": 1}\n{"prompt": "a dog"}\n'
+                 '{"prompt": "a cat", "seed": 2}\n')
+    items = gcr_loop.read_items(gcr_loop.Args(prompts=str(f)))
+    assert [(i["prompt"], i["seed"]) for i in items][::2] == [("a cat", 1), ("a cat", 2)] and len(items) == 3
+    assert len({i["id"] for i in items}) == 3 and "p.jsonl:2 repeats" in capsys.readouterr().err
+    f.write_bytes('{"prompt": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"p.jsonl is not UTF-8 text"):
+        gcr_loop.read_items(gcr_loop.Args(prompts=str(f)))
+
+
+def test_prompts_dir_templates_keep_their_fields_and_image_slots(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "pointwise_t2i.txt").write_text("<image>\nJudge this image.\n")
+    with pytest.raises(ValueError, match=r"pointwise_t2i.txt: it lacks \{request\}"):
+        rr.set_prompts_dir(str(d))
+    (d / "pointwise_t2i.txt").write_text("Judge this image for {request}.\n")
+    with pytest.raises(ValueError, match="0 <image> slot"):
+        rr.set_prompts_dir(str(d))
+    (d / "pointwise_t2i.txt").write_text("<image>\nJudge this image for {request}.\n")
+    try:
+        rr.set_prompts_dir(str(d))
+    finally:
+        rr.set_prompts_dir(None)

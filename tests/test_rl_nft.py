@@ -532,8 +532,8 @@ def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
     base = ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out", out]
     rl_nft.check_out_dir(out, rl_nft.resolve_defaults(rl_nft.Args(generator="tiny-random", out=str(out),
                                                                   resume=True)))  # resuming it is fine
-    (out / "args.json").write_text(json.dumps({**vars(rl_nft.resolve_defaults(
-        rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out))))}))
+    args = rl_nft.resolve_defaults(rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out)))
+    rr.save_args(args, out, extra={"prompts_sha1": rl_nft.prompts_digest(args)})
     res = run_cli(*base)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "already holds a run with these settings: pass --resume" in res.stderr

@@ -1,0 +1,133 @@
+"""Faults and bad input across the CLIs (issue 15): each case is a clear error naming the file, line,
+column or flag, or a counted skip; never a traceback, never silently wrong output or lost work."""
+import json
+import socket
+import threading
+
+import pytest
+
+import rationalrewards as rr
+import rl_nft
+from conftest import run_cli, solid
+
+
+def raw_server(reply: bytes):
+    """A TCP server on 127.0.0.1 answering every connection with `reply` and closing it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:       # read the whole request before answering, so that
+                data += conn.recv(65536)            # closing does not reset a socket still being written
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")),
+                              b"0"))
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(reply)
+            conn.shutdown(socket.SHUT_WR)
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize("reply,what", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"choices\"", "IncompleteRead"),
+    (b"this is not http\r\n\r\n", "BadStatusLine"),
+])
+def test_broken_http_responses_are_retried_then_one_backend_error(reply, what, capsys):
+    srv, url = raw_server(reply)
+    try:
+        backend = rr.OpenAIBackend(url, "m", timeout=5, max_retries=1, backoff=0.01)
+        with pytest.raises(rr.BackendError, match="failed after 2 attempt"):
+            backend.generate([[{"role": "user", "content": "hi"}]])
+        err = capsys.readouterr().err
+        assert f"broken HTTP response ({what}" in err and "retry 1/1" in err
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-retries", "-1"], "--max-retries must be 0 or more"),
+    (["--timeout", "0"], "--timeout must be a positive number"),
+])
+def test_http_flags_are_checked_before_anything_loads(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        rr.main(["score", "--model", "m", "--api-base", "http://127.0.0.1:9/v1", "--prompt", "x", "--image", "y.png",
+                 *argv])
+    with pytest.raises(SystemExit, match=message.replace("--", "--")):
+        rl_nft.main(["--generator", "tiny-random", "--scorer", "tiny-random", "--out", str(tmp_path / "o"), *argv])
+
+
+def test_out_that_is_a_file_is_refused_by_every_cli(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    for argv in (["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt", "a cat"],
+                 ["rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", tmp_path / "pairs.jsonl"]):
+        res = run_cli(*argv, "--out", f)
+        assert res.returncode == 2 and "is a file, not a directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_disk_full_is_one_line_that_says_the_run_continues(capsys):
+    def main():
+        raise OSError(28, "No space left on device", "runs/x/checkpoint.tmp/theta.safetensors")
+    with pytest.raises(SystemExit) as exit_:
+        rr.cli_entry(main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "No space left on device (runs/x/checkpoint.tmp/theta.safetensors)" in err
+    assert "run the same command again" in err and "--resume" in err
+
+
+def test_a_corrupt_line_in_the_middle_of_a_jsonl_is_named(tmp_path):
+    f = tmp_path / "gcr.jsonl"
+    f.write_text('{"id": "a"}\n{"id": "b"\n{"id": "c"}\n')
+    with pytest.raises(ValueError, match=r"gcr.jsonl:2 is not a JSON record"):
+        rr.read_jsonl(f)
+    f.write_text('{"id": "a"}\n{"id": "b"')          # a torn LAST line is a killed write: cut off, as before
+    assert rr.read_jsonl(f) == [{"id": "a"}]
+
+
+def test_benchmark_without_its_label_column_and_with_repeated_ids(tmp_path, capsys):
+    from test_benchmarks import png, write_parquet
+    path = write_parquet(tmp_path / "g" / "test.parquet", {
+        "prompt": ["a", "b"], "left_image": [png("red"), png("blue")], "right_image": [png("blue"), png("red")]},
+        image_columns=("left_image", "right_image"))
+    with pytest.raises(ValueError, match="no column\\(s\\) vote_type; columns found: left_image, prompt, right_image"):
+        rr.benchmark_pairs("genai-bench-t2i", str(path.parent), None, tmp_path / "img")
+    write_parquet(tmp_path / "m" / "pairs.parquet", {
+        "pair_id": ["p", "p"], "prompt_text": ["a red kite", "a blue kite"],
+        "response_a_images": [[png("red")], [png("blue")]], "response_b_images": [[png("blue")], [png("red")]],
+        "chosen": ["A", "B"]}, list_image_columns=("response_a_images", "response_b_images"))
+    pairs, _ = rr.benchmark_pairs("mmrb2-t2i", str(tmp_path / "m"), None, tmp_path / "img")
+    assert [p["id"] for p in pairs] == ["p", "p@1"] and "repeats an earlier row" in capsys.readouterr().err
+    # each row is judged on its own images, not on the first row's cached ones
+    assert [rr.load_image(p["image_a"]).getpixel((0, 0)) for p in pairs] == [(255, 0, 0), (0, 0, 255)]
+
+
+def test_damaged_checkpoints_and_changed_prompts_are_named_on_resume(tmp_path, scripted_server):
+    from test_rl_nft import brightness_judge, nft_main
+    server = scripted_server(brightness_judge)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    out = tmp_path / "run"
+    assert nft_main(server, out, "--epochs", "1", "--prompts", prompts) == 0
+    theta = out / "checkpoint" / "theta.safetensors"
+    whole = theta.read_bytes()
+    theta.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match="theta.safetensors is damaged or unreadable.*checkpoint.old"):
+        nft_main(server, out, "--epochs", "2", "--resume", "--prompts", prompts)
+    theta.write_bytes(whole)
+    (out / "checkpoint" / "state.json").write_text('{"epoch": 1, "st')
+    with pytest.raises(ValueError, match="state.json\\) is damaged"):
+        nft_main(server, out, "--epochs", "2", "--resume", "--prompts", prompts)
+    # the prompts file's content changed though its path did not
+    prompts.write_text("a green triangle\n")
+    with pytest.raises(ValueError, match="--prompts-sha1"):
+        nft_main(server, out, "--epochs", "2", "--resume", "--prompts", prompts)
