@@ -25,7 +25,8 @@ Real run (one 24 GB GPU: SD3.5-Medium and the released scorer in 4-bit)::
         --generator black-forest-labs/FLUX.1-Kontext-dev --generator-quantization 4bit --out runs/gcr-edit
 
 Outputs in --out: gcr.jsonl (every round of every prompt, appended per prompt), images/,
-sheets/ (first vs final per prompt), contact_sheet.png (the batch), summary.json, args.json.
+sheets/SLUG-ID.png (first vs final per prompt; editing: the source too), contact_sheet.png (the batch),
+summary.json, args.json.
 Rerunning into the same --out skips the prompts already finished.
 
 Deviations from the paper:
@@ -276,36 +277,36 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
 # ---------------------------------------------------------------------------------------
 # Contact sheets
 # ---------------------------------------------------------------------------------------
-def _wrap(text: str, width: int) -> list:
-    lines, line = [], ""
-    for word in (text or "").split():
-        if len(line) + len(word) + 1 > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines
+def fit(im: Image.Image, side: int) -> Image.Image:
+    scale = side / max(im.size)  # small images are scaled up without smoothing, large ones down
+    return im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST if scale > 1 else Image.BICUBIC)
 
 
 def sheet_row(record: dict, out: Path, side: int = 256) -> Image.Image:
-    """First vs final image of one prompt, each with its request and scores under it."""
+    """First vs final image of one prompt (editing: the source image first), each with its request and
+    scores under it."""
     font, text_h = rr.label_font(12), 150
-    row = Image.new("RGB", (2 * side + 10, side + text_h), "white")
+    panels = []
+    if record.get("source_image"):
+        source = rr.load_image(record["source_image"])
+        if source is not None:
+            panels.append(("source image", source, None))
+    panels += [("first", Image.open(out / record["rounds"][0]["image"]).convert("RGB"), record["rounds"][0])]
+    final = record["rounds"][record["selected_round"]]
+    panels += [(f"final (round {record['selected_round']}, {record['stop_reason']})",
+                Image.open(out / final["image"]).convert("RGB"), final)]
+    row = Image.new("RGB", (len(panels) * (side + 10), side + text_h), "white")
     d = ImageDraw.Draw(row)
-    picks = [("first", record["rounds"][0]), (f"final (round {record['selected_round']}, {record['stop_reason']})",
-                                               record["rounds"][record["selected_round"]])]
-    for k, (label, rnd) in enumerate(picks):
-        im = Image.open(out / rnd["image"]).convert("RGB")
-        scale = side / max(im.size)  # small images are scaled up, large ones down
-        im = im.resize((round(im.width * scale), round(im.height * scale)),
-                       Image.NEAREST if scale > 1 else Image.BICUBIC)
+    for k, (label, im, rnd) in enumerate(panels):
         x = k * (side + 10)
-        row.paste(im, (x, 0))
-        lines = [label, f"R = {rnd['reward']:.3f}"]
-        na = rnd.get("not_applicable", [])
-        lines += [f"{rr.DIMENSION_TITLES[dim]}: " + (f"{s:.1f}" if s is not None else "N/A" if dim in na else "unreadable")
-                  for dim, s in rnd["scores"].items()]
-        lines += _wrap(rnd["request"], side // 7)[:4]
+        row.paste(fit(im, side), (x, 0))
+        lines = [label]
+        if rnd is not None:
+            lines += [f"R = {rnd['reward']:.3f}"]
+            lines += [rr.score_label(dim, s, rnd.get("not_applicable", [])) for dim, s in rnd["scores"].items()]
+            lines += rr.wrap_text(rnd["request"], side // 7)[:4]
+        else:
+            lines += rr.wrap_text(record["prompt"], side // 7)[:4]
         for j, line in enumerate(lines[:10]):
             d.text((x + 3, side + 3 + 14 * j), line, fill="black", font=font)
     return row
@@ -340,9 +341,9 @@ def main(argv=None) -> int:
     args.generator = args.generator or DEFAULT_GENERATOR[args.task]
     items = read_items(args)
     out = Path(args.out)
-    rr.check_same_run(out, args, RUN_KEYS, paths=("scorer_adapter",))
+    if (out / "gcr.jsonl").is_file():  # the settings bind a folder once it holds a result
+        rr.check_same_run(out, args, RUN_KEYS, paths=("scorer_adapter",))
     rr.save_args(args, out)
-    print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
     done = {r["id"]: r for r in rr.read_jsonl(out / "gcr.jsonl")}
     todo = [it for it in items if it["id"] not in done]
     if done:
@@ -351,7 +352,8 @@ def main(argv=None) -> int:
         from tqdm import tqdm
         if args.generator == "tiny-random":
             args.steps, args.resolution = args.steps or 4, args.resolution or 64
-        pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5, quantization=args.generator_quantization)
+        pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5, quantization=args.generator_quantization,
+                                 device=args.device)
         scorer = rr.build_scorer(args, args.task, weights)
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "sheets").mkdir(exist_ok=True)
@@ -360,7 +362,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             for rec in run_batch(pipe, scorer, todo[i:i + args.batch_size], args, gate, weights, out):
                 rec["seconds"] = round((time.time() - t0) / len(todo[i:i + args.batch_size]), 2)
-                contact_sheet([rec], out, out / "sheets" / f"{rec['id']}.png")
+                contact_sheet([rec], out, out / "sheets" / f"{rr.slug(rec['prompt'])}-{rec['id']}.png")
                 rr.append_jsonl(out / "gcr.jsonl", rec)
                 done[rec["id"]] = rec
                 bar.update(1)
@@ -376,5 +378,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `gcr-loop` command (pyproject.toml)."""
     rr.cli_entry(main)
+
+
+if __name__ == "__main__":
+    cli()

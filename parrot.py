@@ -862,7 +862,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rr.save_args(args, out)
-    print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
     import torch
     torch.manual_seed(args.seed)
 
@@ -892,5 +891,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `parrot` command (pyproject.toml)."""
     rr.cli_entry(main, errors=(DataError,))
+
+
+if __name__ == "__main__":
+    cli()

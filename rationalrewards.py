@@ -81,7 +81,12 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
                         category=FutureWarning)
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+# next to this file (a checkout or `pip install -e .`), else where a regular install put them
+# (pyproject.toml's data-files: <prefix>/share/..., or <target>/share/... for pip --target)
+PROMPTS_DIR = next((d for d in (Path(__file__).resolve().parent / "prompts",
+                                Path(__file__).resolve().parent / "share" / "rationalrewards" / "prompts",
+                                Path(sys.prefix) / "share" / "rationalrewards" / "prompts") if d.is_dir()),
+                   Path(__file__).resolve().parent / "prompts")
 
 # Rubric of Appendix C/D, in the order the model writes the dimensions.
 T2I_DIMENSIONS = ("text_faithfulness", "physical_quality", "text_rendering")
@@ -156,6 +161,8 @@ class Args:
     prompts_dir: Optional[str] = None
     """templates with the same file names read from this folder first (e.g. the official wording; a file
     may open with [system] ... [user] to add a system turn)"""
+    device: Optional[str] = None
+    """where the model runs: cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
     seed: int = 0
     """seed for sampling"""
 
@@ -189,6 +196,8 @@ class ScorerArgs:
     """environment variable holding the API key for --scorer-api-base"""
     prompts_dir: Optional[str] = None
     """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
+    device: Optional[str] = None
+    """where the models run (generator and scorer): cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
 
 # ---------------------------------------------------------------------------------------
 # Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field.
@@ -532,6 +541,22 @@ def preference_from_scores(scores_a: dict, scores_b: dict) -> str:
 # ---------------------------------------------------------------------------------------
 # The scorer (paper Sec. 2.2): critique -> scores -> reward, and the pairwise judge.
 # ---------------------------------------------------------------------------------------
+def as_images(items) -> list:
+    """PIL images, or paths (str or Path) to open; anything else is a TypeError that says what is accepted."""
+    out = []
+    for x in items:
+        if isinstance(x, Image.Image):
+            out.append(x.convert("RGB") if x.mode != "RGB" else x)
+        elif isinstance(x, (str, os.PathLike)):
+            image, problem = read_image(x)
+            if image is None:
+                raise FileNotFoundError(f"image {x}: {problem}")
+            out.append(image)
+        else:
+            raise TypeError(f"images are PIL.Image.Image objects or paths (str or pathlib.Path), got {type(x).__name__}")
+    return out
+
+
 class RationalRewardsScorer:
     """Pointwise critique-and-refine scorer; `rewards()` is the RL reward, `critique()` feeds GCR."""
 
@@ -545,10 +570,17 @@ class RationalRewardsScorer:
     def from_args(cls, args: Args) -> "RationalRewardsScorer":
         backend = load_backend(args.model or RELEASED[args.task], api_base=args.api_base, adapter=args.adapter,
                                quantization=args.quantization, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                               timeout=args.timeout, max_retries=args.max_retries, api_key_env=args.api_key_env)
+                               timeout=args.timeout, max_retries=args.max_retries, api_key_env=args.api_key_env,
+                               device=args.device)
         return cls(backend, args.task, args.max_new_tokens, args.temperature)
 
     def _images(self, images, source_images, *others):
+        images, others = as_images(images), [as_images(o) for o in others]
+        if source_images is not None:
+            source_images = [as_images(s) if isinstance(s, (list, tuple)) else as_images([s])[0] for s in source_images]
+        return self._groups(images, source_images, *others)
+
+    def _groups(self, images, source_images, *others):
         """[(images of one request in order, number of source images)]. An edit's source may be a
         list of images (MMRB2 edits with 2-3 inputs): all of them come first, in order."""
         if self.task == "edit":
@@ -600,7 +632,7 @@ def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = 
     backend = load_backend(model, api_base=args.scorer_api_base, adapter=args.scorer_adapter,
                            quantization=args.scorer_quantization, batch_size=args.scorer_batch_size,
                            max_pixels=args.max_pixels, timeout=args.timeout, max_retries=args.max_retries,
-                           api_key_env=args.api_key_env)
+                           api_key_env=args.api_key_env, device=args.device)
     return RationalRewardsScorer(backend, task, tokens, args.scorer_temperature, weights)
 
 # ---------------------------------------------------------------------------------------
@@ -715,7 +747,9 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
     latest = {r["id"]: r for r in (read_jsonl(pred_path) if pred_path else [])}
     todo = [p for p in pairs if p["id"] not in latest or latest[p["id"]].get("failed")]
     skipped = {"missing": 0, "unreadable": 0}
-    bar = tqdm(total=len(todo), desc=f"eval ({mode})", unit="pair")
+    if len(todo) < len(pairs):
+        print(f"resumed: {len(pairs) - len(todo)} of {len(pairs)} pairs already predicted in {out_dir}", file=sys.stderr)
+    bar = tqdm(total=len(todo), desc=f"eval ({mode})", unit="pair", disable=not todo)
     for i in range(0, len(todo), batch_size):
         batch = []
         for p in todo[i:i + batch_size]:
@@ -942,7 +976,8 @@ def run_benchmark(name: str, args: Args) -> dict:
     if any(skipped.values()):
         print(f"{name}: skipped rows: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items() if v),
               file=sys.stderr)
-    check_same_run(out, sub, EVAL_RUN_KEYS + ("benchmark", "data_dir"), paths=("adapter", "data_dir"))
+    if (out / "predictions.jsonl").is_file():
+        check_same_run(out, sub, EVAL_RUN_KEYS + ("benchmark", "data_dir"), paths=("adapter", "data_dir"))
     save_args(sub, out)
     key = (sub.model, sub.adapter, sub.api_base, sub.quantization)
     if key not in _backends:
@@ -1034,7 +1069,6 @@ def main(argv=None) -> int:
         if args.pairs:
             raise SystemExit("eval takes --pairs FILE or --benchmark NAME, not both")
         names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
-        print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
         import torch
         torch.manual_seed(args.seed)
         rows = []
@@ -1051,7 +1085,6 @@ def main(argv=None) -> int:
         return 0
     args.model = args.model or RELEASED[args.task]
     args.mode = args.mode or "pointwise"
-    print(json.dumps(dataclasses.asdict(args)), file=sys.stderr)
     import torch
     torch.manual_seed(args.seed)
     if args.command == "score":
@@ -1084,10 +1117,13 @@ def main(argv=None) -> int:
                 print("  (the critique was cut by --max-new-tokens before it ended)")
         return 0
     if not args.pairs:
-        raise SystemExit("eval needs --pairs FILE.jsonl")
+        raise SystemExit("eval needs --pairs FILE.jsonl (our pairs format) or --benchmark NAME (the paper's Table 1: "
+                         f"{', '.join(list(BENCHMARKS) + ['all'])})")
     pairs = read_pairs(args.pairs, args.limit)
     if args.out:
-        check_same_run(args.out, args, EVAL_RUN_KEYS, paths=("pairs", "adapter"))
+        # the settings bind a folder once it holds a prediction; a run that failed before its first is no run
+        if (Path(args.out) / "predictions.jsonl").is_file():
+            check_same_run(args.out, args, EVAL_RUN_KEYS, paths=("pairs", "adapter"))
         save_args(args, args.out)
     scorer = RationalRewardsScorer.from_args(args)
     metrics = evaluate_preferences(scorer, pairs, args.mode, args.out, args.batch_size)
@@ -1115,9 +1151,19 @@ def _field_docs(cls) -> dict:
     return docs
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it (no "(default: X) (default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def parse_args(cls, argv=None, description=None):
     """Parse `argv` into an instance of the dataclass `cls`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     docs, hints = _field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         typ, kw = hints[f.name], {"help": docs.get(f.name, "")}
@@ -1126,10 +1172,12 @@ def parse_args(cls, argv=None, description=None):
         if typing.get_origin(typ) is Literal:
             kw["choices"] = typing.get_args(typ)
             typ = type(kw["choices"][0])
-        if typ is bool:
+        if typ is bool and f.name.startswith("no_"):
+            kw["action"] = "store_true"  # --no-t5, not --no-t5/--no-no-t5
+        elif typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typ is list or typing.get_origin(typ) is list:
-            kw["nargs"] = "+"
+            kw["nargs"], kw["action"] = "+", "extend"  # --image a b, and --image a --image b, both give [a, b]
         else:
             kw["type"] = typ
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -1373,6 +1421,29 @@ def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
         return image
     s = math.sqrt(max_pixels / (w * h))
     return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
+
+
+def wrap_text(text: str, width: int) -> list:
+    """Lines of at most `width` characters, broken between words (a longer word gets a line of its own)."""
+    lines, line = [], ""
+    for word in (text or "").split():
+        if line and len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines
+
+
+def score_label(dim: str, score, not_applicable=()) -> str:
+    """How every picture writes one score: the number, N/A (the critique said so) or unreadable."""
+    value = f"{score:.1f}" if score is not None else "N/A" if dim in not_applicable else "unreadable"
+    return f"{DIMENSION_TITLES[dim]}: {value}"
+
+
+def slug(text: str, words: int = 5) -> str:
+    """A short file-name-safe form of a prompt: 'three-red-apples-and-the'."""
+    return "-".join(re.findall(r"[a-z0-9]+", (text or "").lower())[:words]) or "prompt"
 
 
 def label_font(size: int):
@@ -1945,14 +2016,19 @@ class OpenAIBackend:
 
 def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[str] = None, quantization: str = "auto",
                  batch_size: int = 8, max_pixels: int = 768 * 768, timeout: float = 600.0, max_retries: int = 3,
-                 api_key_env: str = "OPENAI_API_KEY"):
+                 api_key_env: str = "OPENAI_API_KEY", device: Optional[str] = None):
     if api_base:
         if adapter:
             raise ValueError("--adapter applies to a local model; serve the adapter with your server instead (vLLM: --lora-modules)")
         return OpenAIBackend(api_base, model, api_key=os.environ.get(api_key_env), timeout=timeout,
                              max_retries=max_retries, max_concurrency=batch_size, max_pixels=max_pixels)
-    vlm, processor = load_vlm(model, quantization, adapter)
+    vlm, processor = load_vlm(model, quantization, adapter, device=device)
     return TransformersBackend(vlm, processor, batch_size, max_pixels)
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rationalrewards` command (pyproject.toml)."""
     cli_entry(main)
+
+
+if __name__ == "__main__":
+    cli()

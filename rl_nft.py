@@ -167,10 +167,10 @@ class Args(rr.ScorerArgs):
 # Per-task defaults: t2i follows DiffusionNFT's SD3 config (config/nft.py), edit follows the official
 # RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
 TASK_DEFAULTS = {
-    "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium", "prompts": "prompts/rl_prompts.txt",
+    "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium", "prompts": str(rr.PROMPTS_DIR / "rl_prompts.txt"),
             "sample_steps": 10, "eval_steps": 40, "guidance_scale": 1.0, "lr": 3e-4, "mask": "none",
             "reward_weights": None},
-    "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev", "prompts": "prompts/rl_edits.jsonl",
+    "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev", "prompts": str(rr.PROMPTS_DIR / "rl_edits.jsonl"),
              "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4, "mask": "official",
              # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text faithfulness,
              # physical quality and text rendering: image faithfulness is left out of the reward
@@ -622,7 +622,7 @@ def reward_images(scorer, images: list, prompts: list, weights, sources: Optiona
     truncated = sum(c.truncated for c in critiques)
     rr.warn_truncated(truncated, len(critiques), "--scorer-max-new-tokens")
     return {"rewards": [rr.aggregate(c.scores, weights) for c in critiques],
-            "scores": [c.scores for c in critiques],
+            "scores": [c.scores for c in critiques], "not_applicable": [c.not_applicable for c in critiques],
             "unreadable": sum(not c.readable for c in critiques), "truncated": truncated}
 
 
@@ -826,21 +826,28 @@ COLOURS = {"text_faithfulness": (200, 40, 40), "image_faithfulness": (150, 60, 1
            "physical_quality": (40, 120, 200), "text_rendering": (40, 160, 60)}
 
 
-def plot_reward_curve(rows: list, path: Path, dims: tuple = rr.T2I_DIMENSIONS) -> None:
+def plot_reward_curve(rows: list, path: Path, dims: tuple = rr.T2I_DIMENSIONS, title: str = "") -> None:
     """One line per dimension (scores mapped to [0, 1] like the reward) and one for R, per epoch."""
-    W, H, m = 720, 420, 50
+    W, H, m, top, legend_w = 760, 440, 56, 44, 190
     img = Image.new("RGB", (W, H), "white")
     d, font = ImageDraw.Draw(img), rr.label_font(12)
-    d.rectangle([m, m // 2, W - m // 2 - 150, H - m], outline="black")
+    d.text((m, 8), f"{title}: reward per epoch" if title else "reward per epoch", fill="black", font=rr.label_font(14))
+    d.text((m, 26), "reward, scores mapped to [0, 1]: R and (s - 1) / 3 per dimension", fill="black", font=font)
+    right = W - legend_w
+    d.rectangle([m, top, right, H - m], outline="black")
     x_max = max(2, len(rows))
-    px = lambda i: m + (W - 2 * m - 125) * i / (x_max - 1)
-    py = lambda v: H - m - (H - 1.5 * m) * v
+    px = lambda i: m + (right - m) * i / (x_max - 1)
+    py = lambda v: H - m - (H - m - top) * v
     for v in (0, 0.25, 0.5, 0.75, 1.0):
         d.line([m - 4, py(v), m, py(v)], fill="black")
-        d.text((8, py(v) - 6), f"{v:.2f}", fill="black", font=font)
-    d.text((m, H - m + 8), f"epoch 1 .. {len(rows)}", fill="black", font=font)
+        d.text((14, py(v) - 6), f"{v:.2f}", fill="black", font=font)
+    every = max(1, math.ceil(len(rows) / 10))  # at most ~10 epoch ticks
+    for i in range(0, len(rows), every):
+        d.line([px(i), H - m, px(i), H - m + 4], fill="black")
+        d.text((px(i) - 4, H - m + 6), str(rows[i]["epoch"]), fill="black", font=font)
+    d.text(((m + right) // 2 - 16, H - m + 24), "epoch", fill="black", font=font)
     series = [("reward R", "black", lambda r: r["reward_mean"])]
-    series += [(f"{k.replace('_', ' ')} (s-1)/3", COLOURS[k], lambda r, k=k: None if r.get(k) is None else (r[k] - 1) / 3)
+    series += [(k.replace("_", " "), COLOURS[k], lambda r, k=k: None if r.get(k) is None else (r[k] - 1) / 3)
                for k in dims]
     for n, (name, colour, get) in enumerate(series):
         pts = [(px(i), py(get(r))) for i, r in enumerate(rows) if get(r) is not None]
@@ -848,29 +855,35 @@ def plot_reward_curve(rows: list, path: Path, dims: tuple = rr.T2I_DIMENSIONS) -
             d.line(pts, fill=colour, width=2)
         for x, y in pts:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        d.line([W - 160, 40 + 18 * n, W - 140, 40 + 18 * n], fill=colour, width=3)
-        d.text((W - 135, 33 + 18 * n), name, fill="black", font=font)
+        y = top + 6 + 32 * n
+        d.line([right + 10, y + 6, right + 30, y + 6], fill=colour if pts else (190, 190, 190), width=3)
+        d.text((right + 36, y), name, fill="black", font=font)
+        if not pts:  # a line that cannot be drawn is said, not left invisible
+            d.text((right + 36, y + 14), "no readable score", fill=(120, 120, 120), font=font)
     img.save(path)
 
 
-def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Path, sources: Optional[list] = None) -> None:
-    """The eval images side by side (editing: source | edited), each with its reward and scores under it."""
-    side = 256  # every image is shown at this size, small ones scaled up without smoothing
+def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Path, sources: Optional[list] = None,
+              title: str = "", not_applicable: Optional[list] = None) -> None:
+    """The eval images side by side (editing: source | edited), each with its prompt, reward and scores under it."""
+    side, head = 256, 24  # every image is shown at this size, small ones scaled up without smoothing
     panels = 2 if sources else 1
-    cell_w, cell_h, font = side * panels, side + 84, rr.label_font(11)
+    cell_w, font = side * panels, rr.label_font(11)
+    cell_h = head + side + 110
     grid = Image.new("RGB", (cell_w * len(images), cell_h), "white")
     d = ImageDraw.Draw(grid)
+    d.text((4, 5), title, fill="black", font=rr.label_font(13))
     fit = lambda im: im.resize((side, side), Image.NEAREST if im.width < side else Image.BICUBIC)
     for i, (im, p, R, s) in enumerate(zip(images, prompts, rewards, scores)):
         x = i * cell_w
         if sources:
-            grid.paste(fit(sources[i]), (x, 0))
-            d.text((x + 3, 3), "source", fill="white", font=font)
-        grid.paste(fit(im), (x + side * (panels - 1), 0))
-        lines = [p[:cell_w // 6], f"R = {R:.3f}"] + [f"{rr.DIMENSION_TITLES[k]}: {'-' if v is None else f'{v:.1f}'}"
-                                                       for k, v in s.items()]
-        for j, line in enumerate(lines[:6]):
-            d.text((x + 3, side + 3 + 13 * j), line, fill="black", font=font)
+            grid.paste(fit(sources[i]), (x, head))
+            d.text((x + 3, head + 3), "source", fill="white", font=font)
+        grid.paste(fit(im), (x + side * (panels - 1), head))
+        na = not_applicable[i] if not_applicable else []
+        lines = rr.wrap_text(p, cell_w // 6)[:2] + [f"R = {R:.3f}"] + [rr.score_label(k, v, na) for k, v in s.items()]
+        for j, line in enumerate(lines[:8]):
+            d.text((x + 3, head + side + 3 + 13 * j), line, fill="black", font=font)
     grid.save(path)
 
 
@@ -958,12 +971,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     check_out_dir(out, args)
     rr.save_args(args, out, extra={"prompts_sha1": prompts_digest(args)})
-    print(json.dumps(vars(args)), file=sys.stderr)
     from tqdm import tqdm
 
     # ---- setup: generator with two LoRA policies, conditions once, the scorer ----
     torch.manual_seed(args.seed)
-    pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5, quantization=args.generator_quantization)
+    pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5, quantization=args.generator_quantization,
+                             device=args.device)
     if args.task == "edit" and not is_kontext(pipe):
         raise ValueError(f"--task edit trains FLUX.1-Kontext pipelines; {args.generator} is a {type(pipe).__name__}")
     if args.task == "t2i" and is_kontext(pipe):
@@ -1000,8 +1013,12 @@ def main(argv=None) -> int:
                                 eval_seeds, eval_sigmas, geo, "default", "euler", conds.get(""))
         images = decode(pipe, x0, geo)
         res = reward_images(scorer, images, [it["prompt"] for it in eval_items], weights, sources_of(eval_items))
+        epoch_no = int(tag.split("_")[1])
         eval_grid(images, [it["prompt"] for it in eval_items], res["rewards"], res["scores"],
-                  out / "eval" / f"{tag}.png", sources_of(eval_items))
+                  out / "eval" / f"{tag}.png", sources_of(eval_items),
+                  title=f"{out.name}: epoch {epoch_no}" + (" (base model)" if epoch_no == 0 else " (EMA weights)"
+                                                           if ema is not None else ""),
+                  not_applicable=res["not_applicable"])
         return sum(res["rewards"]) / len(res["rewards"])
 
     if state["epoch"] == 0 and not (out / "eval" / "epoch_0000.png").exists():
@@ -1057,7 +1074,7 @@ def main(argv=None) -> int:
                 save_lora(pipe, out / "lora" / f"epoch_{epoch + 1:04d}")
         save_checkpoint(pipe, optimizer, ema, out, state)
         write_metrics(out, state["rows"], args.task)
-        plot_reward_curve(state["rows"], out / "reward_curve.png", dims)
+        plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
         fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
         shown = " ".join(f"{k}={fmt(row[k], '.2f')}" for k in dims)
         bar.write(f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
@@ -1067,5 +1084,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rl-nft` command (pyproject.toml)."""
     rr.cli_entry(main, errors=(FloatingPointError,))
+
+
+if __name__ == "__main__":
+    cli()

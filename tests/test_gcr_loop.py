@@ -188,9 +188,9 @@ def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_
     assert [r["stop_reason"] for r in recs] == ["max_rounds", "passed"]
     assert len(server.requests) == 3  # at most one critique per round
     for r in recs:
-        assert (out / "sheets" / f"{r['id']}.png").is_file()
+        assert (out / "sheets" / f"{rr.slug(r['prompt'])}-{r['id']}.png").is_file()   # a prompt slug, then the id
         assert all((out / rnd["image"]).is_file() for rnd in r["rounds"])
-    assert Image.open(out / "contact_sheet.png").height > Image.open(out / "sheets" / f"{recs[0]['id']}.png").height
+    assert Image.open(out / "contact_sheet.png").height > Image.open(next((out / "sheets").glob(f"*-{recs[0]['id']}.png"))).height
     summary = json.loads((out / "summary.json").read_text())
     assert summary["share_refined"] == 0.5 and summary["stop_reasons"]["max_rounds"] == 1
     # a new prompt added to the file: the rerun does only that one

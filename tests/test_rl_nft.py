@@ -486,7 +486,7 @@ def test_edit_rl_on_tiny_kontext(tmp_path, scripted_server, capsys):
     assert rl_nft.main(argv + ["--epochs", "3", "--resume"]) == 0
     assert [r["epoch"] for r in rows_of(out / "metrics.csv")] == ["1", "2", "3"]
     grid = Image.open(out / "eval" / "epoch_0003.png")
-    assert grid.size == (2 * 256 * 2, 256 + 84)         # two eval prompts, each source | edited
+    assert grid.size == (2 * 256 * 2, 24 + 256 + 110)   # two eval prompts, each source | edited
     # the LoRA loads into the Kontext pipeline with diffusers' own loader and changes the edit
     pipe = rr.load_generator("tiny-random", "edit")
     src = Image.open(rr.PROMPTS_DIR / "rl_edit_images" / "house.png").convert("RGB")

@@ -1,0 +1,900 @@
+"""PARROT: preference pairs -> rationales -> a student that writes them without the label.
+
+Implements Sec. 2 of "RationalRewards: Reasoning Rewards Scale Visual Generation Both
+Training and Test Time" (arXiv 2604.11626). The rationale z is a latent variable; PARROT
+maximises the evidence lower bound
+
+    log P(y|x) >= E_{q(z|x,y)}[ log P(y|x,z) ] - KL( q(z|x,y) || P_theta(z|x) )       (ELBO)
+
+    x = (request, image A, image B[, source image])   y = preferred image ("A" or "B")
+    z = a pairwise rationale (per-dimension justification, scores, winner; App. C/D)
+    q(z|x,y)      = the teacher VLM, shown the label               (Phase 1 builds it)
+    P(y|x,z)      = the teacher, label hidden, reading z           (Phase 2 keeps z where it is high)
+    P_theta(z|x)  = the student, never shown the label             (Phase 3 fits it to q)
+
+Smoke run (CPU, offline, about a minute)::
+
+    python parrot.py --dataset demo --limit 16 --teacher tiny-random --student tiny-random
+
+Real run (one 24 GB GPU; teacher Qwen3-VL-8B in 4-bit, student Qwen3-VL-2B with LoRA)::
+
+    python parrot.py --dataset hpdv3 --data-dir data/hpdv3 --limit 1000 --out runs/hpdv3-1k
+    # the paper's 32B teacher, served elsewhere:
+    python parrot.py ... --teacher-api-base http://HOST:8000/v1 --teacher Qwen/Qwen3-VL-32B-Instruct
+
+Outputs in --out: inputs.json, phase1.jsonl, phase2.jsonl, projections.jsonl, sft.jsonl,
+heldout.jsonl, student/ (a LoRA adapter for `rationalrewards.py --adapter`), report.json,
+args.json. Every .jsonl is appended and flushed per record, so a killed run started again
+with the same command resumes without redoing or duplicating anything.
+
+Deviations from the paper:
+1. Scale: teacher Qwen3-VL-8B (4-bit) instead of 32B; student Qwen3-VL-2B with LoRA (QLoRA
+   when 4-bit) instead of a full fine-tune of Qwen3-VL-8B; so the default lr is 1e-4, not 1e-5.
+2. Phase 2 scores P(y|x,z) from the logits of the answer letter in one forward pass, where
+   the paper's implementation asks the teacher to answer.
+3. The pointwise SFT samples are written by the teacher as a projection of the kept pairwise
+   rationale onto one image, anchored on that image's scores; projections whose scores stray
+   more than 0.5 from the anchors are dropped.
+4. `demo`: procedurally drawn pairs with one known defect, so that attribution (does the
+   rationale blame the right dimension?) can be measured without human labels.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+import rationalrewards as rr
+
+
+@dataclass
+class Args:
+    dataset: Literal["demo", "hpdv3", "rapidata", "editreward", "jsonl"] = "demo"
+    """where the preference pairs come from"""
+    data_dir: Optional[str] = None
+    """hpdv3: the dataset root (train.json, test.json, images); jsonl: the pairs file"""
+    hf_dataset: Optional[str] = None
+    """rapidata/editreward: hub id, or a local parquet file or directory (defaults below)"""
+    split: str = "train"
+    """dataset split to read"""
+    limit: Optional[int] = None
+    """use at most this many valid pairs"""
+    min_vote_margin: float = 0.1
+    """rapidata/editreward: drop near-ties whose winning vote share is below 0.5 + this (editreward: score gap below 4x this)"""
+    out: str = "runs/parrot"
+    """run directory: every output, resumable"""
+    phases: str = "123"
+    """which phases to run, e.g. 1, 2, 3 or 12; each reads the outputs of the ones before"""
+    teacher: str = "Qwen/Qwen3-VL-8B-Instruct"
+    """teacher VLM (hub id, local path, tiny-random); with --teacher-api-base, the served model name"""
+    teacher_api_base: Optional[str] = None
+    """OpenAI-compatible endpoint serving the teacher (vLLM, SGLang): how to use a 32B teacher or many GPUs"""
+    teacher_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
+    """auto = 4-bit on a GPU, none on CPU"""
+    student: str = "Qwen/Qwen3-VL-2B-Instruct"
+    """student VLM trained in Phase 3"""
+    student_quantization: Literal["none", "4bit"] = "none"
+    """4bit trains with QLoRA"""
+    num_candidates: int = 1
+    """K rationales sampled per pair in Phase 1; Phase 2 keeps the first that passes"""
+    min_consistency: float = 0.5
+    """Phase 2 keeps z only if the teacher's P(y|x,z) is at least this"""
+    max_new_tokens: int = 2048
+    """longest rationale the teacher (and the student in evaluation) may write"""
+    temperature: float = 0.7
+    """teacher sampling temperature in Phase 1"""
+    batch_size: int = 8
+    """prompts per generate() call, or requests in flight over HTTP"""
+    max_pixels: int = 768 * 768
+    """images are downscaled to at most this many pixels"""
+    epochs: int = 3
+    """Phase 3 epochs (paper: 3)"""
+    lr: float = 1e-4
+    """Phase 3 peak learning rate (paper, full fine-tune: 1e-5; LoRA wants more)"""
+    warmup_ratio: float = 0.05
+    """share of steps with linear warm-up before the cosine decay (paper: 0.05)"""
+    grad_accum: int = 8
+    """samples per optimizer step"""
+    lora_r: int = 16
+    """LoRA rank of the student"""
+    lora_alpha: int = 32
+    """LoRA alpha of the student"""
+    eval_fraction: float = 0.1
+    """share of prompts held out from SFT for the report"""
+    eval_limit: int = 100
+    """at most this many held-out pairs are used for the student's accuracy"""
+    timeout: float = 600.0
+    """HTTP teacher: seconds to wait for one response"""
+    max_retries: int = 3
+    """HTTP teacher: retries with backoff"""
+    prompts_dir: Optional[str] = None
+    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
+    seed: int = 0
+    """seed for the A/B shuffle, the held-out split, sampling and training"""
+
+
+LOGP_FLOOR = math.log(1e-6)  # log P(y|x,z) is stored floored, so a text-only "wrong" answer is not -inf
+PROJECTION_TOLERANCE = 0.5   # a pointwise projection may stray this far from its anchor score
+PROJECTION_TEMPERATURE = 0.1  # projections copy scores: decode like the scorer does
+DEFAULT_HUB = {"rapidata": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3",
+               "editreward": "TIGER-Lab/EditReward-Data"}
+
+
+class DataError(RuntimeError):
+    """A dataset is missing or malformed; the message says how to get or fix it."""
+
+
+# ---------------------------------------------------------------------------------------
+# Pure logic of the phases (unit-tested on hand-written rationales)
+# ---------------------------------------------------------------------------------------
+def consistency_verdict(judgement: rr.PairwiseJudgement, label: str, p_label: Optional[float],
+                        min_consistency: float) -> Optional[str]:
+    """Phase 2: None if z is kept, else the reason it is dropped.
+
+    ELBO term 1 asks that y be recoverable from (x, z). Two checks, cheapest first:
+    self-consistency (z's own score sums imply y) and the teacher's P(y|x,z) with y hidden.
+    """
+    if judgement.preferred is None:
+        return "unparseable"
+    if judgement.preferred != label:  # label-ignoring or vague: its own scores do not pick y
+        return "scores_contradict_label"
+    if p_label is None:  # the teacher's answer could not be read: no evidence either way
+        return "unreadable_answer"
+    if p_label < min_consistency:  # hallucinated or non-predictive evidence
+        return "teacher_disagrees"
+    return None
+
+
+def projection_matches(critique: rr.Critique, anchors: dict, tolerance: float = PROJECTION_TOLERANCE) -> bool:
+    """A pointwise projection is usable when every anchored score is reproduced within `tolerance`."""
+    for d, anchor in anchors.items():
+        got = critique.scores.get(d)
+        if anchor is None:
+            continue  # N/A or unreadable in the pairwise rationale: nothing to anchor
+        if got is None or abs(got - anchor) > tolerance:
+            return False
+    return True
+
+
+def largest_gap_dimension(scores_a: dict, scores_b: dict) -> Optional[str]:
+    """The dimension where the rationale separates the two images most (ties: rubric order)."""
+    gaps = {d: abs(scores_a[d] - scores_b[d]) for d in scores_a
+            if scores_a.get(d) is not None and scores_b.get(d) is not None}
+    if not gaps or max(gaps.values()) == 0:
+        return None
+    return max(gaps, key=gaps.get)
+
+
+def is_heldout(prompt: str, fraction: float, seed: int) -> bool:
+    """Held-out split by prompt, so no prompt is in both SFT and evaluation."""
+    h = int(hashlib.sha1(f"{seed}:{prompt}".encode()).hexdigest()[:8], 16)
+    return h / 16 ** 8 < fraction
+
+
+def format_anchor_scores(scores: dict) -> str:
+    return "\n".join(f"- {rr.DIMENSION_TITLES[d]}: {'N/A' if s is None else f'{s:g}'}" for d, s in scores.items())
+
+
+# ---------------------------------------------------------------------------------------
+# Datasets. Every loader returns pair records
+#   {id, dataset, task, prompt, image_a, image_b, source_image, label, defect_dimension}
+# with image paths on disk, plus counts of what was skipped and why.
+# ---------------------------------------------------------------------------------------
+def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None, defect=None) -> dict:
+    """Seeded shuffle of which image is shown as A, so the student cannot learn "A wins"."""
+    pid = key or rr.pair_id(prompt, preferred, rejected, source or "")
+    swap = random.Random(f"{seed}:{pid}").random() < 0.5
+    a, b = (rejected, preferred) if swap else (preferred, rejected)
+    return {"id": pid, "dataset": dataset, "task": task, "prompt": prompt, "image_a": str(a), "image_b": str(b),
+            "source_image": str(source) if source else None, "label": "B" if swap else "A", "defect_dimension": defect}
+
+
+def _readable(paths, stats) -> bool:
+    for p in paths:
+        if p is None:
+            continue
+        _, problem = rr.read_image(p)
+        if problem:
+            stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
+            print(f"warning: image {p}: {problem}: pair skipped", file=sys.stderr)
+            return False
+    return True
+
+
+def load_hpdv3(root, split, limit, seed, stats) -> list:
+    root = Path(root or "data/hpdv3")
+    index = root / f"{split}.json"
+    if not index.is_file():
+        raise DataError(
+            f"HPDv3 not found: {index} does not exist. Download and extract it (about 100 GB for all images):\n"
+            f"  hf download MizzenAI/HPDv3 --repo-type dataset --local-dir {root}\n"
+            f"  cd {root} && cat images.tar.gz.* | tar -xzf -\n"
+            f"then pass --data-dir {root}.")
+    try:
+        rows = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{index} is not valid JSON ({err}); expected a list of records with prompt, path1, path2") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{index}: expected a JSON list of records, got {type(rows).__name__}")
+    pairs = []
+    for n, rec in enumerate(rows):
+        if limit is not None and len(pairs) >= limit:
+            break
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "path1", "path2")):
+            raise DataError(f"{index}, row {n}: expected string fields prompt, path1 (preferred), path2 (rejected), "
+                            f"got {str(rec)[:200]}")
+        stats["rows_read"] += 1
+        good, bad = root / rec["path1"], root / rec["path2"]  # path1 is the preferred image
+        if _readable([good, bad], stats):  # the id from the row itself, however --data-dir is spelled
+            key = rr.pair_id(rec["prompt"], rec["path1"], rec["path2"])
+            pairs.append(make_pair("hpdv3", "t2i", rec["prompt"], good, bad, seed, key=key))
+    return pairs
+
+
+def load_jsonl(path, limit, seed, stats) -> list:
+    if not path:
+        raise DataError("--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl")
+    pairs = []
+    for rec in rr.read_pairs(path):
+        if limit is not None and len(pairs) >= limit:
+            break
+        stats["rows_read"] += 1
+        if rec["label"] == "tie":
+            stats["dropped_ties"] += 1
+            continue
+        good, bad = (rec["image_a"], rec["image_b"]) if rec["label"] == "A" else (rec["image_b"], rec["image_a"])
+        if _readable([good, bad, rec.get("source_image")], stats):
+            task = "edit" if rec.get("source_image") else "t2i"
+            pairs.append(make_pair("jsonl", task, rec["prompt"], good, bad, seed, rec.get("source_image"), rec["id"]))
+    return pairs
+
+
+def _vote_label(row, dataset, margin):
+    """'first', 'second', 'tie' or 'near_tie' from the vote fields of one hub row."""
+    if dataset == "editreward":
+        vote = str(row.get("vote_type", "")).lower()
+        gap = (row.get("left_overall_score") or 0) - (row.get("right_overall_score") or 0)
+        if "tie" in vote or vote not in ("leftvote", "rightvote"):
+            return "tie"
+        return "near_tie" if abs(gap) < 4 * margin else ("first" if vote == "leftvote" else "second")
+    for k1, k2 in (("weighted_results_image1_preference", "weighted_results_image2_preference"),
+                   ("votes_image1", "votes_image2"), ("image1_votes", "image2_votes")):
+        if row.get(k1) is not None and row.get(k2) is not None:
+            v1, v2 = float(row[k1]), float(row[k2])
+            if v1 == v2:
+                return "tie"
+            share = max(v1, v2) / (v1 + v2)
+            return "near_tie" if share < 0.5 + margin else ("first" if v1 > v2 else "second")
+    raise DataError(f"{dataset}: no vote fields in row with columns {sorted(row)}; expected e.g. "
+                    f"votes_image1/votes_image2 or weighted_results_image1_preference/..._image2_preference")
+
+
+def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> list:
+    """Rapidata (t2i) or EditReward (edit) parquet, streamed so --limit N reads about N rows."""
+    hf_id = hf_id or DEFAULT_HUB[dataset]
+    cols = ({"prompt": "instruction", "a": "left_output_image", "b": "right_output_image", "src": "source_img"}
+            if dataset == "editreward" else {"prompt": "prompt", "a": "image1", "b": "image2", "src": None})
+    hint = (f"On a machine with network run\n  hf download {hf_id} --repo-type dataset --local-dir data/{dataset}\n"
+            f"and pass --hf-dataset data/{dataset}/data (a parquet file or a directory of them).")
+    try:
+        ds = rr.open_parquet_stream(hf_id, split, [c for c in (cols["a"], cols["b"], cols["src"]) if c], hint=hint)
+    except rr.ModelLoadError as err:
+        raise DataError(str(err)) from None
+    image_dir.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i, row in enumerate(ds):
+        if limit is not None and len(pairs) >= limit:
+            break
+        stats["rows_read"] += 1
+        verdict = _vote_label(row, dataset, margin)
+        if verdict in ("tie", "near_tie"):
+            stats["dropped_ties" if verdict == "tie" else "dropped_near_ties"] += 1
+            continue
+        key = str(row.get("unique_key") or row.get("id") or rr.pair_id(row[cols["prompt"]], dataset, split, i))
+        paths, problem = {}, None
+        for part in ("a", "b", "src"):
+            if not cols[part]:
+                continue
+            paths[part] = image_dir / f"{key}-{part}.png"
+            bad = rr.save_embedded_image(row.get(cols[part]), paths[part])
+            if bad:
+                problem = "skipped_missing_image" if bad == "missing" else "skipped_corrupt_image"
+                break
+        if problem:
+            stats[problem] += 1
+            print(f"warning: row {i} of {hf_id} ({key}): {problem.replace('skipped_', '').replace('_', ' ')}: pair skipped",
+                  file=sys.stderr)
+            continue
+        good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
+        pairs.append(make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]], good, bad, seed,
+                               paths.get("src"), key))
+    return pairs
+
+
+# demo: shapes, colours, counts and rendered words, drawn with PIL. The preferred image is right;
+# the rejected one has exactly one defect, in a known dimension.
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
+           "purple": (135, 60, 175), "orange": (240, 135, 30)}
+SHAPES = ("circle", "square", "triangle")
+WORDS = ("CAT", "SUN", "TREE", "BOOK", "MOON", "FISH", "STAR", "BIKE")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+def draw_scene(colour, shape, count, word=None, size=256) -> Image.Image:
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    if word is not None:  # a coloured sign with black lettering
+        d.rectangle([20, 70, size - 20, size - 70], fill=COLOURS[colour], outline="black", width=3)
+        font = ImageFont.load_default(size=48)
+        w = d.textlength(word, font=font)
+        d.text(((size - w) / 2, size / 2 - 28), word, fill="black", font=font)
+        return img
+    cell = size // count
+    for i in range(count):
+        cx, cy, r = cell * i + cell // 2, size // 2, min(cell // 2 - 8, 60)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if shape == "circle":
+            d.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            d.rectangle(box, fill=COLOURS[colour])
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+    return img
+
+
+def degrade(img: Image.Image, rng: random.Random) -> Image.Image:
+    """A physical/visual-quality defect: blur, heavy noise and blocky artifacts."""
+    img = img.filter(ImageFilter.GaussianBlur(3))
+    noise = Image.effect_noise(img.size, 90).convert("RGB")
+    img = Image.blend(img, noise, 0.45)
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.randrange(0, img.width - 40), rng.randrange(0, img.height - 40)
+        d.rectangle([x, y, x + 40, y + 40], fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
+def misspell(word: str, rng: random.Random) -> str:
+    i = rng.randrange(len(word) - 1)
+    swapped = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    return swapped if swapped != word else word[:-1] + ("X" if word[-1] != "X" else "Y")
+
+
+def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
+    rng = random.Random(f"demo:{seed}:{index}")
+    colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+    kind = index % 3
+    count, word = (1, None) if kind == 0 else (rng.randint(2, 4), None) if kind == 1 else (1, rng.choice(WORDS))
+    if kind == 0:
+        prompt = f"a {colour} {shape} on a white background"
+    elif kind == 1:
+        prompt = f"{NUMBER_WORDS[count]} {colour} {shape}s in a row on a white background"
+    else:
+        prompt = f'a {colour} sign with the word "{word}" written on it in black letters'
+    defect = rng.choice(["text_faithfulness", "physical_quality"] + (["text_rendering"] if word else []))
+    good = draw_scene(colour, shape, count, word)
+    if defect == "physical_quality":
+        bad = degrade(good, rng)
+    elif defect == "text_rendering":
+        bad = draw_scene(colour, shape, count, misspell(word, rng))
+    elif kind == 1:  # wrong count
+        bad = draw_scene(colour, shape, count + rng.choice([-1, 1]), word)
+    else:  # wrong colour
+        bad = draw_scene(rng.choice([c for c in sorted(COLOURS) if c != colour]), shape, count, word)
+    key = f"demo-{seed}-{index:05d}"
+    paths = [image_dir / f"{key}-good.png", image_dir / f"{key}-bad.png"]
+    for p, im in zip(paths, (good, bad)):
+        if not p.is_file() or rr.load_image(p) is None:  # missing, or truncated by a killed run
+            rr.save_image_atomic(im, p)
+    return make_pair("demo", "t2i", prompt, paths[0], paths[1], seed, key=key, defect=defect)
+
+
+def load_dataset_pairs(args: Args) -> tuple:
+    stats = {k: 0 for k in ("rows_read", "skipped_missing_image", "skipped_corrupt_image", "dropped_ties",
+                            "dropped_near_ties")}
+    image_dir = Path(args.out) / "images"
+    if args.dataset == "demo":
+        image_dir.mkdir(parents=True, exist_ok=True)
+        pairs = [demo_pair(i, args.seed, image_dir) for i in range(args.limit or 64)]
+        stats["rows_read"] = len(pairs)
+    elif args.dataset == "hpdv3":
+        pairs = load_hpdv3(args.data_dir, args.split, args.limit, args.seed, stats)
+    elif args.dataset == "jsonl":
+        pairs = load_jsonl(args.data_dir, args.limit, args.seed, stats)
+    else:
+        pairs = load_hub(args.dataset, args.hf_dataset, args.split, args.limit, args.seed, args.min_vote_margin,
+                         image_dir, stats)
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers shared by the phases
+# ---------------------------------------------------------------------------------------
+def images_of(rec: dict, *parts) -> list:
+    """The pair's images in prompt order (source first for editing)."""
+    keys = (["source_image"] if rec["task"] == "edit" else []) + list(parts)
+    return [rr.load_image(rec[k]) for k in keys]
+
+
+def paths_of(rec: dict, *parts) -> list:
+    return [rec[k] for k in (["source_image"] if rec["task"] == "edit" else []) + list(parts)]
+
+
+def batches(items: list, size: int, desc: str):
+    from tqdm import tqdm
+    bar = tqdm(total=len(items), desc=desc, unit="pair")
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+        bar.update(len(items[i:i + size]))
+    bar.close()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class LazyTeacher:
+    """The teacher backend, loaded on first use (a resumed run with nothing left to do loads no
+    model) and released before the student trains, so both fit on one GPU in turn."""
+
+    def __init__(self, args: Args):
+        self.args, self.backend = args, None
+
+    def _get(self):
+        if self.backend is None:
+            a = self.args
+            self.backend = rr.load_backend(a.teacher, api_base=a.teacher_api_base, quantization=a.teacher_quantization,
+                                           batch_size=a.batch_size, max_pixels=a.max_pixels, timeout=a.timeout,
+                                           max_retries=a.max_retries)
+        return self.backend
+
+    def generate(self, *args, **kwargs):
+        return self._get().generate(*args, **kwargs)
+
+    def answer_logprobs(self, *args, **kwargs):
+        return self._get().answer_logprobs(*args, **kwargs)
+
+    def release(self):
+        import torch
+        self.backend = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+PAIR_FIELDS = ("id", "dataset", "task", "prompt", "image_a", "image_b", "source_image", "label", "defect_dimension")
+
+
+# ---------------------------------------------------------------------------------------
+# ---- Phase 1: anchored generation, q(z | x, y) ----
+# ---------------------------------------------------------------------------------------
+def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
+    """The teacher sees x and the label y and writes K pairwise rationales per pair."""
+    path = out / "phase1.jsonl"
+    done = {(r["id"], r["candidate"]) for r in rr.read_jsonl(path)}
+    todo = [(p, k) for p in pairs for k in range(args.num_candidates) if (p["id"], k) not in done]
+    for batch in batches(todo, args.batch_size, "phase 1: anchored generation"):
+        msgs = [rr.render_messages(f"anchored_pairwise_{p['task']}", images_of(p, "image_a", "image_b"),
+                                   request=p["prompt"], preferred=f"Image {p['label']}") for p, _ in batch]
+        texts = teacher.generate(msgs, args.max_new_tokens, args.temperature)
+        for (p, k), text in zip(batch, texts):
+            rr.append_jsonl(path, {**{f: p[f] for f in PAIR_FIELDS}, "candidate": k, "rationale": text})
+
+
+# ---------------------------------------------------------------------------------------
+# ---- Phase 2: predictive consistency filtering, ELBO term 1: E_q[log P(y | x, z)] ----
+# ---------------------------------------------------------------------------------------
+def read_phase2(out: Path) -> list:
+    """One record per pair: the latest written (a rerun with more candidates supersedes the old one)."""
+    return list({r["id"]: r for r in rr.read_jsonl(out / "phase2.jsonl")}.values())
+
+
+def consistency_filter(teacher, out: Path, args: Args) -> None:
+    """Judge every Phase 1 candidate once; per pair keep the first z from which y can be recovered.
+
+    The teacher's log P(y|x,z) is read for every candidate, parseable or not, so that the report
+    can estimate ELBO term 1 over all of q(z|x,y), not only over the survivors. A rerun judges
+    only candidates not judged before (e.g. after Phase 1 ran again with a larger
+    --num-candidates) and appends a superseding record for those pairs.
+    """
+    phase1 = rr.read_jsonl(out / "phase1.jsonl")
+    if not phase1:
+        raise DataError(f"{out / 'phase1.jsonl'} is missing or empty: run --phases 1 first")
+    judged = {r["id"]: r for r in read_phase2(out)}
+    by_id = {}
+    for r in phase1:
+        by_id.setdefault(r["id"], {})[r["candidate"]] = r  # a rerun of Phase 1 cannot duplicate
+    todo = []
+    for pid, cands in by_id.items():
+        seen = {c["candidate"] for c in judged[pid]["candidates"]} if pid in judged else set()
+        new = [cands[k] for k in sorted(cands) if k not in seen]
+        if new:
+            todo.append(new)
+    for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates), "phase 2: consistency"):
+        flat = [r for g in group_batch for r in g]
+        images = {g[0]["id"]: images_of(g[0], "image_a", "image_b") for g in group_batch}  # once per pair, not per z
+        msgs = [rr.render_messages(f"consistency_{r['task']}", images[r["id"]], request=r["prompt"],
+                                   rationale=r["rationale"]) for r in flat]
+        parsed = {(r["id"], r["candidate"]): rr.parse_pairwise(r["rationale"], r["task"]) for r in flat}
+        # log P(y | x, z): the answer letter's probability, label hidden, one forward pass
+        answers = dict(zip(((r["id"], r["candidate"]) for r in flat), teacher.answer_logprobs(msgs, ("A", "B"))))
+        for group in group_batch:
+            pid = group[0]["id"]
+            verdicts = list(judged[pid]["candidates"]) if pid in judged else []
+            for r in group:
+                lp = answers[(r["id"], r["candidate"])]
+                lp = None if lp is None else max(LOGP_FLOOR, lp[r["label"]])
+                p = None if lp is None else math.exp(lp)
+                j = parsed[(r["id"], r["candidate"])]
+                verdicts.append({"candidate": r["candidate"], "p_label": p, "log_p_label": lp,
+                                 "reason": consistency_verdict(j, r["label"], p, args.min_consistency)})
+            verdicts.sort(key=lambda v: v["candidate"])
+            kept = next((v for v in verdicts if v["reason"] is None), None)
+            source = by_id[pid][kept["candidate"] if kept else verdicts[-1]["candidate"]]
+            rec = {**{f: source[f] for f in PAIR_FIELDS}, "kept": kept is not None,
+                   "reason": None if kept else verdicts[-1]["reason"], "candidates": verdicts}
+            if kept:  # a candidate kept on an earlier run was not parsed in this batch
+                j = parsed.get((pid, kept["candidate"])) or rr.parse_pairwise(source["rationale"], source["task"])
+                rec.update(candidate=kept["candidate"], rationale=source["rationale"],
+                           log_p_label=kept["log_p_label"], scores_a=j.scores_a, scores_b=j.scores_b)
+            judged[pid] = rec
+            rr.append_jsonl(out / "phase2.jsonl", rec)
+
+
+# ---------------------------------------------------------------------------------------
+# ---- Phase 3: foresight distillation, ELBO term 2: min KL(q(z|x,y) || P_theta(z|x)) ----
+# ---------------------------------------------------------------------------------------
+def project_pointwise(teacher, kept: list, out: Path, args: Args) -> None:
+    """Two pointwise critiques per kept pair, each anchored on that image's pairwise scores."""
+    path = out / "projections.jsonl"
+    done = {(r["id"], r["side"]) for r in rr.read_jsonl(path)}
+    todo = [(r, s) for r in kept for s in ("A", "B") if (r["id"], s) not in done]
+    for batch in batches(todo, args.batch_size, "phase 3: pointwise projections"):
+        msgs = [rr.render_messages(f"projection_{r['task']}", images_of(r, f"image_{s.lower()}"), request=r["prompt"],
+                                   anchor_scores=format_anchor_scores(r[f"scores_{s.lower()}"]), side=s,
+                                   reference=r["rationale"]) for r, s in batch]
+        for (r, s), text in zip(batch, teacher.generate(msgs, args.max_new_tokens, PROJECTION_TEMPERATURE)):
+            ok = projection_matches(rr.parse_pointwise(text, r["task"]), r[f"scores_{s.lower()}"])
+            rr.append_jsonl(path, {"id": r["id"], "side": s, "kept": ok, "critique": text})
+
+
+def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) -> dict:
+    """One sample in the messages + images form read by LLaMA-Factory and TRL; the label is never in it."""
+    name = f"{kind}_{rec['task']}"
+    images = paths_of(rec, "image_a", "image_b") if kind == "pairwise" else paths_of(rec, f"image_{side.lower()}")
+    system = rr.system_prompt(name, request=rec["prompt"])  # only with a --prompts-dir template that has one
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": rr.fill_prompt(name, request=rec["prompt"])},
+                 {"role": "assistant", "content": answer}]
+    return {"id": rec["id"], "kind": kind, "side": side, "images": images, "messages": messages}
+
+
+def build_sft(out: Path, args: Args) -> tuple:
+    """sft.jsonl (train prompts) and heldout.jsonl (held-out prompts), rebuilt from Phase 2 + projections."""
+    kept = [r for r in read_phase2(out) if r["kept"]]
+    proj = {(p["id"], p["side"]): p for p in rr.read_jsonl(out / "projections.jsonl")}
+    train, held = [], []
+    for r in kept:
+        samples = [sft_sample("pairwise", r, r["rationale"])]
+        samples += [sft_sample("pointwise", r, proj[(r["id"], s)]["critique"], s) for s in ("A", "B")
+                    if (r["id"], s) in proj and proj[(r["id"], s)]["kept"]]
+        (held if is_heldout(r["prompt"], args.eval_fraction, args.seed) else train).extend(samples)
+    write_atomic(out / "sft.jsonl", "".join(json.dumps(s) + "\n" for s in train))
+    write_atomic(out / "heldout.jsonl", "".join(json.dumps(s) + "\n" for s in held))
+    return train, held
+
+
+def sample_features(processor, sample: dict, max_pixels: int):
+    """Token ids of (prompt + answer) with labels = -100 on every prompt token: loss on the answer only."""
+    images = [rr.load_image(p) for p in sample["images"]]
+    if any(im is None for im in images):
+        raise ValueError(f"SFT sample {sample['id']}: cannot read {[p for p, im in zip(sample['images'], images) if im is None]}; "
+                         f"the run directory's images must stay where Phase 1 found them")
+    images = [rr.bound_pixels(im, max_pixels) for im in images]
+    *turns, last = sample["messages"]
+    user = [{"role": m["role"], "content": rr.to_content(m["content"], images) if m["role"] == "user" else m["content"]}
+            for m in turns]
+    answer = {"role": "assistant", "content": [{"type": "text", "text": last["content"]}]}
+    kw = dict(tokenize=True, return_dict=True, return_tensors="pt")
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True, **kw)
+    full = processor.apply_chat_template(user + [answer], **kw)
+    n = prompt["input_ids"].shape[1]
+    if not (full["input_ids"][0, :n] == prompt["input_ids"][0]).all():
+        raise ValueError("the chat template does not render the prompt as a prefix of the conversation; "
+                         "cannot mask the prompt tokens")
+    labels = full["input_ids"].clone()  # (1, T)
+    labels[:, :n] = -100
+    return {**full, "labels": labels}
+
+
+def answer_nll(model, processor, samples: list, max_pixels: int) -> Optional[float]:
+    """Mean per-token NLL of the answers: -1/T sum_t log P_theta(z_t | x, z_<t), token-weighted."""
+    import torch
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for s in samples:
+            feats = {k: v.to(model.device) for k, v in sample_features(processor, s, max_pixels).items()}
+            n = int((feats["labels"][:, 1:] != -100).sum())
+            total += float(model(**feats).loss) * n
+            tokens += n
+    return total / tokens if tokens else None
+
+
+def add_lora(model, args: Args, quantized: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    # Non-reentrant checkpointing: the reentrant kind drops the gradients of LoRA weights inside
+    # a checkpointed block when the block's inputs do not require grad (frozen embeddings).
+    ckpt_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    # Language model only: the paper freezes the vision tower.
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05,
+                        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    return get_peft_model(model, config)
+
+
+# ELBO term 2: KL(q(z|x,y) || P_theta(z|x)) = E_q[log q(z|x,y)] - E_q[log P_theta(z|x)]. The first part,
+# minus the entropy of q, does not depend on theta, so minimising the SFT loss -log P_theta(z|x) on
+# samples z ~ q (the kept rationales) minimises the KL term up to that constant.
+def foresight_distillation(model, processor, train: list, out: Path, args: Args) -> list:
+    """LoRA SFT of the student on the kept rationales, label absent. Returns the loss per optimizer step.
+
+    Checkpoints the adapter and optimizer after every epoch; a rerun continues from there.
+    """
+    import torch
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+    ckpt = out / "student"
+    state_path = ckpt / "train_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"epochs_done": 0, "losses": []}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    steps = math.ceil(len(train) / args.grad_accum) * args.epochs
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
+    if state["epochs_done"]:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    use_bf16 = model.device.type == "cuda"
+    for epoch in range(state["epochs_done"], args.epochs):
+        model.train()
+        order = list(range(len(train)))
+        random.Random(f"{args.seed}:epoch{epoch}").shuffle(order)
+        bar = tqdm(order, desc=f"phase 3: SFT epoch {epoch + 1}/{args.epochs}", unit="sample")
+        running = 0.0
+        for i, idx in enumerate(bar):
+            feats = {k: v.to(model.device) for k, v in sample_features(processor, train[idx], args.max_pixels).items()}
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(**feats).loss / args.grad_accum
+            loss.backward()
+            running += loss.item()
+            if (i + 1) % args.grad_accum == 0 or i + 1 == len(order):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                state["losses"].append(running * args.grad_accum / ((i % args.grad_accum) + 1))
+                bar.set_postfix(loss=f"{state['losses'][-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                running = 0.0
+        model.save_pretrained(ckpt)
+        torch.save(opt.state_dict(), ckpt / "optimizer.pt")
+        torch.save(sched.state_dict(), ckpt / "scheduler.pt")
+        state["epochs_done"] = epoch + 1
+        write_atomic(state_path, json.dumps(state))
+    return state["losses"]
+
+
+def student_accuracy(model, processor, heldout_pairs: list, task: str, args: Args) -> dict:
+    model.eval()  # no LoRA dropout while the student writes critiques
+    backend = rr.TransformersBackend(model, processor, args.batch_size, args.max_pixels)
+    scorer = rr.RationalRewardsScorer(backend, task, args.max_new_tokens, temperature=0.1)
+    return {mode: rr.evaluate_preferences(scorer, heldout_pairs, mode, None, args.batch_size)["accuracy_with_ties"]
+            for mode in ("pointwise", "pairwise")}
+
+
+def heldout_pairs_of(phase2: list, args: Args) -> list:
+    """Every labelled held-out pair, kept or not, is fair evaluation data (never in sft.jsonl)."""
+    seen, pairs = set(), []
+    for r in phase2:
+        if is_heldout(r["prompt"], args.eval_fraction, args.seed) and r["id"] not in seen:
+            seen.add(r["id"])
+            pairs.append(r)
+    return pairs[:args.eval_limit]
+
+
+def student_report(model, processor, held: list, heldout_pairs: list, task: str, args: Args) -> dict:
+    return {"heldout_nll": answer_nll(model, processor, held, args.max_pixels),
+            "accuracy": student_accuracy(model, processor, heldout_pairs, task, args)}
+
+
+def phase3(teacher, out: Path, args: Args) -> dict:
+    """Phase 3 in the paper's steps: project, build the SFT data, distil, evaluate before/after."""
+    import shutil
+    import torch
+    phase2 = read_phase2(out)
+    if not phase2:
+        raise DataError(f"{out / 'phase2.jsonl'} is missing or empty: run --phases 2 first")
+    # 1. pointwise projections of every kept rationale (teacher), 2. sft.jsonl / heldout.jsonl
+    project_pointwise(teacher, [r for r in phase2 if r["kept"]], out, args)
+    train, held = build_sft(out, args)
+    teacher.release()  # free the teacher's memory before the student trains
+    # 3. resume only what was trained on exactly this data; new SFT data means a new student
+    ckpt, metrics_path = out / "student", out / "student_metrics.json"
+    fingerprint = hashlib.sha1(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if metrics and metrics.get("sft_fingerprint") != fingerprint:
+        print("warning: sft.jsonl changed since the student was trained: training it again from the base model",
+              file=sys.stderr)
+        metrics = {}
+        shutil.rmtree(ckpt, ignore_errors=True)
+    metrics["sft_fingerprint"] = fingerprint
+    heldout_pairs, task = heldout_pairs_of(phase2, args), phase2[0]["task"]
+    # the same pairs in rationalrewards.py eval's format, to measure any scorer on them later
+    write_atomic(out / "heldout_pairs.jsonl", "".join(json.dumps(
+        {"id": r["id"], "prompt": r["prompt"], "image_a": str(Path(r["image_a"]).resolve()),
+         "image_b": str(Path(r["image_b"]).resolve()), "label": r["label"],
+         **({"source_image": str(Path(r["source_image"]).resolve())} if r.get("source_image") else {})}) + "\n"
+        for r in heldout_pairs))
+    state_path = ckpt / "train_state.json"
+    if "after" in metrics and state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
+        return metrics  # a finished run, started again on the same data: nothing to redo
+    torch.manual_seed(args.seed)
+    model, processor = rr.load_vlm(args.student, args.student_quantization, trainable=True)
+    model = add_lora(model, args, args.student_quantization == "4bit")
+    if "before" not in metrics:  # LoRA starts at zero: the student is still the base model
+        metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
+        write_atomic(metrics_path, json.dumps(metrics))
+    if not train:
+        # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest of the
+        # chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says what it is
+        print("warning: no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the base model)",
+              file=sys.stderr)
+        model.save_pretrained(ckpt)
+        metrics["after"], metrics["train_losses"] = metrics["before"], []
+        write_atomic(metrics_path, json.dumps(metrics))
+        return metrics
+    if state_path.is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    # 4. foresight distillation, then 5. the student on held-out prompts
+    metrics["train_losses"] = foresight_distillation(model, processor, train, out, args)
+    metrics["after"] = student_report(model, processor, held, heldout_pairs, task, args)
+    metrics["sft_samples"], metrics["heldout_samples"], metrics["heldout_pairs"] = len(train), len(held), len(heldout_pairs)
+    write_atomic(metrics_path, json.dumps(metrics))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# The ELBO report
+# ---------------------------------------------------------------------------------------
+def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
+    phase1, phase2 = rr.read_jsonl(out / "phase1.jsonl"), read_phase2(out)
+    kept = [r for r in phase2 if r["kept"]]
+    reasons = {k: sum(r["reason"] == k for r in phase2)
+               for k in ("unparseable", "scores_contradict_label", "unreadable_answer", "teacher_disagrees")}
+    # ELBO term 1, E_{q(z|x,y)}[log P(y|x,z)]: every candidate z that q produced, not only survivors
+    all_lp = [c["log_p_label"] for r in phase2 for c in r.get("candidates", []) if c.get("log_p_label") is not None]
+    kept_lp = [r["log_p_label"] for r in kept if r.get("log_p_label") is not None]
+    dims = rr.dimensions(phase2[0]["task"]) if phase2 else ()
+    stats = {}
+    for d in dims:
+        vals = [r[k][d] for r in kept for k in ("scores_a", "scores_b") if r[k][d] is not None]
+        gaps = [abs(r["scores_a"][d] - r["scores_b"][d]) for r in kept if None not in (r["scores_a"][d], r["scores_b"][d])]
+        stats[d] = {"mean": sum(vals) / len(vals) if vals else None, "mean_abs_gap": sum(gaps) / len(gaps) if gaps else None,
+                    "readable": len(vals)}
+    report = {
+        "raw_pairs": inputs.get("rows_read"), "pairs": inputs.get("pairs"),
+        "skipped_inputs": {k: v for k, v in inputs.items() if k.startswith(("skipped", "dropped"))},
+        "phase1_rationales": len(phase1),
+        "phase1_parse_failures": sum(rr.parse_pairwise(r["rationale"], r["task"]).preferred is None for r in phase1),
+        "phase2_pairs": len(phase2), "kept": len(kept), "drops_by_reason": reasons,
+        "retention_rate": len(kept) / len(phase2) if phase2 else None, "paper_retention_rate": 0.72,
+        "elbo_term1_all_candidates": sum(all_lp) / len(all_lp) if all_lp else None,
+        "elbo_term1_candidates_scored": len(all_lp),
+        "unreadable_teacher_answers": sum(c.get("log_p_label") is None for r in phase2 for c in r.get("candidates", [])),
+        # over the kept rationales only: bounded below by the filter itself, so it describes the
+        # SFT data, it does not estimate the bound
+        "mean_log_p_y_given_xz_kept": sum(kept_lp) / len(kept_lp) if kept_lp else None,
+        "score_statistics": stats,
+    }
+    proj = rr.read_jsonl(out / "projections.jsonl")
+    if proj:  # Phase 3's own filter: pointwise projections that kept their anchor scores
+        report["phase3_projections"] = {"kept": sum(p["kept"] for p in proj), "dropped_score_stray": sum(not p["kept"] for p in proj)}
+        report["sft_samples"] = {"train": len(rr.read_jsonl(out / "sft.jsonl")), "heldout": len(rr.read_jsonl(out / "heldout.jsonl"))}
+    if any(r.get("defect_dimension") for r in kept):
+        hits = [largest_gap_dimension(r["scores_a"], r["scores_b"]) == r["defect_dimension"] for r in kept]
+        report["attribution_accuracy"] = sum(hits) / len(hits)
+    if student:
+        # ELBO term 2 up to the entropy of q: the student's NLL of held-out kept rationales
+        report["student"] = student
+    return report
+
+
+def print_report(report: dict) -> None:
+    rows = [("raw pairs read", report["raw_pairs"]), ("valid pairs", report["pairs"])]
+    rows += [(f"  {k}", v) for k, v in report["skipped_inputs"].items()]
+    rows += [("Phase 1 rationales", report["phase1_rationales"]), ("Phase 1 parse failures", report["phase1_parse_failures"]),
+             ("Phase 2 pairs judged", report["phase2_pairs"]), ("kept", report["kept"])]
+    rows += [(f"  dropped: {k}", v) for k, v in report["drops_by_reason"].items()]
+    rows += [("retention rate (paper ~0.72)", report["retention_rate"]),
+             (f"ELBO term 1, E_q log P(y|x,z), {report['elbo_term1_candidates_scored']} z", report["elbo_term1_all_candidates"]),
+             ("  unreadable teacher answers", report["unreadable_teacher_answers"]),
+             ("mean log P(y|x,z), kept z only", report["mean_log_p_y_given_xz_kept"])]
+    if "phase3_projections" in report:
+        rows += [(f"Phase 3 projections {k}", v) for k, v in report["phase3_projections"].items()]
+        rows += [(f"SFT samples {k}", v) for k, v in report["sft_samples"].items()]
+    if "attribution_accuracy" in report:
+        rows.append(("attribution accuracy (demo)", report["attribution_accuracy"]))
+    st = report.get("student")
+    if st:
+        for when in ("before", "after"):
+            rows.append((f"student {when}: held-out NLL/token", st[when]["heldout_nll"]))
+            for mode, acc in st[when]["accuracy"].items():
+                rows.append((f"student {when}: {mode} accuracy", acc))
+    for name, value in rows:
+        print(f"  {name:<40} {value:.4f}" if isinstance(value, float) else f"  {name:<40} {value}")
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
+    if not set(args.phases) <= set("123") or not args.phases:
+        raise SystemExit(f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
+    rr.set_prompts_dir(args.prompts_dir)
+    rr.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens", "max_pixels", "epochs",
+                        "grad_accum", "lora_r", "eval_limit")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rr.save_args(args, out)
+    import torch
+    torch.manual_seed(args.seed)
+
+    # the student is checked before hours of Phases 1-2, not after them; the teacher is loaded (and
+    # so checked) on its first use, which is immediate whenever there is teacher work to do
+    if "3" in args.phases:
+        rr.check_model_available(args.student, "student")
+    teacher = LazyTeacher(args)
+    inputs_path = out / "inputs.json"
+    if "1" in args.phases:
+        pairs, inputs = load_dataset_pairs(args)
+        write_atomic(inputs_path, json.dumps(inputs))
+        print(f"{inputs['pairs']} pairs from {args.dataset} ({inputs})", file=sys.stderr)
+        anchored_generation(teacher, pairs, out, args)
+    if "2" in args.phases:
+        consistency_filter(teacher, out, args)
+    student = None
+    if "3" in args.phases:
+        student = phase3(teacher, out, args)
+    elif (out / "student_metrics.json").is_file():
+        student = json.loads((out / "student_metrics.json").read_text())
+    inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}
+    report = elbo_report(out, inputs, student)
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    print(f"PARROT report ({out / 'report.json'}):")
+    print_report(report)
+    return 0
+
+
+def cli() -> None:
+    """The `parrot` command (pyproject.toml)."""
+    rr.cli_entry(main, errors=(DataError,))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,95 @@
+"""The newcomer's path (issue 17): repeated flags, the Python API with paths, --help without doubled
+defaults, folders not locked by a run that produced nothing, one error style, an installable package."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import rationalrewards as rr
+from conftest import ROOT, run_cli, solid
+
+
+class Echo:
+    """A backend that answers every critique with the same readable text."""
+    batch_size = 8
+
+    def generate(self, batch, *a, **k):
+        return ["1. Text Faithfulness:\n## Score: 3\n2. Physical and Visual Quality:\n## Score: 4\n"] * len(batch)
+
+
+def test_repeated_image_flags_accumulate(image_dir):
+    args = rr.parse_args(rr.Args, ["score", "--image", "a.png", "--image", "b.png", "c.png"])
+    assert args.image == ["a.png", "b.png", "c.png"]
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x", "--image",
+                  image_dir / "red.png", "--image", image_dir / "blue.png", "--max-new-tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert [r["image"] for r in json.loads(res.stdout)] == [str(image_dir / "red.png"), str(image_dir / "blue.png")]
+
+
+def test_python_api_takes_paths_or_pil_images(image_dir):
+    scorer = rr.RationalRewardsScorer(Echo(), "t2i")
+    from_path = scorer.rewards([image_dir / "red.png", str(image_dir / "blue.png")], ["a", "b"])
+    assert from_path == scorer.rewards([solid("red"), solid("blue")], ["a", "b"]) == pytest.approx([5 / 6, 5 / 6])
+    with pytest.raises(TypeError, match="PIL.Image.Image objects or paths"):
+        scorer.critique([b"bytes"], ["a"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        scorer.critique([image_dir / "missing.png"], ["a"])
+    edit = rr.RationalRewardsScorer(Echo(), "edit")
+    assert len(edit.critique([image_dir / "red.png"], ["make it red"], [image_dir / "green.png"])) == 1
+
+
+def test_help_shows_each_default_once_and_no_double_negatives():
+    for script in ("rationalrewards.py", "rl_nft.py", "gcr_loop.py"):
+        res = run_cli(script, "--help")
+        assert res.returncode == 0
+        text = " ".join(res.stdout.split())
+        assert "(default: None)" not in text and "--no-no-" not in text, script
+        assert "--device" in text, script
+    text = " ".join(run_cli("rl_nft.py", "--help").stdout.split())
+    assert text.count("(default: 50)") == 1 and "--no-t5 " in text
+
+
+def test_a_run_that_failed_before_its_first_result_does_not_lock_the_folder(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    solid("red").save(tmp_path / "a.png"), solid("blue").save(tmp_path / "b.png")
+    pairs.write_text(json.dumps({"prompt": "red", "image_a": "a.png", "image_b": "b.png", "label": "A"}) + "\n")
+    out = tmp_path / "eval"
+    res = run_cli("rationalrewards.py", "eval", "--model", "someone/not-downloaded", "--pairs", pairs, "--out", out)
+    assert res.returncode == 2 and "hf download" in res.stderr
+    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", pairs, "--out", out,
+                  "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr[-1500:]
+    out = tmp_path / "gcr"
+    res = run_cli("gcr_loop.py", "--generator", "someone/not-downloaded", "--scorer", "tiny-random", "--prompt", "x",
+                  "--out", out)
+    assert res.returncode == 2 and "hf download" in res.stderr
+    res = run_cli("gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt", "x", "--out", out)
+    assert res.returncode == 0, res.stderr[-1500:]
+
+
+def test_eval_without_inputs_names_both_ways():
+    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random")
+    assert res.returncode == 2 and "--pairs" in res.stderr and "--benchmark" in res.stderr
+    assert res.stderr.startswith("error: ")
+
+
+def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
+    """pyproject.toml: the four modules, the prompts found from any working directory, four commands (a
+    regular install into a folder; `pip install -e .` keeps the modules next to prompts/ in the checkout)."""
+    target = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    env = {"PYTHONPATH": str(target), "PATH": ""}
+    code = ("import rationalrewards as rr, rl_nft, gcr_loop, parrot; "
+            "print(rr.PROMPTS_DIR.is_dir(), (rr.PROMPTS_DIR / 'pointwise_t2i.txt').is_file(), "
+            "(rr.PROMPTS_DIR / 'rl_edit_images' / 'house.png').is_file())")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert res.stdout.split() == ["True", "True", "True"], res.stderr[-2000:]
+    scripts = {p.name for p in (target / "bin").iterdir()}
+    assert {"rationalrewards", "parrot", "rl-nft", "gcr-loop"} <= scripts
+    # the command runs from another folder and finds its templates
+    res = subprocess.run([str(target / "bin" / "rationalrewards"), "eval", "--model", "tiny-random"], cwd=tmp_path,
+                         capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 2 and res.stderr.startswith("error: eval needs --pairs"), res.stderr[-1000:]
