@@ -93,3 +93,23 @@ def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
     res = subprocess.run([str(target / "bin" / "rationalrewards"), "eval", "--model", "tiny-random"], cwd=tmp_path,
                          capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"})
     assert res.returncode == 2 and res.stderr.startswith("error: eval needs --pairs"), res.stderr[-1000:]
+
+
+def test_parrot_lists_every_missing_input_at_once(tmp_path):
+    """Offline: the headline command's student, dataset and teacher are all named in one message, each with
+    its download command (and size for the default models), before any work."""
+    res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "hpdv3", "--limit", "10",
+                  "--out", tmp_path / "run", "--teacher", "Qwen/Qwen3-VL-8B-Instruct",
+                  "--student", "Qwen/Qwen3-VL-2B-Instruct", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    err = res.stderr
+    assert "3 inputs of this run are missing" in err
+    assert "hf download Qwen/Qwen3-VL-2B-Instruct" in err and "about 4.3 GB" in err
+    assert "hf download MizzenAI/HPDv3" in err and "hf download Qwen/Qwen3-VL-8B-Instruct" in err
+    assert not (tmp_path / "run" / "phase1.jsonl").exists()
+
+
+def test_parrot_says_how_to_start_a_teacher_server(tmp_path):
+    res = run_cli("parrot.py", "--dataset", "demo", "--limit", "2", "--teacher-api-base", "http://127.0.0.1:9/v1",
+                  "--student", "tiny-random", "--max-retries", "0", "--timeout", "2", "--out", tmp_path / "run")
+    assert res.returncode == 2 and "vllm serve Qwen/Qwen3-VL-8B-Instruct --port 8000" in res.stderr

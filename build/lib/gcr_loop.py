@@ -195,8 +195,7 @@ def read_items(args: Args) -> list:
             if {k: v for k, v in first.items()} != item:
                 raise ValueError(f"{where}: id {key!r} is already used by {first_where} for another prompt, source "
                                  f"image or seed; ids must be unique")
-            print(f"warning: {where} repeats {first_where} (same prompt, source image and seed): run once",
-                  file=sys.stderr)
+            rr.warn(f"{where} repeats {first_where} (same prompt, source image and seed): run once")
             continue
         by_id[key] = (item, where)
         items.append(item)

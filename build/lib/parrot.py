@@ -202,7 +202,7 @@ def _readable(paths, stats) -> bool:
         _, problem = rr.read_image(p)
         if problem:
             stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
-            print(f"warning: image {p}: {problem}: pair skipped", file=sys.stderr)
+            rr.warn(f"image {p}: {problem}: pair skipped")
             return False
     return True
 
@@ -308,8 +308,7 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
                 break
         if problem:
             stats[problem] += 1
-            print(f"warning: row {i} of {hf_id} ({key}): {problem.replace('skipped_', '').replace('_', ' ')}: pair skipped",
-                  file=sys.stderr)
+            rr.warn(f"row {i} of {hf_id} ({key}): {problem.replace('skipped_', '').replace('_', ' ')}: pair skipped")
             continue
         good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
         pairs.append(make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]], good, bad, seed,
@@ -458,10 +457,21 @@ class LazyTeacher:
         return self.backend
 
     def generate(self, *args, **kwargs):
-        return self._get().generate(*args, **kwargs)
+        return self._call("generate", *args, **kwargs)
 
     def answer_logprobs(self, *args, **kwargs):
-        return self._get().answer_logprobs(*args, **kwargs)
+        return self._call("answer_logprobs", *args, **kwargs)
+
+    def _call(self, method, *args, **kwargs):
+        try:
+            return getattr(self._get(), method)(*args, **kwargs)
+        except rr.BackendError as err:
+            if not self.args.teacher_api_base:
+                raise
+            # the most common cause: no server was started; say how (README, "Serving the model over HTTP")
+            raise rr.BackendError(f"{err}\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n"
+                                  f"  vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
+                                  f"http://localhost:8000/v1 (everything done so far is kept: rerun to continue)") from None
 
     def release(self):
         import torch
@@ -736,8 +746,7 @@ def phase3(teacher, out: Path, args: Args) -> dict:
     fingerprint = hashlib.sha1(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if metrics and metrics.get("sft_fingerprint") != fingerprint:
-        print("warning: sft.jsonl changed since the student was trained: training it again from the base model",
-              file=sys.stderr)
+        rr.warn("sft.jsonl changed since the student was trained: training it again from the base model")
         metrics = {}
         shutil.rmtree(ckpt, ignore_errors=True)
     metrics["sft_fingerprint"] = fingerprint
@@ -760,8 +769,7 @@ def phase3(teacher, out: Path, args: Args) -> dict:
     if not train:
         # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest of the
         # chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says what it is
-        print("warning: no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the base model)",
-              file=sys.stderr)
+        rr.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the base model)")
         model.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
         write_atomic(metrics_path, json.dumps(metrics))
@@ -852,6 +860,52 @@ def print_report(report: dict) -> None:
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
+def preflight(args: Args, out: Path) -> None:
+    """Every input the run will need, checked before any work: the student (before hours of Phases
+    1-2, not after them), the dataset and, for a fresh Phase 1, the teacher. Everything missing is
+    said in one message, each piece with its download command and size."""
+    problems = []
+
+    def check(fn, *a):
+        try:
+            fn(*a)
+        except (rr.ModelLoadError, DataError) as err:
+            problems.append(str(err))
+    if "3" in args.phases:
+        check(rr.check_model_available, args.student, "student")
+    if "1" in args.phases:
+        check(check_dataset, args)
+        if not args.teacher_api_base and not (out / "phase1.jsonl").is_file():
+            check(rr.check_model_available, args.teacher, "teacher")
+    if len(problems) == 1:
+        raise rr.ModelLoadError(problems[0])
+    if problems:
+        raise rr.ModelLoadError(f"{len(problems)} inputs of this run are missing:\n" +
+                                "\n".join(f"{n}. {p}" for n, p in enumerate(problems, 1)))
+
+
+def check_dataset(args: Args) -> None:
+    """Is the dataset where the loader will look? (the loaders give the same advice when they read it)"""
+    if args.dataset == "hpdv3":
+        root = Path(args.data_dir or "data/hpdv3")
+        if not (root / f"{args.split}.json").is_file():
+            raise DataError(f"HPDv3 not found: {root / (args.split + '.json')} does not exist. Download and extract it "
+                            f"(about 100 GB for all images):\n  hf download MizzenAI/HPDv3 --repo-type dataset "
+                            f"--local-dir {root}\n  cd {root} && cat images.tar.gz.* | tar -xzf -\n"
+                            f"then pass --data-dir {root}.")
+    elif args.dataset == "jsonl":
+        if not args.data_dir or not Path(args.data_dir).is_file():
+            raise DataError(f"--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl (got {args.data_dir!r})")
+    elif args.dataset in ("rapidata", "editreward"):
+        source = args.hf_dataset or DEFAULT_HUB[args.dataset]
+        if not rr.looks_like_path(source) and not rr.hub_reachable():
+            raise DataError(f"{args.dataset}: {source} cannot be streamed: the hub is not reachable. On a machine "
+                            f"with network run\n  hf download {source} --repo-type dataset --local-dir "
+                            f"data/{args.dataset}\nand pass --hf-dataset data/{args.dataset}/data.")
+        if rr.looks_like_path(source) and not Path(source).exists():
+            raise DataError(f"--hf-dataset {source} does not exist")
+
+
 def main(argv=None) -> int:
     args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     if not set(args.phases) <= set("123") or not args.phases:
@@ -860,15 +914,12 @@ def main(argv=None) -> int:
     rr.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens", "max_pixels", "epochs",
                         "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    rr.check_http_args(args)
+    rr.check_writable_dir(out)
+    preflight(args, out)
     rr.save_args(args, out)
     import torch
     torch.manual_seed(args.seed)
-
-    # the student is checked before hours of Phases 1-2, not after them; the teacher is loaded (and
-    # so checked) on its first use, which is immediate whenever there is teacher work to do
-    if "3" in args.phases:
-        rr.check_model_available(args.student, "student")
     teacher = LazyTeacher(args)
     inputs_path = out / "inputs.json"
     if "1" in args.phases:

@@ -702,8 +702,8 @@ def warn_truncated(truncated: int, total: int, flag: str = "--max-new-tokens") -
     """Outputs cut by the token limit lose their later dimensions (scored 2.5) or their refined
     request: warn when more than 1% of them were cut."""
     if total and truncated / total > 0.01:
-        print(f"warning: {truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by the token "
-              f"limit before the model finished; raise {flag}", file=sys.stderr)
+        warn(              f"{truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by the token "
+              f"limit before the model finished; raise {flag}")
 
 
 def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
@@ -762,8 +762,7 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
                 bad["source_image"] = "missing (an edit pair needs one)"
             if bad:
                 skipped["missing" if all(v.startswith("missing") for v in bad.values()) else "unreadable"] += 1
-                print(f"warning: skipping pair {p['id']}: " + "; ".join(f"{f}: {v}" for f, v in bad.items()),
-                      file=sys.stderr)
+                warn(f"skipping pair {p['id']}: " + "; ".join(f"{f}: {v}" for f, v in bad.items()))
                 continue
             images = {key: im for key, _, im, _ in read if key != "source"}
             if sources:
@@ -775,8 +774,8 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
             if pred_path:
                 append_jsonl(pred_path, rec)
             if rec.get("failed"):
-                print(f"warning: pair {rec['id']}: the request failed ({rec['error'][:200]}); left out and "
-                      "retried by the next run into the same --out", file=sys.stderr)
+                warn(                      f"pair {rec['id']}: the request failed ({rec['error'][:200]}); left out and "
+                      "retried by the next run into the same --out")
         bar.update(len(todo[i:i + batch_size]))
         done = [latest[q["id"]] for q in pairs if q["id"] in latest]
         bar.set_postfix(acc=f"{preference_metrics(done, scorer.task)['accuracy_with_ties'] or 0:.3f}")
@@ -902,7 +901,7 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], im
         # a repeated id gets the row number, so that no row is judged on another's cached images
         pid = str(row.get("id") or row.get("pair_id") or f"{name}-{i}")
         if pid in seen:
-            print(f"warning: {name} row {i}: id {pid!r} repeats an earlier row; kept as {pid}@{i}", file=sys.stderr)
+            warn(f"{name} row {i}: id {pid!r} repeats an earlier row; kept as {pid}@{i}")
             pid = f"{pid}@{i}"
         seen.add(pid)
         item, problem = {"id": pid, "prompt": str(row[spec["prompt"]]), "label": label}, None
@@ -930,7 +929,7 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], im
                 item[key] = paths[0]
         if problem:
             skipped["missing_image" if problem == "missing" else "unreadable_image"] += 1
-            print(f"warning: {name} row {i} ({pid}): image {problem}: skipped", file=sys.stderr)
+            warn(f"{name} row {i} ({pid}): image {problem}: skipped")
             continue
         if name == "editreward-bench":
             item["group"] = pid.split("_")[0]  # the official grouping of a 3- or 4-way sample
@@ -1423,6 +1422,12 @@ def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
 
 
+def warn(message: str) -> None:
+    """`warning: message` on stderr, written above any progress bar instead of inside it."""
+    from tqdm import tqdm
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def wrap_text(text: str, width: int) -> list:
     """Lines of at most `width` characters, broken between words (a longer word gets a line of its own)."""
     lines, line = [], ""
@@ -1525,10 +1530,19 @@ def _from_pretrained(load, name: str, path: str, what: str, **kwargs):
                                               f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")) from None
 
 
+# download sizes of the defaults, said next to their download commands (bf16 safetensors)
+DOWNLOAD_SIZES = {"Qwen/Qwen3-VL-2B-Instruct": "about 4.3 GB", "Qwen/Qwen3-VL-8B-Instruct": "about 17.5 GB",
+                  "Qwen/Qwen3-VL-32B-Instruct": "about 67 GB", "TIGER-Lab/RationalRewards-8B-T2I": "about 17.5 GB",
+                  "TIGER-Lab/RationalRewards-8B-Edit": "about 17.5 GB",
+                  "stabilityai/stable-diffusion-3.5-medium": "about 16 GB (pipeline with T5)",
+                  "black-forest-labs/FLUX.1-Kontext-dev": "about 34 GB (pipeline with T5)"}
+
+
 def _download_advice(name: str, what: str, why: str) -> str:
     local = f"models/{name.split('/')[-1]}"
+    size = f" ({DOWNLOAD_SIZES[name]})" if name in DOWNLOAD_SIZES else ""
     return (f"Could not load {what} '{name}': {why}.\nOn a machine with network access run "
-            f"`hf download {name} --local-dir {local}` and pass {local} instead, or set HF_HOME to a cache that "
+            f"`hf download {name} --local-dir {local}`{size} and pass {local} instead, or set HF_HOME to a cache that "
             f"holds it. For an offline smoke run use tiny-random.")
 
 
@@ -1925,7 +1939,7 @@ class OpenAIBackend:
             if attempt:
                 delay = self.backoff * 2 ** (attempt - 1)
                 # say so at once: with the defaults a dead server would otherwise stay silent for many minutes
-                print(f"warning: {self.url}: {last}; retry {attempt}/{self.max_retries} in {delay:g} s", file=sys.stderr)
+                warn(f"{self.url}: {last}; retry {attempt}/{self.max_retries} in {delay:g} s")
                 time.sleep(delay)
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
@@ -1974,8 +1988,7 @@ class OpenAIBackend:
             truncated = choice.get("finish_reason") == "length"
             if not isinstance(content, str) or not content.strip():
                 # counted downstream as an unreadable output; said here so it is not silent
-                print(f"warning: {self.url} returned no text content ({str(content)[:80]!r}); counted as unreadable",
-                      file=sys.stderr)
+                warn(f"{self.url} returned no text content ({str(content)[:80]!r}); counted as unreadable")
                 return Generation("", truncated=truncated)
             return Generation(content, truncated=truncated)
         return self._map(one, messages_batch)
@@ -2008,7 +2021,7 @@ class OpenAIBackend:
             text = choice["message"].get("content") or ""
             m = re.search(r"\b(" + "|".join(map(re.escape, answers)) + r")\b", text)
             if not m:
-                print(f"warning: teacher answer not readable as one of {answers}: {text[:80]!r}", file=sys.stderr)
+                warn(f"teacher answer not readable as one of {answers}: {text[:80]!r}")
                 return None
             return {a: (0.0 if a == m.group(1) else -math.inf) for a in answers}
         return self._map(one, messages_batch)
