@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     rr.set_prompts_dir(args.prompts_dir)
     rr.require_positive(args, "rounds", "batch_size", "steps", "resolution", "scorer_batch_size")
-    rr.check_http_args(args)
+    rr.check_common_args(args)
     rr.check_writable_dir(args.out)
     gate = tuple(d.strip() for d in args.gate.split(",") if d.strip())
     unknown = [d for d in gate if d not in rr.dimensions(args.task)]

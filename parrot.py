@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ class Args:
     """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
     seed: int = 0
     """seed for the A/B shuffle, the held-out split, sampling and training"""
+    device: Optional[str] = None
+    """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
 
 
 LOGP_FLOOR = math.log(1e-6)  # log P(y|x,z) is stored floored, so a text-only "wrong" answer is not -inf
@@ -426,9 +429,15 @@ def paths_of(rec: dict, *parts) -> list:
     return [rec[k] for k in (["source_image"] if rec["task"] == "edit" else []) + list(parts)]
 
 
-def batches(items: list, size: int, desc: str):
+def batches(items: list, size: int, desc: str, total: int, unit: str):
+    """`items` (what is left of `total`) in slices of `size`, with a progress bar; a resumed phase
+    says how much was already done, and one with nothing left shows no empty bar."""
     from tqdm import tqdm
-    bar = tqdm(total=len(items), desc=desc, unit="pair")
+    if len(items) < total:
+        print(f"{desc}: resumed, {total - len(items)} of {total} already done", file=sys.stderr)
+    if not items:
+        return
+    bar = tqdm(total=len(items), desc=desc, unit=unit)
     for i in range(0, len(items), size):
         yield items[i:i + size]
         bar.update(len(items[i:i + size]))
@@ -453,7 +462,7 @@ class LazyTeacher:
             a = self.args
             self.backend = rr.load_backend(a.teacher, api_base=a.teacher_api_base, quantization=a.teacher_quantization,
                                            batch_size=a.batch_size, max_pixels=a.max_pixels, timeout=a.timeout,
-                                           max_retries=a.max_retries)
+                                           max_retries=a.max_retries, device=a.device)
         return self.backend
 
     def generate(self, *args, **kwargs):
@@ -491,7 +500,8 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
     path = out / "phase1.jsonl"
     done = {(r["id"], r["candidate"]) for r in rr.read_jsonl(path)}
     todo = [(p, k) for p in pairs for k in range(args.num_candidates) if (p["id"], k) not in done]
-    for batch in batches(todo, args.batch_size, "phase 1: anchored generation"):
+    for batch in batches(todo, args.batch_size, "phase 1: anchored generation",
+                         total=len(pairs) * args.num_candidates, unit="rationale"):
         msgs = [rr.render_messages(f"anchored_pairwise_{p['task']}", images_of(p, "image_a", "image_b"),
                                    request=p["prompt"], preferred=f"Image {p['label']}") for p, _ in batch]
         texts = teacher.generate(msgs, args.max_new_tokens, args.temperature)
@@ -528,7 +538,8 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
         new = [cands[k] for k in sorted(cands) if k not in seen]
         if new:
             todo.append(new)
-    for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates), "phase 2: consistency"):
+    for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates), "phase 2: consistency",
+                               total=len(by_id), unit="pair"):
         flat = [r for g in group_batch for r in g]
         images = {g[0]["id"]: images_of(g[0], "image_a", "image_b") for g in group_batch}  # once per pair, not per z
         msgs = [rr.render_messages(f"consistency_{r['task']}", images[r["id"]], request=r["prompt"],
@@ -567,7 +578,8 @@ def project_pointwise(teacher, kept: list, out: Path, args: Args) -> None:
     path = out / "projections.jsonl"
     done = {(r["id"], r["side"]) for r in rr.read_jsonl(path)}
     todo = [(r, s) for r in kept for s in ("A", "B") if (r["id"], s) not in done]
-    for batch in batches(todo, args.batch_size, "phase 3: pointwise projections"):
+    for batch in batches(todo, args.batch_size, "phase 3: pointwise projections",
+                         total=2 * len(kept), unit="critique"):
         msgs = [rr.render_messages(f"projection_{r['task']}", images_of(r, f"image_{s.lower()}"), request=r["prompt"],
                                    anchor_scores=format_anchor_scores(r[f"scores_{s.lower()}"]), side=s,
                                    reference=r["rationale"]) for r, s in batch]
@@ -752,16 +764,17 @@ def phase3(teacher, out: Path, args: Args) -> dict:
     metrics["sft_fingerprint"] = fingerprint
     heldout_pairs, task = heldout_pairs_of(phase2, args), phase2[0]["task"]
     # the same pairs in rationalrewards.py eval's format, to measure any scorer on them later
+    # (image paths relative to the file itself, as the pairs format says, so the folder can be moved)
+    rel = lambda f: os.path.relpath(Path(f).resolve(), out.resolve())
     write_atomic(out / "heldout_pairs.jsonl", "".join(json.dumps(
-        {"id": r["id"], "prompt": r["prompt"], "image_a": str(Path(r["image_a"]).resolve()),
-         "image_b": str(Path(r["image_b"]).resolve()), "label": r["label"],
-         **({"source_image": str(Path(r["source_image"]).resolve())} if r.get("source_image") else {})}) + "\n"
+        {"id": r["id"], "prompt": r["prompt"], "image_a": rel(r["image_a"]), "image_b": rel(r["image_b"]),
+         "label": r["label"], **({"source_image": rel(r["source_image"])} if r.get("source_image") else {})}) + "\n"
         for r in heldout_pairs))
     state_path = ckpt / "train_state.json"
     if "after" in metrics and state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
         return metrics  # a finished run, started again on the same data: nothing to redo
     torch.manual_seed(args.seed)
-    model, processor = rr.load_vlm(args.student, args.student_quantization, trainable=True)
+    model, processor = rr.load_vlm(args.student, args.student_quantization, trainable=True, device=args.device)
     model = add_lora(model, args, args.student_quantization == "4bit")
     if "before" not in metrics:  # LoRA starts at zero: the student is still the base model
         metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
@@ -823,9 +836,10 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
     if proj:  # Phase 3's own filter: pointwise projections that kept their anchor scores
         report["phase3_projections"] = {"kept": sum(p["kept"] for p in proj), "dropped_score_stray": sum(not p["kept"] for p in proj)}
         report["sft_samples"] = {"train": len(rr.read_jsonl(out / "sft.jsonl")), "heldout": len(rr.read_jsonl(out / "heldout.jsonl"))}
-    if any(r.get("defect_dimension") for r in kept):
+    if any(r.get("defect_dimension") for r in phase2):  # demo: each pair's defect is known
         hits = [largest_gap_dimension(r["scores_a"], r["scores_b"]) == r["defect_dimension"] for r in kept]
-        report["attribution_accuracy"] = sum(hits) / len(hits)
+        # None, said so in the table, when no rationale was kept to attribute anything
+        report["attribution_accuracy"] = sum(hits) / len(hits) if hits else None
     if student:
         # ELBO term 2 up to the entropy of q: the student's NLL of held-out kept rationales
         report["student"] = student
@@ -846,7 +860,8 @@ def print_report(report: dict) -> None:
         rows += [(f"Phase 3 projections {k}", v) for k, v in report["phase3_projections"].items()]
         rows += [(f"SFT samples {k}", v) for k, v in report["sft_samples"].items()]
     if "attribution_accuracy" in report:
-        rows.append(("attribution accuracy (demo)", report["attribution_accuracy"]))
+        value = report["attribution_accuracy"]
+        rows.append(("attribution accuracy (demo)", "none kept" if value is None else value))
     st = report.get("student")
     if st:
         for when in ("before", "after"):
@@ -914,7 +929,7 @@ def main(argv=None) -> int:
     rr.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens", "max_pixels", "epochs",
                         "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
-    rr.check_http_args(args)
+    rr.check_common_args(args)
     rr.check_writable_dir(out)
     preflight(args, out)
     rr.save_args(args, out)

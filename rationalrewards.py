@@ -117,27 +117,27 @@ class Args:
     """LoRA adapter directory applied on top of --model (e.g. the student written by parrot.py)"""
     task: Literal["t2i", "edit"] = "t2i"
     """t2i: three dimensions; edit: four (adds image faithfulness) and needs a source image"""
-    prompt: Optional[str] = None
+    prompt: Optional[str] = field(default=None, metadata={"command": "score"})
     """score: the generation request (or editing instruction)"""
-    image: list = field(default_factory=list)
+    image: list = field(default_factory=list, metadata={"command": "score"})
     """score: one or more image files, all judged against --prompt"""
-    source_image: Optional[str] = None
+    source_image: Optional[str] = field(default=None, metadata={"command": "score"})
     """score --task edit: the image that was edited"""
-    pairs: Optional[str] = None
+    pairs: Optional[str] = field(default=None, metadata={"command": "eval"})
     """eval: JSONL of pairs: prompt, image_a, image_b, label (A/B/tie), optional source_image, id"""
     benchmark: Optional[Literal["genai-bench-t2i", "genai-bench-edit", "editreward-bench", "mmrb2-t2i", "mmrb2-edit",
-                                "all"]] = None
+                                "all"]] = field(default=None, metadata={"command": "eval"})
     """eval: a benchmark of the paper's Table 1 instead of --pairs (its task, labels and protocol follow it)"""
-    data_dir: Optional[str] = None
+    data_dir: Optional[str] = field(default=None, metadata={"command": "eval"})
     """eval --benchmark: a local copy (parquet file or directory; with `all`, a folder holding one per name)"""
-    mode: Optional[Literal["pointwise", "pairwise"]] = None
+    mode: Optional[Literal["pointwise", "pairwise"]] = field(default=None, metadata={"command": "eval"})
     """eval: pointwise scores each image and compares sums; pairwise reads both images at once
     (default: pointwise for --pairs, pairwise for --benchmark, as the paper evaluates)"""
-    limit: Optional[int] = None
+    limit: Optional[int] = field(default=None, metadata={"command": "eval"})
     """eval: use only the first N pairs"""
-    out: Optional[str] = None
+    out: Optional[str] = field(default=None, metadata={"command": "eval"})
     """eval: directory for predictions.jsonl (resumable), metrics.json and args.json"""
-    json: bool = False
+    json: bool = field(default=False, metadata={"command": "score"})
     """score: print one JSON object instead of the readable report"""
     quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
     """auto = 4-bit nf4 on a GPU, none on CPU"""
@@ -1057,7 +1057,7 @@ EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quant
 def main(argv=None) -> int:
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
-    check_http_args(args)
+    check_common_args(args)
     if args.out and args.command == "eval" and not args.benchmark:
         check_writable_dir(args.out)
     if args.max_new_tokens is None:
@@ -1161,10 +1161,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(cls, argv=None, description=None):
-    """Parse `argv` into an instance of the dataclass `cls`."""
+    """Parse `argv` into an instance of the dataclass `cls`.
+
+    A field with metadata {"command": NAME} belongs to one subcommand: `score --help` lists only
+    score's flags, and an eval flag given to score is an error rather than silently ignored.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    commands = {f.metadata.get("command") for f in dataclasses.fields(cls)} - {None}
+    command = argv[0] if argv and argv[0] in commands else None
     parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     docs, hints = _field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if command and f.metadata.get("command") not in (None, command):
+            continue
         typ, kw = hints[f.name], {"help": docs.get(f.name, "")}
         if typing.get_origin(typ) is typing.Union:  # Optional[X]
             typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
@@ -1184,7 +1193,7 @@ def parse_args(cls, argv=None, description=None):
             parser.add_argument(f.name, nargs="?", default=default, **kw)
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, **kw)
-    return cls(**vars(parser.parse_args(argv)))
+    return cls(**vars(parser.parse_args(argv)))  # fields of another command keep their defaults
 
 
 def require_positive(args, *names) -> None:
@@ -1250,8 +1259,29 @@ def cli_entry(main, errors=()) -> None:
     sys.exit(code)
 
 
-def check_http_args(args) -> None:
-    """--timeout and --max-retries, checked before any model is loaded."""
+def check_device(device: Optional[str]) -> None:
+    """--device names a device torch knows and this machine has (cpu, cuda, cuda:N, mps)."""
+    if device is None:
+        return
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SystemExit(f"--device {device}: no CUDA GPU is visible here; use --device cpu "
+                             "(or leave --device out to pick a GPU when there is one)")
+        if dev.index is not None and dev.index >= count:
+            raise SystemExit(f"--device {device}: only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def check_common_args(args) -> None:
+    """--timeout, --max-retries and --device, checked before any model is loaded."""
+    check_device(getattr(args, "device", None))
     if not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise SystemExit(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.max_retries < 0:
@@ -1263,13 +1293,11 @@ def check_writable_dir(path, flag: str = "--out") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SystemExit(f"{flag} {path} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise SystemExit(f"cannot write to {flag} {path}: {err.strerror or err}") from None
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())  # nothing is created here
+    if not existing.is_dir():
+        raise SystemExit(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"cannot write to {flag} {path}: {existing} is not writable")
 
 # ---------------------------------------------------------------------------------------
 # Files: prompt lists, JSONL records, images (atomic writes), streamed parquet, fonts.

@@ -901,7 +901,7 @@ def resolve_defaults(args: Args) -> Args:
 
 
 def validate(args: Args) -> None:
-    rr.check_http_args(args)
+    rr.check_common_args(args)
     rr.require_positive(args, "epochs", "prompts_per_epoch", "group_size", "sample_steps", "eval_steps",
                         "train_batch_size", "gradient_steps_per_epoch", "num_eval_prompts", "eval_every",
                         "save_every", "lora_r", "resolution", "scorer_batch_size")

@@ -5,6 +5,7 @@ import csv
 import json
 import re
 import shlex
+from pathlib import Path
 
 from conftest import ROOT, run_cli
 
@@ -44,6 +45,9 @@ def test_readme_chain_runs_end_to_end(tmp_path):
         assert "untrained adapter" in results[0].stderr
     # 2. eval of the student on the held-out pairs, which share no prompt with the SFT data
     held = rr.read_jsonl(parrot_out / "heldout_pairs.jsonl")
+    assert all(not Path(r["image_a"]).is_absolute() for r in held)  # relative to the file, as the format says
+    # demo: the attribution accuracy is always reported, None ("none kept") when no rationale survived
+    assert "attribution_accuracy" in report and (report["kept"] > 0) == (report["attribution_accuracy"] is not None)
     sft_ids = {s["id"] for s in rr.read_jsonl(parrot_out / "sft.jsonl")}
     assert held and not {p["id"] for p in held} & sft_ids
     metrics = json.loads((runs / "chain" / "eval" / "metrics.json").read_text())

@@ -131,3 +131,42 @@ def test_damaged_checkpoints_and_changed_prompts_are_named_on_resume(tmp_path, s
     prompts.write_text("a green triangle\n")
     with pytest.raises(ValueError, match="--prompts-sha1"):
         nft_main(server, out, "--epochs", "2", "--resume", "--prompts", prompts)
+
+
+def test_eval_metrics_cover_exactly_the_selected_pairs(tmp_path):
+    """A rerun into the same --out with a smaller --limit reports on those pairs, not on every old record."""
+    from test_newcomer import Echo
+    for c in ("red", "blue"):
+        solid(c).save(tmp_path / f"{c}.png")
+    pairs = [{"id": f"p{i}", "prompt": "x", "image_a": str(tmp_path / "red.png"), "image_b": str(tmp_path / "blue.png"),
+              "label": "A" if i < 2 else "B"} for i in range(4)]
+    scorer = rr.RationalRewardsScorer(Echo(), "t2i")            # equal scores: every pair predicted a tie
+    m = rr.evaluate_preferences(scorer, pairs, "pairwise", str(tmp_path / "e"))
+    assert m["pairs"] == 4
+    m = rr.evaluate_preferences(scorer, pairs[:1], "pairwise", str(tmp_path / "e"))
+    assert m["pairs"] == 1 and m["ab_labelled"] == 1
+
+
+def test_gcr_decoding_settings_bind_the_run(tmp_path):
+    out = tmp_path / "gcr"
+    base = ["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt", "a cat", "--out", out]
+    assert run_cli(*base).returncode == 0
+    res = run_cli(*base, "--scorer-max-new-tokens", "16")
+    assert res.returncode == 2 and "--scorer-max-new-tokens" in res.stderr and "Use another --out" in res.stderr
+
+
+def test_resume_with_another_lora_rank_and_no_args_json_names_the_shapes(tmp_path, scripted_server):
+    from test_rl_nft import brightness_judge, nft_main
+    server = scripted_server(brightness_judge)
+    out = tmp_path / "run"
+    assert nft_main(server, out, "--epochs", "1", "--lora-r", "4") == 0
+    (out / "args.json").unlink()                     # nothing left to compare the settings with
+    with pytest.raises(ValueError, match="another --lora-r"):
+        nft_main(server, out, "--epochs", "2", "--resume", "--lora-r", "8")
+
+
+def test_benchmark_all_with_nothing_to_run_exits_non_zero(tmp_path):
+    res = run_cli("rationalrewards.py", "eval", "--benchmark", "all", "--model", "tiny-random",
+                  "--data-dir", tmp_path / "none", "--out", tmp_path / "t")
+    assert res.returncode == 2 and "no benchmark could be run" in res.stderr
+    assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stdout    # the whole reason, wrapped

@@ -113,3 +113,28 @@ def test_parrot_says_how_to_start_a_teacher_server(tmp_path):
     res = run_cli("parrot.py", "--dataset", "demo", "--limit", "2", "--teacher-api-base", "http://127.0.0.1:9/v1",
                   "--student", "tiny-random", "--max-retries", "0", "--timeout", "2", "--out", tmp_path / "run")
     assert res.returncode == 2 and "vllm serve Qwen/Qwen3-VL-8B-Instruct --port 8000" in res.stderr
+
+
+def test_each_subcommand_shows_and_takes_only_its_own_flags():
+    score, eval_ = run_cli("rationalrewards.py", "score", "--help").stdout, run_cli("rationalrewards.py", "eval", "--help").stdout
+    assert "[--image" in score and "[--pairs" not in score and "[--benchmark" not in score     # the usage lines
+    assert "[--pairs" in eval_ and "[--benchmark" in eval_ and "[--image" not in eval_
+    res = run_cli("rationalrewards.py", "score", "--prompt", "x", "--image", "a.png", "--pairs", "p.jsonl")
+    assert res.returncode == 2 and "unrecognized arguments: --pairs" in res.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["rationalrewards.py", "score", "--prompt", "x", "--image", "a.png"],
+    ["parrot.py", "--dataset", "demo", "--teacher", "tiny-random", "--student", "tiny-random"],
+    ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random"],
+    ["gcr_loop.py", "--prompt", "x", "--generator", "tiny-random", "--scorer", "tiny-random"],
+])
+def test_device_flag_is_checked_before_any_model_loads(argv, tmp_path):
+    """Every command takes --device; a name torch does not know, or a GPU this machine does not have,
+    is one clear error before anything is loaded or written."""
+    argv = argv + ([] if "score" in argv else ["--out", tmp_path / "o"])
+    res = run_cli(*argv, "--device", "gpu0")
+    assert res.returncode == 2 and "--device 'gpu0' is not a device" in res.stderr, res.stderr[-1000:]
+    res = run_cli(*argv, "--device", "cuda:1", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 2 and "no CUDA GPU is visible" in res.stderr, res.stderr[-1000:]
+    assert not (tmp_path / "o").exists()

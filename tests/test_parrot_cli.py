@@ -110,6 +110,13 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
     assert 4 <= written < 10
     res = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert f"phase 1: anchored generation: resumed, {written} of 10 already done" in res.stderr
+    # a rerun with nothing left says so and shows no empty progress bar (issue 17.7)
+    again = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "phase 1: anchored generation: resumed, 10 of 10 already done" in again.stderr
+    assert "phase 2: consistency: resumed, 10 of 10 already done" in again.stderr
+    assert "0/0" not in again.stderr and "0pair" not in again.stderr
     for name in ("phase1.jsonl", "phase2.jsonl"):
         got, want = rr.read_jsonl(tmp_path / "cut" / name), rr.read_jsonl(tmp_path / "ref" / name)
         assert len(got) == len({r["id"] for r in got}) == 10
