@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 import rationalrewards as rr
 from conftest import ROOT, run_cli, solid
@@ -138,3 +139,48 @@ def test_device_flag_is_checked_before_any_model_loads(argv, tmp_path):
     res = run_cli(*argv, "--device", "cuda:1", env={"CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 2 and "no CUDA GPU is visible" in res.stderr, res.stderr[-1000:]
     assert not (tmp_path / "o").exists()
+
+
+# ---- pictures (issue 17.12): the logic they draw with, and the pixels that carry a meaning ----
+def test_wrap_text_breaks_between_words_never_inside_one():
+    text = "a photograph of three red apples on a wooden table"
+    lines = rr.wrap_text(text, 14)
+    assert all(len(line) <= 14 for line in lines) and " ".join(lines) == text
+    assert rr.wrap_text("supercalifragilistic word", 5) == ["supercalifragilistic", "word"]  # a long word gets its own line
+
+
+def test_every_picture_writes_a_missing_score_the_same_way():
+    assert rr.score_label("text_faithfulness", 3.0) == "Text Faithfulness: 3.0"
+    assert rr.score_label("text_rendering", None, ["text_rendering"]).endswith(": N/A")     # the critique said so
+    assert rr.score_label("text_rendering", None).endswith(": unreadable")                  # it could not be read
+    assert rr.slug("Three RED apples, on a table!") == "three-red-apples-on-a" and rr.slug("!!!") == "prompt"
+
+
+def test_reward_curve_legend_greys_out_a_dimension_without_readable_scores(tmp_path):
+    import rl_nft
+    rows = [{"epoch": e, "reward_mean": 0.5, "text_faithfulness": 3.0, "physical_quality": 2.0, "text_rendering": None}
+            for e in range(1, 4)]
+    rl_nft.plot_reward_curve(rows, tmp_path / "curve.png", rr.T2I_DIMENSIONS, title="run")
+    im = Image.open(tmp_path / "curve.png").convert("RGB")
+    # legend swatches sit at x = 760 - 190 + 20 and y = 44 + 12 + 32 n (n = 0 is R, then the dimensions in order)
+    assert im.getpixel((590, 56 + 32 * 1)) == rl_nft.COLOURS["text_faithfulness"]
+    assert im.getpixel((590, 56 + 32 * 3)) == (190, 190, 190)                    # text rendering: nothing readable
+    assert any(im.getpixel((x, 12)) != (255, 255, 255) for x in range(56, 200))  # the title is drawn
+
+
+def test_edit_sheets_and_eval_grids_show_the_source_beside_the_result(tmp_path):
+    import gcr_loop
+    import rl_nft
+    for name, colour in (("src.png", "blue"), ("first.png", "red"), ("final.png", "green")):
+        solid(colour).save(tmp_path / name)
+    rnd = lambda image: {"image": image, "reward": 0.5, "scores": {"text_faithfulness": 3.0}, "request": "make it red"}
+    rec = {"prompt": "make it red", "rounds": [rnd("first.png"), rnd("final.png")], "selected_round": 1,
+           "stop_reason": "threshold"}
+    t2i = gcr_loop.sheet_row(rec, tmp_path)
+    edit = gcr_loop.sheet_row({**rec, "source_image": str(tmp_path / "src.png")}, tmp_path)
+    assert (t2i.width, edit.width) == (2 * 266, 3 * 266)
+    assert edit.getpixel((100, 100)) == (0, 0, 255) and edit.getpixel((266 + 100, 100)) == (255, 0, 0)
+    rl_nft.eval_grid([solid("green")], ["make it red"], [0.5], [{"text_faithfulness": None}], tmp_path / "g.png",
+                     sources=[solid("blue")], title="run: epoch 3")
+    grid = Image.open(tmp_path / "g.png").convert("RGB")
+    assert grid.width == 2 * 256 and grid.getpixel((100, 100)) == (0, 0, 255) and grid.getpixel((356, 100)) == (0, 128, 0)

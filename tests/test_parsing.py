@@ -199,8 +199,10 @@ def test_each_template_keeps_its_own_paper_headers(task, template, headers, per_
 
 
 def test_parse_args_reads_docstrings_and_types(capsys):
-    args = rr.parse_args(rr.Args, ["eval", "--pairs", "p.jsonl", "--limit", "3", "--json", "--image", "a.png", "b.png"])
-    assert (args.command, args.pairs, args.limit, args.json, args.image) == ("eval", "p.jsonl", 3, True, ["a.png", "b.png"])
+    args = rr.parse_args(rr.Args, ["eval", "--pairs", "p.jsonl", "--limit", "3"])
+    assert (args.command, args.pairs, args.limit, args.json, args.image) == ("eval", "p.jsonl", 3, False, [])
+    args = rr.parse_args(rr.Args, ["score", "--json", "--image", "a.png", "b.png"])
+    assert (args.command, args.json, args.image, args.pairs) == ("score", True, ["a.png", "b.png"], None)
     with pytest.raises(SystemExit):
         rr.parse_args(rr.Args, ["score", "--quantization", "3bit"])
     with pytest.raises(SystemExit):
