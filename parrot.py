@@ -44,11 +44,14 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+# torch is imported inside the functions that need it: at the top it would make `--help` and
+# every argument error take about 3 s instead of 0.3 s (2 CPU cores).
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 import rationalrewards as rr
@@ -372,7 +375,12 @@ def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
     rng = random.Random(f"demo:{seed}:{index}")
     colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
     kind = index % 3
-    count, word = (1, None) if kind == 0 else (rng.randint(2, 4), None) if kind == 1 else (1, rng.choice(WORDS))
+    if kind == 0:    # one object of a colour and shape
+        count, word = 1, None
+    elif kind == 1:  # a counted number of them
+        count, word = rng.randint(2, 4), None
+    else:            # one object under a written word
+        count, word = 1, rng.choice(WORDS)
     if kind == 0:
         prompt = f"a {colour} {shape} on a white background"
     elif kind == 1:
@@ -477,7 +485,8 @@ class LazyTeacher:
         except rr.BackendError as err:
             if not self.args.teacher_api_base:
                 raise
-            # the most common cause: no server was started; say how (README, "Serving the model over HTTP")
+            # the most common cause: no server was started; say how (README, "Serving the model over
+            # HTTP")
             raise rr.BackendError(f"{err}\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n"
                                   f"  vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
                                   f"http://localhost:8000/v1 (everything done so far is kept: rerun to continue)") from None
@@ -517,6 +526,29 @@ def read_phase2(out: Path) -> list:
     return list({r["id"]: r for r in rr.read_jsonl(out / "phase2.jsonl")}.values())
 
 
+def judge_candidates(teacher, candidates: list, min_consistency: float) -> list:
+    """ELBO term 1 for each Phase 1 candidate z: the teacher's log P(y | x, z) with the label hidden
+    (the answer letter's probability, one forward pass), then the verdict of `consistency_verdict`.
+
+    Returns, per candidate in order, {"candidate", "p_label", "log_p_label", "reason"} (reason None:
+    kept) and the parsed rationale under "judgement". The images of a pair are decoded once.
+    """
+    images = {}
+    for r in candidates:
+        if r["id"] not in images:
+            images[r["id"]] = images_of(r, "image_a", "image_b")
+    msgs = [rr.render_messages(f"consistency_{r['task']}", images[r["id"]], request=r["prompt"],
+                               rationale=r["rationale"]) for r in candidates]
+    verdicts = []
+    for r, answer in zip(candidates, teacher.answer_logprobs(msgs, ("A", "B"))):
+        lp = None if answer is None else max(LOGP_FLOOR, answer[r["label"]])
+        p = None if lp is None else math.exp(lp)
+        judgement = rr.parse_pairwise(r["rationale"], r["task"])
+        verdicts.append({"candidate": r["candidate"], "p_label": p, "log_p_label": lp, "judgement": judgement,
+                         "reason": consistency_verdict(judgement, r["label"], p, min_consistency)})
+    return verdicts
+
+
 def consistency_filter(teacher, out: Path, args: Args) -> None:
     """Judge every Phase 1 candidate once; per pair keep the first z from which y can be recovered.
 
@@ -532,7 +564,7 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
     by_id = {}
     for r in phase1:
         by_id.setdefault(r["id"], {})[r["candidate"]] = r  # a rerun of Phase 1 cannot duplicate
-    todo = []
+    todo = []  # per pair, the candidates not judged by an earlier run
     for pid, cands in by_id.items():
         seen = {c["candidate"] for c in judged[pid]["candidates"]} if pid in judged else set()
         new = [cands[k] for k in sorted(cands) if k not in seen]
@@ -540,34 +572,28 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
             todo.append(new)
     for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates), "phase 2: consistency",
                                total=len(by_id), unit="pair"):
-        flat = [r for g in group_batch for r in g]
-        images = {g[0]["id"]: images_of(g[0], "image_a", "image_b") for g in group_batch}  # once per pair, not per z
-        msgs = [rr.render_messages(f"consistency_{r['task']}", images[r["id"]], request=r["prompt"],
-                                   rationale=r["rationale"]) for r in flat]
-        parsed = {(r["id"], r["candidate"]): rr.parse_pairwise(r["rationale"], r["task"]) for r in flat}
-        # log P(y | x, z): the answer letter's probability, label hidden, one forward pass
-        answers = dict(zip(((r["id"], r["candidate"]) for r in flat), teacher.answer_logprobs(msgs, ("A", "B"))))
+        verdicts = iter(judge_candidates(teacher, [r for g in group_batch for r in g], args.min_consistency))
         for group in group_batch:
             pid = group[0]["id"]
-            verdicts = list(judged[pid]["candidates"]) if pid in judged else []
-            for r in group:
-                lp = answers[(r["id"], r["candidate"])]
-                lp = None if lp is None else max(LOGP_FLOOR, lp[r["label"]])
-                p = None if lp is None else math.exp(lp)
-                j = parsed[(r["id"], r["candidate"])]
-                verdicts.append({"candidate": r["candidate"], "p_label": p, "log_p_label": lp,
-                                 "reason": consistency_verdict(j, r["label"], p, args.min_consistency)})
-            verdicts.sort(key=lambda v: v["candidate"])
-            kept = next((v for v in verdicts if v["reason"] is None), None)
-            source = by_id[pid][kept["candidate"] if kept else verdicts[-1]["candidate"]]
-            rec = {**{f: source[f] for f in PAIR_FIELDS}, "kept": kept is not None,
-                   "reason": None if kept else verdicts[-1]["reason"], "candidates": verdicts}
-            if kept:  # a candidate kept on an earlier run was not parsed in this batch
-                j = parsed.get((pid, kept["candidate"])) or rr.parse_pairwise(source["rationale"], source["task"])
-                rec.update(candidate=kept["candidate"], rationale=source["rationale"],
-                           log_p_label=kept["log_p_label"], scores_a=j.scores_a, scores_b=j.scores_b)
-            judged[pid] = rec
-            rr.append_jsonl(out / "phase2.jsonl", rec)
+            earlier = list(judged[pid]["candidates"]) if pid in judged else []
+            judged[pid] = phase2_record(by_id[pid], earlier + [next(verdicts) for _ in group])
+            rr.append_jsonl(out / "phase2.jsonl", judged[pid])
+
+
+def phase2_record(candidates: dict, verdicts: list) -> dict:
+    """The pair's Phase 2 record from every verdict so far: the first kept z (its rationale and
+    pairwise scores, used by Phase 3), or the last reason for dropping the pair."""
+    verdicts = sorted(verdicts, key=lambda v: v["candidate"])
+    kept = next((v for v in verdicts if v["reason"] is None), None)
+    source = candidates[kept["candidate"] if kept else verdicts[-1]["candidate"]]
+    rec = {**{f: source[f] for f in PAIR_FIELDS}, "kept": kept is not None,
+           "reason": None if kept else verdicts[-1]["reason"],
+           "candidates": [{k: v for k, v in verdict.items() if k != "judgement"} for verdict in verdicts]}
+    if kept:  # a candidate kept by an earlier run has no judgement object here: parse it again
+        j = kept.get("judgement") or rr.parse_pairwise(source["rationale"], source["task"])
+        rec.update(candidate=kept["candidate"], rationale=source["rationale"],
+                   log_p_label=kept["log_p_label"], scores_a=j.scores_a, scores_b=j.scores_b)
+    return rec
 
 
 # ---------------------------------------------------------------------------------------
@@ -669,7 +695,8 @@ def add_lora(model, args: Args, quantized: bool):
     return get_peft_model(model, config)
 
 
-# ELBO term 2: KL(q(z|x,y) || P_theta(z|x)) = E_q[log q(z|x,y)] - E_q[log P_theta(z|x)]. The first part,
+# ELBO term 2: KL(q(z|x,y) || P_theta(z|x)) = E_q[log q(z|x,y)] - E_q[log P_theta(z|x)]. The first
+# part,
 # minus the entropy of q, does not depend on theta, so minimising the SFT loss -log P_theta(z|x) on
 # samples z ~ q (the kept rationales) minimises the KL term up to that constant.
 def foresight_distillation(model, processor, train: list, out: Path, args: Args) -> list:
@@ -744,8 +771,6 @@ def student_report(model, processor, held: list, heldout_pairs: list, task: str,
 
 def phase3(teacher, out: Path, args: Args) -> dict:
     """Phase 3 in the paper's steps: project, build the SFT data, distil, evaluate before/after."""
-    import shutil
-    import torch
     phase2 = read_phase2(out)
     if not phase2:
         raise DataError(f"{out / 'phase2.jsonl'} is missing or empty: run --phases 2 first")
@@ -753,7 +778,29 @@ def phase3(teacher, out: Path, args: Args) -> dict:
     project_pointwise(teacher, [r for r in phase2 if r["kept"]], out, args)
     train, held = build_sft(out, args)
     teacher.release()  # free the teacher's memory before the student trains
-    # 3. resume only what was trained on exactly this data; new SFT data means a new student
+    heldout_pairs = heldout_pairs_of(phase2, args)
+    write_heldout_pairs(out, heldout_pairs)
+    # 3. foresight distillation (resumed when the SFT data is the same), 4. the student before/after
+    return train_student(out, train, held, heldout_pairs, phase2[0]["task"], args)
+
+
+def write_heldout_pairs(out: Path, heldout_pairs: list) -> None:
+    """The held-out pairs in rationalrewards.py eval's pairs format, to measure any scorer on them
+    later; image paths are relative to the file itself, as the format says, so the folder can move."""
+    rel = lambda f: os.path.relpath(Path(f).resolve(), out.resolve())
+    lines = []
+    for r in heldout_pairs:
+        rec = {"id": r["id"], "prompt": r["prompt"], "image_a": rel(r["image_a"]), "image_b": rel(r["image_b"]),
+               "label": r["label"]}
+        if r.get("source_image"):
+            rec["source_image"] = rel(r["source_image"])
+        lines.append(json.dumps(rec) + "\n")
+    write_atomic(out / "heldout_pairs.jsonl", "".join(lines))
+
+
+def student_metrics_for(out: Path, train: list) -> dict:
+    """student_metrics.json of an earlier run on exactly this SFT data, else a fresh start: new SFT
+    data means a new student (its folder is removed)."""
     ckpt, metrics_path = out / "student", out / "student_metrics.json"
     fingerprint = hashlib.sha1(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -762,15 +809,15 @@ def phase3(teacher, out: Path, args: Args) -> dict:
         metrics = {}
         shutil.rmtree(ckpt, ignore_errors=True)
     metrics["sft_fingerprint"] = fingerprint
-    heldout_pairs, task = heldout_pairs_of(phase2, args), phase2[0]["task"]
-    # the same pairs in rationalrewards.py eval's format, to measure any scorer on them later
-    # (image paths relative to the file itself, as the pairs format says, so the folder can be moved)
-    rel = lambda f: os.path.relpath(Path(f).resolve(), out.resolve())
-    write_atomic(out / "heldout_pairs.jsonl", "".join(json.dumps(
-        {"id": r["id"], "prompt": r["prompt"], "image_a": rel(r["image_a"]), "image_b": rel(r["image_b"]),
-         "label": r["label"], **({"source_image": rel(r["source_image"])} if r.get("source_image") else {})}) + "\n"
-        for r in heldout_pairs))
-    state_path = ckpt / "train_state.json"
+    return metrics
+
+
+def train_student(out: Path, train: list, held: list, heldout_pairs: list, task: str, args: Args) -> dict:
+    """LoRA SFT of the student on `train` (resumable per epoch), measured before and after on the
+    held-out samples and pairs; returns (and writes) student_metrics.json."""
+    import torch
+    ckpt, metrics_path, state_path = out / "student", out / "student_metrics.json", out / "student" / "train_state.json"
+    metrics = student_metrics_for(out, train)
     if "after" in metrics and state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
         return metrics  # a finished run, started again on the same data: nothing to redo
     torch.manual_seed(args.seed)
@@ -780,21 +827,21 @@ def phase3(teacher, out: Path, args: Args) -> dict:
         metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
         write_atomic(metrics_path, json.dumps(metrics))
     if not train:
-        # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest of the
+        # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest of
+        # the
         # chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says what it is
         rr.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the base model)")
         model.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
         write_atomic(metrics_path, json.dumps(metrics))
         return metrics
-    if state_path.is_file():
+    if state_path.is_file():  # resume from the last finished epoch
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    # 4. foresight distillation, then 5. the student on held-out prompts
     metrics["train_losses"] = foresight_distillation(model, processor, train, out, args)
     metrics["after"] = student_report(model, processor, held, heldout_pairs, task, args)
-    metrics["sft_samples"], metrics["heldout_samples"], metrics["heldout_pairs"] = len(train), len(held), len(heldout_pairs)
+    metrics.update(sft_samples=len(train), heldout_samples=len(held), heldout_pairs=len(heldout_pairs))
     write_atomic(metrics_path, json.dumps(metrics))
     return metrics
 

@@ -14,10 +14,17 @@ Visual Generation Both Training and Test Time" (arXiv 2604.11626):
 * ``RationalRewardsScorer`` and the ``score`` / ``eval`` command line, including the
   benchmarks of the paper's Table 1 (``eval --benchmark``).
 
-Reading order: the method comes first (rubric and arguments, prompts, parsing, aggregation,
-the scorer, preference evaluation, Table 1, ``main``); everything after the "Plumbing" banner
-is infrastructure a reader of the paper can skip: command-line parsing, files and datasets,
-model loading (VLMs, diffusers generators, ``tiny-random``) and the two inference backends.
+Where is (the method is one block from the top; the harness and plumbing come after it):
+    the rubric          prompts/pointwise_t2i.txt, pointwise_edit.txt, pairwise_*.txt (the
+                        templates), rendered by ``render_messages``; dimensions: ``T2I_DIMENSIONS``
+    the parser          ``parse_pointwise`` / ``parse_pairwise`` -> ``Critique`` / ``PairwiseJudgement``
+    the reward          ``reward_from_scores`` (Sec. 2.2), ``preference_from_scores`` (Sec. 3)
+    the scorer          ``RationalRewardsScorer``: ``critique``, ``rewards``, ``compare``
+    pairwise preference ``predict_pairs``, ``preference_metrics``; resumable: ``evaluate_preferences``
+    Table 1             ``BENCHMARKS``, ``benchmark_pairs``, ``run_benchmark`` (``eval --benchmark``)
+    the command line    ``Args``, ``main``; after the "Plumbing" banner: flags, files and
+                        datasets, model loading (``load_vlm``, ``load_generator``, ``tiny-random``),
+                        the two inference backends
 
 Smoke run (CPU, no network, seconds)::
 
@@ -60,17 +67,22 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import textwrap
 import time
 import typing
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+# torch, transformers, diffusers and datasets are imported inside the functions that need them:
+# at the top they would make `--help` and every argument error take about 5 s instead of 0.3 s.
 from PIL import Image, UnidentifiedImageError
 
 # bitsandbytes warns on every CPU import that an optional fast kernel (fetched from the hub) is
@@ -88,7 +100,10 @@ PROMPTS_DIR = next((d for d in (Path(__file__).resolve().parent / "prompts",
                                 Path(sys.prefix) / "share" / "rationalrewards" / "prompts") if d.is_dir()),
                    Path(__file__).resolve().parent / "prompts")
 
-# Rubric of Appendix C/D, in the order the model writes the dimensions.
+# Rubric of Appendix C/D, in the order the model writes the dimensions. The rubric's text (what
+# each dimension means, the 1-4 scale, the output format) is in the templates prompts/*.txt:
+# pointwise_t2i.txt, pointwise_edit.txt, pairwise_*.txt; `_DIMENSION_PATTERNS` below reads back
+# the section headers they ask for.
 T2I_DIMENSIONS = ("text_faithfulness", "physical_quality", "text_rendering")
 EDIT_DIMENSIONS = ("text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering")
 DIMENSION_TITLES = {
@@ -105,99 +120,6 @@ def dimensions(task: str) -> tuple:
     if task not in ("t2i", "edit"):
         raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
     return T2I_DIMENSIONS if task == "t2i" else EDIT_DIMENSIONS
-
-@dataclass
-class Args:
-    command: Literal["score", "eval"] = field(default="score", metadata={"positional": True})
-    """`score`: critique and score images; `eval`: preference accuracy on a file of pairs"""
-    model: Optional[str] = None
-    """hub id, local directory, or `tiny-random` (default: the released checkpoint for --task);
-    with --api-base, the model name the server serves"""
-    adapter: Optional[str] = None
-    """LoRA adapter directory applied on top of --model (e.g. the student written by parrot.py)"""
-    task: Literal["t2i", "edit"] = "t2i"
-    """t2i: three dimensions; edit: four (adds image faithfulness) and needs a source image"""
-    prompt: Optional[str] = field(default=None, metadata={"command": "score"})
-    """score: the generation request (or editing instruction)"""
-    image: list = field(default_factory=list, metadata={"command": "score"})
-    """score: one or more image files, all judged against --prompt"""
-    source_image: Optional[str] = field(default=None, metadata={"command": "score"})
-    """score --task edit: the image that was edited"""
-    pairs: Optional[str] = field(default=None, metadata={"command": "eval"})
-    """eval: JSONL of pairs: prompt, image_a, image_b, label (A/B/tie), optional source_image, id"""
-    benchmark: Optional[Literal["genai-bench-t2i", "genai-bench-edit", "editreward-bench", "mmrb2-t2i", "mmrb2-edit",
-                                "all"]] = field(default=None, metadata={"command": "eval"})
-    """eval: a benchmark of the paper's Table 1 instead of --pairs (its task, labels and protocol follow it)"""
-    data_dir: Optional[str] = field(default=None, metadata={"command": "eval"})
-    """eval --benchmark: a local copy (parquet file or directory; with `all`, a folder holding one per name)"""
-    mode: Optional[Literal["pointwise", "pairwise"]] = field(default=None, metadata={"command": "eval"})
-    """eval: pointwise scores each image and compares sums; pairwise reads both images at once
-    (default: pointwise for --pairs, pairwise for --benchmark, as the paper evaluates)"""
-    limit: Optional[int] = field(default=None, metadata={"command": "eval"})
-    """eval: use only the first N pairs"""
-    out: Optional[str] = field(default=None, metadata={"command": "eval"})
-    """eval: directory for predictions.jsonl (resumable), metrics.json and args.json"""
-    json: bool = field(default=False, metadata={"command": "score"})
-    """score: print one JSON object instead of the readable report"""
-    quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
-    """auto = 4-bit nf4 on a GPU, none on CPU"""
-    api_base: Optional[str] = None
-    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang); skips local loading"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the API key for --api-base (may be unset for local servers)"""
-    max_new_tokens: Optional[int] = None
-    """longest critique the scorer may write (default 2048, the paper's; eval --benchmark with --api-base: 20480,
-    the official evaluation scripts' budget, which costs nothing a short reply does not use)"""
-    temperature: float = 0.1
-    """scorer sampling temperature (paper: 0.1); 0 means greedy"""
-    batch_size: int = 8
-    """prompts per generate() call (transformers) or requests in flight (HTTP)"""
-    max_pixels: int = 768 * 768
-    """images are downscaled to at most this many pixels before the model sees them"""
-    timeout: float = 600.0
-    """HTTP backend: seconds to wait for one response"""
-    max_retries: int = 3
-    """HTTP backend: retries after a failed request, with exponential backoff"""
-    prompts_dir: Optional[str] = None
-    """templates with the same file names read from this folder first (e.g. the official wording; a file
-    may open with [system] ... [user] to add a system turn)"""
-    device: Optional[str] = None
-    """where the model runs: cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
-    seed: int = 0
-    """seed for sampling"""
-
-
-@dataclass
-class ScorerArgs:
-    """The scorer's flags as rl_nft.py and gcr_loop.py take them (their Args inherit these fields),
-    with the meanings of rationalrewards.py's --model, --adapter, --api-base, --quantization, ..."""
-    scorer: Optional[str] = None
-    """scorer VLM: hub id, local directory or tiny-random (default: the released checkpoint for the task);
-    with --scorer-api-base, the model name the server serves"""
-    scorer_adapter: Optional[str] = None
-    """LoRA adapter applied on top of --scorer, e.g. the PARROT student (runs/X/student)"""
-    scorer_api_base: Optional[str] = None
-    """OpenAI-compatible endpoint serving the scorer (vLLM, SGLang); skips local loading"""
-    scorer_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
-    """auto = 4-bit nf4 on a GPU, none on CPU"""
-    scorer_batch_size: int = 8
-    """critiques per generate() call, or requests in flight over HTTP"""
-    scorer_max_new_tokens: Optional[int] = None
-    """longest critique (default 2048 as in the paper; 128 for tiny-random, whose text is noise anyway)"""
-    scorer_temperature: float = 0.1
-    """scorer sampling temperature (paper: 0.1)"""
-    max_pixels: int = 768 * 768
-    """images are downscaled to at most this many pixels before the scorer sees them"""
-    timeout: float = 600.0
-    """HTTP scorer: seconds to wait for one response"""
-    max_retries: int = 3
-    """HTTP scorer: retries after a failed request, with exponential backoff"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the API key for --scorer-api-base"""
-    prompts_dir: Optional[str] = None
-    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
-    device: Optional[str] = None
-    """where the models run (generator and scorer): cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
 
 # ---------------------------------------------------------------------------------------
 # Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field.
@@ -318,7 +240,8 @@ def to_content(text: str, images: list, what: str = "text") -> list:
 # ---------------------------------------------------------------------------------------
 _S = r"[\s_/&-]*"  # what may stand between the words of a dimension's name
 # First key wins, so the specific names come before "quality"; within a key the long names come
-# first, so that a header line holding only "Physical and Visual Quality" is read as exactly a title.
+# first, so that a header line holding only "Physical and Visual Quality" is read as exactly a
+# title.
 _DIMENSION_PATTERNS = [
     ("text_rendering", rf"text{_S}rendering|typography"),
     ("image_faithfulness", rf"image{_S}(?:faithfulness|consistency|preservation)|"
@@ -398,7 +321,11 @@ def _classify_header(line: str, dims: tuple) -> Optional[str]:
         hit = re.match(rf"({pattern})\b", title, re.I)
         if hit and key in dims:
             rest = title[hit.end():].strip(" :：-")
-            if (len(rest) < 25) if (number or hashes) else (not rest or rest.startswith("(")):
+            if number or hashes:  # "2. Physical Quality (hands, light):" may carry a short tail
+                is_header = len(rest) < 25
+            else:                 # a bare title line: nothing after it but a parenthesis
+                is_header = not rest or rest.startswith("(")
+            if is_header:
                 return key
     if number and 1 <= int(number) <= len(dims) and title.endswith((":", "：")) and len(title.split()) <= 6:
         return dims[int(number) - 1]  # a numbered "Title:" we do not know: trust the number
@@ -406,7 +333,18 @@ def _classify_header(line: str, dims: tuple) -> Optional[str]:
 
 
 def _sections(text: str, dims: tuple):
-    """Split a critique into {dimension: {field: text}} plus {section: text}."""
+    """Split a critique into {dimension: {field: text}} plus {section: text}.
+
+    For example (t2i), the text
+        1. Text Faithfulness
+        ## Justification: The cat is red.
+        ## Score: 3
+        Summary: Good overall.
+    becomes
+        ({"text_faithfulness": {"justification": "The cat is red.", "score": "3"}},
+         {"summary": "Good overall."})
+    A line that is no header and no field continues the field (or section) above it.
+    """
     if "</think>" in text:  # a reasoning model's preamble
         text = text.rsplit("</think>", 1)[1]
     per_dim, sections = {}, {}
@@ -421,7 +359,7 @@ def _sections(text: str, dims: tuple):
             dim = None
             sections[name] = sec.group(2).strip()
             target = (sections, name)
-        elif fld and (dim is not None or fld.group(1).lower().startswith("score") and not per_dim):
+        elif fld and (dim is not None or (fld.group(1).lower().startswith("score") and not per_dim)):
             if dim is None:  # scores with no header at all: the first dimension
                 dim = dims[0]
                 per_dim.setdefault(dim, {})
@@ -477,16 +415,17 @@ def parse_pairwise(text: str, task: str = "t2i") -> PairwiseJudgement:
     return PairwiseJudgement(scores_a, scores_b, winners, justs, sections.get("summary") or None, preferred, text)
 
 # ---------------------------------------------------------------------------------------
-# Aggregation (paper Sec. 2.2 for the reward, Sec. 3 for pairwise evaluation)
+# The reward (paper Sec. 2.2) and the pairwise preference (Sec. 3), from parsed scores.
 # ---------------------------------------------------------------------------------------
-def aggregate(scores: dict, weights: Optional[dict] = None) -> float:
-    """Reward in [0, 1] from per-dimension scores.
+def reward_from_scores(scores: dict, weights: Optional[dict] = None) -> float:
+    """The reward R in [0, 1] of one critique, from its per-dimension scores s_d in [1, 4].
 
-    R = (sum_d w_d * clamp(s_d, 1, 4) / sum_d w_d - 1) / 3, over readable, non-N/A d; 0 if none.
+        R = (sum_d w_d * clamp(s_d, 1, 4) / sum_d w_d - 1) / 3
+
+    over the dimensions that were readable and not N/A; 0 when none is. Weights default to 1
+    (`--reward-weights`; checked by `check_weights`).
     """
-    weights = check_weights(weights)
-    if weights and scores and not any(weights.get(d, 1.0) > 0 for d in scores):
-        raise ValueError(f"reward weights {weights} are all zero on {sorted(scores)}: at least one dimension must count")
+    weights = check_weights(weights, scores)
     readable = {d: min(4.0, max(1.0, float(s))) for d, s in scores.items() if s is not None}
     total_w = sum(weights.get(d, 1.0) for d in readable)
     if not readable or total_w <= 0:
@@ -495,21 +434,28 @@ def aggregate(scores: dict, weights: Optional[dict] = None) -> float:
     return (mean - 1.0) / 3.0
 
 
-def check_weights(weights: Optional[dict]) -> dict:
+aggregate = reward_from_scores  # the name of earlier releases, kept for the Python API
+
+
+def check_weights(weights: Optional[dict], scores: Optional[dict] = None) -> dict:
     """Per-dimension reward weights, validated so that the reward stays in [0, 1].
 
-    Known dimension names only, each weight finite and >= 0 (`aggregate` also refuses weights
-    that are zero on every dimension it is given). Dimensions not named keep weight 1; weight 0 leaves a dimension out (e.g. image_faithfulness=0 gives the
-    official edit-RL reward, which averages the other three).
+    Known dimension names only, each weight finite and >= 0, and (given `scores`) not zero on
+    every dimension scored. Dimensions not named keep weight 1; weight 0 leaves a dimension out
+    (e.g. image_faithfulness=0 gives the official edit-RL reward, which averages the other three).
     """
     if not weights:
         return {}
     unknown = sorted(set(weights) - set(DIMENSION_TITLES))
     if unknown:
         raise ValueError(f"unknown reward dimension(s) {unknown}; known: {sorted(DIMENSION_TITLES)}")
-    bad = {d: w for d, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
+    bad = {d: w for d, w in weights.items()
+           if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
     if bad:
         raise ValueError(f"reward weights must be finite numbers >= 0, got {bad}")
+    if scores and not any(weights.get(d, 1.0) > 0 for d in scores):
+        raise ValueError(f"reward weights {weights} are all zero on {sorted(scores)}: "
+                         "at least one dimension must count")
     return dict(weights)
 
 
@@ -567,7 +513,7 @@ class RationalRewardsScorer:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
 
     @classmethod
-    def from_args(cls, args: Args) -> "RationalRewardsScorer":
+    def from_args(cls, args: "Args") -> "RationalRewardsScorer":
         backend = load_backend(args.model or RELEASED[args.task], api_base=args.api_base, adapter=args.adapter,
                                quantization=args.quantization, batch_size=args.batch_size, max_pixels=args.max_pixels,
                                timeout=args.timeout, max_retries=args.max_retries, api_key_env=args.api_key_env,
@@ -615,7 +561,7 @@ class RationalRewardsScorer:
                 for o in self._generate(msgs, allow_failures)]
 
     def rewards(self, images, requests, source_images=None) -> list:
-        return [aggregate(c.scores, self.weights) for c in self.critique(images, requests, source_images)]
+        return [reward_from_scores(c.scores, self.weights) for c in self.critique(images, requests, source_images)]
 
     def compare(self, images_a, images_b, requests, source_images=None, allow_failures: bool = False) -> list:
         groups = self._images(images_a, source_images, images_b)
@@ -624,50 +570,38 @@ class RationalRewardsScorer:
         return [dataclasses.replace(parse_pairwise(o.text, self.task), truncated=o.truncated, error=o.error)
                 for o in self._generate(msgs, allow_failures)]
 
-
-def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = None) -> "RationalRewardsScorer":
-    """The scorer described by the --scorer-* flags (shared by rl_nft.py and gcr_loop.py)."""
-    model = args.scorer or RELEASED[task]
-    tokens = args.scorer_max_new_tokens or (128 if model == "tiny-random" else 2048)
-    backend = load_backend(model, api_base=args.scorer_api_base, adapter=args.scorer_adapter,
-                           quantization=args.scorer_quantization, batch_size=args.scorer_batch_size,
-                           max_pixels=args.max_pixels, timeout=args.timeout, max_retries=args.max_retries,
-                           api_key_env=args.api_key_env, device=args.device)
-    return RationalRewardsScorer(backend, task, tokens, args.scorer_temperature, weights)
-
 # ---------------------------------------------------------------------------------------
-# Preference evaluation (paper Sec. 3): pairs file -> predictions -> accuracy.
+# Preference evaluation (paper Sec. 3): a batch of pairs -> predictions -> accuracy.
 # ---------------------------------------------------------------------------------------
 def pair_id(prompt: str, *parts) -> str:
     return hashlib.sha1("\x1f".join([prompt, *map(str, parts)]).encode()).hexdigest()[:16]
 
 
-def read_pairs(path, limit: Optional[int] = None) -> list:
-    """Pairs from our JSONL format; image paths are resolved against the file's directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file {path} not found")
-    pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
+    """One prediction record per (pair, images) in `batch`; a failed request gives a `failed` record."""
+    a, b = [im["image_a"] for _, im in batch], [im["image_b"] for _, im in batch]
+    reqs = [p["prompt"] for p, _ in batch]
+    src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
+    if mode == "pointwise":  # both images of every pair in one batched critique call
+        crits = scorer.critique(a + b, reqs * 2, src * 2 if src else None, allow_failures=True)
+        results = [(ca.scores, cb.scores, ca.readable and cb.readable, [ca.text, cb.text],
+                    int(ca.truncated) + int(cb.truncated), ca.error or cb.error)
+                   for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
+    else:
+        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text], int(j.truncated), j.error)
+                   for j in scorer.compare(a, b, reqs, src, allow_failures=True)]
+    records = []
+    for (p, _), (sa, sb, ok, texts, cut, error) in zip(batch, results):
+        if error:  # no reply: left out of the accuracy and retried by the next run (official: success False)
+            records.append({"id": p["id"], "label": p["label"], "failed": True, "error": error})
             continue
-        try:
-            rec = json.loads(line)
-            label = str(rec["label"]).strip()
-            label = {"a": "A", "b": "B", "tie": "tie"}[label.lower()]
-            item = {"prompt": rec["prompt"], "label": label,
-                    **{k: str(path.parent / rec[k]) for k in ("image_a", "image_b", "source_image") if rec.get(k)}}
-            if "image_a" not in item or "image_b" not in item:
-                raise KeyError("image_a/image_b")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path}:{n}: expected prompt, image_a, image_b, label (A/B/tie): {err!r}") from None
-        # the id comes from the record as written, never from where the file was found, so the
-        # same file named by a relative or an absolute path resumes the same run
-        item["id"] = str(rec.get("id") or pair_id(rec["prompt"], rec["image_a"], rec["image_b"], rec.get("source_image") or ""))
-        pairs.append(item)
-        if limit is not None and len(pairs) >= limit:
-            break
-    return pairs
+        # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
+        # (the official compute_pairwise_accuracy.py), so a wholly unreadable side loses to any
+        # score above 2.5.
+        records.append({"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
+                        "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "truncated": cut,
+                        "outputs": texts})
+    return records
 
 
 def preference_metrics(records: list, task: str) -> dict:
@@ -698,38 +632,150 @@ def preference_metrics(records: list, task: str) -> dict:
             "mean_scores": dim_means}
 
 
+# =======================================================================================
+# The method ends here. Below: the harness of the `score` and `eval` commands (their flags,
+# the resumable evaluation of a pairs file, the Table 1 benchmark adapters, `main`), then
+# the plumbing that every module of the project shares.
+# =======================================================================================
+@dataclass
+class Args:
+    command: Literal["score", "eval"] = field(default="score", metadata={"positional": True})
+    """`score`: critique and score images; `eval`: preference accuracy on a file of pairs"""
+    model: Optional[str] = None
+    """hub id, local directory, or `tiny-random` (default: the released checkpoint for --task);
+    with --api-base, the model name the server serves"""
+    adapter: Optional[str] = None
+    """LoRA adapter directory applied on top of --model (e.g. the student written by parrot.py)"""
+    task: Literal["t2i", "edit"] = "t2i"
+    """t2i: three dimensions; edit: four (adds image faithfulness) and needs a source image"""
+    prompt: Optional[str] = field(default=None, metadata={"command": "score"})
+    """score: the generation request (or editing instruction)"""
+    image: list = field(default_factory=list, metadata={"command": "score"})
+    """score: one or more image files, all judged against --prompt"""
+    source_image: Optional[str] = field(default=None, metadata={"command": "score"})
+    """score --task edit: the image that was edited"""
+    pairs: Optional[str] = field(default=None, metadata={"command": "eval"})
+    """eval: JSONL of pairs: prompt, image_a, image_b, label (A/B/tie), optional source_image, id"""
+    benchmark: Optional[Literal["genai-bench-t2i", "genai-bench-edit", "editreward-bench", "mmrb2-t2i", "mmrb2-edit",
+                                "all"]] = field(default=None, metadata={"command": "eval"})
+    """eval: a benchmark of the paper's Table 1 instead of --pairs (its task, labels and protocol follow it)"""
+    data_dir: Optional[str] = field(default=None, metadata={"command": "eval"})
+    """eval --benchmark: a local copy (parquet file or directory; with `all`, a folder holding one per name)"""
+    mode: Optional[Literal["pointwise", "pairwise"]] = field(default=None, metadata={"command": "eval"})
+    """eval: pointwise scores each image and compares sums; pairwise reads both images at once
+    (default: pointwise for --pairs, pairwise for --benchmark, as the paper evaluates)"""
+    limit: Optional[int] = field(default=None, metadata={"command": "eval"})
+    """eval: use only the first N pairs"""
+    out: Optional[str] = field(default=None, metadata={"command": "eval"})
+    """eval: directory for predictions.jsonl (resumable), metrics.json and args.json"""
+    json: bool = field(default=False, metadata={"command": "score"})
+    """score: print one JSON object instead of the readable report"""
+    quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
+    """auto = 4-bit nf4 on a GPU, none on CPU"""
+    api_base: Optional[str] = None
+    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang); skips local loading"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the API key for --api-base (may be unset for local servers)"""
+    max_new_tokens: Optional[int] = None
+    """longest critique the scorer may write (default 2048, the paper's; eval --benchmark with --api-base: 20480,
+    the official evaluation scripts' budget, which costs nothing a short reply does not use)"""
+    temperature: float = 0.1
+    """scorer sampling temperature (paper: 0.1); 0 means greedy"""
+    batch_size: int = 8
+    """prompts per generate() call (transformers) or requests in flight (HTTP)"""
+    max_pixels: int = 768 * 768
+    """images are downscaled to at most this many pixels before the model sees them"""
+    timeout: float = 600.0
+    """HTTP backend: seconds to wait for one response"""
+    max_retries: int = 3
+    """HTTP backend: retries after a failed request, with exponential backoff"""
+    prompts_dir: Optional[str] = None
+    """templates with the same file names read from this folder first (e.g. the official wording; a file
+    may open with [system] ... [user] to add a system turn)"""
+    device: Optional[str] = None
+    """where the model runs: cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
+    seed: int = 0
+    """seed for sampling"""
+
+
+@dataclass
+class ScorerArgs:
+    """The scorer's flags as rl_nft.py and gcr_loop.py take them (their Args inherit these fields),
+    with the meanings of rationalrewards.py's --model, --adapter, --api-base, --quantization, ..."""
+    scorer: Optional[str] = None
+    """scorer VLM: hub id, local directory or tiny-random (default: the released checkpoint for the task);
+    with --scorer-api-base, the model name the server serves"""
+    scorer_adapter: Optional[str] = None
+    """LoRA adapter applied on top of --scorer, e.g. the PARROT student (runs/X/student)"""
+    scorer_api_base: Optional[str] = None
+    """OpenAI-compatible endpoint serving the scorer (vLLM, SGLang); skips local loading"""
+    scorer_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
+    """auto = 4-bit nf4 on a GPU, none on CPU"""
+    scorer_batch_size: int = 8
+    """critiques per generate() call, or requests in flight over HTTP"""
+    scorer_max_new_tokens: Optional[int] = None
+    """longest critique (default 2048 as in the paper; 128 for tiny-random, whose text is noise anyway)"""
+    scorer_temperature: float = 0.1
+    """scorer sampling temperature (paper: 0.1)"""
+    max_pixels: int = 768 * 768
+    """images are downscaled to at most this many pixels before the scorer sees them"""
+    timeout: float = 600.0
+    """HTTP scorer: seconds to wait for one response"""
+    max_retries: int = 3
+    """HTTP scorer: retries after a failed request, with exponential backoff"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the API key for --scorer-api-base"""
+    prompts_dir: Optional[str] = None
+    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
+    device: Optional[str] = None
+    """where the models run (generator and scorer): cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
+
+
+def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = None) -> "RationalRewardsScorer":
+    """The scorer described by the --scorer-* flags (shared by rl_nft.py and gcr_loop.py)."""
+    model = args.scorer or RELEASED[task]
+    tokens = args.scorer_max_new_tokens or (128 if model == "tiny-random" else 2048)
+    backend = load_backend(model, api_base=args.scorer_api_base, adapter=args.scorer_adapter,
+                           quantization=args.scorer_quantization, batch_size=args.scorer_batch_size,
+                           max_pixels=args.max_pixels, timeout=args.timeout, max_retries=args.max_retries,
+                           api_key_env=args.api_key_env, device=args.device)
+    return RationalRewardsScorer(backend, task, tokens, args.scorer_temperature, weights)
+
+
+def read_pairs(path, limit: Optional[int] = None) -> list:
+    """Pairs from our JSONL format; image paths are resolved against the file's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} not found")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            label = str(rec["label"]).strip()
+            label = {"a": "A", "b": "B", "tie": "tie"}[label.lower()]
+            item = {"prompt": rec["prompt"], "label": label,
+                    **{k: str(path.parent / rec[k]) for k in ("image_a", "image_b", "source_image") if rec.get(k)}}
+            if "image_a" not in item or "image_b" not in item:
+                raise KeyError("image_a/image_b")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}:{n}: expected prompt, image_a, image_b, label (A/B/tie): {err!r}") from None
+        # the id comes from the record as written, never from where the file was found, so the
+        # same file named by a relative or an absolute path resumes the same run
+        item["id"] = str(rec.get("id") or pair_id(rec["prompt"], rec["image_a"], rec["image_b"], rec.get("source_image") or ""))
+        pairs.append(item)
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs
+
+
 def warn_truncated(truncated: int, total: int, flag: str = "--max-new-tokens") -> None:
     """Outputs cut by the token limit lose their later dimensions (scored 2.5) or their refined
     request: warn when more than 1% of them were cut."""
     if total and truncated / total > 0.01:
         warn(              f"{truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by the token "
               f"limit before the model finished; raise {flag}")
-
-
-def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
-    """One prediction record per (pair, images) in `batch`; a failed request gives a `failed` record."""
-    a, b = [im["image_a"] for _, im in batch], [im["image_b"] for _, im in batch]
-    reqs = [p["prompt"] for p, _ in batch]
-    src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
-    if mode == "pointwise":  # both images of every pair in one batched critique call
-        crits = scorer.critique(a + b, reqs * 2, src * 2 if src else None, allow_failures=True)
-        results = [(ca.scores, cb.scores, ca.readable and cb.readable, [ca.text, cb.text],
-                    int(ca.truncated) + int(cb.truncated), ca.error or cb.error)
-                   for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
-    else:
-        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text], int(j.truncated), j.error)
-                   for j in scorer.compare(a, b, reqs, src, allow_failures=True)]
-    records = []
-    for (p, _), (sa, sb, ok, texts, cut, error) in zip(batch, results):
-        if error:  # no reply: left out of the accuracy and retried by the next run (official: success False)
-            records.append({"id": p["id"], "label": p["label"], "failed": True, "error": error})
-            continue
-        # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
-        # (the official compute_pairwise_accuracy.py), so a wholly unreadable side loses to any score above 2.5.
-        records.append({"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
-                        "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "truncated": cut,
-                        "outputs": texts})
-    return records
 
 
 def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str = "pointwise",
@@ -753,7 +799,8 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
     for i in range(0, len(todo), batch_size):
         batch = []
         for p in todo[i:i + batch_size]:
-            # an edit pair has one source image, or several (`source_images`: MMRB2 edits), sent in order
+            # an edit pair has one source image, or several (`source_images`: MMRB2 edits), sent in
+            # order
             sources = p.get("source_images") or ([p["source_image"]] if p.get("source_image") else [])
             files = [("image_a", p["image_a"]), ("image_b", p["image_b"])] + [("source", f) for f in sources]
             read = [(key, f, *read_image(f)) for key, f in files]
@@ -794,7 +841,8 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # Each row streams from the hub (or --data-dir) and becomes our pairs: A = left / candidate_1.
 # The "paper protocol" accuracy of each benchmark follows the official code that produced the
 # paper's figure:
-# - GenAI-Bench: TIGER-AI-Lab/RationalRewards reward_model_evaluation/rm_inference/inference_genaibench_*.py
+# - GenAI-Bench: TIGER-AI-Lab/RationalRewards
+# reward_model_evaluation/rm_inference/inference_genaibench_*.py
 #   maps leftvote -> A, rightvote -> B and every other vote (tie, both bad) to no label, and
 #   compute_pairwise_accuracy.py skips unlabelled pairs and counts a predicted tie (equal sums) as
 #   wrong. (The newer modular_rm_eval adapter maps those votes to "tie", but its parser looks for
@@ -803,7 +851,8 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 #   Tie votes are kept as "tie" labels for the second, with-ties column.
 # - MMRB2: the same scripts (inference_mmrb2_*.py): `chosen` a/b (ties, if any, must be predicted
 #   as ties); an edit's `prompt_images` are all sent, in order, before the two candidates.
-# - EditReward-Bench: its own repository (TIGER-AI-Lab/EditReward, EditReward/evaluate/eval_bench.py):
+# - EditReward-Bench: its own repository (TIGER-AI-Lab/EditReward,
+# EditReward/evaluate/eval_bench.py):
 #   pairwise comparisons of 2-, 3- and 4-way samples, accuracy over comparisons with A=B ties, and
 #   the strict (group) accuracy per subset: a sample is right when all its comparisons are.
 # Everywhere a request that failed (no reply after the retries) is left out and counted, as the
@@ -830,7 +879,8 @@ def benchmark_label(name: str, row: dict) -> Optional[str]:
     """'A', 'B' or 'tie' for one benchmark row; None when the row carries no usable label."""
     if name.startswith("genai-bench"):
         vote = str(row.get("vote_type") or "").strip().lower()
-        # tie and both-bad votes: "tie" here; the paper-protocol accuracy leaves them out (see above)
+        # tie and both-bad votes: "tie" here; the paper-protocol accuracy leaves them out (see
+        # above)
         return {"leftvote": "A", "rightvote": "B"}.get(vote, "tie") if vote else None
     if name == "editreward-bench":
         return editreward_label(row.get("ranking"), row.get("comparison_type"))
@@ -897,7 +947,8 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], im
         if label is None:
             skipped["unlabelled"] += 1
             continue
-        # ids from the data (or the row's place in its split), never from where the files were found;
+        # ids from the data (or the row's place in its split), never from where the files were
+        # found;
         # a repeated id gets the row number, so that no row is judged on another's cached images
         pid = str(row.get("id") or row.get("pair_id") or f"{name}-{i}")
         if pid in seen:
@@ -910,7 +961,8 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], im
                 continue
             cells = row.get(col)
             # MMRB2 keeps a list of images per field: a response is its first image; an edit's
-            # prompt_images are all its source images (2-3 for 178 of 1,000 edit pairs), kept in order
+            # prompt_images are all its source images (2-3 for 178 of 1,000 edit pairs), kept in
+            # order
             cells = cells if isinstance(cells, list) else [cells]
             if key != "source_image" or not name.startswith("mmrb2"):
                 cells = cells[:1]
@@ -985,7 +1037,8 @@ def run_benchmark(name: str, args: Args) -> dict:
     metrics = evaluate_preferences(scorer, pairs, sub.mode, str(out), sub.batch_size)
     latest = {r["id"]: r for r in read_jsonl(out / "predictions.jsonl")}
     records = [latest[p["id"]] for p in pairs if p["id"] in latest]
-    # the paper-protocol accuracy: GenAI-Bench over A/B votes only; MMRB2 and EditReward-Bench over every label
+    # the paper-protocol accuracy: GenAI-Bench over A/B votes only; MMRB2 and EditReward-Bench over
+    # every label
     if name.startswith("genai-bench"):
         correct, n = metrics["correct_without_ties"], metrics["ab_labelled"]
         skipped["tie_or_both_bad_votes"] = metrics["tie_labels"]
@@ -1022,7 +1075,6 @@ PROTOCOLS = {
 
 def print_benchmark_table(rows: list) -> None:
     """Ours (paper protocol, with its 95% interval) beside the paper's RationalRewards-8B, per benchmark."""
-    import textwrap
     print(f"{'benchmark':<17} {'paper':>6} {'ours':>6} {'w/ ties':>7} {'n':>6} {'95% CI':>11} {'skipped':>7} "
           f"{'failed':>6} {'cut':>5}  note")
     for r in rows:
@@ -1055,6 +1107,7 @@ EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quant
 
 
 def main(argv=None) -> int:
+    """`score` critiques images; `eval` measures preference accuracy on a pairs file or a benchmark."""
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
     check_common_args(args)
@@ -1064,69 +1117,82 @@ def main(argv=None) -> int:
         over_http_benchmark = args.command == "eval" and args.benchmark and args.api_base
         args.max_new_tokens = OFFICIAL_MAX_TOKENS if over_http_benchmark else 2048
     set_prompts_dir(args.prompts_dir)
-    if args.command == "eval" and args.benchmark:
-        if args.pairs:
-            raise SystemExit("eval takes --pairs FILE or --benchmark NAME, not both")
-        names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
-        import torch
-        torch.manual_seed(args.seed)
-        rows = []
-        for name in names:
-            try:
-                rows.append(run_benchmark(name, args))
-            except ModelLoadError as err:
-                if args.benchmark != "all":
-                    raise
-                rows.append({"benchmark": name, "paper": BENCHMARKS[name]["paper"], "error": str(err)})
-        print_benchmark_table(rows)
-        if not any("error" not in r for r in rows):
-            raise ModelLoadError("no benchmark could be run (see the table above for each reason)")
-        return 0
-    args.model = args.model or RELEASED[args.task]
-    args.mode = args.mode or "pointwise"
     import torch
     torch.manual_seed(args.seed)
-    if args.command == "score":
-        if not args.prompt or not args.image:
-            raise SystemExit("score needs --prompt and at least one --image")
-        if args.task == "edit" and not args.source_image:
-            raise SystemExit("score --task edit needs --source-image")
-        paths = args.image + ([args.source_image] if args.source_image else [])
-        read = [read_image(p) for p in paths]
-        bad = [f"{p} ({problem})" for p, (_, problem) in zip(paths, read) if problem]
-        if bad:
-            raise SystemExit(f"cannot read image(s): {', '.join(bad)}")
-        images = [im for im, _ in read]
-        scorer = RationalRewardsScorer.from_args(args)
-        src = [images[-1]] * len(args.image) if args.task == "edit" else None
-        crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)
-        results = [{"image": p, "scores": c.scores, "reward": aggregate(c.scores), "not_applicable": c.not_applicable,
-                    "summary": c.summary, "refined_request": c.refined_request, "truncated": c.truncated,
-                    "critique": c.text}
-                   for p, c in zip(args.image, crits)]
-        warn_truncated(sum(c.truncated for c in crits), len(crits))
-        if args.json:
-            print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
-        for r in [] if args.json else results:
-            print(f"==== {r['image']}\n{r['critique'].strip()}\n---- scores")
-            for d, s in r["scores"].items():
-                print(f"  {DIMENSION_TITLES[d]:<28} {'N/A or unreadable' if s is None else f'{s:.2f}'}")
-            print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  {r['refined_request']}")
-            if r["truncated"]:
-                print("  (the critique was cut by --max-new-tokens before it ended)")
+    if args.command == "eval" and args.benchmark:
+        return benchmark_command(args)
+    args.model = args.model or RELEASED[args.task]
+    args.mode = args.mode or "pointwise"
+    return score_command(args) if args.command == "score" else eval_command(args)
+
+
+def score_command(args: Args) -> int:
+    """Critique and score each --image against --prompt; print the report (or JSON)."""
+    if not args.prompt or not args.image:
+        raise SystemExit("score needs --prompt and at least one --image")
+    if args.task == "edit" and not args.source_image:
+        raise SystemExit("score --task edit needs --source-image")
+    paths = args.image + ([args.source_image] if args.source_image else [])
+    read = [read_image(p) for p in paths]
+    bad = [f"{p} ({problem})" for p, (_, problem) in zip(paths, read) if problem]
+    if bad:
+        raise SystemExit(f"cannot read image(s): {', '.join(bad)}")
+    images = [im for im, _ in read]
+    scorer = RationalRewardsScorer.from_args(args)
+    src = [images[-1]] * len(args.image) if args.task == "edit" else None
+    crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)
+    results = [{"image": p, "scores": c.scores, "reward": reward_from_scores(c.scores),
+                "not_applicable": c.not_applicable, "summary": c.summary, "refined_request": c.refined_request,
+                "truncated": c.truncated, "critique": c.text}
+               for p, c in zip(args.image, crits)]
+    warn_truncated(sum(c.truncated for c in crits), len(crits))
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return 0
+    for r in results:
+        print(f"==== {r['image']}\n{r['critique'].strip()}\n---- scores")
+        for d, s in r["scores"].items():
+            print(f"  {DIMENSION_TITLES[d]:<28} {'N/A or unreadable' if s is None else f'{s:.2f}'}")
+        print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  {r['refined_request']}")
+        if r["truncated"]:
+            print("  (the critique was cut by --max-new-tokens before it ended)")
+    return 0
+
+
+def eval_command(args: Args) -> int:
+    """Preference accuracy on a pairs file, resumable in --out."""
     if not args.pairs:
-        raise SystemExit("eval needs --pairs FILE.jsonl (our pairs format) or --benchmark NAME (the paper's Table 1: "
-                         f"{', '.join(list(BENCHMARKS) + ['all'])})")
+        raise SystemExit("eval needs --pairs FILE.jsonl (our pairs format) or --benchmark NAME (the paper's "
+                         f"Table 1: {', '.join(list(BENCHMARKS) + ['all'])})")
     pairs = read_pairs(args.pairs, args.limit)
     if args.out:
-        # the settings bind a folder once it holds a prediction; a run that failed before its first is no run
+        # the settings bind a folder once it holds a prediction; a run that failed before its first
+        # is no run
         if (Path(args.out) / "predictions.jsonl").is_file():
             check_same_run(args.out, args, EVAL_RUN_KEYS, paths=("pairs", "adapter"))
         save_args(args, args.out)
     scorer = RationalRewardsScorer.from_args(args)
     metrics = evaluate_preferences(scorer, pairs, args.mode, args.out, args.batch_size)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def benchmark_command(args: Args) -> int:
+    """One benchmark of Table 1, or `all` of them (a benchmark without data is listed as not run)."""
+    if args.pairs:
+        raise SystemExit("eval takes --pairs FILE or --benchmark NAME, not both")
+    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    rows = []
+    for name in names:
+        try:
+            rows.append(run_benchmark(name, args))
+        except ModelLoadError as err:
+            if args.benchmark != "all":
+                raise
+            rows.append({"benchmark": name, "paper": BENCHMARKS[name]["paper"], "error": str(err)})
+    print_benchmark_table(rows)
+    if not any("error" not in r for r in rows):
+        raise ModelLoadError("no benchmark could be run (see the table above for each reason)")
     return 0
 
 # =======================================================================================
@@ -1358,7 +1424,8 @@ def read_jsonl(path) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            # a complete line that is not JSON is damage (not a killed write): say where, skip nothing silently
+            # a complete line that is not JSON is damage (not a killed write): say where, skip
+            # nothing silently
             raise ValueError(f"{path}:{n} is not a JSON record ({line[:60]!r}); the file was damaged outside this "
                              f"program: fix or delete that line, then rerun") from None
     return records
@@ -1410,7 +1477,12 @@ def save_embedded_image(cell, path) -> Optional[str]:
     path = Path(path)
     if path.is_file() and load_image(path) is not None:  # written by an earlier, interrupted run
         return None
-    raw = (cell or {}).get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
+    if isinstance(cell, dict):     # the datasets library's image cell
+        raw = cell.get("bytes")
+    elif isinstance(cell, bytes):  # raw bytes
+        raw = cell
+    else:                          # None or anything else: no image
+        raw = None
     if not raw:
         return "missing"
     image, problem = _decode_rgb(io.BytesIO(raw))
@@ -1470,7 +1542,10 @@ def wrap_text(text: str, width: int) -> list:
 
 def score_label(dim: str, score, not_applicable=()) -> str:
     """How every picture writes one score: the number, N/A (the critique said so) or unreadable."""
-    value = f"{score:.1f}" if score is not None else "N/A" if dim in not_applicable else "unreadable"
+    if score is not None:
+        value = f"{score:.1f}"
+    else:
+        value = "N/A" if dim in not_applicable else "unreadable"
     return f"{DIMENSION_TITLES[dim]}: {value}"
 
 
@@ -1505,8 +1580,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _probe_hub(endpoint: str, timeout: float) -> bool:
-    import socket
-    import urllib.parse
     url = urllib.parse.urlparse(endpoint)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
@@ -1824,7 +1897,8 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
                                  "refuses to run on CPU); use --generator-quantization none here")
         from diffusers import PipelineQuantizationConfig
         kwargs["quantization_config"] = PipelineQuantizationConfig(
-            # the transformer and the large text encoders (T5 is text_encoder_2 in FLUX, text_encoder_3 in
+            # the transformer and the large text encoders (T5 is text_encoder_2 in FLUX,
+            # text_encoder_3 in
             # SD3); names a pipeline does not have are skipped by diffusers
             quant_backend="bitsandbytes_4bit", components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
             quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype})
@@ -1899,7 +1973,8 @@ class TransformersBackend:
         for i in range(0, len(messages_batch), self.batch_size):
             inputs = self._inputs(messages_batch[i:i + self.batch_size])
             with torch.no_grad():
-                # only the last position's logits (B, 1, V): the full (B, T, V) tensor is large for a 151k vocabulary
+                # only the last position's logits (B, 1, V): the full (B, T, V) tensor is large for
+                # a 151k vocabulary
                 logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()  # (B, V)
             logp = torch.log_softmax(logits[:, ids], dim=-1)  # (B, len(answers))
             results += [dict(zip(answers, row.tolist())) for row in logp]
@@ -1966,7 +2041,8 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = self.backoff * 2 ** (attempt - 1)
-                # say so at once: with the defaults a dead server would otherwise stay silent for many minutes
+                # say so at once: with the defaults a dead server would otherwise stay silent for
+                # many minutes
                 warn(f"{self.url}: {last}; retry {attempt}/{self.max_retries} in {delay:g} s")
                 time.sleep(delay)
             try:

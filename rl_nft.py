@@ -52,6 +52,8 @@ Deviations from the sources:
 """
 import contextlib
 import csv
+import gc
+import hashlib
 import json
 import math
 import random
@@ -63,6 +65,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
+# torch at the top: nearly every function below needs it (it makes `--help` take about 3 s
+# on 2 CPU cores instead of 0.3 s; the other three modules import it where it is used).
 import torch
 from PIL import Image, ImageDraw
 
@@ -164,7 +169,8 @@ class Args(rr.ScorerArgs):
     """seed of prompt draws, sampling noise, timesteps and the scorer's sampling"""
 
 
-# Per-task defaults: t2i follows DiffusionNFT's SD3 config (config/nft.py), edit follows the official
+# Per-task defaults: t2i follows DiffusionNFT's SD3 config (config/nft.py), edit follows the
+# official
 # RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
 TASK_DEFAULTS = {
     "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium", "prompts": str(rr.PROMPTS_DIR / "rl_prompts.txt"),
@@ -172,7 +178,8 @@ TASK_DEFAULTS = {
             "reward_weights": None},
     "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev", "prompts": str(rr.PROMPTS_DIR / "rl_edits.jsonl"),
              "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4, "mask": "official",
-             # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text faithfulness,
+             # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text
+             # faithfulness,
              # physical quality and text rendering: image faithfulness is left out of the reward
              "reward_weights": "image_faithfulness=0"},
 }
@@ -471,7 +478,8 @@ def token_ids(h: int, w: int, first: float) -> torch.Tensor:
 def latent_geometry(pipe, resolution: int, guidance_scale: float) -> dict:
     """What every velocity call of the run shares: the model kind, latent size, FLUX position ids."""
     kontext = is_kontext(pipe)
-    # Kontext's image processor works on 2x2-packed latents: sides are multiples of 2 * vae_scale_factor
+    # Kontext's image processor works on 2x2-packed latents: sides are multiples of 2 *
+    # vae_scale_factor
     multiple = pipe.vae_scale_factor * (2 if kontext else pipe.transformer.config.patch_size)
     if resolution % multiple:
         raise ValueError(f"--resolution must be a multiple of {multiple} for this generator, got {resolution}")
@@ -524,7 +532,8 @@ def collate(conds: dict, keys: list, device, dtype) -> dict:
 def velocity(transformer, x, t, cond: dict, geo: dict):
     """v(x_t, t | condition) from the transformer, for either model. x: (B, ...); t: (B,) in (0, 1]."""
     if geo["kontext"]:
-        # FLUX.1-Kontext: the source image's latent tokens are appended to the noisy ones (with their own
+        # FLUX.1-Kontext: the source image's latent tokens are appended to the noisy ones (with
+        # their own
         # position ids) and only the noisy tokens' outputs are kept; t in [0, 1] and the distilled
         # guidance strength go in as they are (the transformer scales both by 1000 itself)
         hidden = torch.cat([x, cond["image"]], dim=1)                                    # (B, 2L, 4C)
@@ -550,7 +559,6 @@ def sampler_sigmas(pipe, steps: int, geo: Optional[dict] = None):
     FLUX's resolution-dependent shift mu (sigmas linspace(1, 1/S, S), as the Kontext pipeline)."""
     sch = pipe.scheduler
     if sch.config.get("use_dynamic_shifting"):
-        import numpy as np
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
         seq_len = (geo["h"] // 2) * (geo["w"] // 2)
         mu = calculate_shift(seq_len, sch.config.get("base_image_seq_len", 256), sch.config.get("max_image_seq_len", 4096),
@@ -598,7 +606,6 @@ def decode(pipe, x0, geo: dict) -> list:
 
 
 def free_text_encoders(pipe) -> None:
-    import gc
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             setattr(pipe, name, None)
@@ -621,7 +628,7 @@ def reward_images(scorer, images: list, prompts: list, weights, sources: Optiona
         critiques += scorer.critique(images[i:i + step], prompts[i:i + step], src)
     truncated = sum(c.truncated for c in critiques)
     rr.warn_truncated(truncated, len(critiques), "--scorer-max-new-tokens")
-    return {"rewards": [rr.aggregate(c.scores, weights) for c in critiques],
+    return {"rewards": [rr.reward_from_scores(c.scores, weights) for c in critiques],
             "scores": [c.scores for c in critiques], "not_applicable": [c.not_applicable for c in critiques],
             "unreadable": sum(not c.readable for c in critiques), "truncated": truncated}
 
@@ -659,7 +666,8 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
         denom = len(group) * steps_t.shape[1]        # accumulation steps x training timesteps
         for b in (batches[i] for i in group):
             kept, sel = b[keep[b]], keep[b]
-            # noise for every sample and timestep of the batch, drawn before masking so that the mask
+            # noise for every sample and timestep of the batch, drawn before masking so that the
+            # mask
             # never changes what later samples draw
             eps_all = torch.randn((len(b), steps_t.shape[1], *x0.shape[1:]), generator=gen)   # (B, k, ...)
             if not len(kept):
@@ -911,7 +919,8 @@ def validate(args: Args) -> None:
         raise SystemExit("--timestep-fraction must be in (0, 1]")
     if not 0 <= args.ema_decay < 1:
         raise SystemExit("--ema-decay must be in [0, 1)")
-    # ranges outside which the loss is undefined (division by beta or by the clip) or the run is no NFT
+    # ranges outside which the loss is undefined (division by beta or by the clip) or the run is no
+    # NFT
     for name, ok, what in (("beta", args.beta > 0, "> 0 (the loss divides by it)"),
                            ("adv_clip", args.adv_clip > 0, "> 0 (r = 0.5 + 0.5 A / clip)"),
                            ("kl_weight", args.kl_weight >= 0, ">= 0"), ("lr", args.lr > 0, "> 0"),
@@ -934,7 +943,6 @@ RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.csv")
 def prompts_digest(args: Args) -> str:
     """The training prompts' content (and, for editing, their source images'), so a resume after the file
     changed is refused even when its path did not."""
-    import hashlib
     h = hashlib.sha1(Path(args.prompts).read_bytes())
     for it in read_items(args.prompts, args.task, args.resolution) if args.task == "edit" else []:
         h.update(it["source"].tobytes())
@@ -959,12 +967,38 @@ def check_out_dir(out: Path, args: Args) -> None:
                           extra={"prompts_sha1": prompts_digest(args)})
 
 
+@dataclass
+class Run:
+    """What an RL run holds from epoch to epoch: settings, models, the scorer, cached conditions."""
+    args: Args
+    out: Path
+    pipe: object              # the diffusers pipeline; its transformer carries the two LoRA policies
+    params: list              # the trainable LoRA parameters of the "default" policy (theta)
+    optimizer: object
+    ema: Optional[dict]       # EMA of theta (evaluated and saved), or None
+    scorer: object            # rr.RationalRewardsScorer
+    weights: Optional[dict]   # --reward-weights
+    items: list               # training prompts (and, for editing, source images)
+    eval_items: list
+    conds: dict               # text (and source-image) conditions, encoded once
+    geo: dict                 # latent geometry of the generator
+    sigmas: object            # the sampler's noise levels for collection ...
+    eval_sigmas: object       # ... and for the eval grid
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    def sources(self, items: list) -> Optional[list]:
+        return [it["source"] for it in items] if self.args.task == "edit" else None
+
+
 def main(argv=None) -> int:
+    """Set up, then per epoch: `train_epoch` (the method's four steps) and `log_epoch` (outputs)."""
     args = resolve_defaults(rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0]))
     rr.set_prompts_dir(args.prompts_dir)
     validate(args)
     weights = rr.parse_weights(args.reward_weights)
-    dims = rr.dimensions(args.task)
     items = read_items(args.prompts, args.task, args.resolution)
     eval_items = (read_items(args.eval_prompts, args.task, args.resolution) if args.eval_prompts
                   else items)[:args.num_eval_prompts]
@@ -973,7 +1007,31 @@ def main(argv=None) -> int:
     rr.save_args(args, out, extra={"prompts_sha1": prompts_digest(args)})
     from tqdm import tqdm
 
-    # ---- setup: generator with two LoRA policies, conditions once, the scorer ----
+    run = setup_run(args, out, items, eval_items, weights)
+    state = load_checkpoint(run.pipe, run.optimizer, run.ema, out) if args.resume else None
+    state = state or {"epoch": 0, "step": 0, "rows": [], "banned": []}
+    if args.resume:
+        print(f"resuming after epoch {state['epoch']} (step {state['step']})", file=sys.stderr)
+    write_metrics(out, state["rows"], args.task)
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    if state["epoch"] == 0 and not (out / "eval" / "epoch_0000.png").exists():
+        evaluate(run, 0)  # the base model, before any update
+    bar = tqdm(range(state["epoch"], args.epochs), desc="epochs", unit="epoch", initial=state["epoch"],
+               total=args.epochs)
+    for epoch in bar:
+        t0 = time.time()
+        stats = train_epoch(run, state, epoch)
+        if stats is None:
+            bar.write(f"every prompt is banned (its group std < {args.mask_std} and mean > {args.mask_mean}): "
+                      f"stopping after epoch {epoch}")
+            break
+        bar.write(log_epoch(run, state, epoch, stats, time.time() - t0))
+    print(f"done: {state['epoch']} epochs, {state['step']} optimiser steps; metrics in {out / 'metrics.csv'}")
+    return 0
+
+
+def setup_run(args: Args, out: Path, items: list, eval_items: list, weights: Optional[dict]) -> Run:
+    """The generator with two LoRA policies, its conditions encoded once, the optimiser, the scorer."""
     torch.manual_seed(args.seed)
     pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5, quantization=args.generator_quantization,
                              device=args.device)
@@ -994,94 +1052,91 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ema = {k: p.detach().clone() for k, p in adapter_params(transformer, "default").items()} if args.ema else None
     scorer = rr.build_scorer(args, args.task, weights)
-    sigmas = sampler_sigmas(pipe, args.sample_steps, geo)
-    eval_sigmas = sampler_sigmas(pipe, args.eval_steps, geo)
-    eval_seeds = [args.seed * 100003 + i for i in range(len(eval_items))]
+    return Run(args, out, pipe, params, optimizer, ema, scorer, weights, items, eval_items, conds, geo,
+               sampler_sigmas(pipe, args.sample_steps, geo), sampler_sigmas(pipe, args.eval_steps, geo))
 
-    state = load_checkpoint(pipe, optimizer, ema, out) if args.resume else None
-    state = state or {"epoch": 0, "step": 0, "rows": [], "banned": []}
-    if args.resume:
-        print(f"resuming after epoch {state['epoch']} (step {state['step']})", file=sys.stderr)
+
+def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
+    """One epoch of DiffusionNFT, the four steps of the module docstring. Updates `state` (optimiser
+    step, banned prompts); returns the epoch's statistics, or None when every prompt is banned."""
+    args = run.args
+    rng = random.Random(f"{args.seed}:{epoch}")
+    gen = torch.Generator().manual_seed(args.seed * 1000003 + epoch)
+    torch.manual_seed(args.seed * 1000003 + epoch)  # the scorer's sampling
+    allowed = [it for it in run.items if it["key"] not in set(state["banned"])]
+    if not allowed:
+        return None
+    # ---- 1. collect with the old policy: K samples per prompt, clean latents only ----
+    chosen = rng.sample(allowed, min(args.prompts_per_epoch, len(allowed)))
+    chosen += [rng.choice(allowed) for _ in range(args.prompts_per_epoch - len(chosen))]
+    group = [it for it in chosen for _ in range(args.group_size)]
+    group_ids = [g for g in range(len(chosen)) for _ in range(args.group_size)]
+    seeds = [rng.randrange(2 ** 31) for _ in group]
+    cond = collate(run.conds, [it["key"] for it in group], "cpu", torch.float32)
+    K = args.group_size
+    x0 = torch.cat([sample_latents(run.pipe, {k: v[i:i + K] for k, v in cond.items()}, seeds[i:i + K],
+                                   run.sigmas, run.geo, "old", args.sampler, run.conds.get(""))
+                    for i in range(0, len(group), K)])                                  # (N, ...)
+    # ---- 2. reward: decode, critique, R from the scores ----
+    images = decode(run.pipe, x0, run.geo)
+    res = reward_images(run.scorer, images, [it["prompt"] for it in group], run.weights, run.sources(group))
+    R = torch.tensor(res["rewards"])
+    r = optimality_from_rewards(R, group_ids, args.adv_clip)                            # (N,)
+    keep = train_mask(R, group_ids, args.mask, args.mask_std, args.mask_mean)          # (N,)
+    if args.mask == "official":
+        banned = groups_to_ban(R, group_ids, args.mask_std, args.mask_mean)
+        state["banned"] += [chosen[g]["key"] for g in banned if chosen[g]["key"] not in state["banned"]]
+    # ---- 3. optimise the NFT loss over the epoch's samples ----
+    state["step"], totals = optimise_epoch(run.transformer, run.optimizer, run.params, x0, cond, r, keep,
+                                           run.sigmas, run.geo, args, gen, run.ema, state["step"])
+    # ---- 4. the old policy moves toward theta ----
+    eta = old_policy_decay(state["step"], args.eta_rate, args.eta_max)
+    soft_update(run.transformer, eta)
+    return {"R": R, "res": res, "keep": keep, "totals": totals or {}, "eta": eta}
+
+
+def evaluate(run: Run, epoch: int) -> float:
+    """The eval grid eval/epoch_NNNN.png and its mean reward. The sources evaluate the EMA weights
+    with the first-order deterministic solver at eval_num_steps."""
+    its, prompts = run.eval_items, [it["prompt"] for it in run.eval_items]
+    seeds = [run.args.seed * 100003 + i for i in range(len(its))]
+    with ema_weights(run.transformer, run.ema):
+        x0 = sample_latents(run.pipe, collate(run.conds, [it["key"] for it in its], "cpu", torch.float32),
+                            seeds, run.eval_sigmas, run.geo, "default", "euler", run.conds.get(""))
+    images = decode(run.pipe, x0, run.geo)
+    res = reward_images(run.scorer, images, prompts, run.weights, run.sources(its))
+    which = " (base model)" if epoch == 0 else " (EMA weights)" if run.ema is not None else ""
+    eval_grid(images, prompts, res["rewards"], res["scores"], run.out / "eval" / f"epoch_{epoch:04d}.png",
+              run.sources(its), title=f"{run.out.name}: epoch {epoch}{which}", not_applicable=res["not_applicable"])
+    return sum(res["rewards"]) / len(res["rewards"])
+
+
+def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) -> str:
+    """Everything an epoch leaves behind: the eval grid (every --eval-every), its metrics row, LoRA
+    snapshots, the checkpoint, metrics.csv and the reward curve. Returns the line to print."""
+    args, out, dims = run.args, run.out, rr.dimensions(run.args.task)
+    R, res, keep, totals, eta = stats["R"], stats["res"], stats["keep"], stats["totals"], stats["eta"]
+    last = epoch + 1 == args.epochs
+    eval_reward = evaluate(run, epoch + 1) if last or (epoch + 1) % args.eval_every == 0 else None
+    row = {"epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
+           "reward_std": float(R.std(unbiased=False)), **dimension_means(res["scores"], dims),
+           "unreadable": res["unreadable"], "truncated": res["truncated"], "masked_samples": int((~keep).sum()),
+           "trained_samples": int(keep.sum()), "banned_prompts": len(state["banned"]),
+           "loss": totals.get("loss"), "policy_loss": totals.get("policy"), "kl": totals.get("kl"), "eta": eta,
+           "eval_reward": eval_reward, "seconds": round(seconds, 2)}
+    state["rows"].append(row)
+    state["epoch"] = epoch + 1
+    if last or (epoch + 1) % args.save_every == 0:
+        with ema_weights(run.transformer, run.ema):
+            save_lora(run.pipe, out / "lora" / f"epoch_{epoch + 1:04d}")
+    save_checkpoint(run.pipe, run.optimizer, run.ema, out, state)
     write_metrics(out, state["rows"], args.task)
-    (out / "eval").mkdir(parents=True, exist_ok=True)
-    sources_of = lambda its: [it["source"] for it in its] if args.task == "edit" else None
-
-    def evaluate(tag: str) -> float:
-        # the sources evaluate the EMA weights with the first-order deterministic solver at eval_num_steps
-        with ema_weights(transformer, ema):
-            x0 = sample_latents(pipe, collate(conds, [it["key"] for it in eval_items], "cpu", torch.float32),
-                                eval_seeds, eval_sigmas, geo, "default", "euler", conds.get(""))
-        images = decode(pipe, x0, geo)
-        res = reward_images(scorer, images, [it["prompt"] for it in eval_items], weights, sources_of(eval_items))
-        epoch_no = int(tag.split("_")[1])
-        eval_grid(images, [it["prompt"] for it in eval_items], res["rewards"], res["scores"],
-                  out / "eval" / f"{tag}.png", sources_of(eval_items),
-                  title=f"{out.name}: epoch {epoch_no}" + (" (base model)" if epoch_no == 0 else " (EMA weights)"
-                                                           if ema is not None else ""),
-                  not_applicable=res["not_applicable"])
-        return sum(res["rewards"]) / len(res["rewards"])
-
-    if state["epoch"] == 0 and not (out / "eval" / "epoch_0000.png").exists():
-        evaluate("epoch_0000")  # the base model, before any update
-    bar = tqdm(range(state["epoch"], args.epochs), desc="epochs", unit="epoch", initial=state["epoch"], total=args.epochs)
-    for epoch in bar:
-        t0 = time.time()
-        rng = random.Random(f"{args.seed}:{epoch}")
-        gen = torch.Generator().manual_seed(args.seed * 1000003 + epoch)
-        torch.manual_seed(args.seed * 1000003 + epoch)  # the scorer's sampling
-        allowed = [it for it in items if it["key"] not in set(state["banned"])]
-        if not allowed:
-            bar.write(f"every prompt is banned (its group std < {args.mask_std} and mean > {args.mask_mean}): "
-                      f"stopping after epoch {epoch}")
-            break
-        # ---- 1. collect with the old policy: K samples per prompt, clean latents only ----
-        chosen = rng.sample(allowed, min(args.prompts_per_epoch, len(allowed)))
-        chosen += [rng.choice(allowed) for _ in range(args.prompts_per_epoch - len(chosen))]
-        group = [it for it in chosen for _ in range(args.group_size)]
-        group_ids = [g for g in range(len(chosen)) for _ in range(args.group_size)]
-        seeds = [rng.randrange(2 ** 31) for _ in group]
-        cond = collate(conds, [it["key"] for it in group], "cpu", torch.float32)
-        x0 = torch.cat([sample_latents(pipe, {k: v[i:i + args.group_size] for k, v in cond.items()},
-                                       seeds[i:i + args.group_size], sigmas, geo, "old", args.sampler, conds.get(""))
-                        for i in range(0, len(group), args.group_size)])                    # (N, ...)
-        # ---- 2. reward: decode, critique, aggregate ----
-        res = reward_images(scorer, decode(pipe, x0, geo), [it["prompt"] for it in group], weights, sources_of(group))
-        R = torch.tensor(res["rewards"])
-        r = optimality_from_rewards(R, group_ids, args.adv_clip)                            # (N,)
-        keep = train_mask(R, group_ids, args.mask, args.mask_std, args.mask_mean)          # (N,)
-        if args.mask == "official":
-            state["banned"] += [chosen[g]["key"] for g in groups_to_ban(R, group_ids, args.mask_std, args.mask_mean)
-                                if chosen[g]["key"] not in state["banned"]]
-        # ---- 3. optimise the NFT loss over the epoch's samples ----
-        state["step"], totals = optimise_epoch(transformer, optimizer, params, x0, cond, r, keep, sigmas, geo,
-                                               args, gen, ema, state["step"])
-        # ---- 4. the old policy moves toward theta ----
-        eta = old_policy_decay(state["step"], args.eta_rate, args.eta_max)
-        soft_update(transformer, eta)
-        last = epoch + 1 == args.epochs
-        eval_reward = evaluate(f"epoch_{epoch + 1:04d}") if last or (epoch + 1) % args.eval_every == 0 else None
-        totals = totals or {}
-        row = {"epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
-               "reward_std": float(R.std(unbiased=False)), **dimension_means(res["scores"], dims),
-               "unreadable": res["unreadable"], "truncated": res["truncated"], "masked_samples": int((~keep).sum()),
-               "trained_samples": int(keep.sum()), "banned_prompts": len(state["banned"]),
-               "loss": totals.get("loss"), "policy_loss": totals.get("policy"), "kl": totals.get("kl"), "eta": eta,
-               "eval_reward": eval_reward, "seconds": round(time.time() - t0, 2)}
-        state["rows"].append(row)
-        state["epoch"] = epoch + 1
-        if last or (epoch + 1) % args.save_every == 0:
-            with ema_weights(transformer, ema):
-                save_lora(pipe, out / "lora" / f"epoch_{epoch + 1:04d}")
-        save_checkpoint(pipe, optimizer, ema, out, state)
-        write_metrics(out, state["rows"], args.task)
-        plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
-        fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
-        shown = " ".join(f"{k}={fmt(row[k], '.2f')}" for k in dims)
-        bar.write(f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
-                  f"unreadable={row['unreadable']} masked={row['masked_samples']} banned={row['banned_prompts']} "
-                  f"loss={fmt(row['loss'], '.4f')} kl={fmt(row['kl'], '.2e')} eta={eta:.3f}")
-    print(f"done: {state['epoch']} epochs, {state['step']} optimiser steps; metrics in {out / 'metrics.csv'}")
-    return 0
+    plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
+    fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
+    shown = " ".join(f"{k}={fmt(row[k], '.2f')}" for k in dims)
+    return (f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
+            f"unreadable={row['unreadable']} masked={row['masked_samples']} banned={row['banned_prompts']} "
+            f"loss={fmt(row['loss'], '.4f')} kl={fmt(row['kl'], '.2e')} eta={eta:.3f}")
 
 
 def cli() -> None:

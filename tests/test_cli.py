@@ -24,7 +24,7 @@ SCORE_4 = """1. Text Faithfulness:
 SCORE_1 = SCORE_4.replace("## Score: 4", "## Score: 1").replace("## Score: 3.5", "## Score: 2")
 
 
-def test_score_tiny_random_json(image_dir):
+def test_score_json_reports_scores_reward_and_critique_per_image(image_dir):
     res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "a red bicycle",
                   "--image", image_dir / "red.png", "--max-new-tokens", "24", "--json")
     assert res.returncode == 0, res.stderr
@@ -33,7 +33,7 @@ def test_score_tiny_random_json(image_dir):
     assert set(out["scores"]) == {"text_faithfulness", "physical_quality", "text_rendering"}
     # tiny-random text is noise: check the plumbing, i.e. the report is what its own critique says
     assert out["scores"] == rr.parse_pointwise(out["critique"], "t2i").scores
-    assert out["reward"] == pytest.approx(rr.aggregate(out["scores"]))
+    assert out["reward"] == pytest.approx(rr.reward_from_scores(out["scores"]))
 
 
 def test_score_edit_tiny_random_two_images(image_dir):

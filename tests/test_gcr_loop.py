@@ -27,11 +27,11 @@ def crit(tf, pq, refined="a better request", tr="N/A"):
     (2, "??", "refine"),                             # a readable failing score decides, even if the other is unreadable
     (4, "??", "unreadable"), ("??", "??", "unreadable"),
 ])
-def test_gate_decision(tf, pq, expected):
+def test_gate_passes_only_when_every_gated_dimension_reaches_the_threshold(tf, pq, expected):
     assert gcr_loop.gate_decision(rr.parse_pointwise(crit(tf, pq), "t2i"), GATE, 3.0) == expected
 
 
-def test_next_step_and_selection():
+def test_next_step_refines_below_threshold_and_selection_picks_last_or_best():
     low = rr.parse_pointwise(crit(2, 4, refined="three red apples, clearly three"), "t2i")
     assert gcr_loop.next_step(low, GATE, 3.0, 0, 1) == (None, "three red apples, clearly three")
     assert gcr_loop.next_step(low, GATE, 3.0, 1, 1) == ("max_rounds", None)
@@ -45,7 +45,7 @@ def test_next_step_and_selection():
     assert gcr_loop.select_round(rounds, "last") == 3 and gcr_loop.select_round(rounds, "best") == 1
 
 
-def test_summary_by_hand():
+def test_summary_counts_refined_improved_and_worse_prompts_by_hand():
     recs = [{"rounds": [{"reward": 0.2, "truncated": True}, {"reward": 0.6}], "selected_round": 1, "stop_reason": "passed"},
             {"rounds": [{"reward": 0.5}, {"reward": 0.3}], "selected_round": 1, "stop_reason": "max_rounds"},
             {"rounds": [{"reward": 0.9}], "selected_round": 0, "stop_reason": "passed"}]
@@ -213,7 +213,7 @@ def test_bad_arguments_are_clear(tmp_path):
                        "--generator-quantization", "4bit", "--scorer", "tiny-random"])
 
 
-def test_smoke_command_edit(tmp_path):
+def test_edit_smoke_command_writes_records_and_sheets(tmp_path):
     """The edit smoke command (the t2i one runs in tests/test_chain.py)."""
     solid("green", (64, 64)).save(tmp_path / "in.png")
     res = run_cli("gcr_loop.py", "--task", "edit", "--source-image", tmp_path / "in.png", "--prompt",

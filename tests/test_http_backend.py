@@ -166,7 +166,7 @@ def test_null_content_is_counted_unreadable_with_a_warning(scripted_server, caps
     server = scripted_server(lambda p: {"choices": [{"message": {"role": "assistant", "content": None}}]})
     scorer = rr.RationalRewardsScorer(backend(server), "t2i")
     [c] = scorer.critique([solid("red")], ["x"])
-    assert not c.readable and rr.aggregate(c.scores) == 0.0
+    assert not c.readable and rr.reward_from_scores(c.scores) == 0.0
     assert "returned no text content" in capsys.readouterr().err
 
 

@@ -43,7 +43,7 @@ def test_tiny_saves_and_reloads_through_from_pretrained(tmp_path):
     # and the reloaded model scores through the scorer
     scorer = rr.RationalRewardsScorer(rr.TransformersBackend(reloaded, rproc), max_new_tokens=16, temperature=0.0)
     [c] = scorer.critique([solid("red")], ["a red cat"])
-    assert scorer.rewards([solid("red")], ["a red cat"]) == [rr.aggregate(c.scores)]
+    assert scorer.rewards([solid("red")], ["a red cat"]) == [rr.reward_from_scores(c.scores)]
 
 
 def test_chat_template_expands_image_tokens(tiny):

@@ -124,7 +124,7 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
         assert sorted(map(key, got)) == sorted(map(key, want))
 
 
-def test_clear_errors(tmp_path):
+def test_missing_data_or_earlier_phase_is_one_clear_error(tmp_path):
     res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "o",
                   "--teacher", "tiny-random", "--student", "tiny-random")
     assert res.returncode == 2 and "hf download MizzenAI/HPDv3" in res.stderr and "Traceback" not in res.stderr

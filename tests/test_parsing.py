@@ -57,7 +57,7 @@ The user wants a cat wearing a hat.
 """
 
 
-def test_clean_pointwise():
+def test_pointwise_critique_gives_scores_na_justifications_and_refinement():
     c = rr.parse_pointwise(CLEAN_POINTWISE, "t2i")
     assert c.scores == {"text_faithfulness": 3.5, "physical_quality": 2.0, "text_rendering": None}
     assert c.not_applicable == ["text_rendering"]
@@ -66,7 +66,7 @@ def test_clean_pointwise():
     assert c.refinement_comments == "Ask for round wheels."
     assert c.refined_request == "a red bicycle with two perfectly round wheels leaning on a brick wall"
     # R = (mean(3.5, 2) - 1) / 3 = 0.58333
-    assert rr.aggregate(c.scores) == pytest.approx(1.75 / 3)
+    assert rr.reward_from_scores(c.scores) == pytest.approx(1.75 / 3)
 
 
 def test_messy_pointwise_bold_fraction_brackets_preamble_out_of_order():
@@ -78,7 +78,7 @@ def test_messy_pointwise_bold_fraction_brackets_preamble_out_of_order():
     assert c.summary == "ok"
     assert c.refined_request is None
     # R = (mean(1.5, 3) - 1) / 3 = 1.25 / 3
-    assert rr.aggregate(c.scores) == pytest.approx(1.25 / 3)
+    assert rr.reward_from_scores(c.scores) == pytest.approx(1.25 / 3)
 
 
 def test_unreadable_output_is_none_not_exception():
@@ -86,7 +86,7 @@ def test_unreadable_output_is_none_not_exception():
         c = rr.parse_pointwise(text, "t2i")
         assert not c.readable
         assert set(c.scores) == {"text_faithfulness", "physical_quality", "text_rendering"}
-        assert rr.aggregate(c.scores) == 0.0
+        assert rr.reward_from_scores(c.scores) == 0.0
         j = rr.parse_pairwise(text, "edit")
         assert j.preferred is None
 
@@ -96,14 +96,14 @@ def test_unreadable_output_is_none_not_exception():
     ("7", 4.0), ("0", 1.0), ("-2", 1.0), ("N/A", "N/A"), ("n/a (no text)", "N/A"), ("NA", "N/A"),
     ("Not applicable", "N/A"), ("good", None), ("", None),
 ])
-def test_parse_score_forms(raw, expected):
+def test_score_field_forms_parse_to_a_number_na_or_none(raw, expected):
     assert rr.parse_score(raw) == expected
 
 
-def test_out_of_range_scores_are_clamped_in_parse_and_aggregate():
+def test_out_of_range_scores_are_clamped_in_parse_and_reward():
     c = rr.parse_pointwise("1. Text Faithfulness:\n## Score: 9\n2. Physical and Visual Quality:\n## Score: 0.2", "t2i")
     assert c.scores["text_faithfulness"] == 4.0 and c.scores["physical_quality"] == 1.0
-    assert rr.aggregate({"a": 10.0, "b": -3.0}) == pytest.approx(((4 + 1) / 2 - 1) / 3)
+    assert rr.reward_from_scores({"a": 10.0, "b": -3.0}) == pytest.approx(((4 + 1) / 2 - 1) / 3)
 
 
 def test_edit_dimensions_and_unknown_numbered_title():
@@ -131,7 +131,7 @@ def test_sentence_starting_with_dimension_name_is_not_a_header():
     assert "Text rendering is not needed" in c.justifications["text_faithfulness"]
 
 
-def test_pairwise_clean():
+def test_pairwise_judgement_prefers_the_larger_score_sum_with_na_as_2_5():
     j = rr.parse_pairwise(PAIRWISE, "t2i")
     assert j.scores_a == {"text_faithfulness": 4.0, "physical_quality": 2.5, "text_rendering": None}
     assert j.scores_b == {"text_faithfulness": 2.0, "physical_quality": 3.5, "text_rendering": None}
@@ -158,8 +158,8 @@ def test_preference_from_scores_and_weights():
     assert rr.preference_from_scores({"tf": 3.0}, {"tf": 2.0, "pq": 4.0}) == "B"  # missing key counts 2.5
     # weighted: (3*4 + 1*1) / 4 = 3.25 -> (3.25 - 1) / 3 = 0.75
     tf, pq, tr = rr.T2I_DIMENSIONS
-    assert rr.aggregate({tf: 4.0, pq: 1.0, tr: None}, {tf: 3.0, pq: 1.0}) == pytest.approx(0.75)
-    assert rr.aggregate({}) == 0.0 and rr.aggregate({"tf": None}) == 0.0
+    assert rr.reward_from_scores({tf: 4.0, pq: 1.0, tr: None}, {tf: 3.0, pq: 1.0}) == pytest.approx(0.75)
+    assert rr.reward_from_scores({}) == 0.0 and rr.reward_from_scores({"tf": None}) == 0.0
 
 
 def test_render_messages_places_images_in_order_and_checks_fields():
@@ -283,7 +283,7 @@ def test_unnumbered_and_bold_headers_open_their_own_dimension(tf, pq, tr):
     assert c.not_applicable == ["text_rendering"]
     assert c.justifications["physical_quality"] == "Six legs on the cat."
     # R = (mean(4, 1.5) - 1) / 3 = 1.75 / 3
-    assert rr.aggregate(c.scores) == pytest.approx(1.75 / 3)
+    assert rr.reward_from_scores(c.scores) == pytest.approx(1.75 / 3)
 
 
 def test_paper_field_order_score_before_justification():
@@ -316,20 +316,21 @@ Text Rendering:
     assert j.scores_a["text_faithfulness"] == 4.0 and j.winners["physical_quality"] == "B"
 
 
-def test_aggregate_rejects_weights_that_leave_zero_to_one():
+def test_reward_rejects_weights_that_leave_zero_to_one():
     scores = {"text_faithfulness": 4.0, "physical_quality": 1.0}
     with pytest.raises(ValueError, match="finite numbers >= 0"):  # (2*4 - 1*1) / 1 = 7 -> reward 2.0
-        rr.aggregate(scores, {"text_faithfulness": 2.0, "physical_quality": -1.0})
+        rr.reward_from_scores(scores, {"text_faithfulness": 2.0, "physical_quality": -1.0})
     with pytest.raises(ValueError, match="all zero"):
-        rr.aggregate(scores, {"text_faithfulness": 0, "physical_quality": 0, "text_rendering": 0})
+        rr.reward_from_scores(scores, {"text_faithfulness": 0, "physical_quality": 0, "text_rendering": 0})
     with pytest.raises(ValueError, match="unknown reward dimension"):
-        rr.aggregate(scores, {"text_faithfullness": 1.0})
+        rr.reward_from_scores(scores, {"text_faithfullness": 1.0})
     # weight 0 drops a dimension: the official edit-RL reward without image faithfulness
     edit = {"text_faithfulness": 4.0, "image_faithfulness": 1.0, "physical_quality": 4.0, "text_rendering": None}
-    assert rr.aggregate(edit, rr.parse_weights("image_faithfulness=0")) == pytest.approx(1.0)
-    assert rr.aggregate(edit) == pytest.approx((3.0 - 1) / 3)  # mean(4, 1, 4) = 3
+    assert rr.reward_from_scores(edit, rr.parse_weights("image_faithfulness=0")) == pytest.approx(1.0)
+    assert rr.reward_from_scores(edit) == pytest.approx((3.0 - 1) / 3)  # mean(4, 1, 4) = 3
     with pytest.raises(ValueError, match="look like"):
         rr.parse_weights("text_faithfulness:2")
+    assert rr.aggregate is rr.reward_from_scores  # the older name still works in the Python API
 
 
 def test_quoted_word_at_the_end_of_a_refined_request_survives():

@@ -35,7 +35,7 @@ V_THETA, V_OLD, V_REF = as_latent([2, 1]), as_latent([1, 1]), as_latent([0, 0])
     # beta .1: v- = 1.1 v_old - .1 v_theta = [.9, 1.0] -> err [1.55, .5]: mse 1.32625 / w 1.025, / beta
     (0.1, 0.0, 1.32625 / 1.025 / 0.1),
 ])
-def test_nft_loss_by_hand(beta, r, expected_policy):
+def test_nft_loss_matches_hand_computed_policy_and_kl_terms(beta, r, expected_policy):
     loss, stats = rl_nft.nft_loss(V_THETA, V_OLD, V_REF, XT, X0, T, torch.tensor([r]), beta=beta, kl_weight=0.1)
     assert stats["policy"] == pytest.approx(expected_policy, rel=1e-5)
     assert stats["kl"] == pytest.approx(2.5)  # mean([2, 1]^2) = (4 + 1) / 2
