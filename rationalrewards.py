@@ -17,11 +17,14 @@ Visual Generation Both Training and Test Time" (arXiv 2604.11626):
 Where is (the method is one block from the top; the harness and plumbing come after it):
     the rubric          prompts/pointwise_t2i.txt, pointwise_edit.txt, pairwise_*.txt (the
                         templates), rendered by ``render_messages``; dimensions: ``T2I_DIMENSIONS``
-    the parser          ``parse_pointwise`` / ``parse_pairwise`` -> ``Critique`` / ``PairwiseJudgement``
+    the parser          ``parse_pointwise`` -> ``Critique``,
+                        ``parse_pairwise`` -> ``PairwiseJudgement``
     the reward          ``reward_from_scores`` (Sec. 2.2), ``preference_from_scores`` (Sec. 3)
     the scorer          ``RationalRewardsScorer``: ``critique``, ``rewards``, ``compare``
-    pairwise preference ``predict_pairs``, ``preference_metrics``; resumable: ``evaluate_preferences``
-    Table 1             ``BENCHMARKS``, ``benchmark_pairs``, ``run_benchmark`` (``eval --benchmark``)
+    pairwise preference ``predict_pairs``, ``preference_metrics``; resumable over a file:
+                        ``evaluate_preferences``
+    Table 1             ``BENCHMARKS``, ``benchmark_pairs``, ``run_benchmark``
+                        (``eval --benchmark``)
     the command line    ``Args``, ``main``; after the "Plumbing" banner: flags, files and
                         datasets, model loading (``load_vlm``, ``load_generator``, ``tiny-random``),
                         the two inference backends
@@ -95,10 +98,10 @@ warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enabl
 
 # next to this file (a checkout or `pip install -e .`), else where a regular install put them
 # (pyproject.toml's data-files: <prefix>/share/..., or <target>/share/... for pip --target)
-PROMPTS_DIR = next((d for d in (Path(__file__).resolve().parent / "prompts",
-                                Path(__file__).resolve().parent / "share" / "rationalrewards" / "prompts",
-                                Path(sys.prefix) / "share" / "rationalrewards" / "prompts") if d.is_dir()),
-                   Path(__file__).resolve().parent / "prompts")
+_HERE = Path(__file__).resolve().parent
+_PROMPT_PLACES = (_HERE / "prompts", _HERE / "share" / "rationalrewards" / "prompts",
+                  Path(sys.prefix) / "share" / "rationalrewards" / "prompts")
+PROMPTS_DIR = next((d for d in _PROMPT_PLACES if d.is_dir()), _HERE / "prompts")
 
 # Rubric of Appendix C/D, in the order the model writes the dimensions. The rubric's text (what
 # each dimension means, the 1-4 scale, the output format) is in the templates prompts/*.txt:
@@ -125,7 +128,8 @@ def dimensions(task: str) -> tuple:
 # Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field.
 # ---------------------------------------------------------------------------------------
 def template_files() -> list:
-    """The rubric templates in prompts/ (lists of generation prompts, *_prompts.txt, are not templates)."""
+    """The rubric templates in prompts/ (lists of generation prompts, *_prompts.txt, are not
+    templates)."""
     return sorted(p for p in PROMPTS_DIR.glob("*.txt") if not p.name.endswith("_prompts.txt"))
 
 
@@ -143,8 +147,8 @@ def set_prompts_dir(path: Optional[str]) -> None:
         found = sorted(p.name for p in _prompts_override.glob("*.txt") if p.name in mine)
         for name in found:
             check_template(_prompts_override / name, PROMPTS_DIR / name)
-        print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); the rest from "
-              f"{PROMPTS_DIR}", file=sys.stderr)
+        print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); "
+              f"the rest from {PROMPTS_DIR}", file=sys.stderr)
 
 
 def check_template(path: Path, reference: Path) -> None:
@@ -153,13 +157,18 @@ def check_template(path: Path, reference: Path) -> None:
     text, ref = read_text_file(path), read_text_file(reference)
     fields = lambda t: set(re.findall(r"\{([a-z_]+)\}", t))
     missing, extra = sorted(fields(ref) - fields(text)), sorted(fields(text) - fields(ref))
-    problems = [f"it lacks {', '.join('{' + f + '}' for f in missing)}"] if missing else []
-    problems += [f"{', '.join('{' + f + '}' for f in extra)} is not a field we fill"] if extra else []
+    braced = lambda names: ", ".join("{" + f + "}" for f in names)
+    problems = []
+    if missing:
+        problems.append(f"it lacks {braced(missing)}")
+    if extra:
+        problems.append(f"{braced(extra)} is not a field we fill")
     if text.count("<image>") != ref.count("<image>"):
-        problems.append(f"it has {text.count('<image>')} <image> slot(s) where {reference.name} has {ref.count('<image>')}")
+        problems.append(f"it has {text.count('<image>')} <image> slot(s) where {reference.name} "
+                        f"has {ref.count('<image>')}")
     if problems:
-        raise ValueError(f"--prompts-dir template {path}: {'; '.join(problems)} (see {reference} for the fields and "
-                         f"image slots each template needs)")
+        raise ValueError(f"--prompts-dir template {path}: {'; '.join(problems)} "
+                         f"(see {reference} for the fields and image slots each template needs)")
 
 
 def load_prompt(name: str) -> str:
@@ -168,7 +177,8 @@ def load_prompt(name: str) -> str:
     if _prompts_override and (_prompts_override / f"{name}.txt").is_file():
         path = _prompts_override / f"{name}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"prompt template {path} not found (known: {sorted(p.stem for p in template_files())})")
+        known = sorted(p.stem for p in template_files())
+        raise FileNotFoundError(f"prompt template {path} not found (known: {known})")
     return path.read_text()
 
 
@@ -195,8 +205,8 @@ def render_messages(name: str, images: list, sources: int = 0, **fields) -> list
     text = fill_prompt(name, **fields)
     if sources > 1:
         slots = "\n".join(f"Source image {i + 1} of {sources}: <image>" for i in range(sources))
-        text = text.replace("<image>", f"({sources} source images, in order; the instruction refers to them "
-                                       f"by position)\n{slots}", 1)
+        note = f"({sources} source images, in order; the instruction refers to them by position)"
+        text = text.replace("<image>", f"{note}\n{slots}", 1)
     user = [{"role": "user", "content": to_content(text, images, name)}]
     return ([{"role": "system", "content": system}] if system else []) + user
 
@@ -244,16 +254,22 @@ _S = r"[\s_/&-]*"  # what may stand between the words of a dimension's name
 # title.
 _DIMENSION_PATTERNS = [
     ("text_rendering", rf"text{_S}rendering|typography"),
-    ("image_faithfulness", rf"image{_S}(?:faithfulness|consistency|preservation)|"
-                           rf"(?:source|input){_S}(?:image{_S})?(?:faithfulness|consistency|preservation)"),
-    ("text_faithfulness", rf"text{_S}(?:faithfulness|alignment|fidelity)|"
-                          rf"(?:instruction|prompt){_S}(?:following|faithfulness|alignment)"),
-    ("physical_quality", rf"physical{_S}(?:and{_S})?visual{_S}quality|physical{_S}(?:quality|plausibility)|"
-                         rf"visual{_S}quality|image{_S}quality|physical|(?:overall{_S})?quality"),
+    ("image_faithfulness",
+     rf"image{_S}(?:faithfulness|consistency|preservation)|"
+     rf"(?:source|input){_S}(?:image{_S})?(?:faithfulness|consistency|preservation)"),
+    ("text_faithfulness",
+     rf"text{_S}(?:faithfulness|alignment|fidelity)|"
+     rf"(?:instruction|prompt){_S}(?:following|faithfulness|alignment)"),
+    ("physical_quality",
+     rf"physical{_S}(?:and{_S})?visual{_S}quality|physical{_S}(?:quality|plausibility)|"
+     rf"visual{_S}quality|image{_S}quality|physical|(?:overall{_S})?quality"),
 ]
-_FIELD_RE = re.compile(r"^[\s#>*_-]*(justification|score\s*(?:for\s*)?(?:image\s*)?[ab]|score|winner)\s*[:：]\s*(.*)$", re.I)
+_FIELD_RE = re.compile(r"^[\s#>*_-]*"
+                       r"(justification|score\s*(?:for\s*)?(?:image\s*)?[ab]|score|winner)"
+                       r"\s*[:：]\s*(.*)$", re.I)
 _HEADER_RE = re.compile(r"^[\s>*_]*(#*)\s*(?:(\d+)\s*[.):]\s*)?(.*?)\s*$")
-_SECTION_RE = re.compile(r"^[\s>*_]*#*\s*(summary|user request refinement|refinement comments|refined request|"
+_SECTION_RE = re.compile(r"^[\s>*_]*#*\s*"
+                         r"(summary|user request refinement|refinement comments|refined request|"
                          r"user request analysis|detailed judgements?)\s*[:：]?\s*(.*)$", re.I)
 
 
@@ -290,7 +306,8 @@ class PairwiseJudgement:
 
 
 def parse_score(value: str):
-    """'3.5', '**3.5**', '[3.5]', '3.5/4', 'Score: 3' -> float clamped to [1, 4]; 'N/A' -> 'N/A'; junk -> None."""
+    """'3.5', '**3.5**', '[3.5]', '3.5/4', 'Score: 3' -> float clamped to [1, 4];
+    'N/A' -> 'N/A'; anything else -> None."""
     v = value.strip().strip("*_[]()`'\" ").strip()
     if re.match(r"^(n\s*/?\s*a\b|not\s+applicable|none\b)", v, re.I):
         return "N/A"
@@ -327,7 +344,8 @@ def _classify_header(line: str, dims: tuple) -> Optional[str]:
                 is_header = not rest or rest.startswith("(")
             if is_header:
                 return key
-    if number and 1 <= int(number) <= len(dims) and title.endswith((":", "：")) and len(title.split()) <= 6:
+    numbered_title = number and 1 <= int(number) <= len(dims) and title.endswith((":", "："))
+    if numbered_title and len(title.split()) <= 6:
         return dims[int(number) - 1]  # a numbered "Title:" we do not know: trust the number
     return None
 
@@ -359,7 +377,8 @@ def _sections(text: str, dims: tuple):
             dim = None
             sections[name] = sec.group(2).strip()
             target = (sections, name)
-        elif fld and (dim is not None or (fld.group(1).lower().startswith("score") and not per_dim)):
+        elif fld and (dim is not None
+                      or (fld.group(1).lower().startswith("score") and not per_dim)):
             if dim is None:  # scores with no header at all: the first dimension
                 dim = dims[0]
                 per_dim.setdefault(dim, {})
@@ -393,7 +412,8 @@ def parse_pointwise(text: str, task: str = "t2i") -> Critique:
     refined = sections.get("refined request")
     if refined:
         refined = refined.strip()
-        if len(refined) > 1 and refined[0] in '"“' and refined[-1] in '"”':  # a wrapped request, not a quoted word
+        # a request wrapped in quotes as a whole, not one ending in a quoted word
+        if len(refined) > 1 and refined[0] in '"“' and refined[-1] in '"”':
             refined = refined[1:-1].strip()
     return Critique(scores, justs, na, sections.get("summary") or None,
                     sections.get("refinement comments") or None, refined or None, text)
@@ -412,7 +432,8 @@ def parse_pairwise(text: str, task: str = "t2i") -> PairwiseJudgement:
         justs[d] = raw.get("justification")
     readable = any(v is not None for v in list(scores_a.values()) + list(scores_b.values()))
     preferred = preference_from_scores(scores_a, scores_b) if readable else None
-    return PairwiseJudgement(scores_a, scores_b, winners, justs, sections.get("summary") or None, preferred, text)
+    summary = sections.get("summary") or None
+    return PairwiseJudgement(scores_a, scores_b, winners, justs, summary, preferred, text)
 
 # ---------------------------------------------------------------------------------------
 # The reward (paper Sec. 2.2) and the pairwise preference (Sec. 3), from parsed scores.
@@ -448,7 +469,8 @@ def check_weights(weights: Optional[dict], scores: Optional[dict] = None) -> dic
         return {}
     unknown = sorted(set(weights) - set(DIMENSION_TITLES))
     if unknown:
-        raise ValueError(f"unknown reward dimension(s) {unknown}; known: {sorted(DIMENSION_TITLES)}")
+        raise ValueError(f"unknown reward dimension(s) {unknown}; "
+                         f"known: {sorted(DIMENSION_TITLES)}")
     bad = {d: w for d, w in weights.items()
            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
     if bad:
@@ -460,7 +482,8 @@ def check_weights(weights: Optional[dict], scores: Optional[dict] = None) -> dic
 
 
 def parse_weights(spec: Optional[str]) -> Optional[dict]:
-    """'text_faithfulness=2,image_faithfulness=0' -> {'text_faithfulness': 2.0, 'image_faithfulness': 0.0}."""
+    """'text_faithfulness=2,image_faithfulness=0'
+    -> {'text_faithfulness': 2.0, 'image_faithfulness': 0.0}."""
     if not spec:
         return None
     weights = {}
@@ -471,7 +494,8 @@ def parse_weights(spec: Optional[str]) -> Optional[dict]:
         except ValueError:
             sep = ""
         if not sep:
-            raise ValueError(f"reward weights look like 'text_faithfulness=1,physical_quality=0.5', got {spec!r}")
+            raise ValueError("reward weights look like 'text_faithfulness=1,physical_quality=0.5', "
+                             f"got {spec!r}")
     return check_weights(weights)
 
 
@@ -488,7 +512,8 @@ def preference_from_scores(scores_a: dict, scores_b: dict) -> str:
 # The scorer (paper Sec. 2.2): critique -> scores -> reward, and the pairwise judge.
 # ---------------------------------------------------------------------------------------
 def as_images(items) -> list:
-    """PIL images, or paths (str or Path) to open; anything else is a TypeError that says what is accepted."""
+    """PIL images, or paths (str or Path) to open; anything else is a TypeError that says what
+    is accepted."""
     out = []
     for x in items:
         if isinstance(x, Image.Image):
@@ -499,31 +524,37 @@ def as_images(items) -> list:
                 raise FileNotFoundError(f"image {x}: {problem}")
             out.append(image)
         else:
-            raise TypeError(f"images are PIL.Image.Image objects or paths (str or pathlib.Path), got {type(x).__name__}")
+            raise TypeError("images are PIL.Image.Image objects or paths (str or pathlib.Path), "
+                            f"got {type(x).__name__}")
     return out
 
 
 class RationalRewardsScorer:
-    """Pointwise critique-and-refine scorer; `rewards()` is the RL reward, `critique()` feeds GCR."""
+    """Pointwise critique-and-refine scorer: `rewards()` is the RL reward, `critique()` feeds GCR,
+    `compare()` is the pairwise judge."""
 
-    def __init__(self, backend, task: str = "t2i", max_new_tokens: int = 2048, temperature: float = 0.1,
-                 weights: Optional[dict] = None):
+    def __init__(self, backend, task: str = "t2i", max_new_tokens: int = 2048,
+                 temperature: float = 0.1, weights: Optional[dict] = None):
         dimensions(task)
         self.backend, self.task, self.weights = backend, task, weights
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
 
     @classmethod
     def from_args(cls, args: "Args") -> "RationalRewardsScorer":
-        backend = load_backend(args.model or RELEASED[args.task], api_base=args.api_base, adapter=args.adapter,
-                               quantization=args.quantization, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                               timeout=args.timeout, max_retries=args.max_retries, api_key_env=args.api_key_env,
+        backend = load_backend(args.model or RELEASED[args.task], api_base=args.api_base,
+                               adapter=args.adapter, quantization=args.quantization,
+                               batch_size=args.batch_size, max_pixels=args.max_pixels,
+                               timeout=args.timeout, max_retries=args.max_retries,
+                               api_key_env=args.api_key_env,
                                device=args.device)
         return cls(backend, args.task, args.max_new_tokens, args.temperature)
 
     def _images(self, images, source_images, *others):
         images, others = as_images(images), [as_images(o) for o in others]
         if source_images is not None:
-            source_images = [as_images(s) if isinstance(s, (list, tuple)) else as_images([s])[0] for s in source_images]
+            def one_or_many(s):  # an edit's source: one image, or a list of them (MMRB2)
+                return as_images(s) if isinstance(s, (list, tuple)) else as_images([s])[0]
+            source_images = [one_or_many(s) for s in source_images]
         return self._groups(images, source_images, *others)
 
     def _groups(self, images, source_images, *others):
@@ -531,7 +562,8 @@ class RationalRewardsScorer:
         list of images (MMRB2 edits with 2-3 inputs): all of them come first, in order."""
         if self.task == "edit":
             if source_images is None or len(source_images) != len(images):
-                raise ValueError("task 'edit' needs one source image (or a list of them) per edited image")
+                raise ValueError("task 'edit' needs one source image (or a list of them) "
+                                 "per edited image")
             out = []
             for s, group in zip(source_images, zip(images, *others)):
                 srcs = list(s) if isinstance(s, (list, tuple)) else [s]
@@ -547,7 +579,8 @@ class RationalRewardsScorer:
         if hasattr(self.backend, "generate_detailed"):
             outs = self.backend.generate_detailed(msgs, self.max_new_tokens, self.temperature)
         else:  # any object with generate(messages, max_new_tokens, temperature) -> texts
-            outs = [Generation(t) for t in self.backend.generate(msgs, self.max_new_tokens, self.temperature)]
+            texts = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
+            outs = [Generation(t) for t in texts]
         failed = [o.error for o in outs if o.error]
         if failed and not allow_failures:
             raise BackendError(failed[0])
@@ -557,18 +590,22 @@ class RationalRewardsScorer:
         groups = self._images(images, source_images)
         msgs = [render_messages(f"pointwise_{self.task}", g, request=r, sources=n)
                 for (g, n), r in zip(groups, requests)]
-        return [dataclasses.replace(parse_pointwise(o.text, self.task), truncated=o.truncated, error=o.error)
-                for o in self._generate(msgs, allow_failures)]
+        outs = self._generate(msgs, allow_failures)
+        return [dataclasses.replace(parse_pointwise(o.text, self.task), truncated=o.truncated,
+                                    error=o.error) for o in outs]
 
     def rewards(self, images, requests, source_images=None) -> list:
-        return [reward_from_scores(c.scores, self.weights) for c in self.critique(images, requests, source_images)]
+        critiques = self.critique(images, requests, source_images)
+        return [reward_from_scores(c.scores, self.weights) for c in critiques]
 
-    def compare(self, images_a, images_b, requests, source_images=None, allow_failures: bool = False) -> list:
+    def compare(self, images_a, images_b, requests, source_images=None,
+                allow_failures: bool = False) -> list:
         groups = self._images(images_a, source_images, images_b)
         msgs = [render_messages(f"pairwise_{self.task}", g, request=r, sources=n)
                 for (g, n), r in zip(groups, requests)]
-        return [dataclasses.replace(parse_pairwise(o.text, self.task), truncated=o.truncated, error=o.error)
-                for o in self._generate(msgs, allow_failures)]
+        outs = self._generate(msgs, allow_failures)
+        return [dataclasses.replace(parse_pairwise(o.text, self.task), truncated=o.truncated,
+                                    error=o.error) for o in outs]
 
 # ---------------------------------------------------------------------------------------
 # Preference evaluation (paper Sec. 3): a batch of pairs -> predictions -> accuracy.
@@ -578,7 +615,8 @@ def pair_id(prompt: str, *parts) -> str:
 
 
 def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
-    """One prediction record per (pair, images) in `batch`; a failed request gives a `failed` record."""
+    """One prediction record per (pair, images) in `batch`; a failed request gives a `failed`
+    record."""
     a, b = [im["image_a"] for _, im in batch], [im["image_b"] for _, im in batch]
     reqs = [p["prompt"] for p, _ in batch]
     src = [im["source_image"] for _, im in batch] if scorer.task == "edit" else None
@@ -588,26 +626,29 @@ def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list
                     int(ca.truncated) + int(cb.truncated), ca.error or cb.error)
                    for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
     else:
-        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text], int(j.truncated), j.error)
-                   for j in scorer.compare(a, b, reqs, src, allow_failures=True)]
+        judgements = scorer.compare(a, b, reqs, src, allow_failures=True)
+        results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text], int(j.truncated),
+                    j.error) for j in judgements]
     records = []
     for (p, _), (sa, sb, ok, texts, cut, error) in zip(batch, results):
-        if error:  # no reply: left out of the accuracy and retried by the next run (official: success False)
+        # no reply: left out of the accuracy and retried by the next run (official: success False)
+        if error:
             records.append({"id": p["id"], "label": p["label"], "failed": True, "error": error})
             continue
         # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
         # (the official compute_pairwise_accuracy.py), so a wholly unreadable side loses to any
         # score above 2.5.
         records.append({"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
-                        "predicted": preference_from_scores(sa, sb), "unreadable": not ok, "truncated": cut,
-                        "outputs": texts})
+                        "predicted": preference_from_scores(sa, sb), "unreadable": not ok,
+                        "truncated": cut, "outputs": texts})
     return records
 
 
 def preference_metrics(records: list, task: str) -> dict:
     """Metrics over prediction records (one per pair; failed requests are counted, not scored).
 
-    accuracy_with_ties: over every labelled pair, a tie label right only when the score sums are equal;
+    accuracy_with_ties: over every labelled pair, a tie label right only when the score sums are
+    equal;
     accuracy_without_ties: over A/B labels only, a predicted tie counted wrong (the protocol of the
     official compute_pairwise_accuracy.py once tie votes carry no label).
     """
@@ -617,12 +658,14 @@ def preference_metrics(records: list, task: str) -> dict:
     no_tie = [c for c, r in zip(correct, scored) if r["label"] != "tie"]
     dim_means = {}
     for d in dimensions(task):
-        vals = [r[k][d] for r in scored for k in ("scores_a", "scores_b") if r[k].get(d) is not None]
+        vals = [r[side][d] for r in scored for side in ("scores_a", "scores_b")
+                if r[side].get(d) is not None]
         dim_means[d] = sum(vals) / len(vals) if vals else None
     return {"pairs": len(scored),
             "accuracy_with_ties": sum(correct) / len(correct) if correct else None,
             "accuracy_without_ties": sum(no_tie) / len(no_tie) if no_tie else None,
-            "correct_with_ties": sum(correct), "correct_without_ties": sum(no_tie), "ab_labelled": len(no_tie),
+            "correct_with_ties": sum(correct), "correct_without_ties": sum(no_tie),
+            "ab_labelled": len(no_tie),
             "tie_labels": len(scored) - len(no_tie),
             "unreadable_outputs": sum(r["unreadable"] for r in scored),
             "predicted_ties": sum(r["predicted"] == "tie" for r in scored),
