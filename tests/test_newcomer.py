@@ -1,6 +1,7 @@
 """The newcomer's path (issue 17): repeated flags, the Python API with paths, --help without doubled
 defaults, folders not locked by a run that produced nothing, one error style, an installable package."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -78,9 +79,11 @@ def test_eval_without_inputs_names_both_ways():
 def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
     """pyproject.toml: the four modules, the prompts found from any working directory, four commands (a
     regular install into a folder; `pip install -e .` keeps the modules next to prompts/ in the checkout)."""
-    target = tmp_path / "site"
+    target, src = tmp_path / "site", tmp_path / "src"
+    # built from a copy: setuptools writes build/ and *.egg-info next to the sources it builds
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__"))
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
+                          "--target", str(target), str(src)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     env = {"PYTHONPATH": str(target), "PATH": ""}
     code = ("import rationalrewards as rr, rl_nft, gcr_loop, parrot; "
