@@ -278,11 +278,6 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
 # ---------------------------------------------------------------------------------------
 # Contact sheets
 # ---------------------------------------------------------------------------------------
-def fit(im: Image.Image, side: int) -> Image.Image:
-    scale = side / max(im.size)  # small images are scaled up without smoothing, large ones down
-    return im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST if scale > 1 else Image.BICUBIC)
-
-
 def sheet_row(record: dict, out: Path, side: int = 256) -> Image.Image:
     """First vs final image of one prompt (editing: the source image first), each with its request and
     scores under it."""
@@ -300,7 +295,7 @@ def sheet_row(record: dict, out: Path, side: int = 256) -> Image.Image:
     d = ImageDraw.Draw(row)
     for k, (label, im, rnd) in enumerate(panels):
         x = k * (side + 10)
-        row.paste(fit(im, side), (x, 0))
+        row.paste(rr.fit_image(im, side), (x, 0))
         lines = [label]
         if rnd is not None:
             lines += [f"R = {rnd['reward']:.3f}"]

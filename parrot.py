@@ -696,9 +696,8 @@ def add_lora(model, args: Args, quantized: bool):
 
 
 # ELBO term 2: KL(q(z|x,y) || P_theta(z|x)) = E_q[log q(z|x,y)] - E_q[log P_theta(z|x)]. The first
-# part,
-# minus the entropy of q, does not depend on theta, so minimising the SFT loss -log P_theta(z|x) on
-# samples z ~ q (the kept rationales) minimises the KL term up to that constant.
+# part, minus the entropy of q, does not depend on theta, so minimising the SFT loss -log
+# P_theta(z|x) on samples z ~ q (the kept rationales) minimises the KL term up to that constant.
 def foresight_distillation(model, processor, train: list, out: Path, args: Args) -> list:
     """LoRA SFT of the student on the kept rationales, label absent. Returns the loss per optimizer step.
 
@@ -828,8 +827,8 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
         write_atomic(metrics_path, json.dumps(metrics))
     if not train:
         # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest of
-        # the
-        # chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says what it is
+        # the chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says what it
+        # is
         rr.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the base model)")
         model.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []

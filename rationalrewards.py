@@ -644,6 +644,15 @@ def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list
     return records
 
 
+def dimension_means(scores: list, dims: tuple = T2I_DIMENSIONS) -> dict:
+    """{dimension: mean of its readable scores over `scores` (a list of score dicts), or None}."""
+    out = {}
+    for d in dims:
+        vals = [s[d] for s in scores if s.get(d) is not None]
+        out[d] = sum(vals) / len(vals) if vals else None
+    return out
+
+
 def preference_metrics(records: list, task: str) -> dict:
     """Metrics over prediction records (one per pair; failed requests are counted, not scored).
 
@@ -656,11 +665,8 @@ def preference_metrics(records: list, task: str) -> dict:
     scored = [r for r in records if not r.get("failed")]
     correct = [r["predicted"] == r["label"] for r in scored]
     no_tie = [c for c, r in zip(correct, scored) if r["label"] != "tie"]
-    dim_means = {}
-    for d in dimensions(task):
-        vals = [r[side][d] for r in scored for side in ("scores_a", "scores_b")
-                if r[side].get(d) is not None]
-        dim_means[d] = sum(vals) / len(vals) if vals else None
+    dim_means = dimension_means([r[side] for r in scored for side in ("scores_a", "scores_b")],
+                                dimensions(task))
     return {"pairs": len(scored),
             "accuracy_with_ties": sum(correct) / len(correct) if correct else None,
             "accuracy_without_ties": sum(no_tie) / len(no_tie) if no_tie else None,
@@ -791,7 +797,7 @@ def read_pairs(path, limit: Optional[int] = None) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} not found")
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -991,8 +997,8 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], im
             skipped["unlabelled"] += 1
             continue
         # ids from the data (or the row's place in its split), never from where the files were
-        # found;
-        # a repeated id gets the row number, so that no row is judged on another's cached images
+        # found; a repeated id gets the row number, so that no row is judged on another's cached
+        # images
         pid = str(row.get("id") or row.get("pair_id") or f"{name}-{i}")
         if pid in seen:
             warn(f"{name} row {i}: id {pid!r} repeats an earlier row; kept as {pid}@{i}")
@@ -1573,14 +1579,15 @@ def warn(message: str) -> None:
 
 def wrap_text(text: str, width: int) -> list:
     """Lines of at most `width` characters, broken between words (a longer word gets a line of its own)."""
-    lines, line = [], ""
-    for word in (text or "").split():
-        if line and len(line) + len(word) + 1 > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines
+    return textwrap.wrap(" ".join((text or "").split()), width, break_long_words=False, break_on_hyphens=False)
+
+
+def fit_image(image: Image.Image, side: int) -> Image.Image:
+    """`image` scaled so that its longer side is `side`, for pictures: small images (tiny-random's)
+    are scaled up without smoothing, so their pixels stay visible; large ones are scaled down."""
+    scale = side / max(image.size)
+    size = (round(image.width * scale), round(image.height * scale))
+    return image.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
 
 
 def score_label(dim: str, score, not_applicable=()) -> str:
@@ -1941,8 +1948,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
         from diffusers import PipelineQuantizationConfig
         kwargs["quantization_config"] = PipelineQuantizationConfig(
             # the transformer and the large text encoders (T5 is text_encoder_2 in FLUX,
-            # text_encoder_3 in
-            # SD3); names a pipeline does not have are skipped by diffusers
+            # text_encoder_3 in SD3); names a pipeline does not have are skipped by diffusers
             quant_backend="bitsandbytes_4bit", components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
             quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype})
     elif quantization != "none":

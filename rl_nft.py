@@ -170,8 +170,7 @@ class Args(rr.ScorerArgs):
 
 
 # Per-task defaults: t2i follows DiffusionNFT's SD3 config (config/nft.py), edit follows the
-# official
-# RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
+# official RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
 TASK_DEFAULTS = {
     "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium", "prompts": str(rr.PROMPTS_DIR / "rl_prompts.txt"),
             "sample_steps": 10, "eval_steps": 40, "guidance_scale": 1.0, "lr": 3e-4, "mask": "none",
@@ -179,8 +178,8 @@ TASK_DEFAULTS = {
     "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev", "prompts": str(rr.PROMPTS_DIR / "rl_edits.jsonl"),
              "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4, "mask": "official",
              # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text
-             # faithfulness,
-             # physical quality and text rendering: image faithfulness is left out of the reward
+             # faithfulness, physical quality and text rendering: image faithfulness is left out of
+             # the reward
              "reward_weights": "image_faithfulness=0"},
 }
 # what the checkpoint depends on: resuming with any of these changed is refused
@@ -533,9 +532,8 @@ def velocity(transformer, x, t, cond: dict, geo: dict):
     """v(x_t, t | condition) from the transformer, for either model. x: (B, ...); t: (B,) in (0, 1]."""
     if geo["kontext"]:
         # FLUX.1-Kontext: the source image's latent tokens are appended to the noisy ones (with
-        # their own
-        # position ids) and only the noisy tokens' outputs are kept; t in [0, 1] and the distilled
-        # guidance strength go in as they are (the transformer scales both by 1000 itself)
+        # their own position ids) and only the noisy tokens' outputs are kept; t in [0, 1] and the
+        # distilled guidance strength go in as they are (the transformer scales both by 1000 itself)
         hidden = torch.cat([x, cond["image"]], dim=1)                                    # (B, 2L, 4C)
         guidance = torch.full((len(x),), geo["guidance"], device=x.device, dtype=torch.float32)
         out = transformer(hidden_states=hidden, timestep=t, guidance=guidance, pooled_projections=cond["pooled"],
@@ -633,12 +631,7 @@ def reward_images(scorer, images: list, prompts: list, weights, sources: Optiona
             "unreadable": sum(not c.readable for c in critiques), "truncated": truncated}
 
 
-def dimension_means(scores: list, dims: tuple = rr.T2I_DIMENSIONS) -> dict:
-    out = {}
-    for d in dims:
-        vals = [s[d] for s in scores if s.get(d) is not None]
-        out[d] = sum(vals) / len(vals) if vals else None
-    return out
+dimension_means = rr.dimension_means  # per-dimension mean of the readable scores, for metrics.csv
 
 
 # ---------------------------------------------------------------------------------------
@@ -667,8 +660,7 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
         for b in (batches[i] for i in group):
             kept, sel = b[keep[b]], keep[b]
             # noise for every sample and timestep of the batch, drawn before masking so that the
-            # mask
-            # never changes what later samples draw
+            # mask never changes what later samples draw
             eps_all = torch.randn((len(b), steps_t.shape[1], *x0.shape[1:]), generator=gen)   # (B, k, ...)
             if not len(kept):
                 continue  # the official mean_by_mask gives this mini-batch a zero loss
@@ -881,7 +873,7 @@ def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Pa
     grid = Image.new("RGB", (cell_w * len(images), cell_h), "white")
     d = ImageDraw.Draw(grid)
     d.text((4, 5), title, fill="black", font=rr.label_font(13))
-    fit = lambda im: im.resize((side, side), Image.NEAREST if im.width < side else Image.BICUBIC)
+    fit = lambda im: rr.fit_image(im, side)  # eval images and sources are square
     for i, (im, p, R, s) in enumerate(zip(images, prompts, rewards, scores)):
         x = i * cell_w
         if sources:
@@ -940,31 +932,35 @@ def validate(args: Args) -> None:
 RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.csv")
 
 
-def prompts_digest(args: Args) -> str:
+def prompts_digest(args: Args, items: Optional[list] = None) -> str:
     """The training prompts' content (and, for editing, their source images'), so a resume after the file
-    changed is refused even when its path did not."""
+    changed is refused even when its path did not. `items`: the file already read by `read_items`."""
     h = hashlib.sha1(Path(args.prompts).read_bytes())
-    for it in read_items(args.prompts, args.task, args.resolution) if args.task == "edit" else []:
+    if args.task == "edit" and items is None:
+        items = read_items(args.prompts, args.task, args.resolution)
+    for it in items if args.task == "edit" else []:
         h.update(it["source"].tobytes())
     return h.hexdigest()
 
 
-def check_out_dir(out: Path, args: Args) -> None:
+def check_out_dir(out: Path, args: Args, digest: Optional[str] = None) -> None:
     """--out must be a directory we can write; a folder holding any trace of a run (a checkpoint, even
-    half-swapped, or metrics) is continued only with --resume and the same settings."""
+    half-swapped, or metrics) is continued only with --resume and the same settings (`digest`: the
+    prompts' `prompts_digest`, computed here when not given)."""
     rr.check_writable_dir(out)
+    digest = digest or prompts_digest(args)
     existing = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
     if existing and not args.resume:
         try:
             rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
-                              extra={"prompts_sha1": prompts_digest(args)})
+                              extra={"prompts_sha1": digest})
         except ValueError as err:  # other settings: --resume would be refused too
             raise SystemExit(str(err)) from None
         raise SystemExit(f"{out} already holds a run with these settings: pass --resume to continue it, "
                          f"or choose another --out")
     if args.resume:
         rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
-                          extra={"prompts_sha1": prompts_digest(args)})
+                          extra={"prompts_sha1": digest})
 
 
 @dataclass
@@ -1003,8 +999,9 @@ def main(argv=None) -> int:
     eval_items = (read_items(args.eval_prompts, args.task, args.resolution) if args.eval_prompts
                   else items)[:args.num_eval_prompts]
     out = Path(args.out)
-    check_out_dir(out, args)
-    rr.save_args(args, out, extra={"prompts_sha1": prompts_digest(args)})
+    digest = prompts_digest(args, items)  # the source images are decoded once, by read_items
+    check_out_dir(out, args, digest)
+    rr.save_args(args, out, extra={"prompts_sha1": digest})
     from tqdm import tqdm
 
     run = setup_run(args, out, items, eval_items, weights)
