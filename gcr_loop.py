@@ -14,6 +14,11 @@ diffusers pipeline and any RationalRewards scorer.
 The scorer always judges against the user's original request; the refined request is only
 the generator's input. The seed stays fixed, so the change between rounds is the request's.
 
+Where is (the method is one block from the top; the harness comes after it):
+    the gate            ``gate_decision``, ``next_step`` (stop or refine), ``select_round``
+    one GCR round       ``run_batch``: ``generate`` -> ``critique`` -> refined request
+    the command line    ``Args``, ``read_items``, contact sheets, ``main``
+
 Smoke run (CPU, offline, seconds)::
 
     python gcr_loop.py --generator tiny-random --scorer tiny-random --prompts prompts/gcr_demo_prompts.txt
@@ -35,6 +40,8 @@ Deviations from the paper:
 2. A critique whose gating dimensions cannot be read, or that writes no refined request,
    stops refinement for that prompt (recorded as `stop_reason`) instead of failing the batch.
 """
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import inspect
@@ -52,54 +59,6 @@ from PIL import Image, ImageDraw
 import rationalrewards as rr
 
 
-@dataclass
-class Args(rr.ScorerArgs):
-    prompt: Optional[str] = None
-    """one request (or editing instruction)"""
-    prompts: Optional[str] = None
-    """many: .txt (one per line) or .jsonl (`prompt`, optional `source_image` and `seed`)"""
-    task: Literal["t2i", "edit"] = "t2i"
-    """t2i: text-to-image, three dimensions; edit: image editing, four dimensions, needs a source image"""
-    source_image: Optional[str] = None
-    """edit: the image to edit (for --prompt, or for every line of a .txt --prompts)"""
-    out: str = "runs/gcr"
-    """run directory; rerunning into it skips the prompts already finished"""
-    generator: Optional[str] = None
-    """diffusers pipeline: hub id, local directory or tiny-random (default: SD3.5-Medium for t2i,
-    FLUX.1-Kontext-dev for edit)"""
-    generator_quantization: Literal["none", "4bit"] = "none"
-    """4bit: the generator's transformer and T5 encoder in nf4 (needs a GPU; how FLUX.1-Kontext-dev fits in 24 GB)"""
-    no_t5: bool = False
-    """SD3 generators: leave the T5 text encoder out"""
-    steps: Optional[int] = None
-    """denoising steps (default: the pipeline's own; 4 for tiny-random)"""
-    guidance_scale: Optional[float] = None
-    """classifier-free guidance (default: the pipeline's own)"""
-    resolution: Optional[int] = None
-    """image side in pixels, t2i and FLUX.1-Kontext edits (default: the pipeline's own; 64 for tiny-random)"""
-    strength: float = 0.6
-    """edit with an image-to-image pipeline (one that takes `strength`, not FLUX.1-Kontext): how far from the source"""
-    threshold: float = 3.0
-    """refine while any gating dimension scores below this (paper: 3.0)"""
-    gate: str = "text_faithfulness,physical_quality"
-    """comma-separated gating dimensions (the official script: text faithfulness and physical quality)"""
-    rounds: int = 1
-    """at most this many refinements per prompt (paper: 1)"""
-    select: Literal["last", "best"] = "last"
-    """final image: the last round's (paper) or the one with the highest reward"""
-    batch_size: int = 4
-    """prompts generated and critiqued together"""
-    reward_weights: Optional[str] = None
-    """per-dimension weights of the reported reward, e.g. 'image_faithfulness=0'"""
-    seed: int = 0
-    """base seed; each prompt's seed is derived from it and the prompt (or given in the .jsonl)"""
-
-
-DEFAULT_GENERATOR = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
-# what the records of a run directory depend on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base", "scorer_quantization",
-            "scorer_max_new_tokens", "scorer_temperature", "max_pixels", "steps", "guidance_scale",
-            "resolution", "strength", "threshold", "gate", "rounds", "select", "reward_weights", "seed")
 STOP_REASONS = ("passed", "max_rounds", "unreadable_critique", "no_refined_request")
 
 
@@ -157,51 +116,6 @@ def summarize(records: list) -> dict:
             "truncated_critiques": sum(bool(rd.get("truncated")) for r in records for rd in r["rounds"]),
             "critiques": sum(len(r["rounds"]) for r in records),
             "stop_reasons": {k: sum(r["stop_reason"] == k for r in records) for k in STOP_REASONS}}
-
-
-# ---------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------
-def read_items(args: Args) -> list:
-    """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records.
-
-    One rule for repeats: the same (prompt, source image, seed) twice is one item, warned about and run
-    once; an explicit `id` must name one item only; a seed must be an integer.
-    """
-    if bool(args.prompt) == bool(args.prompts):
-        raise SystemExit("give exactly one of --prompt TEXT or --prompts FILE")
-    raw = [{"prompt": args.prompt, "_line": None}] if args.prompt else rr.read_prompt_records(args.prompts)
-    items, by_id = [], {}
-    for rec in raw:
-        where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
-        given_source = rec.get("source_image")
-        if given_source is not None and not (isinstance(given_source, str) and given_source.strip()):
-            raise ValueError(f"{where}: 'source_image' must be a path (a string), got {given_source!r}")
-        source = given_source or args.source_image
-        if source and args.prompts and given_source:
-            source = str(Path(args.prompts).parent / source)  # relative to the prompts file
-        if args.task == "edit" and not source:
-            raise SystemExit(f"--task edit needs a source image: --source-image, or a source_image field "
-                             f"({where}: {rec['prompt'][:60]!r})")
-        seed = rec.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
-            raise ValueError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
-        if seed is None:
-            seed = int(hashlib.sha1(f"{args.seed}:{rec['prompt']}".encode()).hexdigest()[:8], 16)
-        if rec.get("id") is not None and not isinstance(rec["id"], (str, int)):
-            raise ValueError(f"{where}: 'id' must be a string, got {rec['id']!r}")
-        key = str(rec.get("id") or rr.pair_id(rec["prompt"], given_source or args.source_image or "", seed))
-        item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
-        if key in by_id:
-            first, first_where = by_id[key]
-            if {k: v for k, v in first.items()} != item:
-                raise ValueError(f"{where}: id {key!r} is already used by {first_where} for another prompt, source "
-                                 f"image or seed; ids must be unique")
-            rr.warn(f"{where} repeats {first_where} (same prompt, source image and seed): run once")
-            continue
-        by_id[key] = (item, where)
-        items.append(item)
-    return items
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,6 +187,106 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
         records.append({**it, "task": args.task, "rounds": st["rounds"], "stop_reason": st["stop"],
                         "selected_round": sel, "final_image": st["rounds"][sel]["image"]})
     return records
+
+
+
+# =======================================================================================
+# The method ends here. Below: the harness of the `gcr_loop` command (its flags, the prompt
+# file, contact sheets, `main`).
+# =======================================================================================
+@dataclass
+class Args(rr.ScorerArgs):
+    prompt: Optional[str] = None
+    """one request (or editing instruction)"""
+    prompts: Optional[str] = None
+    """many: .txt (one per line) or .jsonl (`prompt`, optional `source_image` and `seed`)"""
+    task: Literal["t2i", "edit"] = "t2i"
+    """t2i: text-to-image, three dimensions; edit: image editing, four dimensions, needs a source image"""
+    source_image: Optional[str] = None
+    """edit: the image to edit (for --prompt, or for every line of a .txt --prompts)"""
+    out: str = "runs/gcr"
+    """run directory; rerunning into it skips the prompts already finished"""
+    generator: Optional[str] = None
+    """diffusers pipeline: hub id, local directory or tiny-random (default: SD3.5-Medium for t2i,
+    FLUX.1-Kontext-dev for edit)"""
+    generator_quantization: Literal["none", "4bit"] = "none"
+    """4bit: the generator's transformer and T5 encoder in nf4 (needs a GPU; how FLUX.1-Kontext-dev fits in 24 GB)"""
+    no_t5: bool = False
+    """SD3 generators: leave the T5 text encoder out"""
+    steps: Optional[int] = None
+    """denoising steps (default: the pipeline's own; 4 for tiny-random)"""
+    guidance_scale: Optional[float] = None
+    """classifier-free guidance (default: the pipeline's own)"""
+    resolution: Optional[int] = None
+    """image side in pixels, t2i and FLUX.1-Kontext edits (default: the pipeline's own; 64 for tiny-random)"""
+    strength: float = 0.6
+    """edit with an image-to-image pipeline (one that takes `strength`, not FLUX.1-Kontext): how far from the source"""
+    threshold: float = 3.0
+    """refine while any gating dimension scores below this (paper: 3.0)"""
+    gate: str = "text_faithfulness,physical_quality"
+    """comma-separated gating dimensions (the official script: text faithfulness and physical quality)"""
+    rounds: int = 1
+    """at most this many refinements per prompt (paper: 1)"""
+    select: Literal["last", "best"] = "last"
+    """final image: the last round's (paper) or the one with the highest reward"""
+    batch_size: int = 4
+    """prompts generated and critiqued together"""
+    reward_weights: Optional[str] = None
+    """per-dimension weights of the reported reward, e.g. 'image_faithfulness=0'"""
+    seed: int = 0
+    """base seed; each prompt's seed is derived from it and the prompt (or given in the .jsonl)"""
+
+
+DEFAULT_GENERATOR = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
+# what the records of a run directory depend on: resuming with any of these changed is refused
+RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base", "scorer_quantization",
+            "scorer_max_new_tokens", "scorer_temperature", "max_pixels", "steps", "guidance_scale",
+            "resolution", "strength", "threshold", "gate", "rounds", "select", "reward_weights", "seed")
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------
+def read_items(args: Args) -> list:
+    """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records.
+
+    One rule for repeats: the same (prompt, source image, seed) twice is one item, warned about and run
+    once; an explicit `id` must name one item only; a seed must be an integer.
+    """
+    if bool(args.prompt) == bool(args.prompts):
+        raise SystemExit("give exactly one of --prompt TEXT or --prompts FILE")
+    raw = [{"prompt": args.prompt, "_line": None}] if args.prompt else rr.read_prompt_records(args.prompts)
+    items, by_id = [], {}
+    for rec in raw:
+        where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
+        given_source = rec.get("source_image")
+        if given_source is not None and not (isinstance(given_source, str) and given_source.strip()):
+            raise ValueError(f"{where}: 'source_image' must be a path (a string), got {given_source!r}")
+        source = given_source or args.source_image
+        if source and args.prompts and given_source:
+            source = str(Path(args.prompts).parent / source)  # relative to the prompts file
+        if args.task == "edit" and not source:
+            raise SystemExit(f"--task edit needs a source image: --source-image, or a source_image field "
+                             f"({where}: {rec['prompt'][:60]!r})")
+        seed = rec.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise ValueError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+        if seed is None:
+            seed = int(hashlib.sha1(f"{args.seed}:{rec['prompt']}".encode()).hexdigest()[:8], 16)
+        if rec.get("id") is not None and not isinstance(rec["id"], (str, int)):
+            raise ValueError(f"{where}: 'id' must be a string, got {rec['id']!r}")
+        key = str(rec.get("id") or rr.pair_id(rec["prompt"], given_source or args.source_image or "", seed))
+        item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
+        if key in by_id:
+            first, first_where = by_id[key]
+            if {k: v for k, v in first.items()} != item:
+                raise ValueError(f"{where}: id {key!r} is already used by {first_where} for another prompt, source "
+                                 f"image or seed; ids must be unique")
+            rr.warn(f"{where} repeats {first_where} (same prompt, source image and seed): run once")
+            continue
+        by_id[key] = (item, where)
+        items.append(item)
+    return items
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,15 @@ maximises the evidence lower bound
     P(y|x,z)      = the teacher, label hidden, reading z           (Phase 2 keeps z where it is high)
     P_theta(z|x)  = the student, never shown the label             (Phase 3 fits it to q)
 
+Where is (the method is one block from the top; the harness comes after it):
+    Phase 1             ``anchored_generation``                                   q(z|x,y)
+    Phase 2             ``judge_candidates`` (ELBO term 1), ``consistency_verdict``,
+                        ``consistency_filter`` (resume bookkeeping)               P(y|x,z)
+    Phase 3             ``project_pointwise``, ``build_sft``, ``foresight_distillation``
+                        (ELBO term 2), held-out report: ``phase3``            P_theta(z|x)
+    the ELBO report     ``elbo_report``
+    the command line    ``Args``, the datasets (``load_dataset_pairs``), ``LazyTeacher``, ``main``
+
 Smoke run (CPU, offline, about a minute)::
 
     python parrot.py --dataset demo --limit 16 --teacher tiny-random --student tiny-random
@@ -38,6 +47,8 @@ Deviations from the paper:
 4. `demo`: procedurally drawn pairs with one known defect, so that attribution (does the
    rationale blame the right dimension?) can be measured without human labels.
 """
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import json
@@ -57,83 +68,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 import rationalrewards as rr
 
 
-@dataclass
-class Args:
-    dataset: Literal["demo", "hpdv3", "rapidata", "editreward", "jsonl"] = "demo"
-    """where the preference pairs come from"""
-    data_dir: Optional[str] = None
-    """hpdv3: the dataset root (train.json, test.json, images); jsonl: the pairs file"""
-    hf_dataset: Optional[str] = None
-    """rapidata/editreward: hub id, or a local parquet file or directory (defaults below)"""
-    split: str = "train"
-    """dataset split to read"""
-    limit: Optional[int] = None
-    """use at most this many valid pairs"""
-    min_vote_margin: float = 0.1
-    """rapidata/editreward: drop near-ties whose winning vote share is below 0.5 + this (editreward: score gap below 4x this)"""
-    out: str = "runs/parrot"
-    """run directory: every output, resumable"""
-    phases: str = "123"
-    """which phases to run, e.g. 1, 2, 3 or 12; each reads the outputs of the ones before"""
-    teacher: str = "Qwen/Qwen3-VL-8B-Instruct"
-    """teacher VLM (hub id, local path, tiny-random); with --teacher-api-base, the served model name"""
-    teacher_api_base: Optional[str] = None
-    """OpenAI-compatible endpoint serving the teacher (vLLM, SGLang): how to use a 32B teacher or many GPUs"""
-    teacher_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
-    """auto = 4-bit on a GPU, none on CPU"""
-    student: str = "Qwen/Qwen3-VL-2B-Instruct"
-    """student VLM trained in Phase 3"""
-    student_quantization: Literal["none", "4bit"] = "none"
-    """4bit trains with QLoRA"""
-    num_candidates: int = 1
-    """K rationales sampled per pair in Phase 1; Phase 2 keeps the first that passes"""
-    min_consistency: float = 0.5
-    """Phase 2 keeps z only if the teacher's P(y|x,z) is at least this"""
-    max_new_tokens: int = 2048
-    """longest rationale the teacher (and the student in evaluation) may write"""
-    temperature: float = 0.7
-    """teacher sampling temperature in Phase 1"""
-    batch_size: int = 8
-    """prompts per generate() call, or requests in flight over HTTP"""
-    max_pixels: int = 768 * 768
-    """images are downscaled to at most this many pixels"""
-    epochs: int = 3
-    """Phase 3 epochs (paper: 3)"""
-    lr: float = 1e-4
-    """Phase 3 peak learning rate (paper, full fine-tune: 1e-5; LoRA wants more)"""
-    warmup_ratio: float = 0.05
-    """share of steps with linear warm-up before the cosine decay (paper: 0.05)"""
-    grad_accum: int = 8
-    """samples per optimizer step"""
-    lora_r: int = 16
-    """LoRA rank of the student"""
-    lora_alpha: int = 32
-    """LoRA alpha of the student"""
-    eval_fraction: float = 0.1
-    """share of prompts held out from SFT for the report"""
-    eval_limit: int = 100
-    """at most this many held-out pairs are used for the student's accuracy"""
-    timeout: float = 600.0
-    """HTTP teacher: seconds to wait for one response"""
-    max_retries: int = 3
-    """HTTP teacher: retries with backoff"""
-    prompts_dir: Optional[str] = None
-    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
-    seed: int = 0
-    """seed for the A/B shuffle, the held-out split, sampling and training"""
-    device: Optional[str] = None
-    """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
-
-
 LOGP_FLOOR = math.log(1e-6)  # log P(y|x,z) is stored floored, so a text-only "wrong" answer is not -inf
 PROJECTION_TOLERANCE = 0.5   # a pointwise projection may stray this far from its anchor score
 PROJECTION_TEMPERATURE = 0.1  # projections copy scores: decode like the scorer does
-DEFAULT_HUB = {"rapidata": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3",
-               "editreward": "TIGER-Lab/EditReward-Data"}
-
-
-class DataError(RuntimeError):
-    """A dataset is missing or malformed; the message says how to get or fix it."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,322 +125,11 @@ def format_anchor_scores(scores: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Datasets. Every loader returns pair records
-#   {id, dataset, task, prompt, image_a, image_b, source_image, label, defect_dimension}
-# with image paths on disk, plus counts of what was skipped and why.
-# ---------------------------------------------------------------------------------------
-def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None, defect=None) -> dict:
-    """Seeded shuffle of which image is shown as A, so the student cannot learn "A wins"."""
-    pid = key or rr.pair_id(prompt, preferred, rejected, source or "")
-    swap = random.Random(f"{seed}:{pid}").random() < 0.5
-    a, b = (rejected, preferred) if swap else (preferred, rejected)
-    return {"id": pid, "dataset": dataset, "task": task, "prompt": prompt, "image_a": str(a), "image_b": str(b),
-            "source_image": str(source) if source else None, "label": "B" if swap else "A", "defect_dimension": defect}
-
-
-def _readable(paths, stats) -> bool:
-    for p in paths:
-        if p is None:
-            continue
-        _, problem = rr.read_image(p)
-        if problem:
-            stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
-            rr.warn(f"image {p}: {problem}: pair skipped")
-            return False
-    return True
-
-
-def load_hpdv3(root, split, limit, seed, stats) -> list:
-    root = Path(root or "data/hpdv3")
-    index = root / f"{split}.json"
-    if not index.is_file():
-        raise DataError(
-            f"HPDv3 not found: {index} does not exist. Download and extract it (about 100 GB for all images):\n"
-            f"  hf download MizzenAI/HPDv3 --repo-type dataset --local-dir {root}\n"
-            f"  cd {root} && cat images.tar.gz.* | tar -xzf -\n"
-            f"then pass --data-dir {root}.")
-    try:
-        rows = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{index} is not valid JSON ({err}); expected a list of records with prompt, path1, path2") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{index}: expected a JSON list of records, got {type(rows).__name__}")
-    pairs = []
-    for n, rec in enumerate(rows):
-        if limit is not None and len(pairs) >= limit:
-            break
-        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "path1", "path2")):
-            raise DataError(f"{index}, row {n}: expected string fields prompt, path1 (preferred), path2 (rejected), "
-                            f"got {str(rec)[:200]}")
-        stats["rows_read"] += 1
-        good, bad = root / rec["path1"], root / rec["path2"]  # path1 is the preferred image
-        if _readable([good, bad], stats):  # the id from the row itself, however --data-dir is spelled
-            key = rr.pair_id(rec["prompt"], rec["path1"], rec["path2"])
-            pairs.append(make_pair("hpdv3", "t2i", rec["prompt"], good, bad, seed, key=key))
-    return pairs
-
-
-def load_jsonl(path, limit, seed, stats) -> list:
-    if not path:
-        raise DataError("--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl")
-    pairs = []
-    for rec in rr.read_pairs(path):
-        if limit is not None and len(pairs) >= limit:
-            break
-        stats["rows_read"] += 1
-        if rec["label"] == "tie":
-            stats["dropped_ties"] += 1
-            continue
-        good, bad = (rec["image_a"], rec["image_b"]) if rec["label"] == "A" else (rec["image_b"], rec["image_a"])
-        if _readable([good, bad, rec.get("source_image")], stats):
-            task = "edit" if rec.get("source_image") else "t2i"
-            pairs.append(make_pair("jsonl", task, rec["prompt"], good, bad, seed, rec.get("source_image"), rec["id"]))
-    return pairs
-
-
-def _vote_label(row, dataset, margin):
-    """'first', 'second', 'tie' or 'near_tie' from the vote fields of one hub row."""
-    if dataset == "editreward":
-        vote = str(row.get("vote_type", "")).lower()
-        gap = (row.get("left_overall_score") or 0) - (row.get("right_overall_score") or 0)
-        if "tie" in vote or vote not in ("leftvote", "rightvote"):
-            return "tie"
-        return "near_tie" if abs(gap) < 4 * margin else ("first" if vote == "leftvote" else "second")
-    for k1, k2 in (("weighted_results_image1_preference", "weighted_results_image2_preference"),
-                   ("votes_image1", "votes_image2"), ("image1_votes", "image2_votes")):
-        if row.get(k1) is not None and row.get(k2) is not None:
-            v1, v2 = float(row[k1]), float(row[k2])
-            if v1 == v2:
-                return "tie"
-            share = max(v1, v2) / (v1 + v2)
-            return "near_tie" if share < 0.5 + margin else ("first" if v1 > v2 else "second")
-    raise DataError(f"{dataset}: no vote fields in row with columns {sorted(row)}; expected e.g. "
-                    f"votes_image1/votes_image2 or weighted_results_image1_preference/..._image2_preference")
-
-
-def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> list:
-    """Rapidata (t2i) or EditReward (edit) parquet, streamed so --limit N reads about N rows."""
-    hf_id = hf_id or DEFAULT_HUB[dataset]
-    cols = ({"prompt": "instruction", "a": "left_output_image", "b": "right_output_image", "src": "source_img"}
-            if dataset == "editreward" else {"prompt": "prompt", "a": "image1", "b": "image2", "src": None})
-    hint = (f"On a machine with network run\n  hf download {hf_id} --repo-type dataset --local-dir data/{dataset}\n"
-            f"and pass --hf-dataset data/{dataset}/data (a parquet file or a directory of them).")
-    try:
-        ds = rr.open_parquet_stream(hf_id, split, [c for c in (cols["a"], cols["b"], cols["src"]) if c], hint=hint)
-    except rr.ModelLoadError as err:
-        raise DataError(str(err)) from None
-    image_dir.mkdir(parents=True, exist_ok=True)
-    pairs = []
-    for i, row in enumerate(ds):
-        if limit is not None and len(pairs) >= limit:
-            break
-        stats["rows_read"] += 1
-        verdict = _vote_label(row, dataset, margin)
-        if verdict in ("tie", "near_tie"):
-            stats["dropped_ties" if verdict == "tie" else "dropped_near_ties"] += 1
-            continue
-        key = str(row.get("unique_key") or row.get("id") or rr.pair_id(row[cols["prompt"]], dataset, split, i))
-        paths, problem = {}, None
-        for part in ("a", "b", "src"):
-            if not cols[part]:
-                continue
-            paths[part] = image_dir / f"{key}-{part}.png"
-            bad = rr.save_embedded_image(row.get(cols[part]), paths[part])
-            if bad:
-                problem = "skipped_missing_image" if bad == "missing" else "skipped_corrupt_image"
-                break
-        if problem:
-            stats[problem] += 1
-            rr.warn(f"row {i} of {hf_id} ({key}): {problem.replace('skipped_', '').replace('_', ' ')}: pair skipped")
-            continue
-        good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
-        pairs.append(make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]], good, bad, seed,
-                               paths.get("src"), key))
-    return pairs
-
-
-# demo: shapes, colours, counts and rendered words, drawn with PIL. The preferred image is right;
-# the rejected one has exactly one defect, in a known dimension.
-COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
-           "purple": (135, 60, 175), "orange": (240, 135, 30)}
-SHAPES = ("circle", "square", "triangle")
-WORDS = ("CAT", "SUN", "TREE", "BOOK", "MOON", "FISH", "STAR", "BIKE")
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-
-
-def draw_scene(colour, shape, count, word=None, size=256) -> Image.Image:
-    img = Image.new("RGB", (size, size), "white")
-    d = ImageDraw.Draw(img)
-    if word is not None:  # a coloured sign with black lettering
-        d.rectangle([20, 70, size - 20, size - 70], fill=COLOURS[colour], outline="black", width=3)
-        font = ImageFont.load_default(size=48)
-        w = d.textlength(word, font=font)
-        d.text(((size - w) / 2, size / 2 - 28), word, fill="black", font=font)
-        return img
-    cell = size // count
-    for i in range(count):
-        cx, cy, r = cell * i + cell // 2, size // 2, min(cell // 2 - 8, 60)
-        box = [cx - r, cy - r, cx + r, cy + r]
-        if shape == "circle":
-            d.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            d.rectangle(box, fill=COLOURS[colour])
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-    return img
-
-
-def degrade(img: Image.Image, rng: random.Random) -> Image.Image:
-    """A physical/visual-quality defect: blur, heavy noise and blocky artifacts."""
-    img = img.filter(ImageFilter.GaussianBlur(3))
-    noise = Image.effect_noise(img.size, 90).convert("RGB")
-    img = Image.blend(img, noise, 0.45)
-    d = ImageDraw.Draw(img)
-    for _ in range(6):
-        x, y = rng.randrange(0, img.width - 40), rng.randrange(0, img.height - 40)
-        d.rectangle([x, y, x + 40, y + 40], fill=tuple(rng.randrange(256) for _ in range(3)))
-    return img
-
-
-def misspell(word: str, rng: random.Random) -> str:
-    i = rng.randrange(len(word) - 1)
-    swapped = word[:i] + word[i + 1] + word[i] + word[i + 2:]
-    return swapped if swapped != word else word[:-1] + ("X" if word[-1] != "X" else "Y")
-
-
-def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
-    rng = random.Random(f"demo:{seed}:{index}")
-    colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
-    kind = index % 3
-    if kind == 0:    # one object of a colour and shape
-        count, word = 1, None
-    elif kind == 1:  # a counted number of them
-        count, word = rng.randint(2, 4), None
-    else:            # one object under a written word
-        count, word = 1, rng.choice(WORDS)
-    if kind == 0:
-        prompt = f"a {colour} {shape} on a white background"
-    elif kind == 1:
-        prompt = f"{NUMBER_WORDS[count]} {colour} {shape}s in a row on a white background"
-    else:
-        prompt = f'a {colour} sign with the word "{word}" written on it in black letters'
-    defect = rng.choice(["text_faithfulness", "physical_quality"] + (["text_rendering"] if word else []))
-    good = draw_scene(colour, shape, count, word)
-    if defect == "physical_quality":
-        bad = degrade(good, rng)
-    elif defect == "text_rendering":
-        bad = draw_scene(colour, shape, count, misspell(word, rng))
-    elif kind == 1:  # wrong count
-        bad = draw_scene(colour, shape, count + rng.choice([-1, 1]), word)
-    else:  # wrong colour
-        bad = draw_scene(rng.choice([c for c in sorted(COLOURS) if c != colour]), shape, count, word)
-    key = f"demo-{seed}-{index:05d}"
-    paths = [image_dir / f"{key}-good.png", image_dir / f"{key}-bad.png"]
-    for p, im in zip(paths, (good, bad)):
-        if not p.is_file() or rr.load_image(p) is None:  # missing, or truncated by a killed run
-            rr.save_image_atomic(im, p)
-    return make_pair("demo", "t2i", prompt, paths[0], paths[1], seed, key=key, defect=defect)
-
-
-def load_dataset_pairs(args: Args) -> tuple:
-    stats = {k: 0 for k in ("rows_read", "skipped_missing_image", "skipped_corrupt_image", "dropped_ties",
-                            "dropped_near_ties")}
-    image_dir = Path(args.out) / "images"
-    if args.dataset == "demo":
-        image_dir.mkdir(parents=True, exist_ok=True)
-        pairs = [demo_pair(i, args.seed, image_dir) for i in range(args.limit or 64)]
-        stats["rows_read"] = len(pairs)
-    elif args.dataset == "hpdv3":
-        pairs = load_hpdv3(args.data_dir, args.split, args.limit, args.seed, stats)
-    elif args.dataset == "jsonl":
-        pairs = load_jsonl(args.data_dir, args.limit, args.seed, stats)
-    else:
-        pairs = load_hub(args.dataset, args.hf_dataset, args.split, args.limit, args.seed, args.min_vote_margin,
-                         image_dir, stats)
-    stats["pairs"] = len(pairs)
-    return pairs, stats
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers shared by the phases
-# ---------------------------------------------------------------------------------------
-def images_of(rec: dict, *parts) -> list:
-    """The pair's images in prompt order (source first for editing)."""
-    keys = (["source_image"] if rec["task"] == "edit" else []) + list(parts)
-    return [rr.load_image(rec[k]) for k in keys]
-
-
-def paths_of(rec: dict, *parts) -> list:
-    return [rec[k] for k in (["source_image"] if rec["task"] == "edit" else []) + list(parts)]
-
-
-def batches(items: list, size: int, desc: str, total: int, unit: str):
-    """`items` (what is left of `total`) in slices of `size`, with a progress bar; a resumed phase
-    says how much was already done, and one with nothing left shows no empty bar."""
-    from tqdm import tqdm
-    if len(items) < total:
-        print(f"{desc}: resumed, {total - len(items)} of {total} already done", file=sys.stderr)
-    if not items:
-        return
-    bar = tqdm(total=len(items), desc=desc, unit=unit)
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-        bar.update(len(items[i:i + size]))
-    bar.close()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-class LazyTeacher:
-    """The teacher backend, loaded on first use (a resumed run with nothing left to do loads no
-    model) and released before the student trains, so both fit on one GPU in turn."""
-
-    def __init__(self, args: Args):
-        self.args, self.backend = args, None
-
-    def _get(self):
-        if self.backend is None:
-            a = self.args
-            self.backend = rr.load_backend(a.teacher, api_base=a.teacher_api_base, quantization=a.teacher_quantization,
-                                           batch_size=a.batch_size, max_pixels=a.max_pixels, timeout=a.timeout,
-                                           max_retries=a.max_retries, device=a.device)
-        return self.backend
-
-    def generate(self, *args, **kwargs):
-        return self._call("generate", *args, **kwargs)
-
-    def answer_logprobs(self, *args, **kwargs):
-        return self._call("answer_logprobs", *args, **kwargs)
-
-    def _call(self, method, *args, **kwargs):
-        try:
-            return getattr(self._get(), method)(*args, **kwargs)
-        except rr.BackendError as err:
-            if not self.args.teacher_api_base:
-                raise
-            # the most common cause: no server was started; say how (README, "Serving the model over
-            # HTTP")
-            raise rr.BackendError(f"{err}\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n"
-                                  f"  vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
-                                  f"http://localhost:8000/v1 (everything done so far is kept: rerun to continue)") from None
-
-    def release(self):
-        import torch
-        self.backend = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-PAIR_FIELDS = ("id", "dataset", "task", "prompt", "image_a", "image_b", "source_image", "label", "defect_dimension")
-
-
-# ---------------------------------------------------------------------------------------
 # ---- Phase 1: anchored generation, q(z | x, y) ----
 # ---------------------------------------------------------------------------------------
+# what Phase 1 copies from a pair record into each of its rationales
+PAIR_FIELDS = ("id", "dataset", "task", "prompt", "image_a", "image_b", "source_image", "label", "defect_dimension")
+
 def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
     """The teacher sees x and the label y and writes K pairwise rationales per pair."""
     path = out / "phase1.jsonl"
@@ -916,6 +542,398 @@ def print_report(report: dict) -> None:
                 rows.append((f"student {when}: {mode} accuracy", acc))
     for name, value in rows:
         print(f"  {name:<40} {value:.4f}" if isinstance(value, float) else f"  {name:<40} {value}")
+
+
+
+# =======================================================================================
+# The method ends here. Below: the harness of the `parrot` command (its flags, the dataset
+# loaders and the demo pairs, helpers the phases share, the preflight checks, `main`).
+# =======================================================================================
+@dataclass
+class Args:
+    dataset: Literal["demo", "hpdv3", "rapidata", "editreward", "jsonl"] = "demo"
+    """where the preference pairs come from"""
+    data_dir: Optional[str] = None
+    """hpdv3: the dataset root (train.json, test.json, images); jsonl: the pairs file"""
+    hf_dataset: Optional[str] = None
+    """rapidata/editreward: hub id, or a local parquet file or directory (defaults below)"""
+    split: str = "train"
+    """dataset split to read"""
+    limit: Optional[int] = None
+    """use at most this many valid pairs"""
+    min_vote_margin: float = 0.1
+    """rapidata/editreward: drop near-ties whose winning vote share is below 0.5 + this (editreward: score gap below 4x this)"""
+    out: str = "runs/parrot"
+    """run directory: every output, resumable"""
+    phases: str = "123"
+    """which phases to run, e.g. 1, 2, 3 or 12; each reads the outputs of the ones before"""
+    teacher: str = "Qwen/Qwen3-VL-8B-Instruct"
+    """teacher VLM (hub id, local path, tiny-random); with --teacher-api-base, the served model name"""
+    teacher_api_base: Optional[str] = None
+    """OpenAI-compatible endpoint serving the teacher (vLLM, SGLang): how to use a 32B teacher or many GPUs"""
+    teacher_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
+    """auto = 4-bit on a GPU, none on CPU"""
+    student: str = "Qwen/Qwen3-VL-2B-Instruct"
+    """student VLM trained in Phase 3"""
+    student_quantization: Literal["none", "4bit"] = "none"
+    """4bit trains with QLoRA"""
+    num_candidates: int = 1
+    """K rationales sampled per pair in Phase 1; Phase 2 keeps the first that passes"""
+    min_consistency: float = 0.5
+    """Phase 2 keeps z only if the teacher's P(y|x,z) is at least this"""
+    max_new_tokens: int = 2048
+    """longest rationale the teacher (and the student in evaluation) may write"""
+    temperature: float = 0.7
+    """teacher sampling temperature in Phase 1"""
+    batch_size: int = 8
+    """prompts per generate() call, or requests in flight over HTTP"""
+    max_pixels: int = 768 * 768
+    """images are downscaled to at most this many pixels"""
+    epochs: int = 3
+    """Phase 3 epochs (paper: 3)"""
+    lr: float = 1e-4
+    """Phase 3 peak learning rate (paper, full fine-tune: 1e-5; LoRA wants more)"""
+    warmup_ratio: float = 0.05
+    """share of steps with linear warm-up before the cosine decay (paper: 0.05)"""
+    grad_accum: int = 8
+    """samples per optimizer step"""
+    lora_r: int = 16
+    """LoRA rank of the student"""
+    lora_alpha: int = 32
+    """LoRA alpha of the student"""
+    eval_fraction: float = 0.1
+    """share of prompts held out from SFT for the report"""
+    eval_limit: int = 100
+    """at most this many held-out pairs are used for the student's accuracy"""
+    timeout: float = 600.0
+    """HTTP teacher: seconds to wait for one response"""
+    max_retries: int = 3
+    """HTTP teacher: retries with backoff"""
+    prompts_dir: Optional[str] = None
+    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
+    seed: int = 0
+    """seed for the A/B shuffle, the held-out split, sampling and training"""
+    device: Optional[str] = None
+    """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
+
+
+DEFAULT_HUB = {"rapidata": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3",
+               "editreward": "TIGER-Lab/EditReward-Data"}
+
+
+class DataError(RuntimeError):
+    """A dataset is missing or malformed; the message says how to get or fix it."""
+
+
+# ---------------------------------------------------------------------------------------
+# Datasets. Every loader returns pair records
+#   {id, dataset, task, prompt, image_a, image_b, source_image, label, defect_dimension}
+# with image paths on disk, plus counts of what was skipped and why.
+# ---------------------------------------------------------------------------------------
+def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None, defect=None) -> dict:
+    """Seeded shuffle of which image is shown as A, so the student cannot learn "A wins"."""
+    pid = key or rr.pair_id(prompt, preferred, rejected, source or "")
+    swap = random.Random(f"{seed}:{pid}").random() < 0.5
+    a, b = (rejected, preferred) if swap else (preferred, rejected)
+    return {"id": pid, "dataset": dataset, "task": task, "prompt": prompt, "image_a": str(a), "image_b": str(b),
+            "source_image": str(source) if source else None, "label": "B" if swap else "A", "defect_dimension": defect}
+
+
+def _readable(paths, stats) -> bool:
+    for p in paths:
+        if p is None:
+            continue
+        _, problem = rr.read_image(p)
+        if problem:
+            stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
+            rr.warn(f"image {p}: {problem}: pair skipped")
+            return False
+    return True
+
+
+def load_hpdv3(root, split, limit, seed, stats) -> list:
+    root = Path(root or "data/hpdv3")
+    index = root / f"{split}.json"
+    if not index.is_file():
+        raise DataError(
+            f"HPDv3 not found: {index} does not exist. Download and extract it (about 100 GB for all images):\n"
+            f"  hf download MizzenAI/HPDv3 --repo-type dataset --local-dir {root}\n"
+            f"  cd {root} && cat images.tar.gz.* | tar -xzf -\n"
+            f"then pass --data-dir {root}.")
+    try:
+        rows = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{index} is not valid JSON ({err}); expected a list of records with prompt, path1, path2") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{index}: expected a JSON list of records, got {type(rows).__name__}")
+    pairs = []
+    for n, rec in enumerate(rows):
+        if limit is not None and len(pairs) >= limit:
+            break
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "path1", "path2")):
+            raise DataError(f"{index}, row {n}: expected string fields prompt, path1 (preferred), path2 (rejected), "
+                            f"got {str(rec)[:200]}")
+        stats["rows_read"] += 1
+        good, bad = root / rec["path1"], root / rec["path2"]  # path1 is the preferred image
+        if _readable([good, bad], stats):  # the id from the row itself, however --data-dir is spelled
+            key = rr.pair_id(rec["prompt"], rec["path1"], rec["path2"])
+            pairs.append(make_pair("hpdv3", "t2i", rec["prompt"], good, bad, seed, key=key))
+    return pairs
+
+
+def load_jsonl(path, limit, seed, stats) -> list:
+    if not path:
+        raise DataError("--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl")
+    pairs = []
+    for rec in rr.read_pairs(path):
+        if limit is not None and len(pairs) >= limit:
+            break
+        stats["rows_read"] += 1
+        if rec["label"] == "tie":
+            stats["dropped_ties"] += 1
+            continue
+        good, bad = (rec["image_a"], rec["image_b"]) if rec["label"] == "A" else (rec["image_b"], rec["image_a"])
+        if _readable([good, bad, rec.get("source_image")], stats):
+            task = "edit" if rec.get("source_image") else "t2i"
+            pairs.append(make_pair("jsonl", task, rec["prompt"], good, bad, seed, rec.get("source_image"), rec["id"]))
+    return pairs
+
+
+def _vote_label(row, dataset, margin):
+    """'first', 'second', 'tie' or 'near_tie' from the vote fields of one hub row."""
+    if dataset == "editreward":
+        vote = str(row.get("vote_type", "")).lower()
+        gap = (row.get("left_overall_score") or 0) - (row.get("right_overall_score") or 0)
+        if "tie" in vote or vote not in ("leftvote", "rightvote"):
+            return "tie"
+        return "near_tie" if abs(gap) < 4 * margin else ("first" if vote == "leftvote" else "second")
+    for k1, k2 in (("weighted_results_image1_preference", "weighted_results_image2_preference"),
+                   ("votes_image1", "votes_image2"), ("image1_votes", "image2_votes")):
+        if row.get(k1) is not None and row.get(k2) is not None:
+            v1, v2 = float(row[k1]), float(row[k2])
+            if v1 == v2:
+                return "tie"
+            share = max(v1, v2) / (v1 + v2)
+            return "near_tie" if share < 0.5 + margin else ("first" if v1 > v2 else "second")
+    raise DataError(f"{dataset}: no vote fields in row with columns {sorted(row)}; expected e.g. "
+                    f"votes_image1/votes_image2 or weighted_results_image1_preference/..._image2_preference")
+
+
+def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> list:
+    """Rapidata (t2i) or EditReward (edit) parquet, streamed so --limit N reads about N rows."""
+    hf_id = hf_id or DEFAULT_HUB[dataset]
+    cols = ({"prompt": "instruction", "a": "left_output_image", "b": "right_output_image", "src": "source_img"}
+            if dataset == "editreward" else {"prompt": "prompt", "a": "image1", "b": "image2", "src": None})
+    hint = (f"On a machine with network run\n  hf download {hf_id} --repo-type dataset --local-dir data/{dataset}\n"
+            f"and pass --hf-dataset data/{dataset}/data (a parquet file or a directory of them).")
+    try:
+        ds = rr.open_parquet_stream(hf_id, split, [c for c in (cols["a"], cols["b"], cols["src"]) if c], hint=hint)
+    except rr.ModelLoadError as err:
+        raise DataError(str(err)) from None
+    image_dir.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i, row in enumerate(ds):
+        if limit is not None and len(pairs) >= limit:
+            break
+        stats["rows_read"] += 1
+        verdict = _vote_label(row, dataset, margin)
+        if verdict in ("tie", "near_tie"):
+            stats["dropped_ties" if verdict == "tie" else "dropped_near_ties"] += 1
+            continue
+        key = str(row.get("unique_key") or row.get("id") or rr.pair_id(row[cols["prompt"]], dataset, split, i))
+        paths, problem = {}, None
+        for part in ("a", "b", "src"):
+            if not cols[part]:
+                continue
+            paths[part] = image_dir / f"{key}-{part}.png"
+            bad = rr.save_embedded_image(row.get(cols[part]), paths[part])
+            if bad:
+                problem = "skipped_missing_image" if bad == "missing" else "skipped_corrupt_image"
+                break
+        if problem:
+            stats[problem] += 1
+            rr.warn(f"row {i} of {hf_id} ({key}): {problem.replace('skipped_', '').replace('_', ' ')}: pair skipped")
+            continue
+        good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
+        pairs.append(make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]], good, bad, seed,
+                               paths.get("src"), key))
+    return pairs
+
+
+# demo: shapes, colours, counts and rendered words, drawn with PIL. The preferred image is right;
+# the rejected one has exactly one defect, in a known dimension.
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
+           "purple": (135, 60, 175), "orange": (240, 135, 30)}
+SHAPES = ("circle", "square", "triangle")
+WORDS = ("CAT", "SUN", "TREE", "BOOK", "MOON", "FISH", "STAR", "BIKE")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+def draw_scene(colour, shape, count, word=None, size=256) -> Image.Image:
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    if word is not None:  # a coloured sign with black lettering
+        d.rectangle([20, 70, size - 20, size - 70], fill=COLOURS[colour], outline="black", width=3)
+        font = ImageFont.load_default(size=48)
+        w = d.textlength(word, font=font)
+        d.text(((size - w) / 2, size / 2 - 28), word, fill="black", font=font)
+        return img
+    cell = size // count
+    for i in range(count):
+        cx, cy, r = cell * i + cell // 2, size // 2, min(cell // 2 - 8, 60)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if shape == "circle":
+            d.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            d.rectangle(box, fill=COLOURS[colour])
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+    return img
+
+
+def degrade(img: Image.Image, rng: random.Random) -> Image.Image:
+    """A physical/visual-quality defect: blur, heavy noise and blocky artifacts."""
+    img = img.filter(ImageFilter.GaussianBlur(3))
+    noise = Image.effect_noise(img.size, 90).convert("RGB")
+    img = Image.blend(img, noise, 0.45)
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.randrange(0, img.width - 40), rng.randrange(0, img.height - 40)
+        d.rectangle([x, y, x + 40, y + 40], fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
+def misspell(word: str, rng: random.Random) -> str:
+    i = rng.randrange(len(word) - 1)
+    swapped = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    return swapped if swapped != word else word[:-1] + ("X" if word[-1] != "X" else "Y")
+
+
+def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
+    rng = random.Random(f"demo:{seed}:{index}")
+    colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+    kind = index % 3
+    if kind == 0:    # one object of a colour and shape
+        count, word = 1, None
+    elif kind == 1:  # a counted number of them
+        count, word = rng.randint(2, 4), None
+    else:            # one object under a written word
+        count, word = 1, rng.choice(WORDS)
+    if kind == 0:
+        prompt = f"a {colour} {shape} on a white background"
+    elif kind == 1:
+        prompt = f"{NUMBER_WORDS[count]} {colour} {shape}s in a row on a white background"
+    else:
+        prompt = f'a {colour} sign with the word "{word}" written on it in black letters'
+    defect = rng.choice(["text_faithfulness", "physical_quality"] + (["text_rendering"] if word else []))
+    good = draw_scene(colour, shape, count, word)
+    if defect == "physical_quality":
+        bad = degrade(good, rng)
+    elif defect == "text_rendering":
+        bad = draw_scene(colour, shape, count, misspell(word, rng))
+    elif kind == 1:  # wrong count
+        bad = draw_scene(colour, shape, count + rng.choice([-1, 1]), word)
+    else:  # wrong colour
+        bad = draw_scene(rng.choice([c for c in sorted(COLOURS) if c != colour]), shape, count, word)
+    key = f"demo-{seed}-{index:05d}"
+    paths = [image_dir / f"{key}-good.png", image_dir / f"{key}-bad.png"]
+    for p, im in zip(paths, (good, bad)):
+        if not p.is_file() or rr.load_image(p) is None:  # missing, or truncated by a killed run
+            rr.save_image_atomic(im, p)
+    return make_pair("demo", "t2i", prompt, paths[0], paths[1], seed, key=key, defect=defect)
+
+
+def load_dataset_pairs(args: Args) -> tuple:
+    stats = {k: 0 for k in ("rows_read", "skipped_missing_image", "skipped_corrupt_image", "dropped_ties",
+                            "dropped_near_ties")}
+    image_dir = Path(args.out) / "images"
+    if args.dataset == "demo":
+        image_dir.mkdir(parents=True, exist_ok=True)
+        pairs = [demo_pair(i, args.seed, image_dir) for i in range(args.limit or 64)]
+        stats["rows_read"] = len(pairs)
+    elif args.dataset == "hpdv3":
+        pairs = load_hpdv3(args.data_dir, args.split, args.limit, args.seed, stats)
+    elif args.dataset == "jsonl":
+        pairs = load_jsonl(args.data_dir, args.limit, args.seed, stats)
+    else:
+        pairs = load_hub(args.dataset, args.hf_dataset, args.split, args.limit, args.seed, args.min_vote_margin,
+                         image_dir, stats)
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers shared by the phases
+# ---------------------------------------------------------------------------------------
+def images_of(rec: dict, *parts) -> list:
+    """The pair's images in prompt order (source first for editing)."""
+    keys = (["source_image"] if rec["task"] == "edit" else []) + list(parts)
+    return [rr.load_image(rec[k]) for k in keys]
+
+
+def paths_of(rec: dict, *parts) -> list:
+    return [rec[k] for k in (["source_image"] if rec["task"] == "edit" else []) + list(parts)]
+
+
+def batches(items: list, size: int, desc: str, total: int, unit: str):
+    """`items` (what is left of `total`) in slices of `size`, with a progress bar; a resumed phase
+    says how much was already done, and one with nothing left shows no empty bar."""
+    from tqdm import tqdm
+    if len(items) < total:
+        print(f"{desc}: resumed, {total - len(items)} of {total} already done", file=sys.stderr)
+    if not items:
+        return
+    bar = tqdm(total=len(items), desc=desc, unit=unit)
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+        bar.update(len(items[i:i + size]))
+    bar.close()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class LazyTeacher:
+    """The teacher backend, loaded on first use (a resumed run with nothing left to do loads no
+    model) and released before the student trains, so both fit on one GPU in turn."""
+
+    def __init__(self, args: Args):
+        self.args, self.backend = args, None
+
+    def _get(self):
+        if self.backend is None:
+            a = self.args
+            self.backend = rr.load_backend(a.teacher, api_base=a.teacher_api_base, quantization=a.teacher_quantization,
+                                           batch_size=a.batch_size, max_pixels=a.max_pixels, timeout=a.timeout,
+                                           max_retries=a.max_retries, device=a.device)
+        return self.backend
+
+    def generate(self, *args, **kwargs):
+        return self._call("generate", *args, **kwargs)
+
+    def answer_logprobs(self, *args, **kwargs):
+        return self._call("answer_logprobs", *args, **kwargs)
+
+    def _call(self, method, *args, **kwargs):
+        try:
+            return getattr(self._get(), method)(*args, **kwargs)
+        except rr.BackendError as err:
+            if not self.args.teacher_api_base:
+                raise
+            # the most common cause: no server was started; say how (README, "Serving the model over
+            # HTTP")
+            raise rr.BackendError(f"{err}\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n"
+                                  f"  vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
+                                  f"http://localhost:8000/v1 (everything done so far is kept: rerun to continue)") from None
+
+    def release(self):
+        import torch
+        self.backend = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,15 @@ Notation (shapes in comments): B samples; a latent is (C, h, w) for SD3 and (L, 
     v_theta / v_old / v_ref                      velocities of the trained, old and base policies
     R   reward in [0, 1]      A  group-normalised advantage       r  optimality in [0, 1]
 
+Where is (the method is one block from the top; the harness comes after it):
+    the NFT loss        ``nft_loss``; R -> A -> r: ``optimality_from_rewards``
+    1. collect          ``sample_latents`` (solver: ``solve_flow_ode``), ``decode``
+    2. reward           ``reward_images``
+    3. optimise         ``optimise_epoch`` (timesteps: ``training_timesteps``)
+    4. update           ``soft_update`` (eta: ``old_policy_decay``), ``ema_update``
+    one epoch           ``train_epoch`` (the four steps), called by ``main``
+    the command line    ``Args``, ``TASK_DEFAULTS``, prompt files, checkpoints, pictures, ``main``
+
 Smoke runs (CPU, offline, well under a minute)::
 
     python rl_nft.py --generator tiny-random --scorer tiny-random --epochs 2 --out runs/nft-smoke
@@ -50,6 +59,8 @@ Deviations from the sources:
 4. Mini-batches hold --train-batch-size samples; the last one may be smaller (the sources choose
    batch sizes that divide the epoch exactly).
 """
+from __future__ import annotations
+
 import contextlib
 import csv
 import gc
@@ -72,124 +83,6 @@ import torch
 from PIL import Image, ImageDraw
 
 import rationalrewards as rr
-
-
-@dataclass
-class Args(rr.ScorerArgs):
-    task: Literal["t2i", "edit"] = "t2i"
-    """t2i: text-to-image (SD3.5-Medium, as DiffusionNFT); edit: image editing (FLUX.1-Kontext-dev, as the
-    official RationalRewards RL), rewarded by the editing scorer"""
-    prompts: Optional[str] = None
-    """training prompts: .txt (one per line) or .jsonl (`prompt`; for edit also `source_image`, relative to the
-    file) (default: prompts/rl_prompts.txt for t2i, prompts/rl_edits.jsonl for edit)"""
-    eval_prompts: Optional[str] = None
-    """prompts for the eval grid, same format (default: the first --num-eval-prompts training prompts)"""
-    num_eval_prompts: int = 4
-    """images in the eval grid (one fixed seed per prompt)"""
-    out: str = "runs/nft"
-    """run directory"""
-    generator: Optional[str] = None
-    """flow-matching pipeline: hub id, local directory or tiny-random (default: stabilityai/stable-diffusion-3.5-medium
-    for t2i, black-forest-labs/FLUX.1-Kontext-dev for edit)"""
-    generator_quantization: Literal["none", "4bit"] = "none"
-    """4bit: the generator's transformer and T5 in nf4 with LoRA in fp32 on top (QLoRA; needs a GPU; how
-    FLUX.1-Kontext-dev fits on 24 GB)"""
-    no_t5: bool = False
-    """leave SD3's T5 text encoder out (saves its memory while prompts are encoded, at some prompt fidelity)"""
-    resolution: Optional[int] = None
-    """image side in pixels (default 512 as both sources; 64 for tiny-random); edit sources are center-cropped to it"""
-    epochs: int = 50
-    """collect -> reward -> optimise -> update rounds"""
-    prompts_per_epoch: int = 4
-    """prompts drawn per epoch"""
-    group_size: int = 4
-    """K: images per prompt, the group whose mean is the baseline (sources: 24 t2i, 8 edit)"""
-    sampler: Literal["dpm2", "euler"] = "dpm2"
-    """deterministic ODE solver while collecting: second-order multistep DPM-Solver (sources: sample.solver
-    = "dpm2") or first-order Euler; eval grids always use Euler (the sources' "flow" solver)"""
-    sample_steps: Optional[int] = None
-    """solver steps while collecting (default: 10 t2i as DiffusionNFT, 15 edit as the official Kontext config)"""
-    eval_steps: Optional[int] = None
-    """Euler steps of the eval grid (default: 40 t2i, 20 edit: the sources' sample.eval_num_steps)"""
-    guidance_scale: Optional[float] = None
-    """t2i: classifier-free guidance (default 1.0, none, as DiffusionNFT); edit: FLUX's distilled guidance
-    strength (default 2.5 as the official Kontext config)"""
-    timestep_fraction: float = 0.99
-    """each sample trains at the first int(fraction * steps) of a random permutation of the sampler's timesteps"""
-    train_batch_size: int = 2
-    """samples per forward pass while optimising (gradients are accumulated across mini-batches)"""
-    gradient_steps_per_epoch: int = 1
-    """optimiser steps per epoch; the epoch's mini-batches are split into this many accumulation groups
-    (sources: gradient_step_per_epoch = 1)"""
-    beta: float = 1.0
-    """NFT guidance strength beta (sources: config.beta = 1.0)"""
-    kl_weight: float = 1e-4
-    """weight of the velocity KL ||v_theta - v_ref||^2 to the base model (sources: train.beta = 1e-4)"""
-    adv_clip: float = 5.0
-    """advantages are clipped to [-adv_clip, adv_clip]; the policy term is also multiplied by it (sources: 5)"""
-    mask: Optional[Literal["none", "official"]] = None
-    """which samples are trained on: none (DiffusionNFT: every sample) or official (RationalRewards with
-    ban_prompt: global reward std > --mask-std and prompt-group mean < --mask-mean; prompts whose own group
-    std < --mask-std and mean > --mask-mean are banned from later epochs) (default: none t2i, official edit)"""
-    mask_std: float = 0.05
-    """official mask: reward std threshold (ban_std_thres)"""
-    mask_mean: float = 0.9
-    """official mask: reward mean threshold (ban_mean_thres)"""
-    lora_r: int = 32
-    """LoRA rank on the attention and context projections (sources: 32)"""
-    lora_alpha: int = 64
-    """LoRA alpha (sources: 64)"""
-    lr: Optional[float] = None
-    """AdamW learning rate (default: 3e-4 t2i as DiffusionNFT, 2e-4 edit as the official Kontext config)"""
-    weight_decay: float = 1e-4
-    """AdamW weight decay (sources: 1e-4)"""
-    grad_clip: float = 1.0
-    """gradient norm clip (sources: 1.0)"""
-    eta_rate: float = 0.001
-    """old-policy decay: eta = min(eta_rate * global_step, eta_max) (sources: decay_type 1)"""
-    eta_max: float = 0.5
-    """upper bound of eta"""
-    ema: bool = True
-    """keep an EMA of theta (decay --ema-decay, one update per optimiser step) and use it for the eval grid
-    and the saved LoRAs (DiffusionNFT: train.ema = True)"""
-    ema_decay: float = 0.9
-    """EMA decay ceiling; step s uses min((1 + s) / (10 + s), ema_decay) (DiffusionNFT's EMAModuleWrapper)"""
-    reward_weights: Optional[str] = None
-    """per-dimension reward weights, e.g. 'text_rendering=2,physical_quality=1' (unnamed: 1; 0 drops one)
-    (default for edit: image_faithfulness=0, the official edit reward; image faithfulness is still logged)"""
-    eval_every: int = 5
-    """epochs between eval grids (the last epoch always gets one)"""
-    save_every: int = 10
-    """epochs between LoRA snapshots in lora/ (the checkpoint for --resume is written every epoch)"""
-    gradient_checkpointing: bool = True
-    """recompute transformer activations in the backward pass (memory for time)"""
-    resume: bool = False
-    """continue from --out/checkpoint"""
-    seed: int = 0
-    """seed of prompt draws, sampling noise, timesteps and the scorer's sampling"""
-
-
-# Per-task defaults: t2i follows DiffusionNFT's SD3 config (config/nft.py), edit follows the
-# official RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
-TASK_DEFAULTS = {
-    "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium", "prompts": str(rr.PROMPTS_DIR / "rl_prompts.txt"),
-            "sample_steps": 10, "eval_steps": 40, "guidance_scale": 1.0, "lr": 3e-4, "mask": "none",
-            "reward_weights": None},
-    "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev", "prompts": str(rr.PROMPTS_DIR / "rl_edits.jsonl"),
-             "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4, "mask": "official",
-             # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text
-             # faithfulness, physical quality and text rendering: image faithfulness is left out of
-             # the reward
-             "reward_weights": "image_faithfulness=0"},
-}
-# what the checkpoint depends on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "prompts_dir", "resolution", "group_size",
-            "sampler", "sample_steps", "guidance_scale", "lora_r", "lora_alpha", "mask", "ema", "scorer",
-            "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
-# The sources' LoRA targets. The `attn.` prefix matters: peft matches names by suffix, so a bare
-# `to_q` would also adapt `attn2` of SD3.5-Medium's dual-attention blocks.
-TARGET_MODULES = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,6 +238,11 @@ def solve_flow_ode(velocity_fn, x, sigmas, solver: str = "dpm2"):
 # ---------------------------------------------------------------------------------------
 # ---- Models: two LoRA policies on one transformer, and where SD3 and FLUX.1-Kontext differ ----
 # ---------------------------------------------------------------------------------------
+# The sources' LoRA targets. The `attn.` prefix matters: peft matches names by suffix, so a bare
+# `to_q` would also adapt `attn2` of SD3.5-Medium's dual-attention blocks.
+TARGET_MODULES = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+
 def add_policies(transformer, args: Args) -> list:
     """Adds adapters "default" (theta, trained) and "old" (samples; = theta at the start) and returns
     theta's trainable parameters. The base model with adapters disabled is the KL reference."""
@@ -706,6 +604,125 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
         if ema is not None:
             ema_update(ema, transformer, step, args.ema_decay)
     return step, ({k: v / count for k, v in sums.items()} if count else None)
+
+
+
+# =======================================================================================
+# The method ends here. Below: the harness of the `rl_nft` command (its flags and per-task
+# defaults, prompt files, LoRA files and checkpoints, metrics and pictures, `main`).
+# =======================================================================================
+@dataclass
+class Args(rr.ScorerArgs):
+    task: Literal["t2i", "edit"] = "t2i"
+    """t2i: text-to-image (SD3.5-Medium, as DiffusionNFT); edit: image editing (FLUX.1-Kontext-dev, as the
+    official RationalRewards RL), rewarded by the editing scorer"""
+    prompts: Optional[str] = None
+    """training prompts: .txt (one per line) or .jsonl (`prompt`; for edit also `source_image`, relative to the
+    file) (default: prompts/rl_prompts.txt for t2i, prompts/rl_edits.jsonl for edit)"""
+    eval_prompts: Optional[str] = None
+    """prompts for the eval grid, same format (default: the first --num-eval-prompts training prompts)"""
+    num_eval_prompts: int = 4
+    """images in the eval grid (one fixed seed per prompt)"""
+    out: str = "runs/nft"
+    """run directory"""
+    generator: Optional[str] = None
+    """flow-matching pipeline: hub id, local directory or tiny-random (default: stabilityai/stable-diffusion-3.5-medium
+    for t2i, black-forest-labs/FLUX.1-Kontext-dev for edit)"""
+    generator_quantization: Literal["none", "4bit"] = "none"
+    """4bit: the generator's transformer and T5 in nf4 with LoRA in fp32 on top (QLoRA; needs a GPU; how
+    FLUX.1-Kontext-dev fits on 24 GB)"""
+    no_t5: bool = False
+    """leave SD3's T5 text encoder out (saves its memory while prompts are encoded, at some prompt fidelity)"""
+    resolution: Optional[int] = None
+    """image side in pixels (default 512 as both sources; 64 for tiny-random); edit sources are center-cropped to it"""
+    epochs: int = 50
+    """collect -> reward -> optimise -> update rounds"""
+    prompts_per_epoch: int = 4
+    """prompts drawn per epoch"""
+    group_size: int = 4
+    """K: images per prompt, the group whose mean is the baseline (sources: 24 t2i, 8 edit)"""
+    sampler: Literal["dpm2", "euler"] = "dpm2"
+    """deterministic ODE solver while collecting: second-order multistep DPM-Solver (sources: sample.solver
+    = "dpm2") or first-order Euler; eval grids always use Euler (the sources' "flow" solver)"""
+    sample_steps: Optional[int] = None
+    """solver steps while collecting (default: 10 t2i as DiffusionNFT, 15 edit as the official Kontext config)"""
+    eval_steps: Optional[int] = None
+    """Euler steps of the eval grid (default: 40 t2i, 20 edit: the sources' sample.eval_num_steps)"""
+    guidance_scale: Optional[float] = None
+    """t2i: classifier-free guidance (default 1.0, none, as DiffusionNFT); edit: FLUX's distilled guidance
+    strength (default 2.5 as the official Kontext config)"""
+    timestep_fraction: float = 0.99
+    """each sample trains at the first int(fraction * steps) of a random permutation of the sampler's timesteps"""
+    train_batch_size: int = 2
+    """samples per forward pass while optimising (gradients are accumulated across mini-batches)"""
+    gradient_steps_per_epoch: int = 1
+    """optimiser steps per epoch; the epoch's mini-batches are split into this many accumulation groups
+    (sources: gradient_step_per_epoch = 1)"""
+    beta: float = 1.0
+    """NFT guidance strength beta (sources: config.beta = 1.0)"""
+    kl_weight: float = 1e-4
+    """weight of the velocity KL ||v_theta - v_ref||^2 to the base model (sources: train.beta = 1e-4)"""
+    adv_clip: float = 5.0
+    """advantages are clipped to [-adv_clip, adv_clip]; the policy term is also multiplied by it (sources: 5)"""
+    mask: Optional[Literal["none", "official"]] = None
+    """which samples are trained on: none (DiffusionNFT: every sample) or official (RationalRewards with
+    ban_prompt: global reward std > --mask-std and prompt-group mean < --mask-mean; prompts whose own group
+    std < --mask-std and mean > --mask-mean are banned from later epochs) (default: none t2i, official edit)"""
+    mask_std: float = 0.05
+    """official mask: reward std threshold (ban_std_thres)"""
+    mask_mean: float = 0.9
+    """official mask: reward mean threshold (ban_mean_thres)"""
+    lora_r: int = 32
+    """LoRA rank on the attention and context projections (sources: 32)"""
+    lora_alpha: int = 64
+    """LoRA alpha (sources: 64)"""
+    lr: Optional[float] = None
+    """AdamW learning rate (default: 3e-4 t2i as DiffusionNFT, 2e-4 edit as the official Kontext config)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (sources: 1e-4)"""
+    grad_clip: float = 1.0
+    """gradient norm clip (sources: 1.0)"""
+    eta_rate: float = 0.001
+    """old-policy decay: eta = min(eta_rate * global_step, eta_max) (sources: decay_type 1)"""
+    eta_max: float = 0.5
+    """upper bound of eta"""
+    ema: bool = True
+    """keep an EMA of theta (decay --ema-decay, one update per optimiser step) and use it for the eval grid
+    and the saved LoRAs (DiffusionNFT: train.ema = True)"""
+    ema_decay: float = 0.9
+    """EMA decay ceiling; step s uses min((1 + s) / (10 + s), ema_decay) (DiffusionNFT's EMAModuleWrapper)"""
+    reward_weights: Optional[str] = None
+    """per-dimension reward weights, e.g. 'text_rendering=2,physical_quality=1' (unnamed: 1; 0 drops one)
+    (default for edit: image_faithfulness=0, the official edit reward; image faithfulness is still logged)"""
+    eval_every: int = 5
+    """epochs between eval grids (the last epoch always gets one)"""
+    save_every: int = 10
+    """epochs between LoRA snapshots in lora/ (the checkpoint for --resume is written every epoch)"""
+    gradient_checkpointing: bool = True
+    """recompute transformer activations in the backward pass (memory for time)"""
+    resume: bool = False
+    """continue from --out/checkpoint"""
+    seed: int = 0
+    """seed of prompt draws, sampling noise, timesteps and the scorer's sampling"""
+
+
+# Per-task defaults: t2i follows DiffusionNFT's SD3 config (config/nft.py), edit follows the
+# official RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
+TASK_DEFAULTS = {
+    "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium", "prompts": str(rr.PROMPTS_DIR / "rl_prompts.txt"),
+            "sample_steps": 10, "eval_steps": 40, "guidance_scale": 1.0, "lr": 3e-4, "mask": "none",
+            "reward_weights": None},
+    "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev", "prompts": str(rr.PROMPTS_DIR / "rl_edits.jsonl"),
+             "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4, "mask": "official",
+             # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text
+             # faithfulness, physical quality and text rendering: image faithfulness is left out of
+             # the reward
+             "reward_weights": "image_faithfulness=0"},
+}
+# what the checkpoint depends on: resuming with any of these changed is refused
+RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "prompts_dir", "resolution", "group_size",
+            "sampler", "sample_steps", "guidance_scale", "lora_r", "lora_alpha", "mask", "ema", "scorer",
+            "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
 
 
 # ---------------------------------------------------------------------------------------
