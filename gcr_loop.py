@@ -5,9 +5,10 @@ Generation Both Training and Test Time" (arXiv 2604.11626). No training: a wrapp
 diffusers pipeline and any RationalRewards scorer.
 
     round 0   image_0 = G(request, seed)
-    round k   critique_k = scorer(image_k | original request)      one call: scores + refined request
-              stop if every gating dimension s_d >= threshold      (default: text faithfulness and
-                                                                     physical quality >= 3.0)
+    round k   critique_k = scorer(image_k | original request)   one call: scores + refined
+                                                                  request
+              stop if every gating dimension s_d >= threshold   (default: text faithfulness and
+                                                                  physical quality >= 3.0)
               else image_{k+1} = G(refined request_k, same seed)
     select    the last image (paper) or the best reward over the rounds
 
@@ -21,18 +22,19 @@ Where is (the method is one block from the top; the harness comes after it):
 
 Smoke run (CPU, offline, seconds)::
 
-    python gcr_loop.py --generator tiny-random --scorer tiny-random --prompts prompts/gcr_demo_prompts.txt
+    python gcr_loop.py --generator tiny-random --scorer tiny-random \\
+        --prompts prompts/gcr_demo_prompts.txt
 
 Real run (one 24 GB GPU: SD3.5-Medium and the released scorer in 4-bit)::
 
     python gcr_loop.py --prompt "three red apples and the word FRESH on a crate" --out runs/gcr
     python gcr_loop.py --task edit --source-image in.png --prompt "make the sky stormy" \\
-        --generator black-forest-labs/FLUX.1-Kontext-dev --generator-quantization 4bit --out runs/gcr-edit
+        --generator black-forest-labs/FLUX.1-Kontext-dev --generator-quantization 4bit \\
+        --out runs/gcr-edit
 
 Outputs in --out: gcr.jsonl (every round of every prompt, appended per prompt), images/,
-sheets/SLUG-ID.png (first vs final per prompt; editing: the source too), contact_sheet.png (the batch),
-summary.json, args.json.
-Rerunning into the same --out skips the prompts already finished.
+sheets/SLUG-ID.png (first vs final per prompt; editing: the source too), contact_sheet.png (the
+batch), summary.json, args.json. Rerunning into the same --out skips the prompts already finished.
 
 Deviations from the paper:
 1. `--rounds` (default 1, the paper's and the official script's setting) allows more
@@ -80,7 +82,8 @@ def gate_decision(critique: rr.Critique, gate: tuple, threshold: float) -> str:
     return "unreadable"
 
 
-def next_step(critique: rr.Critique, gate: tuple, threshold: float, refinements_done: int, max_rounds: int):
+def next_step(critique: rr.Critique, gate: tuple, threshold: float, refinements_done: int,
+              max_rounds: int):
     """(stop_reason or None, request for the next round or None)."""
     decision = gate_decision(critique, gate, threshold)
     if decision == "passed":
@@ -106,16 +109,20 @@ def summarize(records: list) -> dict:
     first = [r["rounds"][0]["reward"] for r in records]
     final = [r["rounds"][r["selected_round"]]["reward"] for r in records]
     share = lambda k: sum(k) / n if n else None
-    return {"prompts": n,
-            "share_refined": share([len(r["rounds"]) > 1 for r in records]),
-            "mean_reward_first": sum(first) / n if n else None,
-            "mean_reward_final": sum(final) / n if n else None,
-            "share_improved": share([b > a + 1e-9 for a, b in zip(first, final)]),
-            "share_worse": share([b < a - 1e-9 for a, b in zip(first, final)]),
-            # critiques cut by the token limit lose their later dimensions or their refined request
-            "truncated_critiques": sum(bool(rd.get("truncated")) for r in records for rd in r["rounds"]),
-            "critiques": sum(len(r["rounds"]) for r in records),
-            "stop_reasons": {k: sum(r["stop_reason"] == k for r in records) for k in STOP_REASONS}}
+    return {
+        "prompts": n,
+        "share_refined": share([len(r["rounds"]) > 1 for r in records]),
+        "mean_reward_first": sum(first) / n if n else None,
+        "mean_reward_final": sum(final) / n if n else None,
+        "share_improved": share([b > a + 1e-9 for a, b in zip(first, final)]),
+        "share_worse": share([b < a - 1e-9 for a, b in zip(first, final)]),
+        # critiques cut by the token limit lose their later dimensions or their refined request
+        "truncated_critiques": sum(
+            bool(rd.get("truncated")) for r in records for rd in r["rounds"]),
+        "critiques": sum(len(r["rounds"]) for r in records),
+        "stop_reasons": {k: sum(r["stop_reason"] == k for r in records)
+                         for k in STOP_REASONS}
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,8 +156,12 @@ def critique(scorer, images: list, request: list, sources: list) -> list:
 
 
 def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: Path) -> list:
-    """GCR for a batch of prompts: every round generates and critiques all prompts still refining."""
-    sources = {it["id"]: rr.load_image(it["source_image"]) if it["source_image"] else None for it in items}
+    """GCR for a batch of prompts: every round generates and critiques all prompts still
+    refining."""
+    sources = {
+        it["id"]: rr.load_image(it["source_image"]) if it["source_image"] else None
+        for it in items
+    }
     bad = [it["source_image"] for it in items if it["source_image"] and sources[it["id"]] is None]
     if bad:
         raise FileNotFoundError(f"cannot read source image(s): {', '.join(bad)}")
@@ -159,7 +170,8 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
     for round_ in range(args.rounds + 1):
         ids = [it["id"] for it in active]
         src = [sources[i] for i in ids]
-        images = generate(pipe, [state[i]["request"] for i in ids], [it["seed"] for it in active], src, args)
+        images = generate(pipe, [state[i]["request"] for i in ids], [it["seed"] for it in active],
+                          src, args)
         crits = critique(scorer, images, [it["prompt"] for it in active], src)
         still = []
         for it, image, c in zip(active, images, crits):
@@ -167,11 +179,12 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
             path = out / "images" / f"{it['id']}_r{round_}.png"
             rr.save_image_atomic(image, path)
             stop, refined = next_step(c, gate, args.threshold, round_, args.rounds)
-            st["rounds"].append({"round": round_, "request": st["request"], "image": str(path.relative_to(out)),
-                                 "scores": c.scores, "not_applicable": c.not_applicable,
-                                 "reward": rr.reward_from_scores(c.scores, weights), "summary": c.summary,
-                                 "refined_request": c.refined_request, "truncated": c.truncated,
-                                 "critique": c.text})
+            st["rounds"].append({
+                "round": round_, "request": st["request"], "image": str(path.relative_to(out)),
+                "scores": c.scores, "not_applicable": c.not_applicable,
+                "reward": rr.reward_from_scores(c.scores, weights), "summary": c.summary,
+                "refined_request": c.refined_request, "truncated": c.truncated, "critique": c.text
+            })
             if stop:
                 st["stop"] = stop
             else:
@@ -201,7 +214,8 @@ class Args(rr.ScorerArgs):
     prompts: Optional[str] = None
     """many: .txt (one per line) or .jsonl (`prompt`, optional `source_image` and `seed`)"""
     task: Literal["t2i", "edit"] = "t2i"
-    """t2i: text-to-image, three dimensions; edit: image editing, four dimensions, needs a source image"""
+    """t2i: text-to-image, three dimensions; edit: image editing, four dimensions, needs a source
+    image"""
     source_image: Optional[str] = None
     """edit: the image to edit (for --prompt, or for every line of a .txt --prompts)"""
     out: str = "runs/gcr"
@@ -210,7 +224,8 @@ class Args(rr.ScorerArgs):
     """diffusers pipeline: hub id, local directory or tiny-random (default: SD3.5-Medium for t2i,
     FLUX.1-Kontext-dev for edit)"""
     generator_quantization: Literal["none", "4bit"] = "none"
-    """4bit: the generator's transformer and T5 encoder in nf4 (needs a GPU; how FLUX.1-Kontext-dev fits in 24 GB)"""
+    """4bit: the generator's transformer and T5 encoder in nf4 (needs a GPU; how FLUX.1-Kontext-dev
+    fits in 24 GB)"""
     no_t5: bool = False
     """SD3 generators: leave the T5 text encoder out"""
     steps: Optional[int] = None
@@ -218,13 +233,16 @@ class Args(rr.ScorerArgs):
     guidance_scale: Optional[float] = None
     """classifier-free guidance (default: the pipeline's own)"""
     resolution: Optional[int] = None
-    """image side in pixels, t2i and FLUX.1-Kontext edits (default: the pipeline's own; 64 for tiny-random)"""
+    """image side in pixels, t2i and FLUX.1-Kontext edits (default: the pipeline's own; 64 for
+    tiny-random)"""
     strength: float = 0.6
-    """edit with an image-to-image pipeline (one that takes `strength`, not FLUX.1-Kontext): how far from the source"""
+    """edit with an image-to-image pipeline (one that takes `strength`, not FLUX.1-Kontext): how far
+    from the source"""
     threshold: float = 3.0
     """refine while any gating dimension scores below this (paper: 3.0)"""
     gate: str = "text_faithfulness,physical_quality"
-    """comma-separated gating dimensions (the official script: text faithfulness and physical quality)"""
+    """comma-separated gating dimensions (the official script: text faithfulness and physical
+    quality)"""
     rounds: int = 1
     """at most this many refinements per prompt (paper: 1)"""
     select: Literal["last", "best"] = "last"
@@ -237,11 +255,14 @@ class Args(rr.ScorerArgs):
     """base seed; each prompt's seed is derived from it and the prompt (or given in the .jsonl)"""
 
 
-DEFAULT_GENERATOR = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
+DEFAULT_GENERATOR = {
+    "t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "black-forest-labs/FLUX.1-Kontext-dev"
+}
 # what the records of a run directory depend on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base", "scorer_quantization",
-            "scorer_max_new_tokens", "scorer_temperature", "max_pixels", "steps", "guidance_scale",
-            "resolution", "strength", "threshold", "gate", "rounds", "select", "reward_weights", "seed")
+RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base",
+            "scorer_quantization", "scorer_max_new_tokens", "scorer_temperature", "max_pixels",
+            "steps", "guidance_scale", "resolution", "strength", "threshold", "gate", "rounds",
+            "select", "reward_weights", "seed")
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,38 +271,47 @@ RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "sco
 def read_items(args: Args) -> list:
     """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records.
 
-    One rule for repeats: the same (prompt, source image, seed) twice is one item, warned about and run
-    once; an explicit `id` must name one item only; a seed must be an integer.
+    One rule for repeats: the same (prompt, source image, seed) twice is one item, warned about and
+    run once; an explicit `id` must name one item only; a seed must be an integer.
     """
     if bool(args.prompt) == bool(args.prompts):
         raise SystemExit("give exactly one of --prompt TEXT or --prompts FILE")
-    raw = [{"prompt": args.prompt, "_line": None}] if args.prompt else rr.read_prompt_records(args.prompts)
+    if args.prompt:
+        raw = [{"prompt": args.prompt, "_line": None}]
+    else:
+        raw = rr.read_prompt_records(args.prompts)
     items, by_id = [], {}
     for rec in raw:
         where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
         given_source = rec.get("source_image")
-        if given_source is not None and not (isinstance(given_source, str) and given_source.strip()):
-            raise ValueError(f"{where}: 'source_image' must be a path (a string), got {given_source!r}")
+        is_path = isinstance(given_source, str) and given_source.strip()
+        if given_source is not None and not is_path:
+            raise ValueError(
+                f"{where}: 'source_image' must be a path (a string), got {given_source!r}")
         source = given_source or args.source_image
         if source and args.prompts and given_source:
             source = str(Path(args.prompts).parent / source)  # relative to the prompts file
         if args.task == "edit" and not source:
-            raise SystemExit(f"--task edit needs a source image: --source-image, or a source_image field "
-                             f"({where}: {rec['prompt'][:60]!r})")
+            raise SystemExit(
+                "--task edit needs a source image: --source-image, or a source_image field "
+                f"({where}: {rec['prompt'][:60]!r})")
         seed = rec.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        seed_ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63
+        if seed is not None and not seed_ok:
             raise ValueError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
         if seed is None:
             seed = int(hashlib.sha1(f"{args.seed}:{rec['prompt']}".encode()).hexdigest()[:8], 16)
         if rec.get("id") is not None and not isinstance(rec["id"], (str, int)):
             raise ValueError(f"{where}: 'id' must be a string, got {rec['id']!r}")
-        key = str(rec.get("id") or rr.pair_id(rec["prompt"], given_source or args.source_image or "", seed))
+        default_id = rr.pair_id(rec["prompt"], given_source or args.source_image or "", seed)
+        key = str(rec.get("id") or default_id)
         item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
         if key in by_id:
             first, first_where = by_id[key]
             if {k: v for k, v in first.items()} != item:
-                raise ValueError(f"{where}: id {key!r} is already used by {first_where} for another prompt, source "
-                                 f"image or seed; ids must be unique")
+                raise ValueError(
+                    f"{where}: id {key!r} is already used by {first_where} for another prompt, "
+                    "source image or seed; ids must be unique")
             rr.warn(f"{where} repeats {first_where} (same prompt, source image and seed): run once")
             continue
         by_id[key] = (item, where)
@@ -293,15 +323,16 @@ def read_items(args: Args) -> list:
 # Contact sheets
 # ---------------------------------------------------------------------------------------
 def sheet_row(record: dict, out: Path, side: int = 256) -> Image.Image:
-    """First vs final image of one prompt (editing: the source image first), each with its request and
-    scores under it."""
+    """First vs final image of one prompt (editing: the source image first), each with its request
+    and scores under it."""
     font, text_h = rr.label_font(12), 150
     panels = []
     if record.get("source_image"):
         source = rr.load_image(record["source_image"])
         if source is not None:
             panels.append(("source image", source, None))
-    panels += [("first", Image.open(out / record["rounds"][0]["image"]).convert("RGB"), record["rounds"][0])]
+    panels += [("first", Image.open(out / record["rounds"][0]["image"]).convert("RGB"),
+                record["rounds"][0])]
     final = record["rounds"][record["selected_round"]]
     panels += [(f"final (round {record['selected_round']}, {record['stop_reason']})",
                 Image.open(out / final["image"]).convert("RGB"), final)]
@@ -313,7 +344,10 @@ def sheet_row(record: dict, out: Path, side: int = 256) -> Image.Image:
         lines = [label]
         if rnd is not None:
             lines += [f"R = {rnd['reward']:.3f}"]
-            lines += [rr.score_label(dim, s, rnd.get("not_applicable", [])) for dim, s in rnd["scores"].items()]
+            lines += [
+                rr.score_label(dim, s, rnd.get("not_applicable", []))
+                for dim, s in rnd["scores"].items()
+            ]
             lines += rr.wrap_text(rnd["request"], side // 7)[:4]
         else:
             lines += rr.wrap_text(record["prompt"], side // 7)[:4]
@@ -344,7 +378,9 @@ def main(argv=None) -> int:
     gate = tuple(d.strip() for d in args.gate.split(",") if d.strip())
     unknown = [d for d in gate if d not in rr.dimensions(args.task)]
     if not gate or unknown:
-        raise SystemExit(f"--gate takes dimensions of {args.task}: {', '.join(rr.dimensions(args.task))} (got {args.gate!r})")
+        raise SystemExit(
+            f"--gate takes dimensions of {args.task}: {', '.join(rr.dimensions(args.task))} (got "
+            f"{args.gate!r})")
     if not 1.0 <= args.threshold <= 4.0:
         raise SystemExit("--threshold is a score in [1, 4]")
     weights = rr.parse_weights(args.reward_weights)
@@ -357,22 +393,25 @@ def main(argv=None) -> int:
     done = {r["id"]: r for r in rr.read_jsonl(out / "gcr.jsonl")}
     todo = [it for it in items if it["id"] not in done]
     if done:
-        print(f"{len(items) - len(todo)} of {len(items)} prompts already finished in {out}", file=sys.stderr)
+        print(f"{len(items) - len(todo)} of {len(items)} prompts already finished in {out}",
+              file=sys.stderr)
     if todo:
         from tqdm import tqdm
         if args.generator == "tiny-random":
             args.steps, args.resolution = args.steps or 4, args.resolution or 64
-        pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5, quantization=args.generator_quantization,
-                                 device=args.device)
+        pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5,
+                                 quantization=args.generator_quantization, device=args.device)
         scorer = rr.build_scorer(args, args.task, weights)
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "sheets").mkdir(exist_ok=True)
         bar = tqdm(total=len(todo), desc="GCR", unit="prompt")
         for i in range(0, len(todo), args.batch_size):
             t0 = time.time()
-            for rec in run_batch(pipe, scorer, todo[i:i + args.batch_size], args, gate, weights, out):
-                rec["seconds"] = round((time.time() - t0) / len(todo[i:i + args.batch_size]), 2)
-                contact_sheet([rec], out, out / "sheets" / f"{rr.slug(rec['prompt'])}-{rec['id']}.png")
+            batch = todo[i:i + args.batch_size]
+            for rec in run_batch(pipe, scorer, batch, args, gate, weights, out):
+                rec["seconds"] = round((time.time() - t0) / len(batch), 2)
+                sheet = out / "sheets" / f"{rr.slug(rec['prompt'])}-{rec['id']}.png"
+                contact_sheet([rec], out, sheet)
                 rr.append_jsonl(out / "gcr.jsonl", rec)
                 done[rec["id"]] = rec
                 bar.update(1)
@@ -380,7 +419,8 @@ def main(argv=None) -> int:
     records = [done[it["id"]] for it in items]
     contact_sheet(records, out, out / "contact_sheet.png")
     summary = summarize(records)
-    rr.warn_truncated(summary["truncated_critiques"], summary["critiques"], "--scorer-max-new-tokens")
+    rr.warn_truncated(summary["truncated_critiques"], summary["critiques"],
+                      "--scorer-max-new-tokens")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):")
     for k, v in summary.items():

@@ -8,9 +8,9 @@ maximises the evidence lower bound
 
     x = (request, image A, image B[, source image])   y = preferred image ("A" or "B")
     z = a pairwise rationale (per-dimension justification, scores, winner; App. C/D)
-    q(z|x,y)      = the teacher VLM, shown the label               (Phase 1 builds it)
-    P(y|x,z)      = the teacher, label hidden, reading z           (Phase 2 keeps z where it is high)
-    P_theta(z|x)  = the student, never shown the label             (Phase 3 fits it to q)
+    q(z|x,y)      = the teacher VLM, shown the label         (Phase 1 builds it)
+    P(y|x,z)      = the teacher, label hidden, reading z     (Phase 2 keeps z where it is high)
+    P_theta(z|x)  = the student, never shown the label       (Phase 3 fits it to q)
 
 Where is (the method is one block from the top; the harness comes after it):
     Phase 1             ``anchored_generation``                                   q(z|x,y)
@@ -68,7 +68,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 import rationalrewards as rr
 
 
-LOGP_FLOOR = math.log(1e-6)  # log P(y|x,z) is stored floored, so a text-only "wrong" answer is not -inf
+# log P(y|x,z) is stored floored, so a text-only "wrong" answer is not -inf
+LOGP_FLOOR = math.log(1e-6)
 PROJECTION_TOLERANCE = 0.5   # a pointwise projection may stray this far from its anchor score
 PROJECTION_TEMPERATURE = 0.1  # projections copy scores: decode like the scorer does
 
@@ -94,8 +95,10 @@ def consistency_verdict(judgement: rr.PairwiseJudgement, label: str, p_label: Op
     return None
 
 
-def projection_matches(critique: rr.Critique, anchors: dict, tolerance: float = PROJECTION_TOLERANCE) -> bool:
-    """A pointwise projection is usable when every anchored score is reproduced within `tolerance`."""
+def projection_matches(critique: rr.Critique, anchors: dict,
+                       tolerance: float = PROJECTION_TOLERANCE) -> bool:
+    """A pointwise projection is usable when every anchored score is reproduced within
+    `tolerance`."""
     for d, anchor in anchors.items():
         got = critique.scores.get(d)
         if anchor is None:
@@ -121,14 +124,16 @@ def is_heldout(prompt: str, fraction: float, seed: int) -> bool:
 
 
 def format_anchor_scores(scores: dict) -> str:
-    return "\n".join(f"- {rr.DIMENSION_TITLES[d]}: {'N/A' if s is None else f'{s:g}'}" for d, s in scores.items())
+    return "\n".join(f"- {rr.DIMENSION_TITLES[d]}: {'N/A' if s is None else f'{s:g}'}"
+                     for d, s in scores.items())
 
 
 # ---------------------------------------------------------------------------------------
 # ---- Phase 1: anchored generation, q(z | x, y) ----
 # ---------------------------------------------------------------------------------------
 # what Phase 1 copies from a pair record into each of its rationales
-PAIR_FIELDS = ("id", "dataset", "task", "prompt", "image_a", "image_b", "source_image", "label", "defect_dimension")
+PAIR_FIELDS = ("id", "dataset", "task", "prompt", "image_a", "image_b", "source_image", "label",
+               "defect_dimension")
 
 def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
     """The teacher sees x and the label y and writes K pairwise rationales per pair."""
@@ -137,18 +142,23 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
     todo = [(p, k) for p in pairs for k in range(args.num_candidates) if (p["id"], k) not in done]
     for batch in batches(todo, args.batch_size, "phase 1: anchored generation",
                          total=len(pairs) * args.num_candidates, unit="rationale"):
-        msgs = [rr.render_messages(f"anchored_pairwise_{p['task']}", images_of(p, "image_a", "image_b"),
-                                   request=p["prompt"], preferred=f"Image {p['label']}") for p, _ in batch]
+        msgs = [
+            rr.render_messages(f"anchored_pairwise_{p['task']}", images_of(p, "image_a", "image_b"),
+                               request=p["prompt"], preferred=f"Image {p['label']}")
+            for p, _ in batch
+        ]
         texts = teacher.generate(msgs, args.max_new_tokens, args.temperature)
         for (p, k), text in zip(batch, texts):
-            rr.append_jsonl(path, {**{f: p[f] for f in PAIR_FIELDS}, "candidate": k, "rationale": text})
+            rec = {f: p[f] for f in PAIR_FIELDS}
+            rr.append_jsonl(path, {**rec, "candidate": k, "rationale": text})
 
 
 # ---------------------------------------------------------------------------------------
 # ---- Phase 2: predictive consistency filtering, ELBO term 1: E_q[log P(y | x, z)] ----
 # ---------------------------------------------------------------------------------------
 def read_phase2(out: Path) -> list:
-    """One record per pair: the latest written (a rerun with more candidates supersedes the old one)."""
+    """One record per pair: the latest written (a rerun with more candidates supersedes the old
+    one)."""
     return list({r["id"]: r for r in rr.read_jsonl(out / "phase2.jsonl")}.values())
 
 
@@ -170,8 +180,10 @@ def judge_candidates(teacher, candidates: list, min_consistency: float) -> list:
         lp = None if answer is None else max(LOGP_FLOOR, answer[r["label"]])
         p = None if lp is None else math.exp(lp)
         judgement = rr.parse_pairwise(r["rationale"], r["task"])
-        verdicts.append({"candidate": r["candidate"], "p_label": p, "log_p_label": lp, "judgement": judgement,
-                         "reason": consistency_verdict(judgement, r["label"], p, min_consistency)})
+        verdicts.append({
+            "candidate": r["candidate"], "p_label": p, "log_p_label": lp, "judgement": judgement,
+            "reason": consistency_verdict(judgement, r["label"], p, min_consistency)
+        })
     return verdicts
 
 
@@ -196,9 +208,10 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
         new = [cands[k] for k in sorted(cands) if k not in seen]
         if new:
             todo.append(new)
-    for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates), "phase 2: consistency",
-                               total=len(by_id), unit="pair"):
-        verdicts = iter(judge_candidates(teacher, [r for g in group_batch for r in g], args.min_consistency))
+    for group_batch in batches(todo, max(1, args.batch_size // args.num_candidates),
+                               "phase 2: consistency", total=len(by_id), unit="pair"):
+        candidates = [r for g in group_batch for r in g]
+        verdicts = iter(judge_candidates(teacher, candidates, args.min_consistency))
         for group in group_batch:
             pid = group[0]["id"]
             earlier = list(judged[pid]["candidates"]) if pid in judged else []
@@ -212,9 +225,11 @@ def phase2_record(candidates: dict, verdicts: list) -> dict:
     verdicts = sorted(verdicts, key=lambda v: v["candidate"])
     kept = next((v for v in verdicts if v["reason"] is None), None)
     source = candidates[kept["candidate"] if kept else verdicts[-1]["candidate"]]
-    rec = {**{f: source[f] for f in PAIR_FIELDS}, "kept": kept is not None,
-           "reason": None if kept else verdicts[-1]["reason"],
-           "candidates": [{k: v for k, v in verdict.items() if k != "judgement"} for verdict in verdicts]}
+    rec = {f: source[f] for f in PAIR_FIELDS}
+    rec["kept"] = kept is not None
+    rec["reason"] = None if kept else verdicts[-1]["reason"]
+    rec["candidates"] = [{k: v for k, v in verdict.items() if k != "judgement"}
+                         for verdict in verdicts]
     if kept:  # a candidate kept by an earlier run has no judgement object here: parse it again
         j = kept.get("judgement") or rr.parse_pairwise(source["rationale"], source["task"])
         rec.update(candidate=kept["candidate"], rationale=source["rationale"],
@@ -232,19 +247,26 @@ def project_pointwise(teacher, kept: list, out: Path, args: Args) -> None:
     todo = [(r, s) for r in kept for s in ("A", "B") if (r["id"], s) not in done]
     for batch in batches(todo, args.batch_size, "phase 3: pointwise projections",
                          total=2 * len(kept), unit="critique"):
-        msgs = [rr.render_messages(f"projection_{r['task']}", images_of(r, f"image_{s.lower()}"), request=r["prompt"],
-                                   anchor_scores=format_anchor_scores(r[f"scores_{s.lower()}"]), side=s,
-                                   reference=r["rationale"]) for r, s in batch]
-        for (r, s), text in zip(batch, teacher.generate(msgs, args.max_new_tokens, PROJECTION_TEMPERATURE)):
+        msgs = [rr.render_messages(f"projection_{r['task']}", images_of(r, f"image_{s.lower()}"),
+                                   request=r["prompt"], side=s, reference=r["rationale"],
+                                   anchor_scores=format_anchor_scores(r[f"scores_{s.lower()}"]))
+                for r, s in batch]
+        texts = teacher.generate(msgs, args.max_new_tokens, PROJECTION_TEMPERATURE)
+        for (r, s), text in zip(batch, texts):
             ok = projection_matches(rr.parse_pointwise(text, r["task"]), r[f"scores_{s.lower()}"])
             rr.append_jsonl(path, {"id": r["id"], "side": s, "kept": ok, "critique": text})
 
 
 def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) -> dict:
-    """One sample in the messages + images form read by LLaMA-Factory and TRL; the label is never in it."""
+    """One sample in the messages + images form read by LLaMA-Factory and TRL; the label is never in
+    it."""
     name = f"{kind}_{rec['task']}"
-    images = paths_of(rec, "image_a", "image_b") if kind == "pairwise" else paths_of(rec, f"image_{side.lower()}")
-    system = rr.system_prompt(name, request=rec["prompt"])  # only with a --prompts-dir template that has one
+    if kind == "pairwise":
+        images = paths_of(rec, "image_a", "image_b")
+    else:
+        images = paths_of(rec, f"image_{side.lower()}")
+    # only with a --prompts-dir template that has one
+    system = rr.system_prompt(name, request=rec["prompt"])
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user", "content": rr.fill_prompt(name, request=rec["prompt"])},
                  {"role": "assistant", "content": answer}]
@@ -252,14 +274,17 @@ def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) ->
 
 
 def build_sft(out: Path, args: Args) -> tuple:
-    """sft.jsonl (train prompts) and heldout.jsonl (held-out prompts), rebuilt from Phase 2 + projections."""
+    """sft.jsonl (train prompts) and heldout.jsonl (held-out prompts), rebuilt from Phase 2 +
+    projections."""
     kept = [r for r in read_phase2(out) if r["kept"]]
     proj = {(p["id"], p["side"]): p for p in rr.read_jsonl(out / "projections.jsonl")}
     train, held = [], []
     for r in kept:
         samples = [sft_sample("pairwise", r, r["rationale"])]
-        samples += [sft_sample("pointwise", r, proj[(r["id"], s)]["critique"], s) for s in ("A", "B")
-                    if (r["id"], s) in proj and proj[(r["id"], s)]["kept"]]
+        samples += [
+            sft_sample("pointwise", r, proj[(r["id"], s)]["critique"], s) for s in ("A", "B")
+            if (r["id"], s) in proj and proj[(r["id"], s)]["kept"]
+        ]
         (held if is_heldout(r["prompt"], args.eval_fraction, args.seed) else train).extend(samples)
     write_atomic(out / "sft.jsonl", "".join(json.dumps(s) + "\n" for s in train))
     write_atomic(out / "heldout.jsonl", "".join(json.dumps(s) + "\n" for s in held))
@@ -267,23 +292,28 @@ def build_sft(out: Path, args: Args) -> tuple:
 
 
 def sample_features(processor, sample: dict, max_pixels: int):
-    """Token ids of (prompt + answer) with labels = -100 on every prompt token: loss on the answer only."""
+    """Token ids of (prompt + answer) with labels = -100 on every prompt token: loss on the answer
+    only."""
     images = [rr.load_image(p) for p in sample["images"]]
     if any(im is None for im in images):
-        raise ValueError(f"SFT sample {sample['id']}: cannot read {[p for p, im in zip(sample['images'], images) if im is None]}; "
-                         f"the run directory's images must stay where Phase 1 found them")
+        unread = [p for p, im in zip(sample["images"], images) if im is None]
+        raise ValueError(f"SFT sample {sample['id']}: cannot read {unread}; the run directory's "
+                         "images must stay where Phase 1 found them")
     images = [rr.bound_pixels(im, max_pixels) for im in images]
     *turns, last = sample["messages"]
-    user = [{"role": m["role"], "content": rr.to_content(m["content"], images) if m["role"] == "user" else m["content"]}
-            for m in turns]
+    user = []
+    for m in turns:
+        content = rr.to_content(m["content"], images) if m["role"] == "user" else m["content"]
+        user.append({"role": m["role"], "content": content})
     answer = {"role": "assistant", "content": [{"type": "text", "text": last["content"]}]}
     kw = dict(tokenize=True, return_dict=True, return_tensors="pt")
     prompt = processor.apply_chat_template(user, add_generation_prompt=True, **kw)
     full = processor.apply_chat_template(user + [answer], **kw)
     n = prompt["input_ids"].shape[1]
     if not (full["input_ids"][0, :n] == prompt["input_ids"][0]).all():
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation; "
-                         "cannot mask the prompt tokens")
+        raise ValueError(
+            "the chat template does not render the prompt as a prefix of the conversation; cannot "
+            "mask the prompt tokens")
     labels = full["input_ids"].clone()  # (1, T)
     labels[:, :n] = -100
     return {**full, "labels": labels}
@@ -296,7 +326,8 @@ def answer_nll(model, processor, samples: list, max_pixels: int) -> Optional[flo
     model.eval()
     with torch.no_grad():
         for s in samples:
-            feats = {k: v.to(model.device) for k, v in sample_features(processor, s, max_pixels).items()}
+            feats = sample_features(processor, s, max_pixels)
+            feats = {k: v.to(model.device) for k, v in feats.items()}
             n = int((feats["labels"][:, 1:] != -100).sum())
             total += float(model(**feats).loss) * n
             tokens += n
@@ -316,8 +347,9 @@ def add_lora(model, args: Args, quantized: bool):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     # Language model only: the paper freezes the vision tower.
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05,
-                        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+                        target_modules=targets)
     return get_peft_model(model, config)
 
 
@@ -325,7 +357,8 @@ def add_lora(model, args: Args, quantized: bool):
 # part, minus the entropy of q, does not depend on theta, so minimising the SFT loss -log
 # P_theta(z|x) on samples z ~ q (the kept rationales) minimises the KL term up to that constant.
 def foresight_distillation(model, processor, train: list, out: Path, args: Args) -> list:
-    """LoRA SFT of the student on the kept rationales, label absent. Returns the loss per optimizer step.
+    """LoRA SFT of the student on the kept rationales, label absent. Returns the loss per optimizer
+    step.
 
     Checkpoints the adapter and optimizer after every epoch; a rerun continues from there.
     """
@@ -334,7 +367,9 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
     from transformers import get_cosine_schedule_with_warmup
     ckpt = out / "student"
     state_path = ckpt / "train_state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"epochs_done": 0, "losses": []}
+    state = {"epochs_done": 0, "losses": []}
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps = math.ceil(len(train) / args.grad_accum) * args.epochs
@@ -350,7 +385,8 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
         bar = tqdm(order, desc=f"phase 3: SFT epoch {epoch + 1}/{args.epochs}", unit="sample")
         running = 0.0
         for i, idx in enumerate(bar):
-            feats = {k: v.to(model.device) for k, v in sample_features(processor, train[idx], args.max_pixels).items()}
+            feats = sample_features(processor, train[idx], args.max_pixels)
+            feats = {k: v.to(model.device) for k, v in feats.items()}
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**feats).loss / args.grad_accum
             loss.backward()
@@ -361,7 +397,8 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 state["losses"].append(running * args.grad_accum / ((i % args.grad_accum) + 1))
-                bar.set_postfix(loss=f"{state['losses'][-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{state['losses'][-1]:.4f}",
+                                lr=f"{sched.get_last_lr()[0]:.2e}")
                 running = 0.0
         model.save_pretrained(ckpt)
         torch.save(opt.state_dict(), ckpt / "optimizer.pt")
@@ -375,8 +412,11 @@ def student_accuracy(model, processor, heldout_pairs: list, task: str, args: Arg
     model.eval()  # no LoRA dropout while the student writes critiques
     backend = rr.TransformersBackend(model, processor, args.batch_size, args.max_pixels)
     scorer = rr.RationalRewardsScorer(backend, task, args.max_new_tokens, temperature=0.1)
-    return {mode: rr.evaluate_preferences(scorer, heldout_pairs, mode, None, args.batch_size)["accuracy_with_ties"]
-            for mode in ("pointwise", "pairwise")}
+    accuracy = {}
+    for mode in ("pointwise", "pairwise"):
+        metrics = rr.evaluate_preferences(scorer, heldout_pairs, mode, None, args.batch_size)
+        accuracy[mode] = metrics["accuracy_with_ties"]
+    return accuracy
 
 
 def heldout_pairs_of(phase2: list, args: Args) -> list:
@@ -389,7 +429,8 @@ def heldout_pairs_of(phase2: list, args: Args) -> list:
     return pairs[:args.eval_limit]
 
 
-def student_report(model, processor, held: list, heldout_pairs: list, task: str, args: Args) -> dict:
+def student_report(model, processor, held: list, heldout_pairs: list, task: str,
+                   args: Args) -> dict:
     return {"heldout_nll": answer_nll(model, processor, held, args.max_pixels),
             "accuracy": student_accuracy(model, processor, heldout_pairs, task, args)}
 
@@ -411,12 +452,15 @@ def phase3(teacher, out: Path, args: Args) -> dict:
 
 def write_heldout_pairs(out: Path, heldout_pairs: list) -> None:
     """The held-out pairs in rationalrewards.py eval's pairs format, to measure any scorer on them
-    later; image paths are relative to the file itself, as the format says, so the folder can move."""
+    later; image paths are relative to the file itself, as the format says, so the folder can
+    move."""
     rel = lambda f: os.path.relpath(Path(f).resolve(), out.resolve())
     lines = []
     for r in heldout_pairs:
-        rec = {"id": r["id"], "prompt": r["prompt"], "image_a": rel(r["image_a"]), "image_b": rel(r["image_b"]),
-               "label": r["label"]}
+        rec = {
+            "id": r["id"], "prompt": r["prompt"], "image_a": rel(r["image_a"]),
+            "image_b": rel(r["image_b"]), "label": r["label"]
+        }
         if r.get("source_image"):
             rec["source_image"] = rel(r["source_image"])
         lines.append(json.dumps(rec) + "\n")
@@ -430,32 +474,38 @@ def student_metrics_for(out: Path, train: list) -> dict:
     fingerprint = hashlib.sha1(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if metrics and metrics.get("sft_fingerprint") != fingerprint:
-        rr.warn("sft.jsonl changed since the student was trained: training it again from the base model")
+        rr.warn("sft.jsonl changed since the student was trained: training it again from the "
+                "base model")
         metrics = {}
         shutil.rmtree(ckpt, ignore_errors=True)
     metrics["sft_fingerprint"] = fingerprint
     return metrics
 
 
-def train_student(out: Path, train: list, held: list, heldout_pairs: list, task: str, args: Args) -> dict:
+def train_student(out: Path, train: list, held: list, heldout_pairs: list, task: str,
+                  args: Args) -> dict:
     """LoRA SFT of the student on `train` (resumable per epoch), measured before and after on the
     held-out samples and pairs; returns (and writes) student_metrics.json."""
     import torch
-    ckpt, metrics_path, state_path = out / "student", out / "student_metrics.json", out / "student" / "train_state.json"
+    ckpt, metrics_path = out / "student", out / "student_metrics.json"
+    state_path = ckpt / "train_state.json"
     metrics = student_metrics_for(out, train)
-    if "after" in metrics and state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
-        return metrics  # a finished run, started again on the same data: nothing to redo
+    if "after" in metrics and state_path.is_file():
+        if json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
+            return metrics  # a finished run, started again on the same data: nothing to redo
     torch.manual_seed(args.seed)
-    model, processor = rr.load_vlm(args.student, args.student_quantization, trainable=True, device=args.device)
+    model, processor = rr.load_vlm(args.student, args.student_quantization, trainable=True,
+                                   device=args.device)
     model = add_lora(model, args, args.student_quantization == "4bit")
     if "before" not in metrics:  # LoRA starts at zero: the student is still the base model
         metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
         write_atomic(metrics_path, json.dumps(metrics))
     if not train:
-        # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest of
-        # the chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says what it
-        # is
-        rr.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the base model)")
+        # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest
+        # of the chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says
+        # what it is
+        rr.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the "
+                "base model)")
         model.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
         write_atomic(metrics_path, json.dumps(metrics))
@@ -466,7 +516,8 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
     metrics["train_losses"] = foresight_distillation(model, processor, train, out, args)
     metrics["after"] = student_report(model, processor, held, heldout_pairs, task, args)
-    metrics.update(sft_samples=len(train), heldout_samples=len(held), heldout_pairs=len(heldout_pairs))
+    metrics.update(sft_samples=len(train), heldout_samples=len(held),
+                   heldout_pairs=len(heldout_pairs))
     write_atomic(metrics_path, json.dumps(metrics))
     return metrics
 
@@ -478,27 +529,38 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
     phase1, phase2 = rr.read_jsonl(out / "phase1.jsonl"), read_phase2(out)
     kept = [r for r in phase2 if r["kept"]]
     reasons = {k: sum(r["reason"] == k for r in phase2)
-               for k in ("unparseable", "scores_contradict_label", "unreadable_answer", "teacher_disagrees")}
+               for k in ("unparseable", "scores_contradict_label", "unreadable_answer",
+                         "teacher_disagrees")}
     # ELBO term 1, E_{q(z|x,y)}[log P(y|x,z)]: every candidate z that q produced, not only survivors
-    all_lp = [c["log_p_label"] for r in phase2 for c in r.get("candidates", []) if c.get("log_p_label") is not None]
+    all_lp = [c["log_p_label"] for r in phase2 for c in r.get("candidates", [])
+              if c.get("log_p_label") is not None]
     kept_lp = [r["log_p_label"] for r in kept if r.get("log_p_label") is not None]
     dims = rr.dimensions(phase2[0]["task"]) if phase2 else ()
     stats = {}
     for d in dims:
         vals = [r[k][d] for r in kept for k in ("scores_a", "scores_b") if r[k][d] is not None]
-        gaps = [abs(r["scores_a"][d] - r["scores_b"][d]) for r in kept if None not in (r["scores_a"][d], r["scores_b"][d])]
-        stats[d] = {"mean": sum(vals) / len(vals) if vals else None, "mean_abs_gap": sum(gaps) / len(gaps) if gaps else None,
+        gaps = [abs(r["scores_a"][d] - r["scores_b"][d]) for r in kept
+                if None not in (r["scores_a"][d], r["scores_b"][d])]
+        stats[d] = {"mean": sum(vals) / len(vals) if vals else None,
+                    "mean_abs_gap": sum(gaps) / len(gaps) if gaps else None,
                     "readable": len(vals)}
     report = {
-        "raw_pairs": inputs.get("rows_read"), "pairs": inputs.get("pairs"),
-        "skipped_inputs": {k: v for k, v in inputs.items() if k.startswith(("skipped", "dropped"))},
+        "raw_pairs": inputs.get("rows_read"),
+        "pairs": inputs.get("pairs"),
+        "skipped_inputs": {k: v for k, v in inputs.items()
+                           if k.startswith(("skipped", "dropped"))},
         "phase1_rationales": len(phase1),
-        "phase1_parse_failures": sum(rr.parse_pairwise(r["rationale"], r["task"]).preferred is None for r in phase1),
-        "phase2_pairs": len(phase2), "kept": len(kept), "drops_by_reason": reasons,
-        "retention_rate": len(kept) / len(phase2) if phase2 else None, "paper_retention_rate": 0.72,
+        "phase1_parse_failures": sum(
+            rr.parse_pairwise(r["rationale"], r["task"]).preferred is None for r in phase1),
+        "phase2_pairs": len(phase2),
+        "kept": len(kept),
+        "drops_by_reason": reasons,
+        "retention_rate": len(kept) / len(phase2) if phase2 else None,
+        "paper_retention_rate": 0.72,
         "elbo_term1_all_candidates": sum(all_lp) / len(all_lp) if all_lp else None,
         "elbo_term1_candidates_scored": len(all_lp),
-        "unreadable_teacher_answers": sum(c.get("log_p_label") is None for r in phase2 for c in r.get("candidates", [])),
+        "unreadable_teacher_answers": sum(
+            c.get("log_p_label") is None for r in phase2 for c in r.get("candidates", [])),
         # over the kept rationales only: bounded below by the filter itself, so it describes the
         # SFT data, it does not estimate the bound
         "mean_log_p_y_given_xz_kept": sum(kept_lp) / len(kept_lp) if kept_lp else None,
@@ -506,10 +568,17 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
     }
     proj = rr.read_jsonl(out / "projections.jsonl")
     if proj:  # Phase 3's own filter: pointwise projections that kept their anchor scores
-        report["phase3_projections"] = {"kept": sum(p["kept"] for p in proj), "dropped_score_stray": sum(not p["kept"] for p in proj)}
-        report["sft_samples"] = {"train": len(rr.read_jsonl(out / "sft.jsonl")), "heldout": len(rr.read_jsonl(out / "heldout.jsonl"))}
+        report["phase3_projections"] = {
+            "kept": sum(p["kept"] for p in proj),
+            "dropped_score_stray": sum(not p["kept"] for p in proj)
+        }
+        report["sft_samples"] = {
+            "train": len(rr.read_jsonl(out / "sft.jsonl")),
+            "heldout": len(rr.read_jsonl(out / "heldout.jsonl"))
+        }
     if any(r.get("defect_dimension") for r in phase2):  # demo: each pair's defect is known
-        hits = [largest_gap_dimension(r["scores_a"], r["scores_b"]) == r["defect_dimension"] for r in kept]
+        hits = [largest_gap_dimension(r["scores_a"], r["scores_b"]) == r["defect_dimension"]
+                for r in kept]
         # None, said so in the table, when no rationale was kept to attribute anything
         report["attribution_accuracy"] = sum(hits) / len(hits) if hits else None
     if student:
@@ -521,11 +590,13 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
 def print_report(report: dict) -> None:
     rows = [("raw pairs read", report["raw_pairs"]), ("valid pairs", report["pairs"])]
     rows += [(f"  {k}", v) for k, v in report["skipped_inputs"].items()]
-    rows += [("Phase 1 rationales", report["phase1_rationales"]), ("Phase 1 parse failures", report["phase1_parse_failures"]),
+    rows += [("Phase 1 rationales", report["phase1_rationales"]),
+             ("Phase 1 parse failures", report["phase1_parse_failures"]),
              ("Phase 2 pairs judged", report["phase2_pairs"]), ("kept", report["kept"])]
     rows += [(f"  dropped: {k}", v) for k, v in report["drops_by_reason"].items()]
     rows += [("retention rate (paper ~0.72)", report["retention_rate"]),
-             (f"ELBO term 1, E_q log P(y|x,z), {report['elbo_term1_candidates_scored']} z", report["elbo_term1_all_candidates"]),
+             (f"ELBO term 1, E_q log P(y|x,z), {report['elbo_term1_candidates_scored']} z",
+              report["elbo_term1_all_candidates"]),
              ("  unreadable teacher answers", report["unreadable_teacher_answers"]),
              ("mean log P(y|x,z), kept z only", report["mean_log_p_y_given_xz_kept"])]
     if "phase3_projections" in report:
@@ -562,15 +633,18 @@ class Args:
     limit: Optional[int] = None
     """use at most this many valid pairs"""
     min_vote_margin: float = 0.1
-    """rapidata/editreward: drop near-ties whose winning vote share is below 0.5 + this (editreward: score gap below 4x this)"""
+    """rapidata/editreward: drop near-ties whose winning vote share is below 0.5 + this (editreward:
+    score gap below 4x this)"""
     out: str = "runs/parrot"
     """run directory: every output, resumable"""
     phases: str = "123"
     """which phases to run, e.g. 1, 2, 3 or 12; each reads the outputs of the ones before"""
     teacher: str = "Qwen/Qwen3-VL-8B-Instruct"
-    """teacher VLM (hub id, local path, tiny-random); with --teacher-api-base, the served model name"""
+    """teacher VLM (hub id, local path, tiny-random); with --teacher-api-base, the served model
+    name"""
     teacher_api_base: Optional[str] = None
-    """OpenAI-compatible endpoint serving the teacher (vLLM, SGLang): how to use a 32B teacher or many GPUs"""
+    """OpenAI-compatible endpoint serving the teacher (vLLM, SGLang): how to use a 32B teacher or
+    many GPUs"""
     teacher_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
     """auto = 4-bit on a GPU, none on CPU"""
     student: str = "Qwen/Qwen3-VL-2B-Instruct"
@@ -610,11 +684,13 @@ class Args:
     max_retries: int = 3
     """HTTP teacher: retries with backoff"""
     prompts_dir: Optional[str] = None
-    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
+    """templates with the same file names read from this folder first (see rationalrewards.py
+    --help)"""
     seed: int = 0
     """seed for the A/B shuffle, the held-out split, sampling and training"""
     device: Optional[str] = None
-    """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
+    """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda when there is a
+    GPU)"""
 
 
 DEFAULT_HUB = {"rapidata": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3",
@@ -630,13 +706,17 @@ class DataError(RuntimeError):
 #   {id, dataset, task, prompt, image_a, image_b, source_image, label, defect_dimension}
 # with image paths on disk, plus counts of what was skipped and why.
 # ---------------------------------------------------------------------------------------
-def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None, defect=None) -> dict:
+def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None,
+              defect=None) -> dict:
     """Seeded shuffle of which image is shown as A, so the student cannot learn "A wins"."""
     pid = key or rr.pair_id(prompt, preferred, rejected, source or "")
     swap = random.Random(f"{seed}:{pid}").random() < 0.5
     a, b = (rejected, preferred) if swap else (preferred, rejected)
-    return {"id": pid, "dataset": dataset, "task": task, "prompt": prompt, "image_a": str(a), "image_b": str(b),
-            "source_image": str(source) if source else None, "label": "B" if swap else "A", "defect_dimension": defect}
+    return {
+        "id": pid, "dataset": dataset, "task": task, "prompt": prompt, "image_a": str(a),
+        "image_b": str(b), "source_image": str(source) if source else None,
+        "label": "B" if swap else "A", "defect_dimension": defect
+    }
 
 
 def _readable(paths, stats) -> bool:
@@ -656,26 +736,32 @@ def load_hpdv3(root, split, limit, seed, stats) -> list:
     index = root / f"{split}.json"
     if not index.is_file():
         raise DataError(
-            f"HPDv3 not found: {index} does not exist. Download and extract it (about 100 GB for all images):\n"
-            f"  hf download MizzenAI/HPDv3 --repo-type dataset --local-dir {root}\n"
-            f"  cd {root} && cat images.tar.gz.* | tar -xzf -\n"
-            f"then pass --data-dir {root}.")
+            f"HPDv3 not found: {index} does not exist. Download and extract it (about 100 GB for "
+            f"all images):\n  hf download MizzenAI/HPDv3 --repo-type dataset --local-dir {root}\n  "
+            f"cd {root} && cat images.tar.gz.* | tar -xzf -\nthen pass --data-dir {root}.")
     try:
         rows = json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{index} is not valid JSON ({err}); expected a list of records with prompt, path1, path2") from None
+        raise DataError(
+            f"{index} is not valid JSON ({err}); expected a list of records with prompt, path1, "
+            "path2"
+        ) from None
     if not isinstance(rows, list):
         raise DataError(f"{index}: expected a JSON list of records, got {type(rows).__name__}")
     pairs = []
     for n, rec in enumerate(rows):
         if limit is not None and len(pairs) >= limit:
             break
-        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "path1", "path2")):
-            raise DataError(f"{index}, row {n}: expected string fields prompt, path1 (preferred), path2 (rejected), "
-                            f"got {str(rec)[:200]}")
+        fields_ok = isinstance(rec, dict) and all(isinstance(rec.get(k), str)
+                                                  for k in ("prompt", "path1", "path2"))
+        if not fields_ok:
+            raise DataError(
+                f"{index}, row {n}: expected string fields prompt, path1 (preferred), path2 "
+                f"(rejected), got {str(rec)[:200]}")
         stats["rows_read"] += 1
         good, bad = root / rec["path1"], root / rec["path2"]  # path1 is the preferred image
-        if _readable([good, bad], stats):  # the id from the row itself, however --data-dir is spelled
+        if _readable([good, bad], stats):
+            # the id from the row itself, however --data-dir is spelled
             key = rr.pair_id(rec["prompt"], rec["path1"], rec["path2"])
             pairs.append(make_pair("hpdv3", "t2i", rec["prompt"], good, bad, seed, key=key))
     return pairs
@@ -692,10 +778,14 @@ def load_jsonl(path, limit, seed, stats) -> list:
         if rec["label"] == "tie":
             stats["dropped_ties"] += 1
             continue
-        good, bad = (rec["image_a"], rec["image_b"]) if rec["label"] == "A" else (rec["image_b"], rec["image_a"])
+        good, bad = rec["image_a"], rec["image_b"]
+        if rec["label"] != "A":
+            good, bad = bad, good
         if _readable([good, bad, rec.get("source_image")], stats):
             task = "edit" if rec.get("source_image") else "t2i"
-            pairs.append(make_pair("jsonl", task, rec["prompt"], good, bad, seed, rec.get("source_image"), rec["id"]))
+            pairs.append(
+                make_pair("jsonl", task, rec["prompt"], good, bad, seed, rec.get("source_image"),
+                          rec["id"]))
     return pairs
 
 
@@ -706,7 +796,9 @@ def _vote_label(row, dataset, margin):
         gap = (row.get("left_overall_score") or 0) - (row.get("right_overall_score") or 0)
         if "tie" in vote or vote not in ("leftvote", "rightvote"):
             return "tie"
-        return "near_tie" if abs(gap) < 4 * margin else ("first" if vote == "leftvote" else "second")
+        if abs(gap) < 4 * margin:
+            return "near_tie"
+        return "first" if vote == "leftvote" else "second"
     for k1, k2 in (("weighted_results_image1_preference", "weighted_results_image2_preference"),
                    ("votes_image1", "votes_image2"), ("image1_votes", "image2_votes")):
         if row.get(k1) is not None and row.get(k2) is not None:
@@ -715,19 +807,26 @@ def _vote_label(row, dataset, margin):
                 return "tie"
             share = max(v1, v2) / (v1 + v2)
             return "near_tie" if share < 0.5 + margin else ("first" if v1 > v2 else "second")
-    raise DataError(f"{dataset}: no vote fields in row with columns {sorted(row)}; expected e.g. "
-                    f"votes_image1/votes_image2 or weighted_results_image1_preference/..._image2_preference")
+    raise DataError(
+        f"{dataset}: no vote fields in row with columns {sorted(row)}; expected e.g. "
+        "votes_image1/votes_image2 or weighted_results_image1_preference/..._image2_preference")
 
 
 def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> list:
     """Rapidata (t2i) or EditReward (edit) parquet, streamed so --limit N reads about N rows."""
     hf_id = hf_id or DEFAULT_HUB[dataset]
-    cols = ({"prompt": "instruction", "a": "left_output_image", "b": "right_output_image", "src": "source_img"}
-            if dataset == "editreward" else {"prompt": "prompt", "a": "image1", "b": "image2", "src": None})
-    hint = (f"On a machine with network run\n  hf download {hf_id} --repo-type dataset --local-dir data/{dataset}\n"
-            f"and pass --hf-dataset data/{dataset}/data (a parquet file or a directory of them).")
+    if dataset == "editreward":
+        cols = {"prompt": "instruction", "a": "left_output_image", "b": "right_output_image",
+                "src": "source_img"}
+    else:
+        cols = {"prompt": "prompt", "a": "image1", "b": "image2", "src": None}
+    hint = (
+        f"On a machine with network run\n  hf download {hf_id} --repo-type dataset --local-dir "
+        f"data/{dataset}\nand pass --hf-dataset data/{dataset}/data (a parquet file or a directory "
+        "of them).")
     try:
-        ds = rr.open_parquet_stream(hf_id, split, [c for c in (cols["a"], cols["b"], cols["src"]) if c], hint=hint)
+        image_columns = [c for c in (cols["a"], cols["b"], cols["src"]) if c]
+        ds = rr.open_parquet_stream(hf_id, split, image_columns, hint=hint)
     except rr.ModelLoadError as err:
         raise DataError(str(err)) from None
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -740,7 +839,8 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
         if verdict in ("tie", "near_tie"):
             stats["dropped_ties" if verdict == "tie" else "dropped_near_ties"] += 1
             continue
-        key = str(row.get("unique_key") or row.get("id") or rr.pair_id(row[cols["prompt"]], dataset, split, i))
+        default_id = rr.pair_id(row[cols["prompt"]], dataset, split, i)
+        key = str(row.get("unique_key") or row.get("id") or default_id)
         paths, problem = {}, None
         for part in ("a", "b", "src"):
             if not cols[part]:
@@ -752,18 +852,22 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
                 break
         if problem:
             stats[problem] += 1
-            rr.warn(f"row {i} of {hf_id} ({key}): {problem.replace('skipped_', '').replace('_', ' ')}: pair skipped")
+            what = problem.replace("skipped_", "").replace("_", " ")
+            rr.warn(f"row {i} of {hf_id} ({key}): {what}: pair skipped")
             continue
         good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
-        pairs.append(make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]], good, bad, seed,
-                               paths.get("src"), key))
+        pairs.append(
+            make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]], good, bad,
+                      seed, paths.get("src"), key))
     return pairs
 
 
 # demo: shapes, colours, counts and rendered words, drawn with PIL. The preferred image is right;
 # the rejected one has exactly one defect, in a known dimension.
-COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
-           "purple": (135, 60, 175), "orange": (240, 135, 30)}
+COLOURS = {
+    "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
+    "purple": (135, 60, 175), "orange": (240, 135, 30)
+}
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("CAT", "SUN", "TREE", "BOOK", "MOON", "FISH", "STAR", "BIKE")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
@@ -825,7 +929,8 @@ def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
         prompt = f"{NUMBER_WORDS[count]} {colour} {shape}s in a row on a white background"
     else:
         prompt = f'a {colour} sign with the word "{word}" written on it in black letters'
-    defect = rng.choice(["text_faithfulness", "physical_quality"] + (["text_rendering"] if word else []))
+    defect = rng.choice(["text_faithfulness", "physical_quality"] +
+                        (["text_rendering"] if word else []))
     good = draw_scene(colour, shape, count, word)
     if defect == "physical_quality":
         bad = degrade(good, rng)
@@ -834,7 +939,8 @@ def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
     elif kind == 1:  # wrong count
         bad = draw_scene(colour, shape, count + rng.choice([-1, 1]), word)
     else:  # wrong colour
-        bad = draw_scene(rng.choice([c for c in sorted(COLOURS) if c != colour]), shape, count, word)
+        bad = draw_scene(rng.choice([c for c in sorted(COLOURS) if c != colour]), shape, count,
+                         word)
     key = f"demo-{seed}-{index:05d}"
     paths = [image_dir / f"{key}-good.png", image_dir / f"{key}-bad.png"]
     for p, im in zip(paths, (good, bad)):
@@ -844,8 +950,8 @@ def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
 
 
 def load_dataset_pairs(args: Args) -> tuple:
-    stats = {k: 0 for k in ("rows_read", "skipped_missing_image", "skipped_corrupt_image", "dropped_ties",
-                            "dropped_near_ties")}
+    stats = {k: 0 for k in ("rows_read", "skipped_missing_image", "skipped_corrupt_image",
+                            "dropped_ties", "dropped_near_ties")}
     image_dir = Path(args.out) / "images"
     if args.dataset == "demo":
         image_dir.mkdir(parents=True, exist_ok=True)
@@ -856,8 +962,8 @@ def load_dataset_pairs(args: Args) -> tuple:
     elif args.dataset == "jsonl":
         pairs = load_jsonl(args.data_dir, args.limit, args.seed, stats)
     else:
-        pairs = load_hub(args.dataset, args.hf_dataset, args.split, args.limit, args.seed, args.min_vote_margin,
-                         image_dir, stats)
+        pairs = load_hub(args.dataset, args.hf_dataset, args.split, args.limit, args.seed,
+                         args.min_vote_margin, image_dir, stats)
     stats["pairs"] = len(pairs)
     return pairs, stats
 
@@ -906,9 +1012,11 @@ class LazyTeacher:
     def _get(self):
         if self.backend is None:
             a = self.args
-            self.backend = rr.load_backend(a.teacher, api_base=a.teacher_api_base, quantization=a.teacher_quantization,
-                                           batch_size=a.batch_size, max_pixels=a.max_pixels, timeout=a.timeout,
-                                           max_retries=a.max_retries, device=a.device)
+            self.backend = rr.load_backend(a.teacher, api_base=a.teacher_api_base,
+                                           quantization=a.teacher_quantization,
+                                           batch_size=a.batch_size, max_pixels=a.max_pixels,
+                                           timeout=a.timeout, max_retries=a.max_retries,
+                                           device=a.device)
         return self.backend
 
     def generate(self, *args, **kwargs):
@@ -923,11 +1031,13 @@ class LazyTeacher:
         except rr.BackendError as err:
             if not self.args.teacher_api_base:
                 raise
-            # the most common cause: no server was started; say how (README, "Serving the model over
-            # HTTP")
-            raise rr.BackendError(f"{err}\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n"
-                                  f"  vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
-                                  f"http://localhost:8000/v1 (everything done so far is kept: rerun to continue)") from None
+            # the most common cause: no server was started; say how (README, "Serving the
+            # model over HTTP")
+            raise rr.BackendError(
+                f"{err}\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n  "
+                f"vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
+                "http://localhost:8000/v1 (everything done so far is kept: rerun to continue)"
+            ) from None
 
     def release(self):
         import torch
@@ -964,23 +1074,27 @@ def preflight(args: Args, out: Path) -> None:
 
 
 def check_dataset(args: Args) -> None:
-    """Is the dataset where the loader will look? (the loaders give the same advice when they read it)"""
+    """Is the dataset where the loader will look? (the loaders give the same advice when they read
+    it)"""
     if args.dataset == "hpdv3":
         root = Path(args.data_dir or "data/hpdv3")
         if not (root / f"{args.split}.json").is_file():
-            raise DataError(f"HPDv3 not found: {root / (args.split + '.json')} does not exist. Download and extract it "
-                            f"(about 100 GB for all images):\n  hf download MizzenAI/HPDv3 --repo-type dataset "
-                            f"--local-dir {root}\n  cd {root} && cat images.tar.gz.* | tar -xzf -\n"
-                            f"then pass --data-dir {root}.")
+            raise DataError(
+                f"HPDv3 not found: {root / (args.split + '.json')} does not exist. Download and "
+                "extract it (about 100 GB for all images):\n  hf download MizzenAI/HPDv3 "
+                f"--repo-type dataset --local-dir {root}\n  cd {root} && cat images.tar.gz.* | tar "
+                f"-xzf -\nthen pass --data-dir {root}.")
     elif args.dataset == "jsonl":
         if not args.data_dir or not Path(args.data_dir).is_file():
-            raise DataError(f"--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl (got {args.data_dir!r})")
+            raise DataError(
+                f"--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl (got {args.data_dir!r})")
     elif args.dataset in ("rapidata", "editreward"):
         source = args.hf_dataset or DEFAULT_HUB[args.dataset]
         if not rr.looks_like_path(source) and not rr.hub_reachable():
-            raise DataError(f"{args.dataset}: {source} cannot be streamed: the hub is not reachable. On a machine "
-                            f"with network run\n  hf download {source} --repo-type dataset --local-dir "
-                            f"data/{args.dataset}\nand pass --hf-dataset data/{args.dataset}/data.")
+            raise DataError(
+                f"{args.dataset}: {source} cannot be streamed: the hub is not reachable. On a "
+                f"machine with network run\n  hf download {source} --repo-type dataset --local-dir "
+                f"data/{args.dataset}\nand pass --hf-dataset data/{args.dataset}/data.")
         if rr.looks_like_path(source) and not Path(source).exists():
             raise DataError(f"--hf-dataset {source} does not exist")
 
@@ -990,8 +1104,8 @@ def main(argv=None) -> int:
     if not set(args.phases) <= set("123") or not args.phases:
         raise SystemExit(f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
     rr.set_prompts_dir(args.prompts_dir)
-    rr.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens", "max_pixels", "epochs",
-                        "grad_accum", "lora_r", "eval_limit")
+    rr.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens",
+                        "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
     rr.check_common_args(args)
     rr.check_writable_dir(out)

@@ -249,9 +249,9 @@ def to_content(text: str, images: list, what: str = "text") -> list:
 # `[3.5]`, N/A, sections missing or out of order, a reasoning preamble. Unreadable -> None.
 # ---------------------------------------------------------------------------------------
 _S = r"[\s_/&-]*"  # what may stand between the words of a dimension's name
-# First key wins, so the specific names come before "quality"; within a key the long names come
-# first, so that a header line holding only "Physical and Visual Quality" is read as exactly a
-# title.
+# First key wins, so the specific names come before "quality"; within a key the long names
+# come first, so that a header line holding only "Physical and Visual Quality" is read as
+# exactly a title.
 _DIMENSION_PATTERNS = [
     ("text_rendering", rf"text{_S}rendering|typography"),
     ("image_faithfulness",
@@ -705,12 +705,16 @@ class Args:
     """score --task edit: the image that was edited"""
     pairs: Optional[str] = field(default=None, metadata={"command": "eval"})
     """eval: JSONL of pairs: prompt, image_a, image_b, label (A/B/tie), optional source_image, id"""
-    benchmark: Optional[Literal["genai-bench-t2i", "genai-bench-edit", "editreward-bench", "mmrb2-t2i", "mmrb2-edit",
+    benchmark: Optional[Literal["genai-bench-t2i", "genai-bench-edit", "editreward-bench",
+                                "mmrb2-t2i", "mmrb2-edit",
                                 "all"]] = field(default=None, metadata={"command": "eval"})
-    """eval: a benchmark of the paper's Table 1 instead of --pairs (its task, labels and protocol follow it)"""
+    """eval: a benchmark of the paper's Table 1 instead of --pairs (its task, labels and protocol
+    follow it)"""
     data_dir: Optional[str] = field(default=None, metadata={"command": "eval"})
-    """eval --benchmark: a local copy (parquet file or directory; with `all`, a folder holding one per name)"""
-    mode: Optional[Literal["pointwise", "pairwise"]] = field(default=None, metadata={"command": "eval"})
+    """eval --benchmark: a local copy (parquet file or directory; with `all`, a folder holding one
+    per name)"""
+    mode: Optional[Literal["pointwise", "pairwise"]] = field(default=None,
+                                                             metadata={"command": "eval"})
     """eval: pointwise scores each image and compares sums; pairwise reads both images at once
     (default: pointwise for --pairs, pairwise for --benchmark, as the paper evaluates)"""
     limit: Optional[int] = field(default=None, metadata={"command": "eval"})
@@ -722,12 +726,14 @@ class Args:
     quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
     """auto = 4-bit nf4 on a GPU, none on CPU"""
     api_base: Optional[str] = None
-    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang); skips local loading"""
+    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang); skips local
+    loading"""
     api_key_env: str = "OPENAI_API_KEY"
     """environment variable holding the API key for --api-base (may be unset for local servers)"""
     max_new_tokens: Optional[int] = None
-    """longest critique the scorer may write (default 2048, the paper's; eval --benchmark with --api-base: 20480,
-    the official evaluation scripts' budget, which costs nothing a short reply does not use)"""
+    """longest critique the scorer may write (default 2048, the paper's; eval --benchmark with
+    --api-base: 20480, the official evaluation scripts' budget, which costs nothing a short reply
+    does not use)"""
     temperature: float = 0.1
     """scorer sampling temperature (paper: 0.1); 0 means greedy"""
     batch_size: int = 8
@@ -739,8 +745,8 @@ class Args:
     max_retries: int = 3
     """HTTP backend: retries after a failed request, with exponential backoff"""
     prompts_dir: Optional[str] = None
-    """templates with the same file names read from this folder first (e.g. the official wording; a file
-    may open with [system] ... [user] to add a system turn)"""
+    """templates with the same file names read from this folder first (e.g. the official wording; a
+    file may open with [system] ... [user] to add a system turn)"""
     device: Optional[str] = None
     """where the model runs: cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
     seed: int = 0
@@ -752,8 +758,8 @@ class ScorerArgs:
     """The scorer's flags as rl_nft.py and gcr_loop.py take them (their Args inherit these fields),
     with the meanings of rationalrewards.py's --model, --adapter, --api-base, --quantization, ..."""
     scorer: Optional[str] = None
-    """scorer VLM: hub id, local directory or tiny-random (default: the released checkpoint for the task);
-    with --scorer-api-base, the model name the server serves"""
+    """scorer VLM: hub id, local directory or tiny-random (default: the released checkpoint for the
+    task); with --scorer-api-base, the model name the server serves"""
     scorer_adapter: Optional[str] = None
     """LoRA adapter applied on top of --scorer, e.g. the PARROT student (runs/X/student)"""
     scorer_api_base: Optional[str] = None
@@ -763,7 +769,8 @@ class ScorerArgs:
     scorer_batch_size: int = 8
     """critiques per generate() call, or requests in flight over HTTP"""
     scorer_max_new_tokens: Optional[int] = None
-    """longest critique (default 2048 as in the paper; 128 for tiny-random, whose text is noise anyway)"""
+    """longest critique (default 2048 as in the paper; 128 for tiny-random, whose text is noise
+    anyway)"""
     scorer_temperature: float = 0.1
     """scorer sampling temperature (paper: 0.1)"""
     max_pixels: int = 768 * 768
@@ -775,19 +782,23 @@ class ScorerArgs:
     api_key_env: str = "OPENAI_API_KEY"
     """environment variable holding the API key for --scorer-api-base"""
     prompts_dir: Optional[str] = None
-    """templates with the same file names read from this folder first (see rationalrewards.py --help)"""
+    """templates with the same file names read from this folder first (see rationalrewards.py
+    --help)"""
     device: Optional[str] = None
-    """where the models run (generator and scorer): cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
+    """where the models run (generator and scorer): cuda, cuda:1, cpu (default: cuda when there is a
+    GPU)"""
 
 
-def build_scorer(args: ScorerArgs, task: str = "t2i", weights: Optional[dict] = None) -> "RationalRewardsScorer":
+def build_scorer(args: ScorerArgs, task: str = "t2i",
+                 weights: Optional[dict] = None) -> "RationalRewardsScorer":
     """The scorer described by the --scorer-* flags (shared by rl_nft.py and gcr_loop.py)."""
     model = args.scorer or RELEASED[task]
     tokens = args.scorer_max_new_tokens or (128 if model == "tiny-random" else 2048)
     backend = load_backend(model, api_base=args.scorer_api_base, adapter=args.scorer_adapter,
                            quantization=args.scorer_quantization, batch_size=args.scorer_batch_size,
-                           max_pixels=args.max_pixels, timeout=args.timeout, max_retries=args.max_retries,
-                           api_key_env=args.api_key_env, device=args.device)
+                           max_pixels=args.max_pixels, timeout=args.timeout,
+                           max_retries=args.max_retries, api_key_env=args.api_key_env,
+                           device=args.device)
     return RationalRewardsScorer(backend, task, tokens, args.scorer_temperature, weights)
 
 
@@ -804,15 +815,21 @@ def read_pairs(path, limit: Optional[int] = None) -> list:
             rec = json.loads(line)
             label = str(rec["label"]).strip()
             label = {"a": "A", "b": "B", "tie": "tie"}[label.lower()]
-            item = {"prompt": rec["prompt"], "label": label,
-                    **{k: str(path.parent / rec[k]) for k in ("image_a", "image_b", "source_image") if rec.get(k)}}
+            item = {"prompt": rec["prompt"], "label": label}
+            for k in ("image_a", "image_b", "source_image"):
+                if rec.get(k):
+                    item[k] = str(path.parent / rec[k])
             if "image_a" not in item or "image_b" not in item:
                 raise KeyError("image_a/image_b")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path}:{n}: expected prompt, image_a, image_b, label (A/B/tie): {err!r}") from None
+            raise ValueError(
+                f"{path}:{n}: expected prompt, image_a, image_b, label (A/B/tie): {err!r}"
+            ) from None
         # the id comes from the record as written, never from where the file was found, so the
         # same file named by a relative or an absolute path resumes the same run
-        item["id"] = str(rec.get("id") or pair_id(rec["prompt"], rec["image_a"], rec["image_b"], rec.get("source_image") or ""))
+        source = rec.get("source_image") or ""
+        item["id"] = str(rec.get("id") or pair_id(rec["prompt"], rec["image_a"], rec["image_b"],
+                                                  source))
         pairs.append(item)
         if limit is not None and len(pairs) >= limit:
             break
@@ -823,8 +840,9 @@ def warn_truncated(truncated: int, total: int, flag: str = "--max-new-tokens") -
     """Outputs cut by the token limit lose their later dimensions (scored 2.5) or their refined
     request: warn when more than 1% of them were cut."""
     if total and truncated / total > 0.01:
-        warn(              f"{truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by the token "
-              f"limit before the model finished; raise {flag}")
+        warn(
+            f"{truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by the "
+            f"token limit before the model finished; raise {flag}")
 
 
 def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str = "pointwise",
@@ -843,21 +861,28 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
     todo = [p for p in pairs if p["id"] not in latest or latest[p["id"]].get("failed")]
     skipped = {"missing": 0, "unreadable": 0}
     if len(todo) < len(pairs):
-        print(f"resumed: {len(pairs) - len(todo)} of {len(pairs)} pairs already predicted in {out_dir}", file=sys.stderr)
+        print(
+            f"resumed: {len(pairs) - len(todo)} of {len(pairs)} pairs already predicted in "
+            f"{out_dir}",
+            file=sys.stderr)
     bar = tqdm(total=len(todo), desc=f"eval ({mode})", unit="pair", disable=not todo)
     for i in range(0, len(todo), batch_size):
         batch = []
         for p in todo[i:i + batch_size]:
-            # an edit pair has one source image, or several (`source_images`: MMRB2 edits), sent in
-            # order
-            sources = p.get("source_images") or ([p["source_image"]] if p.get("source_image") else [])
-            files = [("image_a", p["image_a"]), ("image_b", p["image_b"])] + [("source", f) for f in sources]
+            # an edit pair has one source image, or several (`source_images`: MMRB2 edits),
+            # sent in order
+            sources = p.get("source_images")
+            if not sources:
+                sources = [p["source_image"]] if p.get("source_image") else []
+            files = [("image_a", p["image_a"]), ("image_b", p["image_b"])]
+            files += [("source", f) for f in sources]
             read = [(key, f, *read_image(f)) for key, f in files]
             bad = {f: problem for _, f, _, problem in read if problem}
             if scorer.task == "edit" and not sources:
                 bad["source_image"] = "missing (an edit pair needs one)"
             if bad:
-                skipped["missing" if all(v.startswith("missing") for v in bad.values()) else "unreadable"] += 1
+                all_missing = all(v.startswith("missing") for v in bad.values())
+                skipped["missing" if all_missing else "unreadable"] += 1
                 warn(f"skipping pair {p['id']}: " + "; ".join(f"{f}: {v}" for f, v in bad.items()))
                 continue
             images = {key: im for key, _, im, _ in read if key != "source"}
@@ -870,15 +895,19 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
             if pred_path:
                 append_jsonl(pred_path, rec)
             if rec.get("failed"):
-                warn(                      f"pair {rec['id']}: the request failed ({rec['error'][:200]}); left out and "
-                      "retried by the next run into the same --out")
+                warn(f"pair {rec['id']}: the request failed ({rec['error'][:200]}); left out and "
+                     "retried by the next run into the same --out")
         bar.update(len(todo[i:i + batch_size]))
         done = [latest[q["id"]] for q in pairs if q["id"] in latest]
-        bar.set_postfix(acc=f"{preference_metrics(done, scorer.task)['accuracy_with_ties'] or 0:.3f}")
+        bar.set_postfix(
+            acc=f"{preference_metrics(done, scorer.task)['accuracy_with_ties'] or 0:.3f}")
     bar.close()
     records = [latest[p["id"]] for p in pairs if p["id"] in latest]   # exactly the pairs asked for
-    metrics = {**preference_metrics(records, scorer.task), "skipped_pairs": sum(skipped.values()),
-               "skipped_missing_image": skipped["missing"], "skipped_unreadable_image": skipped["unreadable"], "mode": mode}
+    metrics = {**preference_metrics(records, scorer.task),
+               "skipped_pairs": sum(skipped.values()),
+               "skipped_missing_image": skipped["missing"],
+               "skipped_unreadable_image": skipped["unreadable"],
+               "mode": mode}
     warn_truncated(metrics["truncated_outputs"], metrics["outputs"])
     if out_dir:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -887,9 +916,9 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # ---------------------------------------------------------------------------------------
 # The paper's Table 1: one command per benchmark, its official labels and protocol.
 # ---------------------------------------------------------------------------------------
-# Each row streams from the hub (or --data-dir) and becomes our pairs: A = left / candidate_1.
-# The "paper protocol" accuracy of each benchmark follows the official code that produced the
-# paper's figure:
+# Each row streams from the hub (or --data-dir) and becomes our pairs: A = left /
+# candidate_1. The "paper protocol" accuracy of each benchmark follows the official code that
+# produced the paper's figure:
 # - GenAI-Bench: TIGER-AI-Lab/RationalRewards
 # reward_model_evaluation/rm_inference/inference_genaibench_*.py
 #   maps leftvote -> A, rightvote -> B and every other vote (tie, both bad) to no label, and
@@ -907,20 +936,23 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # Everywhere a request that failed (no reply after the retries) is left out and counted, as the
 # official scripts do with `success = False`; an unreadable reply scores 2.5 per dimension.
 BENCHMARKS = {
-    "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test", task="t2i",
-                            prompt="prompt", a="left_image", b="right_image", src=None, paper=69.8,
+    "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test",
+                            task="t2i", prompt="prompt", a="left_image", b="right_image", src=None,
+                            paper=69.8,
                             baselines={"Qwen3-VL-8B (base)": 55.1, "Gemini 2.5 Pro": 66.2}),
-    "genai-bench-edit": dict(hub="TIGER-Lab/GenAI-Bench", config="image_edition", split="test", task="edit",
-                             prompt="instruct_prompt", a="left_output_image", b="right_output_image",
-                             src="source_image", paper=80.1, baselines={}),
-    "editreward-bench": dict(hub="TIGER-Lab/EditReward-Bench", config=None, split="train", task="edit",
-                             prompt="instruction", a="candidate_1", b="candidate_2", src="source_image", paper=66.2,
-                             baselines={}),
+    "genai-bench-edit": dict(hub="TIGER-Lab/GenAI-Bench", config="image_edition", split="test",
+                             task="edit", prompt="instruct_prompt", a="left_output_image",
+                             b="right_output_image", src="source_image", paper=80.1, baselines={}),
+    "editreward-bench": dict(hub="TIGER-Lab/EditReward-Bench", config=None, split="train",
+                             task="edit", prompt="instruction", a="candidate_1", b="candidate_2",
+                             src="source_image", paper=66.2, baselines={}),
     # MMRB2's pairs are built by facebookresearch/MMRB2 from facebook/MMRB2_image; read locally
-    "mmrb2-t2i": dict(hub=None, config=None, split="train", task="t2i", prompt="prompt_text", a="response_a_images",
-                      b="response_b_images", src=None, paper=64.2, baselines={}),
-    "mmrb2-edit": dict(hub=None, config=None, split="train", task="edit", prompt="prompt_text", a="response_a_images",
-                       b="response_b_images", src="prompt_images", paper=70.3, baselines={}),
+    "mmrb2-t2i": dict(hub=None, config=None, split="train", task="t2i", prompt="prompt_text",
+                      a="response_a_images", b="response_b_images", src=None, paper=64.2,
+                      baselines={}),
+    "mmrb2-edit": dict(hub=None, config=None, split="train", task="edit", prompt="prompt_text",
+                       a="response_a_images", b="response_b_images", src="prompt_images",
+                       paper=70.3, baselines={}),
 }
 
 
@@ -928,30 +960,35 @@ def benchmark_label(name: str, row: dict) -> Optional[str]:
     """'A', 'B' or 'tie' for one benchmark row; None when the row carries no usable label."""
     if name.startswith("genai-bench"):
         vote = str(row.get("vote_type") or "").strip().lower()
-        # tie and both-bad votes: "tie" here; the paper-protocol accuracy leaves them out (see
-        # above)
+        # tie and both-bad votes: "tie" here; the paper-protocol accuracy leaves them
+        # out (see above)
         return {"leftvote": "A", "rightvote": "B"}.get(vote, "tie") if vote else None
     if name == "editreward-bench":
         return editreward_label(row.get("ranking"), row.get("comparison_type"))
-    chosen = str(row.get("chosen") or "").strip().lower()  # MMRB2, as compute_pairwise_accuracy.py reads it
-    return {"a": "A", "left": "A", "leftvote": "A", "1": "A", "model_1": "A", "b": "B", "right": "B",
-            "rightvote": "B", "2": "B", "model_2": "B", "tie": "tie", "draw": "tie", "equal": "tie",
-            "a=b": "tie"}.get(chosen)
+    # MMRB2, as compute_pairwise_accuracy.py reads it
+    chosen = str(row.get("chosen") or "").strip().lower()
+    return {
+        "a": "A", "left": "A", "leftvote": "A", "1": "A", "model_1": "A", "b": "B", "right": "B",
+        "rightvote": "B", "2": "B", "model_2": "B", "tie": "tie", "draw": "tie", "equal": "tie",
+        "a=b": "tie"
+    }.get(chosen)
 
 
 def editreward_label(ranking, comparison_type) -> Optional[str]:
     """EditReward-Bench: which of candidate_1 (A) and candidate_2 (B) humans ranked higher.
 
-    `comparison_type` names the two letters compared ("AvsC": candidate_1 is A, candidate_2 is C); the
-    `ranking` is a pairwise or a full ranking ("C>A", "C>A>B": the letter written first wins, as
+    `comparison_type` names the two letters compared ("AvsC": candidate_1 is A, candidate_2 is C);
+    the `ranking` is a pairwise or a full ranking ("C>A", "C>A>B": the letter written first wins, as
     eval_bench.py's get_pairwise_gt reads it) or a 2-way tie ("A=B=Good", "A=B=Bad"). A row without
-    `comparison_type` is a 2-way sample: its pair is the ranking's two letters, in alphabetical order.
+    `comparison_type` is a 2-way sample: its pair is the ranking's two letters, in alphabetical
+    order.
     """
     ranking = str(ranking or "").replace(" ", "")
     if ranking in ("A=B=Good", "A=B=Bad") or re.fullmatch(r"[A-Z]=[A-Z]", ranking):
         return "tie"
     letters = re.findall(r"[A-Z]", ranking)
-    if not letters or len(letters) != len(set(letters)) or not re.fullmatch(r"[A-Z](>[A-Z])+", ranking):
+    repeated = len(letters) != len(set(letters))
+    if not letters or repeated or not re.fullmatch(r"[A-Z](>[A-Z])+", ranking):
         return None
     left, _, right = str(comparison_type or "").partition("vs")
     if not (left and right):
@@ -963,20 +1000,27 @@ def editreward_label(ranking, comparison_type) -> Optional[str]:
     return "A" if letters.index(left) < letters.index(right) else "B"
 
 
-def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], image_dir: Path) -> tuple:
+def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int],
+                    image_dir: Path) -> tuple:
     """(pairs in our eval format, counts of skipped rows); images are written under image_dir."""
     spec = BENCHMARKS[name]
     source = data_dir or spec["hub"]
     local = f"data/{name}"
     if spec["hub"] is None:
-        hint = ("needs pairs built with facebookresearch/MMRB2 (images from facebook/MMRB2_image): parquet with pair_id, "
-                "prompt_text, prompt_images, response_a_images, response_b_images, chosen; pass --data-dir")
+        hint = (
+            "needs pairs built with facebookresearch/MMRB2 (images from facebook/MMRB2_image): "
+            "parquet with pair_id, prompt_text, prompt_images, response_a_images, "
+            "response_b_images, chosen; pass --data-dir"
+        )
     else:
-        hint = (f"On a machine with network run\n  hf download {spec['hub']} --repo-type dataset --local-dir {local}\n"
-                f"and pass --data-dir {local}" + (f"/{spec['config']}" if spec["config"] else "") + ".")
+        hint = (
+            f"On a machine with network run\n  hf download {spec['hub']} --repo-type dataset "
+            f"--local-dir {local}\nand pass --data-dir "
+            f"{local}" + (f"/{spec['config']}" if spec["config"] else "") + ".")
     if source is None or (data_dir and not Path(data_dir).exists()):
         where = f"no local copy at {data_dir}" if data_dir else "no local copy given"
-        raise ModelLoadError(f"{name}: {where}; {hint}" if spec["hub"] is None else f"{name}: {where}. {hint}")
+        sep = ";" if spec["hub"] is None else "."
+        raise ModelLoadError(f"{name}: {where}{sep} {hint}")
     cols = [c for c in (spec["a"], spec["b"], spec["src"]) if c]
     ds = open_parquet_stream(source, spec["split"], [] if name.startswith("mmrb2") else cols,
                              None if data_dir else spec["config"], hint)
@@ -986,32 +1030,37 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int], im
     seen = set()
     for i, row in enumerate(ds):
         if i == 0:  # a file without the columns this benchmark needs is an error, not zero pairs
-            missing = [c for c in (spec["prompt"], spec["a"], spec["b"], spec["src"], label_col) if c and c not in row]
+            missing = [
+                c for c in (spec["prompt"], spec["a"], spec["b"], spec["src"], label_col)
+                if c and c not in row
+            ]
             if missing:
-                raise ValueError(f"{name}: {source} has no column(s) {', '.join(missing)}; columns found: "
-                                 f"{', '.join(sorted(row))}")
+                raise ValueError(
+                    f"{name}: {source} has no column(s) {', '.join(missing)}; columns found: "
+                    f"{', '.join(sorted(row))}")
         if limit is not None and len(pairs) >= limit:
             break
         label = benchmark_label(name, row)
         if label is None:
             skipped["unlabelled"] += 1
             continue
-        # ids from the data (or the row's place in its split), never from where the files were
-        # found; a repeated id gets the row number, so that no row is judged on another's cached
-        # images
+        # ids from the data (or the row's place in its split), never from where the files
+        # were found; a repeated id gets the row number, so that no row is judged on
+        # another's cached images
         pid = str(row.get("id") or row.get("pair_id") or f"{name}-{i}")
         if pid in seen:
             warn(f"{name} row {i}: id {pid!r} repeats an earlier row; kept as {pid}@{i}")
             pid = f"{pid}@{i}"
         seen.add(pid)
         item, problem = {"id": pid, "prompt": str(row[spec["prompt"]]), "label": label}, None
-        for key, col in (("image_a", spec["a"]), ("image_b", spec["b"]), ("source_image", spec["src"])):
+        columns = (("image_a", spec["a"]), ("image_b", spec["b"]), ("source_image", spec["src"]))
+        for key, col in columns:
             if col is None:
                 continue
             cells = row.get(col)
-            # MMRB2 keeps a list of images per field: a response is its first image; an edit's
-            # prompt_images are all its source images (2-3 for 178 of 1,000 edit pairs), kept in
-            # order
+            # MMRB2 keeps a list of images per field: a response is its first image; an
+            # edit's prompt_images are all its source images (2-3 for 178 of 1,000 edit
+            # pairs), kept in order
             cells = cells if isinstance(cells, list) else [cells]
             if key != "source_image" or not name.startswith("mmrb2"):
                 cells = cells[:1]
@@ -1050,7 +1099,8 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple:
 
 
 def group_accuracy(records: list, groups: dict) -> Optional[float]:
-    """Strict accuracy: the share of samples (groups of comparisons) whose every decision is right."""
+    """Strict accuracy: the share of samples (groups of comparisons) whose every decision is
+    right."""
     by_group = {}
     for r in records:
         if not r.get("failed") and groups.get(r["id"]) is not None:
@@ -1066,18 +1116,24 @@ OFFICIAL_MAX_TOKENS = 20480  # the official evaluation scripts' max_tokens
 
 def run_benchmark(name: str, args: Args) -> dict:
     spec = BENCHMARKS[name]
-    sub = dataclasses.replace(args, benchmark=name, task=spec["task"], model=args.model or RELEASED[spec["task"]],
-                              mode=args.mode or "pairwise",
-                              data_dir=str(Path(args.data_dir) / name) if args.data_dir and args.benchmark == "all"
-                              else args.data_dir)
-    out = Path(args.out or "runs") / name if args.benchmark == "all" or not args.out else Path(args.out)
+    data_dir = args.data_dir
+    if args.data_dir and args.benchmark == "all":
+        data_dir = str(Path(args.data_dir) / name)
+    sub = dataclasses.replace(args, benchmark=name, task=spec["task"],
+                              model=args.model or RELEASED[spec["task"]],
+                              mode=args.mode or "pairwise", data_dir=data_dir)
+    if args.benchmark == "all" or not args.out:
+        out = Path(args.out or "runs") / name
+    else:
+        out = Path(args.out)
     check_writable_dir(out)
     pairs, skipped = benchmark_pairs(name, sub.data_dir, sub.limit, out / "images")
     if any(skipped.values()):
-        print(f"{name}: skipped rows: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items() if v),
-              file=sys.stderr)
+        counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items() if v)
+        print(f"{name}: skipped rows: {counts}", file=sys.stderr)
     if (out / "predictions.jsonl").is_file():
-        check_same_run(out, sub, EVAL_RUN_KEYS + ("benchmark", "data_dir"), paths=("adapter", "data_dir"))
+        check_same_run(out, sub, EVAL_RUN_KEYS + ("benchmark", "data_dir"),
+                       paths=("adapter", "data_dir"))
     save_args(sub, out)
     key = (sub.model, sub.adapter, sub.api_base, sub.quantization)
     if key not in _backends:
@@ -1086,8 +1142,8 @@ def run_benchmark(name: str, args: Args) -> dict:
     metrics = evaluate_preferences(scorer, pairs, sub.mode, str(out), sub.batch_size)
     latest = {r["id"]: r for r in read_jsonl(out / "predictions.jsonl")}
     records = [latest[p["id"]] for p in pairs if p["id"] in latest]
-    # the paper-protocol accuracy: GenAI-Bench over A/B votes only; MMRB2 and EditReward-Bench over
-    # every label
+    # the paper-protocol accuracy: GenAI-Bench over A/B votes only; MMRB2 and EditReward-Bench
+    # over every label
     if name.startswith("genai-bench"):
         correct, n = metrics["correct_without_ties"], metrics["ab_labelled"]
         skipped["tie_or_both_bad_votes"] = metrics["tie_labels"]
@@ -1096,40 +1152,52 @@ def run_benchmark(name: str, args: Args) -> dict:
     skipped["failed_requests"] = metrics["failed"]
     low, high = wilson_interval(correct, n)
     acc = correct / n if n else None
-    metrics.update(benchmark=name, protocol=PROTOCOLS[name], skipped_rows=skipped, accuracy=acc, correct=correct,
-                   labelled=n, ci95=[low, high], paper=spec["paper"],
-                   difference=None if acc is None else 100 * acc - spec["paper"], baselines=spec["baselines"])
+    metrics.update(benchmark=name, protocol=PROTOCOLS[name], skipped_rows=skipped, accuracy=acc,
+                   correct=correct, labelled=n, ci95=[low, high], paper=spec["paper"],
+                   difference=None if acc is None else 100 * acc - spec["paper"],
+                   baselines=spec["baselines"])
     if name == "editreward-bench":
         groups = {p["id"]: p.get("group") for p in pairs}
         metrics["group_accuracy"] = group_accuracy(records, groups)
-        metrics["group_accuracy_by_subset"] = {
-            subset: group_accuracy(records, {p["id"]: p.get("group") for p in pairs if p.get("subset") == subset})
-            for subset in sorted({p.get("subset") for p in pairs if p.get("subset")})}
+        by_subset = {}
+        for subset in sorted({p.get("subset") for p in pairs if p.get("subset")}):
+            groups = {p["id"]: p.get("group") for p in pairs if p.get("subset") == subset}
+            by_subset[subset] = group_accuracy(records, groups)
+        metrics["group_accuracy_by_subset"] = by_subset
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
 PROTOCOLS = {
-    "genai-bench-t2i": "A/B votes only (tie and both-bad votes skipped), a predicted tie is wrong "
-                       "(rm_inference/inference_genaibench_imggen.py + compute_pairwise_accuracy.py)",
-    "genai-bench-edit": "A/B votes only (tie and both-bad votes skipped), a predicted tie is wrong "
-                        "(rm_inference/inference_genaibench_imgedit.py + compute_pairwise_accuracy.py)",
-    "editreward-bench": "every comparison, ties A=B included; strict group accuracy per subset "
-                        "(EditReward/evaluate/eval_bench.py)",
-    "mmrb2-t2i": "every labelled pair (rm_inference/inference_mmrb2_imggen.py + compute_pairwise_accuracy.py)",
-    "mmrb2-edit": "every labelled pair, all source images sent (rm_inference/inference_mmrb2_imgedit.py + "
-                  "compute_pairwise_accuracy.py)",
+    "genai-bench-t2i":
+        "A/B votes only (tie and both-bad votes skipped), a predicted tie is wrong "
+        "(rm_inference/inference_genaibench_imggen.py + compute_pairwise_accuracy.py)",
+    "genai-bench-edit":
+        "A/B votes only (tie and both-bad votes skipped), a predicted tie is wrong "
+        "(rm_inference/inference_genaibench_imgedit.py + compute_pairwise_accuracy.py)",
+    "editreward-bench":
+        "every comparison, ties A=B included; strict group accuracy per subset "
+        "(EditReward/evaluate/eval_bench.py)",
+    "mmrb2-t2i":
+        "every labelled pair (rm_inference/inference_mmrb2_imggen.py + "
+        "compute_pairwise_accuracy.py)",
+    "mmrb2-edit":
+        "every labelled pair, all source images sent (rm_inference/inference_mmrb2_imgedit.py + "
+        "compute_pairwise_accuracy.py)",
 }
 
 
 def print_benchmark_table(rows: list) -> None:
-    """Ours (paper protocol, with its 95% interval) beside the paper's RationalRewards-8B, per benchmark."""
-    print(f"{'benchmark':<17} {'paper':>6} {'ours':>6} {'w/ ties':>7} {'n':>6} {'95% CI':>11} {'skipped':>7} "
-          f"{'failed':>6} {'cut':>5}  note")
+    """Ours (paper protocol, with its 95% interval) beside the paper's RationalRewards-8B, per
+    benchmark."""
+    print(
+        f"{'benchmark':<17} {'paper':>6} {'ours':>6} {'w/ ties':>7} {'n':>6} {'95% CI':>11} "
+        f"{'skipped':>7} {'failed':>6} {'cut':>5}  note")
     for r in rows:
         if "error" in r:
-            print(f"{r['benchmark']:<17} {r['paper']:>6.1f} {'-':>6} {'-':>7} {'-':>6} {'-':>11} {'-':>7} {'-':>6} "
-                  f"{'-':>5}  not run:")
+            print(
+                f"{r['benchmark']:<17} {r['paper']:>6.1f} {'-':>6} {'-':>7} {'-':>6} {'-':>11} "
+                f"{'-':>7} {'-':>6} {'-':>5}  not run:")
             print(textwrap.indent(textwrap.fill(r["error"], 96, break_on_hyphens=False), " " * 4))
             continue
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
@@ -1137,26 +1205,33 @@ def print_benchmark_table(rows: list) -> None:
         skipped = sum(v for k, v in r["skipped_rows"].items() if k != "failed_requests")
         note = [f"diff {r['difference']:+.1f}"] if r["difference"] is not None else []
         if r.get("group_accuracy") is not None:
-            note.append("group acc " + ", ".join(f"{k} {pct(v)}" for k, v in r["group_accuracy_by_subset"].items()))
+            subsets = r["group_accuracy_by_subset"].items()
+            note.append("group acc " + ", ".join(f"{k} {pct(v)}" for k, v in subsets))
         note += [f"{k} {v}" for k, v in r["baselines"].items()]
         note += [f"{r['unreadable_outputs']} unreadable"] if r["unreadable_outputs"] else []
-        print(f"{r['benchmark']:<17} {r['paper']:>6.1f} {pct(r['accuracy']):>6} {pct(r['accuracy_with_ties']):>7} "
-              f"{r['labelled']:>6} {ci:>11} {skipped:>7} {r['failed']:>6} {r['truncated_outputs']:>5}  {'; '.join(note)}")
-    print("paper: RationalRewards-8B in the paper's Table 1; ours: the same protocol as the official code (README, "
-          "Table 1); w/ ties: tie labels kept, a tie right only when predicted; skipped: unlabelled rows, tie votes "
-          "(GenAI-Bench) and unreadable images; failed: requests with no reply (rerun to retry); cut: outputs stopped "
-          "by the token limit. A gap inside the 95% interval is noise.")
+        print(
+            f"{r['benchmark']:<17} {r['paper']:>6.1f} {pct(r['accuracy']):>6} "
+            f"{pct(r['accuracy_with_ties']):>7} {r['labelled']:>6} {ci:>11} {skipped:>7} "
+            f"{r['failed']:>6} {r['truncated_outputs']:>5}  {'; '.join(note)}"
+        )
+    print(
+        "paper: RationalRewards-8B in the paper's Table 1; ours: the same protocol as the official "
+        "code (README, Table 1); w/ ties: tie labels kept, a tie right only when predicted; "
+        "skipped: unlabelled rows, tie votes (GenAI-Bench) and unreadable images; failed: requests "
+        "with no reply (rerun to retry); cut: outputs stopped by the token limit. A gap inside the "
+        "95% interval is noise.")
 
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
 # what an eval's predictions depend on: resuming --out with any of these changed is refused
-EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization", "max_new_tokens",
-                 "temperature", "max_pixels", "prompts_dir")
+EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization",
+                 "max_new_tokens", "temperature", "max_pixels", "prompts_dir")
 
 
 def main(argv=None) -> int:
-    """`score` critiques images; `eval` measures preference accuracy on a pairs file or a benchmark."""
+    """`score` critiques images; `eval` measures preference accuracy on a pairs file or a
+    benchmark."""
     args = parse_args(Args, argv, description=__doc__.split("\n\n")[0])
     require_positive(args, "limit", "batch_size", "max_new_tokens", "max_pixels")
     check_common_args(args)
@@ -1191,8 +1266,9 @@ def score_command(args: Args) -> int:
     src = [images[-1]] * len(args.image) if args.task == "edit" else None
     crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)
     results = [{"image": p, "scores": c.scores, "reward": reward_from_scores(c.scores),
-                "not_applicable": c.not_applicable, "summary": c.summary, "refined_request": c.refined_request,
-                "truncated": c.truncated, "critique": c.text}
+                "not_applicable": c.not_applicable, "summary": c.summary,
+                "refined_request": c.refined_request, "truncated": c.truncated,
+                "critique": c.text}
                for p, c in zip(args.image, crits)]
     warn_truncated(sum(c.truncated for c in crits), len(crits))
     if args.json:
@@ -1202,7 +1278,10 @@ def score_command(args: Args) -> int:
         print(f"==== {r['image']}\n{r['critique'].strip()}\n---- scores")
         for d, s in r["scores"].items():
             print(f"  {DIMENSION_TITLES[d]:<28} {'N/A or unreadable' if s is None else f'{s:.2f}'}")
-        print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  {r['refined_request']}")
+        print(
+            f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  "
+            f"{r['refined_request']}"
+        )
         if r["truncated"]:
             print("  (the critique was cut by --max-new-tokens before it ended)")
     return 0
@@ -1211,8 +1290,9 @@ def score_command(args: Args) -> int:
 def eval_command(args: Args) -> int:
     """Preference accuracy on a pairs file, resumable in --out."""
     if not args.pairs:
-        raise SystemExit("eval needs --pairs FILE.jsonl (our pairs format) or --benchmark NAME (the paper's "
-                         f"Table 1: {', '.join(list(BENCHMARKS) + ['all'])})")
+        raise SystemExit(
+            "eval needs --pairs FILE.jsonl (our pairs format) or --benchmark NAME (the paper's "
+            f"Table 1: {', '.join(list(BENCHMARKS) + ['all'])})")
     pairs = read_pairs(args.pairs, args.limit)
     if args.out:
         # the settings bind a folder once it holds a prediction; a run that failed before its first
@@ -1227,7 +1307,8 @@ def eval_command(args: Args) -> int:
 
 
 def benchmark_command(args: Args) -> int:
-    """One benchmark of Table 1, or `all` of them (a benchmark without data is listed as not run)."""
+    """One benchmark of Table 1, or `all` of them (a benchmark without data is listed as not
+    run)."""
     if args.pairs:
         raise SystemExit("eval takes --pairs FILE or --benchmark NAME, not both")
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
@@ -1260,13 +1341,15 @@ def _field_docs(cls) -> dict:
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         body = ast.parse(inspect.getsource(klass)).body[0].body
         for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and is_doc:
                 docs[node.target.id] = str(nxt.value.value)
     return docs
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless its help already says it (no "(default: X) (default: None)")."""
+    """Shows a flag's default unless its help already says it (no "(default: X) (default:
+    None)")."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -1300,7 +1383,8 @@ def parse_args(cls, argv=None, description=None):
         elif typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typ is list or typing.get_origin(typ) is list:
-            kw["nargs"], kw["action"] = "+", "extend"  # --image a b, and --image a --image b, both give [a, b]
+            # --image a b, and --image a --image b, both give [a, b]
+            kw["nargs"], kw["action"] = "+", "extend"
         else:
             kw["type"] = typ
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -1322,9 +1406,9 @@ def require_positive(args, *names) -> None:
 def check_same_run(out_dir, args, keys, paths=(), extra=None) -> None:
     """Refuse to resume `out_dir` when it was written with other settings for any of `keys`.
 
-    Without this, a rerun into the same directory with another model or mode would silently
-    report the old outputs under the new settings. `paths`: keys compared as resolved paths;
-    `extra`: values that are not flags (e.g. a digest of an input file's content), saved by save_args.
+    Without this, a rerun into the same directory with another model or mode would silently report
+    the old outputs under the new settings. `paths`: keys compared as resolved paths; `extra`:
+    values that are not flags (e.g. a digest of an input file's content), saved by save_args.
     """
     saved_path = Path(out_dir) / "args.json"
     if not saved_path.is_file():
@@ -1332,7 +1416,10 @@ def check_same_run(out_dir, args, keys, paths=(), extra=None) -> None:
     try:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError:
-        raise ValueError(f"{saved_path} is damaged (not JSON): delete {out_dir} to start over, or restore the file") from None
+        raise ValueError(
+            f"{saved_path} is damaged (not JSON): delete {out_dir} to start over, or restore the "
+            "file"
+        ) from None
     now = {**dataclasses.asdict(args), **(extra or {})}
     keys = tuple(keys) + tuple(extra or ())
 
@@ -1366,10 +1453,13 @@ def cli_entry(main, errors=()) -> None:
     except (ModelLoadError, BackendError, FileNotFoundError, ValueError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except OSError as err:  # disk full, read-only folder, ...: what was written before is whole (atomic writes)
+    except OSError as err:
+        # disk full, read-only folder, ...: what was written before is whole (atomic writes)
         where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}. Everything written before this is kept: fix the cause and run "
-              f"the same command again to continue (rl_nft.py: with --resume)", file=sys.stderr)
+        print(
+            f"error: {err.strerror or err}{where}. Everything written before this is kept: fix the "
+            "cause and run the same command again to continue (rl_nft.py: with "
+            "--resume)", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)
 
@@ -1389,9 +1479,11 @@ def check_device(device: Optional[str]) -> None:
             raise SystemExit(f"--device {device}: no CUDA GPU is visible here; use --device cpu "
                              "(or leave --device out to pick a GPU when there is one)")
         if dev.index is not None and dev.index >= count:
-            raise SystemExit(f"--device {device}: only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
+            raise SystemExit(
+                f"--device {device}: only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        raise SystemExit(
+            f"--device {device}: MPS is not available on this machine; use --device cpu")
 
 
 def check_common_args(args) -> None:
@@ -1404,11 +1496,13 @@ def check_common_args(args) -> None:
 
 
 def check_writable_dir(path, flag: str = "--out") -> None:
-    """The output folder exists as a folder we can write, or can be made: checked before loading anything."""
+    """The output folder exists as a folder we can write, or can be made: checked before loading
+    anything."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SystemExit(f"{flag} {path} is a file, not a directory")
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())  # nothing is created here
+    # nothing is created here
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
     if not existing.is_dir():
         raise SystemExit(f"{flag} {path}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -1422,7 +1516,10 @@ def read_prompt_records(path) -> list:
     line; blank lines and # comments skipped) or a .jsonl (a `prompt` field per line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found (expected .txt, one prompt per line, or .jsonl with 'prompt')")
+        raise FileNotFoundError(
+            f"prompt file {path} not found (expected .txt, one prompt per line, or .jsonl with "
+            "'prompt')"
+        )
     records = []
     for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
@@ -1431,11 +1528,14 @@ def read_prompt_records(path) -> list:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") from None
+                raise ValueError(
+                    f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(rec, dict) or "prompt" not in rec:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field, got {line[:80]!r}")
+                raise ValueError(
+                    f"{path}:{n}: expected a JSON object with a 'prompt' field, got {line[:80]!r}")
             if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
-                raise ValueError(f"{path}:{n}: 'prompt' must be a non-empty string, got {rec['prompt']!r}")
+                raise ValueError(
+                    f"{path}:{n}: 'prompt' must be a non-empty string, got {rec['prompt']!r}")
             records.append({**rec, "prompt": rec["prompt"].strip(), "_line": n})
         else:
             records.append({"prompt": line.strip(), "_line": n})
@@ -1449,16 +1549,20 @@ def read_text_file(path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
 
 
 def read_prompt_list(path) -> list:
-    """The prompts alone (rl_nft.py); gcr_loop.py reads the records for their source images and seeds."""
+    """The prompts alone (rl_nft.py); gcr_loop.py reads the records for their source images and
+    seeds."""
     return [r["prompt"] for r in read_prompt_records(path)]
 
 
 def read_jsonl(path) -> list:
-    """Records of a JSONL file written by `append_jsonl`; a torn last line (killed run) is cut off."""
+    """Records of a JSONL file written by `append_jsonl`; a torn last line (killed run) is cut
+    off."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -1473,10 +1577,11 @@ def read_jsonl(path) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            # a complete line that is not JSON is damage (not a killed write): say where, skip
-            # nothing silently
-            raise ValueError(f"{path}:{n} is not a JSON record ({line[:60]!r}); the file was damaged outside this "
-                             f"program: fix or delete that line, then rerun") from None
+            # a complete line that is not JSON is damage (not a killed write): say where,
+            # skip nothing silently
+            raise ValueError(
+                f"{path}:{n} is not a JSON record ({line[:60]!r}); the file was damaged outside "
+                "this program: fix or delete that line, then rerun") from None
     return records
 
 
@@ -1492,7 +1597,8 @@ def _decode_rgb(source) -> tuple:
     try:
         with Image.open(source) as im:
             return im.convert("RGB"), None
-    except Image.DecompressionBombError as err:  # PIL refuses > ~179 MP: a decompression bomb or a giant scan
+    except Image.DecompressionBombError as err:
+        # PIL refuses > ~179 MP: a decompression bomb or a giant scan
         return None, f"too large to decode ({err})"
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         return None, f"corrupt or not an image ({type(err).__name__})"
@@ -1540,19 +1646,25 @@ def save_embedded_image(cell, path) -> Optional[str]:
     return problem
 
 
-def open_parquet_stream(source: str, split: str, image_columns, config: Optional[str] = None, hint: str = ""):
-    """A `datasets` stream over a hub dataset or a local parquet file/directory, so that a limit of N
-    reads about N rows; image columns stay undecoded (one corrupt image is a skip, not a crash)."""
+def open_parquet_stream(source: str, split: str, image_columns, config: Optional[str] = None,
+                        hint: str = ""):
+    """A `datasets` stream over a hub dataset or a local parquet file/directory, so that a limit of
+    N reads about N rows; image columns stay undecoded (one corrupt image is a skip, not a
+    crash)."""
     import datasets
     local = Path(source).exists()
     if not local and not hub_reachable():
-        raise ModelLoadError(f"cannot reach the Hugging Face hub to stream {source}. {hint}".strip())
+        raise ModelLoadError(
+            f"cannot reach the Hugging Face hub to stream {source}. {hint}".strip())
     try:
         if local:
-            files = sorted(str(p) for p in Path(source).rglob("*.parquet")) if Path(source).is_dir() else [source]
+            files = [source]
+            if Path(source).is_dir():
+                files = sorted(str(p) for p in Path(source).rglob("*.parquet"))
             if not files:
                 raise FileNotFoundError(f"no .parquet files under {source}")
-            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split,
+                                       streaming=True)
         else:
             ds = datasets.load_dataset(source, config, split=split, streaming=True)
     except Exception as err:  # datasets raises many types for a missing repo/config/split/file
@@ -1578,8 +1690,10 @@ def warn(message: str) -> None:
 
 
 def wrap_text(text: str, width: int) -> list:
-    """Lines of at most `width` characters, broken between words (a longer word gets a line of its own)."""
-    return textwrap.wrap(" ".join((text or "").split()), width, break_long_words=False, break_on_hyphens=False)
+    """Lines of at most `width` characters, broken between words (a longer word gets a line of its
+    own)."""
+    return textwrap.wrap(" ".join((text or "").split()), width, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def fit_image(image: Image.Image, side: int) -> Image.Image:
@@ -1605,7 +1719,8 @@ def slug(text: str, words: int = 5) -> str:
 
 
 def label_font(size: int):
-    """Pillow's built-in font at `size` (for contact sheets and eval grids; no font files needed)."""
+    """Pillow's built-in font at `size` (for contact sheets and eval grids; no font files
+    needed)."""
     from PIL import ImageFont
     try:
         return ImageFont.load_default(size=size)
@@ -1632,15 +1747,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _probe_hub(endpoint: str, timeout: float) -> bool:
     url = urllib.parse.urlparse(endpoint)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout).close()
         return True
     except OSError:
         return False
 
 
 def looks_like_path(name: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything else with a slash, a dot or a tilde in front is a path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+    """A hub id is `name` or `owner/name`; anything else with a slash, a dot or a tilde in front is
+    a path."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return Path(name).exists()
 
 
 def check_model_available(name: str, what: str = "model") -> None:
@@ -1655,14 +1774,18 @@ def check_model_available(name: str, what: str = "model") -> None:
     if looks_like_path(name):
         if not Path(name).expanduser().is_dir():
             raise ModelLoadError(f"{what} path '{name}' does not exist (or is not a directory)")
-        if not (Path(name).expanduser() / "config.json").is_file() and not (Path(name).expanduser() / "model_index.json").is_file():
-            raise ModelLoadError(f"{what} directory '{name}' holds no config.json or model_index.json: not a saved model")
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"{what} directory '{name}' holds no config.json or "
+                                 "model_index.json: not a saved model")
         return
     if hub_reachable():
         return
     from huggingface_hub import try_to_load_from_cache
-    if not any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "model_index.json")):
-        raise ModelLoadError(_download_advice(name, what, "the hub is not reachable and it is not in the local cache"))
+    cached = [try_to_load_from_cache(name, f) for f in ("config.json", "model_index.json")]
+    if not any(isinstance(c, str) for c in cached):
+        why = "the hub is not reachable and it is not in the local cache"
+        raise ModelLoadError(_download_advice(name, what, why))
 
 
 def _from_pretrained(load, name: str, path: str, what: str, **kwargs):
@@ -1676,29 +1799,37 @@ def _from_pretrained(load, name: str, path: str, what: str, **kwargs):
             return load(path, **kwargs)
     except (OSError, ValueError) as err:
         if Path(path).is_dir():
-            raise ModelLoadError(f"'{path}' exists but does not hold a loadable {what}: {err}") from err
-        raise ModelLoadError(_download_advice(name, what, f"it could not be fetched from the Hugging Face hub "
-                                              f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")) from None
+            raise ModelLoadError(
+                f"'{path}' exists but does not hold a loadable {what}: {err}") from err
+        first_line = (str(err).splitlines() or [""])[0]
+        why = ("it could not be fetched from the Hugging Face hub "
+               f"({type(err).__name__}: {first_line})")
+        raise ModelLoadError(_download_advice(name, what, why)) from None
 
 
 # download sizes of the defaults, said next to their download commands (bf16 safetensors)
-DOWNLOAD_SIZES = {"Qwen/Qwen3-VL-2B-Instruct": "about 4.3 GB", "Qwen/Qwen3-VL-8B-Instruct": "about 17.5 GB",
-                  "Qwen/Qwen3-VL-32B-Instruct": "about 67 GB", "TIGER-Lab/RationalRewards-8B-T2I": "about 17.5 GB",
-                  "TIGER-Lab/RationalRewards-8B-Edit": "about 17.5 GB",
-                  "stabilityai/stable-diffusion-3.5-medium": "about 16 GB (pipeline with T5)",
-                  "black-forest-labs/FLUX.1-Kontext-dev": "about 34 GB (pipeline with T5)"}
+DOWNLOAD_SIZES = {
+    "Qwen/Qwen3-VL-2B-Instruct": "about 4.3 GB",
+    "Qwen/Qwen3-VL-8B-Instruct": "about 17.5 GB",
+    "Qwen/Qwen3-VL-32B-Instruct": "about 67 GB",
+    "TIGER-Lab/RationalRewards-8B-T2I": "about 17.5 GB",
+    "TIGER-Lab/RationalRewards-8B-Edit": "about 17.5 GB",
+    "stabilityai/stable-diffusion-3.5-medium": "about 16 GB (pipeline with T5)",
+    "black-forest-labs/FLUX.1-Kontext-dev": "about 34 GB (pipeline with T5)"
+}
 
 
 def _download_advice(name: str, what: str, why: str) -> str:
     local = f"models/{name.split('/')[-1]}"
     size = f" ({DOWNLOAD_SIZES[name]})" if name in DOWNLOAD_SIZES else ""
-    return (f"Could not load {what} '{name}': {why}.\nOn a machine with network access run "
-            f"`hf download {name} --local-dir {local}`{size} and pass {local} instead, or set HF_HOME to a cache that "
-            f"holds it. For an offline smoke run use tiny-random.")
+    return (
+        f"Could not load {what} '{name}': {why}.\nOn a machine with network access run `hf "
+        f"download {name} --local-dir {local}`{size} and pass {local} instead, or set HF_HOME to a "
+        "cache that holds it. For an offline smoke run use tiny-random.")
 
 
-def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None, device: Optional[str] = None,
-             trainable: bool = False, seed: int = 0, dtype=None):
+def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None,
+             device: Optional[str] = None, trainable: bool = False, seed: int = 0, dtype=None):
     """(model, processor) for a hub id, a local directory or `tiny-random`.
 
     quantization: auto (4-bit on GPU, none on CPU), 4bit (nf4, double quantization), 8bit, none.
@@ -1720,14 +1851,16 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED)
     elif quantization == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_NOT_QUANTIZED)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True,
+                                                           llm_int8_skip_modules=_NOT_QUANTIZED)
     elif quantization != "none":
         raise ValueError(f"quantization must be auto, 4bit, 8bit or none, got {quantization!r}")
     if quantization != "none":
         kwargs["device_map"] = {"": device}
 
     def both(p, **kw):
-        return (AutoProcessor.from_pretrained(p, local_files_only=kw.get("local_files_only", False)),
+        offline = kw.get("local_files_only", False)
+        return (AutoProcessor.from_pretrained(p, local_files_only=offline),
                 AutoModelForImageTextToText.from_pretrained(p, **kw))
     processor, model = _from_pretrained(both, name, path, "model", **kwargs)
     if quantization == "none":
@@ -1735,8 +1868,9 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
     if adapter is not None:
         from peft import PeftModel
         if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelLoadError(f"adapter directory '{adapter}' has no adapter_config.json (expected a peft LoRA "
-                                 f"saved by parrot.py or PeftModel.save_pretrained)")
+            raise ModelLoadError(
+                f"adapter directory '{adapter}' has no adapter_config.json (expected a peft LoRA "
+                "saved by parrot.py or PeftModel.save_pretrained)")
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     return model if trainable else model.eval(), processor
@@ -1745,14 +1879,18 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
 # tiny-random models (a Qwen3-VL and an SD3 pipeline of the real architectures, built offline)
 # and the generator loader. Every VLM width is a multiple of 64 so bitsandbytes 4-bit works on CPU.
 # ---------------------------------------------------------------------------------------
-_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                   "<|image_pad|>", "<|video_pad|>"]
+_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>"
+]
 # The structure of Qwen's template: role turns, an image entry as vision_start/image_pad/vision_end.
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Left in bf16 under 4/8-bit: transformers matches these as prefixes of full module names.
@@ -1765,31 +1903,37 @@ def build_tiny_vlm(seed: int = 0):
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
-                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                              Qwen3VLVideoProcessor)
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=_SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=_SPECIAL_TOKENS,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(sorted(p.read_text() for p in template_files()), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=_SPECIAL_TOKENS[1:], chat_template=_CHAT_TEMPLATE)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>",
+                                        additional_special_tokens=_SPECIAL_TOKENS[1:],
+                                        chat_template=_CHAT_TEMPLATE)
     pixels = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}  # at most 4 image tokens per image
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=pixels),
-        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=pixels),
-        tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE)
+    patches = dict(patch_size=16, merge_size=2, temporal_patch_size=2, size=pixels)
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**patches),
+                                 video_processor=Qwen3VLVideoProcessor(**patches),
+                                 tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIAL_TOKENS}
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=8192,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 3, 3], "mrope_interleaved": True},
                          pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=64, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False)
@@ -1839,7 +1983,8 @@ def _tiny_dir(kind: str, build, seed: int) -> Path:
 
 def tiny_vlm_dir(seed: int = 0) -> Path:
     # the tokenizer is trained on the templates: editing one must rebuild the model
-    corpus = hashlib.sha1("".join(sorted(p.read_text() for p in template_files())).encode()).hexdigest()[:8]
+    text = "".join(sorted(p.read_text() for p in template_files()))
+    corpus = hashlib.sha1(text.encode()).hexdigest()[:8]
     return _tiny_dir(f"tiny-random-qwen3vl-v{TINY_VERSION}-{corpus}", build_tiny_vlm, seed)
 
 
@@ -1847,19 +1992,23 @@ def _tiny_clip_tokenizer(max_length: int):
     """A character-level CLIP tokenizer (single characters and their `</w>` forms), offline."""
     from transformers import CLIPTokenizer
     chars = [chr(c) for c in range(33, 127)]
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    vocab = {t: i for i, t in enumerate(tokens)}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=max_length)
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                             model_max_length=max_length)
 
 
 def _tiny_vae(scaling_factor: float, shift_factor: float):
-    """A two-level AutoencoderKL (x2 downsampling, 4 latent channels) with the model's latent normalisation."""
+    """A two-level AutoencoderKL (x2 downsampling, 4 latent channels) with the model's latent
+    normalisation."""
     from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                         sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
                          scaling_factor=scaling_factor, shift_factor=shift_factor)
 
 
@@ -1871,22 +2020,25 @@ def build_tiny_sd3(seed: int = 0):
     a small VAE and the flow-matching Euler scheduler with SD3's shift of 3.
     """
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     tokenizer = _tiny_clip_tokenizer(77)
     torch.manual_seed(seed)
-    clip = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, projection_dim=32, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                pad_token_id=1)
+    clip = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     text_encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval() for _ in range(2)]
     # inner width 4 heads x 16 = 64, so that bitsandbytes 4-bit works on CPU here too
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                        caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=64)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4,
+                                        num_layers=2, attention_head_dim=16, num_attention_heads=4,
+                                        joint_attention_dim=64, caption_projection_dim=64,
+                                        pooled_projection_dim=64, pos_embed_max_size=64)
     vae = _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's latent normalisation
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizer,
+    pipe = StableDiffusion3Pipeline(transformer=transformer,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=text_encoders[0], tokenizer=tokenizer,
                                     text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
                                     text_encoder_3=None, tokenizer_3=None)
     return [pipe]
@@ -1902,30 +2054,37 @@ def build_tiny_kontext(seed: int = 0):
     flow-matching scheduler with FLUX's resolution-dependent shift.
     """
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxKontextPipeline,
+                           FluxTransformer2DModel)
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer = _tiny_clip_tokenizer(77)
     torch.manual_seed(seed)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                                 pad_token_id=1, eos_token_id=1)).eval()
+    clip = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                       bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                 num_heads=4, pad_token_id=1, eos_token_id=1)).eval()
     # 4 latent channels packed 2x2 -> 16 input features per token; rope axes 4 + 6 + 6 = head dim 16
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
-                                                max_shift=1.15, use_dynamic_shifting=True, shift=3.0)
-    pipe = FluxKontextPipeline(scheduler=scheduler, vae=_tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=4, joint_attention_dim=64,
+                                         pooled_projection_dim=32, guidance_embeds=True,
+                                         axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5,
+                                                max_image_seq_len=4096, max_shift=1.15,
+                                                use_dynamic_shifting=True, shift=3.0)
+    vae = _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)
+    pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae,
                                text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
                                tokenizer_2=_tiny_clip_tokenizer(512), transformer=transformer)
     return [pipe]
 
 
-def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, dtype=None, no_t5: bool = False,
-                   quantization: str = "none", seed: int = 0):
+def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, dtype=None,
+                   no_t5: bool = False, quantization: str = "none", seed: int = 0):
     """A diffusers pipeline for a hub id, a local directory or `tiny-random`, on `device`.
 
     task "t2i": a text-to-image pipeline (default SD3.5-Medium); tiny-random is a tiny SD3.
@@ -1943,14 +2102,18 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
     kwargs = {"dtype": dtype}
     if quantization == "4bit":
         if not device.startswith("cuda"):
-            raise ModelLoadError("4-bit generator quantization needs a CUDA GPU (diffusers' bitsandbytes quantizer "
-                                 "refuses to run on CPU); use --generator-quantization none here")
+            raise ModelLoadError(
+                "4-bit generator quantization needs a CUDA GPU (diffusers' bitsandbytes quantizer "
+                "refuses to run on CPU); use --generator-quantization none here")
         from diffusers import PipelineQuantizationConfig
         kwargs["quantization_config"] = PipelineQuantizationConfig(
             # the transformer and the large text encoders (T5 is text_encoder_2 in FLUX,
             # text_encoder_3 in SD3); names a pipeline does not have are skipped by diffusers
-            quant_backend="bitsandbytes_4bit", components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
-            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype})
+            quant_backend="bitsandbytes_4bit",
+            components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
+            quant_kwargs={
+                "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype
+            })
     elif quantization != "none":
         raise ValueError(f"generator quantization must be none or 4bit, got {quantization!r}")
     if name == "tiny-random" and task == "edit":
@@ -1964,7 +2127,8 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None, d
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
     pipe = _from_pretrained(DiffusionPipeline.from_pretrained, name, path, "generator", **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    return pipe if quantization == "4bit" else pipe.to(device)  # quantized weights are placed at load
+    # quantized weights are placed at load
+    return pipe if quantization == "4bit" else pipe.to(device)
 
 # ---------------------------------------------------------------------------------------
 # Backends: generate(messages_batch) -> texts, answer_logprobs(messages_batch, answers).
@@ -1980,17 +2144,25 @@ class TransformersBackend:
         processor.tokenizer.padding_side = "left"
 
     def _inputs(self, messages_batch):
-        bounded = [[{**turn, "content": [{**p, "image": bound_pixels(p["image"], self.max_pixels)} if p["type"] == "image"
-                                         else p for p in turn["content"]]} if isinstance(turn["content"], list) else turn
-                    for turn in conv] for conv in messages_batch]
+        def bound(part):
+            if part["type"] != "image":
+                return part
+            return {**part, "image": bound_pixels(part["image"], self.max_pixels)}
+
+        bounded = [[{**turn, "content": [bound(p) for p in turn["content"]]}
+                    if isinstance(turn["content"], list) else turn for turn in conv]
+                   for conv in messages_batch]
         return self.processor.apply_chat_template(
             bounded, add_generation_prompt=True, tokenize=True, return_dict=True,
             return_tensors="pt", processor_kwargs={"padding": True}).to(self.model.device)
 
-    def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
-        return [g.text for g in self.generate_detailed(messages_batch, max_new_tokens, temperature, min_new_tokens)]
+    def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1,
+                 min_new_tokens=0) -> list:
+        outs = self.generate_detailed(messages_batch, max_new_tokens, temperature, min_new_tokens)
+        return [g.text for g in outs]
 
-    def generate_detailed(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+    def generate_detailed(self, messages_batch, max_new_tokens=2048, temperature=0.1,
+                          min_new_tokens=0) -> list:
         import torch
         eos = self.model.generation_config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []))
@@ -1999,12 +2171,16 @@ class TransformersBackend:
             inputs = self._inputs(messages_batch[i:i + self.batch_size])
             sample = temperature > 0
             with torch.no_grad():
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                          do_sample=sample, temperature=temperature if sample else None,
-                                          top_p=None, top_k=None)
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                          min_new_tokens=min_new_tokens, do_sample=sample,
+                                          temperature=temperature if sample else None, top_p=None,
+                                          top_k=None)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, T_new)
             # a reply without an end token was cut by max_new_tokens
-            ended = torch.isin(new_tokens.cpu(), eos).any(dim=1) if len(eos) else torch.zeros(len(new_tokens), dtype=torch.bool)
+            if len(eos):
+                ended = torch.isin(new_tokens.cpu(), eos).any(dim=1)
+            else:
+                ended = torch.zeros(len(new_tokens), dtype=torch.bool)
             texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
             outs += [Generation(t, truncated=not bool(e)) for t, e in zip(texts, ended)]
         return outs
@@ -2024,20 +2200,22 @@ class TransformersBackend:
             with torch.no_grad():
                 # only the last position's logits (B, 1, V): the full (B, T, V) tensor is large for
                 # a 151k vocabulary
-                logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()  # (B, V)
+                out = self.model(**inputs, logits_to_keep=1, use_cache=False)
+                logits = out.logits[:, -1, :].float()  # the next token's logits: (B, V)
             logp = torch.log_softmax(logits[:, ids], dim=-1)  # (B, len(answers))
             results += [dict(zip(answers, row.tolist())) for row in logp]
         return results
 
 
 class BackendError(RuntimeError):
-    """The model server failed or did not answer; the message says which and how often it was tried."""
+    """The model server failed or did not answer; the message says which and how often it was
+    tried."""
 
 
 @dataclass
 class Generation:
-    """One reply: its text, whether the token limit cut it (`finish_reason == "length"` over HTTP, no
-    end token in-process), and the error when the request failed altogether (then text is "")."""
+    """One reply: its text, whether the token limit cut it (`finish_reason == "length"` over HTTP,
+    no end token in-process), and the error when the request failed altogether (then text is "")."""
     text: str
     truncated: bool = False
     error: Optional[str] = None
@@ -2064,11 +2242,13 @@ def _not_a_chat_completion(body) -> Optional[str]:
 class OpenAIBackend:
     """Chat completions over HTTP (vLLM, SGLang, hosted APIs); standard library only."""
 
-    def __init__(self, api_base: str, model: str, api_key: Optional[str] = None, timeout: float = 600.0,
-                 max_retries: int = 3, max_concurrency: int = 8, max_pixels: int = 768 * 768, backoff: float = 1.0):
+    def __init__(self, api_base: str, model: str, api_key: Optional[str] = None,
+                 timeout: float = 600.0, max_retries: int = 3, max_concurrency: int = 8,
+                 max_pixels: int = 768 * 768, backoff: float = 1.0):
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.max_retries, self.max_concurrency, self.max_pixels, self.backoff = max_retries, max_concurrency, max_pixels, backoff
+        self.max_retries, self.max_concurrency = max_retries, max_concurrency
+        self.max_pixels, self.backoff = max_pixels, backoff
 
     def _to_openai(self, conv) -> list:
         out = []
@@ -2076,8 +2256,13 @@ class OpenAIBackend:
             if isinstance(turn["content"], str):
                 out.append(turn)
                 continue
-            parts = [{"type": "image_url", "image_url": {"url": _data_url(bound_pixels(p["image"], self.max_pixels))}}
-                     if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in turn["content"]]
+            parts = []
+            for p in turn["content"]:
+                if p["type"] == "image":
+                    url = _data_url(bound_pixels(p["image"], self.max_pixels))
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                else:
+                    parts.append({"type": "text", "text": p["text"]})
             out.append({"role": turn["role"], "content": parts})
         return out
 
@@ -2090,8 +2275,8 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = self.backoff * 2 ** (attempt - 1)
-                # say so at once: with the defaults a dead server would otherwise stay silent for
-                # many minutes
+                # say so at once: with the defaults a dead server would otherwise stay silent
+                # for many minutes
                 warn(f"{self.url}: {last}; retry {attempt}/{self.max_retries} in {delay:g} s")
                 time.sleep(delay)
             try:
@@ -2099,27 +2284,34 @@ class OpenAIBackend:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     body = json.loads(resp.read())
                 problem = _not_a_chat_completion(body)
-                if problem:  # the server answered, but not with a chat completion: retrying will not help
-                    raise BackendError(f"{self.url} answered with something that is not a chat completion "
-                                       f"({problem}): {json.dumps(body)[:300]}")
+                # the server answered, but not with a chat completion: retrying will not help
+                if problem:
+                    raise BackendError(
+                        f"{self.url} answered with something that is not a chat completion "
+                        f"({problem}): {json.dumps(body)[:300]}")
                 return body
             except urllib.error.HTTPError as err:
                 last = f"HTTP {err.code}: {err.read()[:300].decode(errors='replace')}"
                 if err.code < 500 and err.code != 429:  # a bad request will not get better
                     break
             except (TimeoutError, OSError) as err:  # URLError, connection refused, socket timeout
-                last = f"no answer within {self.timeout:g} s" if "timed out" in str(err) else str(err)
-            except http.client.HTTPException as err:  # a connection dropped mid-body, a non-HTTP status line
+                last = str(err)
+                if "timed out" in last:
+                    last = f"no answer within {self.timeout:g} s"
+            except http.client.HTTPException as err:
+                # a connection dropped mid-body, a non-HTTP status line
                 last = f"broken HTTP response ({type(err).__name__}: {str(err)[:120]})"
             except json.JSONDecodeError as err:
                 last = f"response is not JSON ({err})"
-        raise BackendError(f"chat-completions request to {self.url} failed after {attempt + 1} attempt(s): {last}")
+        raise BackendError(
+            f"chat-completions request to {self.url} failed after {attempt + 1} attempt(s): {last}")
 
     def _map(self, fn, items) -> list:
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             return list(pool.map(fn, items))
 
-    def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+    def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1,
+                 min_new_tokens=0) -> list:
         """Texts; a request that fails after its retries raises BackendError."""
         outs = self.generate_detailed(messages_batch, max_new_tokens, temperature, min_new_tokens)
         failed = [g.error for g in outs if g.error]
@@ -2127,9 +2319,10 @@ class OpenAIBackend:
             raise BackendError(failed[0])
         return [g.text for g in outs]
 
-    def generate_detailed(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
-        """[Generation]: a request that fails after its retries is a Generation with its error, so the
-        others of the batch are kept (the caller decides whether a failure stops the run)."""
+    def generate_detailed(self, messages_batch, max_new_tokens=2048, temperature=0.1,
+                          min_new_tokens=0) -> list:
+        """[Generation]: a request that fails after its retries is a Generation with its error, so
+        the others of the batch are kept (the caller decides whether a failure stops the run)."""
         def one(conv):
             try:
                 resp = self._post({"model": self.model, "messages": self._to_openai(conv),
@@ -2141,13 +2334,17 @@ class OpenAIBackend:
             truncated = choice.get("finish_reason") == "length"
             if not isinstance(content, str) or not content.strip():
                 # counted downstream as an unreadable output; said here so it is not silent
-                warn(f"{self.url} returned no text content ({str(content)[:80]!r}); counted as unreadable")
+                warn(
+                    f"{self.url} returned no text content ({str(content)[:80]!r}); counted as "
+                    "unreadable"
+                )
                 return Generation("", truncated=truncated)
             return Generation(content, truncated=truncated)
         return self._map(one, messages_batch)
 
     def answer_logprobs(self, messages_batch, answers=("A", "B")) -> list:
-        """log P(answer), normalised over `answers`, from the server's top logprobs; None when unreadable.
+        """log P(answer), normalised over `answers`, from the server's top logprobs; None when
+        unreadable.
 
         An answer missing from the top-k list has at most the smallest probability listed, so it
         gets that logprob as an upper bound instead of zero mass by omission (which would turn
@@ -2156,11 +2353,15 @@ class OpenAIBackend:
         Phase 2 drops the rationale for its own reason instead of passing it at P = 0.5.
         """
         def one(conv):
-            resp = self._post({"model": self.model, "messages": self._to_openai(conv), "max_tokens": 1,
-                               "temperature": 0.0, "logprobs": True, "top_logprobs": 20})
+            resp = self._post({
+                "model": self.model, "messages": self._to_openai(conv), "max_tokens": 1,
+                "temperature": 0.0, "logprobs": True, "top_logprobs": 20
+            })
             choice = resp["choices"][0]
-            top = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
-            top = [e for e in top if isinstance(e, dict) and isinstance(e.get("logprob"), (int, float))]
+            content = (choice.get("logprobs") or {}).get("content") or [{}]
+            top = content[0].get("top_logprobs") or []
+            top = [e for e in top
+                   if isinstance(e, dict) and isinstance(e.get("logprob"), (int, float))]
             found = {}
             for entry in top:
                 key = str(entry.get("token", "")).strip()
@@ -2180,14 +2381,19 @@ class OpenAIBackend:
         return self._map(one, messages_batch)
 
 
-def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[str] = None, quantization: str = "auto",
-                 batch_size: int = 8, max_pixels: int = 768 * 768, timeout: float = 600.0, max_retries: int = 3,
-                 api_key_env: str = "OPENAI_API_KEY", device: Optional[str] = None):
+def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[str] = None,
+                 quantization: str = "auto", batch_size: int = 8, max_pixels: int = 768 * 768,
+                 timeout: float = 600.0, max_retries: int = 3, api_key_env: str = "OPENAI_API_KEY",
+                 device: Optional[str] = None):
     if api_base:
         if adapter:
-            raise ValueError("--adapter applies to a local model; serve the adapter with your server instead (vLLM: --lora-modules)")
+            raise ValueError(
+                "--adapter applies to a local model; serve the adapter with your server instead "
+                "(vLLM: --lora-modules)"
+            )
         return OpenAIBackend(api_base, model, api_key=os.environ.get(api_key_env), timeout=timeout,
-                             max_retries=max_retries, max_concurrency=batch_size, max_pixels=max_pixels)
+                             max_retries=max_retries, max_concurrency=batch_size,
+                             max_pixels=max_pixels)
     vlm, processor = load_vlm(model, quantization, adapter, device=device)
     return TransformersBackend(vlm, processor, batch_size, max_pixels)
 

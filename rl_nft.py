@@ -8,8 +8,9 @@ critique scores, aggregated into R in [0, 1], are the reward of DiffusionNFT (Zh
   --task t2i   SD3.5-Medium, as DiffusionNFT's own code runs it (NVlabs/DiffusionNFT,
                scripts/train_nft_sd3.py + config/nft.py);
   --task edit  FLUX.1-Kontext-dev, as the official RationalRewards RL runs it
-               (TIGER-AI-Lab/RationalRewards, diffusion_rl_training/train_flux_kontext_rationalrewards.py
-               + config/flux_kontext_nft.py), rewarded by the editing scorer.
+               (TIGER-AI-Lab/RationalRewards, diffusion_rl_training/: the script
+               train_flux_kontext_rationalrewards.py + config/flux_kontext_nft.py), rewarded by the
+               editing scorer.
 
 Each epoch:
   1. collect   the frozen old policy samples K images per prompt with a deterministic
@@ -38,12 +39,14 @@ Where is (the method is one block from the top; the harness comes after it):
 Smoke runs (CPU, offline, well under a minute)::
 
     python rl_nft.py --generator tiny-random --scorer tiny-random --epochs 2 --out runs/nft-smoke
-    python rl_nft.py --task edit --generator tiny-random --scorer tiny-random --epochs 2 --out runs/nft-edit-smoke
+    python rl_nft.py --task edit --generator tiny-random --scorer tiny-random --epochs 2 \\
+        --out runs/nft-edit-smoke
 
 Real runs (one 24 GB GPU)::
 
     python rl_nft.py --prompts prompts/rl_prompts.txt --out runs/nft
-    python rl_nft.py --task edit --prompts prompts/rl_edits.jsonl --generator-quantization 4bit --out runs/nft-edit
+    python rl_nft.py --task edit --prompts prompts/rl_edits.jsonl --generator-quantization 4bit \\
+        --out runs/nft-edit
     python rl_nft.py ... --scorer Qwen/Qwen3-VL-2B-Instruct --scorer-adapter runs/parrot/student
     python rl_nft.py ... --scorer-api-base http://localhost:8000/v1     # a served scorer (vLLM)
 
@@ -54,7 +57,8 @@ Deviations from the sources:
 1. Scale: 512 px, K=4 images per prompt and 4 prompts per epoch by default (DiffusionNFT:
    K=24, 48 prompts; official Kontext: K=8, 64 prompts; both on 8 GPUs); see the README table.
 2. Groups are keyed by prompt and source image. The official edit code keys its per-prompt
-   statistics by the instruction text alone, so two source images with one instruction share a group.
+   statistics by the instruction text alone, so two source images with one instruction share a
+   group.
 3. The sampler passes t * 1000 to SD3 as a float (the source's sampler truncates it to an integer).
 4. Mini-batches hold --train-batch-size samples; the last one may be smaller (the sources choose
    batch sizes that divide the epoch exactly).
@@ -89,7 +93,8 @@ import rationalrewards as rr
 # ---- The algorithm: pure functions (unit-tested with hand-computed numbers) ----
 # ---------------------------------------------------------------------------------------
 def optimality_from_rewards(rewards, group_ids, adv_clip: float = 5.0):
-    """r in [0, 1] for each sample from its reward and its prompt group (sources: global_std = True).
+    """r in [0, 1] for each sample from its reward and its prompt group
+    (sources: global_std = True).
 
     A = (R - mean_of_prompt_group) / (std_global + 1e-4),  A <- clip(A, -c, c),  r = 0.5 + 0.5 A / c
     """
@@ -103,7 +108,8 @@ def optimality_from_rewards(rewards, group_ids, adv_clip: float = 5.0):
     return (0.5 + 0.5 * A / adv_clip).float()                  # (N,)
 
 
-def train_mask(rewards, group_ids, rule: str = "none", min_std: float = 0.05, max_mean: float = 0.9):
+def train_mask(rewards, group_ids, rule: str = "none", min_std: float = 0.05,
+               max_mean: float = 0.9):
     """Which samples the loss is computed on: (N,) bool.
 
     none (DiffusionNFT): every sample. official (RationalRewards, ban_prompt on): a sample is kept
@@ -122,8 +128,9 @@ def train_mask(rewards, group_ids, rule: str = "none", min_std: float = 0.05, ma
 
 
 def groups_to_ban(rewards, group_ids, min_std: float = 0.05, max_mean: float = 0.9) -> list:
-    """Groups whose OWN rewards barely vary and are already high: their prompts are banned from later
-    epochs under the official rule (stat_tracking.py: prompt_std < ban_std_thres and prompt_mean > ban_mean_thres)."""
+    """Groups whose OWN rewards barely vary and are already high: their prompts are banned from
+    later epochs under the official rule (stat_tracking.py: prompt_std < ban_std_thres and
+    prompt_mean > ban_mean_thres)."""
     R, g = torch.as_tensor(rewards, dtype=torch.float64), torch.as_tensor(group_ids)
     out = []
     for gid in g.unique().tolist():
@@ -138,9 +145,11 @@ def nft_loss(v_theta, v_old, v_ref, x_t, x0, t, r, beta: float = 1.0, kl_weight:
     """The DiffusionNFT objective at one timestep per sample. Returns (loss, {policy, kl}).
 
         v+ = beta v_theta + (1 - beta) v_old          implicit positive policy
-        v- = (1 + beta) v_old - beta v_theta          implicit negative policy (its mirror around v_old)
-        L(v) = mean (x0_hat(v) - x0)^2 / sg(max(mean |x0_hat(v) - x0|, 1e-5)),  x0_hat(v) = x_t - t v
-        loss = policy_scale * mean_B[ r L(v+) + (1 - r) L(v-) ] / beta  +  kl_weight * mean_B ||v_theta - v_ref||^2
+        v- = (1 + beta) v_old - beta v_theta          implicit negative policy (mirror of v+)
+        x0_hat(v) = x_t - t v
+        L(v) = mean (x0_hat(v) - x0)^2 / sg(max(mean |x0_hat(v) - x0|, 1e-5))
+        loss = policy_scale * mean_B[ r L(v+) + (1 - r) L(v-) ] / beta
+               + kl_weight * mean_B ||v_theta - v_ref||^2
 
     - r in [0, 1] is the sample's optimality: r = 1 pulls v+ onto the sample, r = 0 pulls v- onto
       it (which pushes v_theta away from it); r = 0.5 pulls both equally and the gradients cancel.
@@ -165,29 +174,33 @@ def nft_loss(v_theta, v_old, v_ref, x_t, x0, t, r, beta: float = 1.0, kl_weight:
     def adaptive_mse(x0_hat):
         # L = mean((x0_hat - x0)^2) / sg(max(mean|x0_hat - x0|, 1e-5)), per sample
         err = x0_hat - x0
-        weight = err.detach().double().abs().mean(dim=dims).clamp(min=1e-5).to(err.dtype)   # (B,), no gradient
+        # per-sample weight (B,), no gradient
+        weight = err.detach().double().abs().mean(dim=dims).clamp(min=1e-5).to(err.dtype)
         return (err ** 2).mean(dim=dims) / weight                                            # (B,)
 
     # policy term: r pulls v+ toward x0, (1 - r) pulls v- toward x0
     policy = (r * adaptive_mse(x0_pos) + (1 - r) * adaptive_mse(x0_neg)).mean() / beta
     # KL to the base model (adapters off): mean ||v_theta - v_ref||^2
     kl = ((v_theta - v_ref) ** 2).mean(dim=dims).mean()
-    return policy_scale * policy + kl_weight * kl, {"policy": float(policy.detach()), "kl": float(kl.detach())}
+    stats = {"policy": float(policy.detach()), "kl": float(kl.detach())}
+    return policy_scale * policy + kl_weight * kl, stats
 
 
 def training_timesteps(num_samples: int, num_steps: int, fraction: float, gen) -> torch.Tensor:
-    """(N, int(fraction * S)) indices into the sampler's S timesteps: per sample, the first entries of
-    its own random permutation of all S (DiffusionNFT: perms_time, then j < num_train_timesteps), so
-    each sample drops a random timestep, not always the last."""
+    """(N, int(fraction * S)) indices into the sampler's S timesteps: per sample, the first entries
+    of its own random permutation of all S (DiffusionNFT: perms_time, then j < num_train_timesteps),
+    so each sample drops a random timestep, not always the last."""
     k = max(1, int(num_steps * fraction))
     return torch.stack([torch.randperm(num_steps, generator=gen)[:k] for _ in range(num_samples)])
 
 
 def accumulation_groups(num_batches: int, num_steps: int) -> list:
-    """Split mini-batch indices 0..n-1 into `num_steps` contiguous groups, one optimiser step each."""
+    """Split mini-batch indices 0..n-1 into `num_steps` contiguous groups, one optimiser step
+    each."""
     if not 1 <= num_steps <= num_batches:
-        raise ValueError(f"--gradient-steps-per-epoch {num_steps} must be between 1 and the epoch's "
-                         f"{num_batches} mini-batches (samples / --train-batch-size)")
+        raise ValueError(
+            f"--gradient-steps-per-epoch {num_steps} must be between 1 and the epoch's "
+            f"{num_batches} mini-batches (samples / --train-batch-size)")
     bounds = [round(i * num_batches / num_steps) for i in range(num_steps + 1)]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(num_steps)]
 
@@ -207,14 +220,17 @@ def ema_decay(step: int, max_decay: float = 0.9) -> float:
 def solve_flow_ode(velocity_fn, x, sigmas, solver: str = "dpm2"):
     """Integrate dx/dt = v(x, t) from t = sigmas[0] down to sigmas[-1]; returns x at the end.
 
-    euler: x_{i+1} = x_i + (t_{i+1} - t_i) v_i  (the first-order flow step; deterministic DDIM is the same step).
-    dpm2:  the multistep DPM-Solver++(2M) in data-prediction form, with alpha_t = 1 - t, sigma_t = t,
-           lambda_t = log(alpha_t / sigma_t), D_i = x_i - t_i v_i (the predicted clean sample):
+    euler: x_{i+1} = x_i + (t_{i+1} - t_i) v_i
+           (the first-order flow step; deterministic DDIM is the same step).
+    dpm2:  the multistep DPM-Solver++(2M) in data-prediction form, with alpha_t = 1 - t,
+           sigma_t = t, lambda_t = log(alpha_t / sigma_t), D_i = x_i - t_i v_i (the predicted
+           clean sample):
                h = lambda_{i+1} - lambda_i,   r0 = (lambda_i - lambda_{i-1}) / h
-               x_{i+1} = (t_{i+1} / t_i) x_i - alpha_{i+1} (e^{-h} - 1) (D_i + (D_i - D_{i-1}) / (2 r0))
-           The first step (no history; also the second when it starts at t = 1, where lambda = -inf)
-           and the final step to t = 0 (lambda = +inf) are first-order, as in the source
-           (flow_grpo/diffusers_patch/solver.py, dpm_step with order 2).
+               x_{i+1} = (t_{i+1} / t_i) x_i - alpha_{i+1} (e^{-h} - 1) D2_i
+               D2_i = D_i + (D_i - D_{i-1}) / (2 r0)
+           The first step (no history; also the second when it starts at t = 1, where
+           lambda = -inf) and the final step to t = 0 (lambda = +inf) are first-order, as in the
+           source (flow_grpo/diffusers_patch/solver.py, dpm_step with order 2).
     x: (B, ...); sigmas: (S + 1,) decreasing.
     """
     sig = sigmas.double()
@@ -230,7 +246,8 @@ def solve_flow_ode(velocity_fn, x, sigmas, solver: str = "dpm2"):
         else:
             h = lam(i + 1) - lam(i)
             r0 = (lam(i) - lam(i - 1)) / h
-            x_next = (t_next / t) * x.double() - (1 - t_next) * math.expm1(-h) * (d + (d - prev_d) / (2 * r0))
+            d2 = d + (d - prev_d) / (2 * r0)                                          # D2_i
+            x_next = (t_next / t) * x.double() - (1 - t_next) * math.expm1(-h) * d2
         prev_d, x = d, x_next.to(x.dtype)
     return x
 
@@ -244,19 +261,23 @@ TARGET_MODULES = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 
 def add_policies(transformer, args: Args) -> list:
-    """Adds adapters "default" (theta, trained) and "old" (samples; = theta at the start) and returns
-    theta's trainable parameters. The base model with adapters disabled is the KL reference."""
+    """Adds adapters "default" (theta, trained) and "old" (samples; = theta at the start) and
+    returns theta's trainable parameters. The base model with adapters disabled is the KL
+    reference."""
     from peft import LoraConfig
     transformer.requires_grad_(False)
     for name in ("default", "old"):
-        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
+        # peft warns that a second adapter is being added: that is the point
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                               target_modules=TARGET_MODULES), adapter_name=name)
+            transformer.add_adapter(
+                LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                           target_modules=TARGET_MODULES), adapter_name=name)
     theta, old = adapter_params(transformer, "default"), adapter_params(transformer, "old")
     with torch.no_grad():
         for k, p in theta.items():
-            p.data = p.data.float()  # LoRA weights train in fp32 even on a bf16 or 4-bit base (QLoRA)
+            # LoRA weights train in fp32 even on a bf16 or 4-bit base (QLoRA)
+            p.data = p.data.float()
             old[k].data = p.data.clone()
     use_policy(transformer, "default")
     return list(theta.values())
@@ -265,11 +286,13 @@ def add_policies(transformer, args: Args) -> list:
 def adapter_params(transformer, adapter: str) -> dict:
     """{module path: parameter} of one adapter's LoRA weights, keyed without the adapter name."""
     tag = f".{adapter}."
-    return {n.replace(tag, "."): p for n, p in transformer.named_parameters() if "lora_" in n and tag in n}
+    return {n.replace(tag, "."): p for n, p in transformer.named_parameters()
+            if "lora_" in n and tag in n}
 
 
 def use_policy(transformer, policy: Optional[str]) -> None:
-    """Route forward passes through one adapter ("default" or "old"), or through the base model (None)."""
+    """Route forward passes through one adapter ("default" or "old"), or through the base model
+    (None)."""
     if policy is None:
         transformer.disable_adapters()
         return
@@ -318,13 +341,13 @@ def ema_weights(transformer, ema: Optional[dict]):
 
 @contextlib.contextmanager
 def old_on_first(transformer, n: int):
-    """While active (with the "old" adapter set), the old LoRA acts on the first n samples of a batch
-    only; the others see the base model. One forward pass of [x; x] then gives v_old and v_ref together
-    (the two no-grad passes of an NFT step fused into one batch)."""
+    """While active (with the "old" adapter set), the old LoRA acts on the first n samples of a
+    batch only; the others see the base model. One forward pass of [x; x] then gives v_old and v_ref
+    together (the two no-grad passes of an NFT step fused into one batch)."""
     def mask_delta(module, inputs, output):
         keep = torch.zeros(output.shape[0], device=output.device, dtype=output.dtype)
         keep[:n] = 1
-        return output * keep.view(-1, *([1] * (output.ndim - 1)))     # LoRA delta zeroed past sample n
+        return output * keep.view(-1, *([1] * (output.ndim - 1)))  # LoRA delta zeroed past sample n
     hooks = [m.register_forward_hook(mask_delta) for name, m in transformer.named_modules()
              if name.endswith(".lora_B.old")]
     try:
@@ -344,21 +367,23 @@ def old_and_ref_velocities(transformer, x, t, cond: dict, geo: dict) -> tuple:
 
 
 def is_kontext(pipe) -> bool:
-    """FLUX.1-Kontext (image editing) or SD3 (text-to-image): the only place the two differ is below."""
+    """FLUX.1-Kontext (image editing) or SD3 (text-to-image): the only place the two differ is
+    below."""
     return type(pipe).__name__.startswith("FluxKontext")
 
 
 def pack(latents):
     """FLUX token layout: (B, C, h, w) -> (B, h/2 * w/2, 4C), each token a 2x2 patch."""
     B, C, h, w = latents.shape
-    x = latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)   # (B, h/2, w/2, C, 2, 2)
+    x = latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
     return x.reshape(B, (h // 2) * (w // 2), C * 4)
 
 
 def unpack(tokens, h: int, w: int):
     """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of `pack`."""
     B, _, F = tokens.shape
-    x = tokens.view(B, h // 2, w // 2, F // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+    # x: (B, C, h/2, 2, w/2, 2)
+    x = tokens.view(B, h // 2, w // 2, F // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(B, F // 4, h, w)
 
 
@@ -373,27 +398,32 @@ def token_ids(h: int, w: int, first: float) -> torch.Tensor:
 
 
 def latent_geometry(pipe, resolution: int, guidance_scale: float) -> dict:
-    """What every velocity call of the run shares: the model kind, latent size, FLUX position ids."""
+    """What every velocity call of the run shares: the model kind, latent size, FLUX position
+    ids."""
     kontext = is_kontext(pipe)
-    # Kontext's image processor works on 2x2-packed latents: sides are multiples of 2 *
-    # vae_scale_factor
+    # Kontext's image processor works on 2x2-packed latents: sides are multiples of
+    # 2 * vae_scale_factor
     multiple = pipe.vae_scale_factor * (2 if kontext else pipe.transformer.config.patch_size)
     if resolution % multiple:
-        raise ValueError(f"--resolution must be a multiple of {multiple} for this generator, got {resolution}")
+        raise ValueError(
+            f"--resolution must be a multiple of {multiple} for this generator, got {resolution}")
     side = resolution // pipe.vae_scale_factor
-    geo = {"kontext": kontext, "h": side, "w": side, "resolution": resolution, "guidance": guidance_scale}
+    geo = {"kontext": kontext, "h": side, "w": side, "resolution": resolution,
+           "guidance": guidance_scale}
     if kontext:
         geo["channels"] = pipe.transformer.config.in_channels // 4
-        geo["img_ids"] = torch.cat([token_ids(side, side, 0.0), token_ids(side, side, 1.0)])   # (2L, 3)
+        # (2L, 3): the noisy tokens' ids, then the source's
+        geo["img_ids"] = torch.cat([token_ids(side, side, 0.0), token_ids(side, side, 1.0)])
     else:
         geo["channels"] = pipe.transformer.config.in_channels
     return geo
 
 
 def encode_conditions(pipe, items: list, geo: dict) -> dict:
-    """item key -> its condition, computed once (the text encoders are freed after):
-    SD3 {emb (1, Lt, D), pooled (1, P)}; Kontext adds the source image's packed latent {image (1, L, 4C)}.
-    Prompts are encoded at 128 tokens as both sources do (compute_text_embeddings(max_sequence_length=128))."""
+    """item key -> its condition, computed once (the text encoders are freed after): SD3 {emb (1,
+    Lt, D), pooled (1, P)}; Kontext adds the source image's packed latent {image (1, L, 4C)}.
+    Prompts are encoded at 128 tokens as both sources do
+    (compute_text_embeddings(max_sequence_length=128))."""
     conds = {}
     with torch.no_grad():
         for it in items:
@@ -401,52 +431,61 @@ def encode_conditions(pipe, items: list, geo: dict) -> dict:
                 continue
             p = it["prompt"]
             if geo["kontext"]:
-                emb, pooled, text_ids = pipe.encode_prompt(prompt=p, prompt_2=p, max_sequence_length=128)
+                emb, pooled, text_ids = pipe.encode_prompt(prompt=p, prompt_2=p,
+                                                           max_sequence_length=128)
                 geo["txt_ids"] = text_ids.cpu()
                 conds[it["key"]] = {"emb": emb.cpu(), "pooled": pooled.cpu(),
                                     "image": encode_source(pipe, it["source"], geo).cpu()}
             else:
                 emb, _, pooled, _ = pipe.encode_prompt(prompt=p, prompt_2=p, prompt_3=p,
-                                                       do_classifier_free_guidance=False, max_sequence_length=128)
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=128)
                 conds[it["key"]] = {"emb": emb.cpu(), "pooled": pooled.cpu()}
     return conds
 
 
 def encode_source(pipe, image: Image.Image, geo: dict):
-    """The source image as Kontext sees it: VAE latent (the distribution's mode), normalised, packed."""
+    """The source image as Kontext sees it: VAE latent (the distribution's mode), normalised,
+    packed."""
     vae = pipe.vae
-    pixels = pipe.image_processor.preprocess(image, height=geo["resolution"], width=geo["resolution"])
-    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()                # (1, C, h, w)
+    pixels = pipe.image_processor.preprocess(image, height=geo["resolution"],
+                                             width=geo["resolution"])
+    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()  # (1, C, h, w)
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-    return pack(z.float())                                                                # (1, L, 4C)
+    return pack(z.float())  # (1, L, 4C)
 
 
 def collate(conds: dict, keys: list, device, dtype) -> dict:
     """The conditions of a batch of samples, stacked: {name: (B, ...)}."""
-    return {name: torch.cat([conds[k][name] for k in keys]).to(device, dtype) for name in conds[keys[0]]}
+    return {name: torch.cat([conds[k][name] for k in keys]).to(device, dtype)
+            for name in conds[keys[0]]}
 
 
 def velocity(transformer, x, t, cond: dict, geo: dict):
-    """v(x_t, t | condition) from the transformer, for either model. x: (B, ...); t: (B,) in (0, 1]."""
+    """v(x_t, t | condition) from the transformer, for either model. x: (B, ...); t: (B,) in (0,
+    1]."""
     if geo["kontext"]:
         # FLUX.1-Kontext: the source image's latent tokens are appended to the noisy ones (with
         # their own position ids) and only the noisy tokens' outputs are kept; t in [0, 1] and the
         # distilled guidance strength go in as they are (the transformer scales both by 1000 itself)
-        hidden = torch.cat([x, cond["image"]], dim=1)                                    # (B, 2L, 4C)
+        hidden = torch.cat([x, cond["image"]], dim=1)  # (B, 2L, 4C)
         guidance = torch.full((len(x),), geo["guidance"], device=x.device, dtype=torch.float32)
-        out = transformer(hidden_states=hidden, timestep=t, guidance=guidance, pooled_projections=cond["pooled"],
-                          encoder_hidden_states=cond["emb"], txt_ids=geo["txt_ids"].to(x.device),
-                          img_ids=geo["img_ids"].to(x.device), return_dict=False)[0]
-        return out[:, :x.shape[1]]                                                        # (B, L, 4C)
+        out = transformer(hidden_states=hidden, timestep=t, guidance=guidance,
+                          pooled_projections=cond["pooled"], encoder_hidden_states=cond["emb"],
+                          txt_ids=geo["txt_ids"].to(x.device), img_ids=geo["img_ids"].to(x.device),
+                          return_dict=False)[0]
+        return out[:, :x.shape[1]]  # (B, L, 4C)
     # SD3: the timestep is given as t * 1000
     return transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond["emb"],
-                       pooled_projections=cond["pooled"], return_dict=False)[0]           # (B, C, h, w)
+                       pooled_projections=cond["pooled"], return_dict=False)[0]  # (B, C, h, w)
 
 
 def initial_noise(seeds: list, geo: dict):
-    """One seeded N(0, I) latent per sample, in the model's layout: (B, C, h, w) or packed (B, L, 4C)."""
-    noise = torch.stack([torch.randn(geo["channels"], geo["h"], geo["w"], generator=torch.Generator().manual_seed(s))
-                         for s in seeds])                                                 # (B, C, h, w)
+    """One seeded N(0, I) latent per sample, in the model's layout: (B, C, h, w) or packed (B, L,
+    4C)."""
+    shape = (geo["channels"], geo["h"], geo["w"])
+    noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds])  # (B, C, h, w)
     return pack(noise) if geo["kontext"] else noise
 
 
@@ -457,7 +496,8 @@ def sampler_sigmas(pipe, steps: int, geo: Optional[dict] = None):
     if sch.config.get("use_dynamic_shifting"):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
         seq_len = (geo["h"] // 2) * (geo["w"] // 2)
-        mu = calculate_shift(seq_len, sch.config.get("base_image_seq_len", 256), sch.config.get("max_image_seq_len", 4096),
+        mu = calculate_shift(seq_len, sch.config.get("base_image_seq_len", 256),
+                             sch.config.get("max_image_seq_len", 4096),
                              sch.config.get("base_shift", 0.5), sch.config.get("max_shift", 1.15))
         sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
     else:
@@ -467,8 +507,8 @@ def sampler_sigmas(pipe, steps: int, geo: Optional[dict] = None):
 
 def sample_latents(pipe, cond: dict, seeds: list, sigmas, geo: dict, policy: str, solver: str,
                    null_cond: Optional[dict] = None):
-    """Deterministic ODE from seeded noise to x0 with one policy: (B, ...).
-    SD3 with --guidance-scale > 1: classifier-free guidance against `null_cond` (the empty prompt)."""
+    """Deterministic ODE from seeded noise to x0 with one policy: (B, ...). SD3 with
+    --guidance-scale > 1: classifier-free guidance against `null_cond` (the empty prompt)."""
     tr = pipe.transformer
     device, dtype = tr.device, tr.dtype
     cond = {k: v.to(device, dtype) for k, v in cond.items()}
@@ -485,7 +525,8 @@ def sample_latents(pipe, cond: dict, seeds: list, sigmas, geo: dict, policy: str
         return v
 
     with torch.no_grad():
-        x = solve_flow_ode(v_fn, initial_noise(seeds, geo).to(device).float(), sigmas.to(device), solver)
+        x = initial_noise(seeds, geo).to(device).float()
+        x = solve_flow_ode(v_fn, x, sigmas.to(device), solver)
     use_policy(tr, "default")
     return x.float()
 
@@ -496,7 +537,8 @@ def decode(pipe, x0, geo: dict) -> list:
     if geo["kontext"]:
         x0 = unpack(x0, geo["h"], geo["w"])
     with torch.no_grad():
-        z = x0.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        shift = vae.config.shift_factor or 0.0
+        z = x0.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
         images = vae.decode(z, return_dict=False)[0]
     return pipe.image_processor.postprocess(images.float(), output_type="pil")
 
@@ -513,20 +555,24 @@ def free_text_encoders(pipe) -> None:
 # ---------------------------------------------------------------------------------------
 # ---- Step 2: rewards from critiques ----
 # ---------------------------------------------------------------------------------------
-def reward_images(scorer, images: list, prompts: list, weights, sources: Optional[list] = None) -> dict:
+def reward_images(scorer, images: list, prompts: list, weights,
+                  sources: Optional[list] = None) -> dict:
     """Critique every image (batched; editing: the source image first); R per image, per-dimension
     scores, unreadable count."""
     from tqdm import tqdm
     critiques = []
-    step = max(1, getattr(scorer.backend, "batch_size", 8))  # HTTP backends have no batch size: 8 per bar step
+    # HTTP backends have no batch size: 8 per bar step
+    step = max(1, getattr(scorer.backend, "batch_size", 8))
     for i in tqdm(range(0, len(images), step), desc="reward: critiques", unit="batch", leave=False):
         src = sources[i:i + step] if sources is not None else None
         critiques += scorer.critique(images[i:i + step], prompts[i:i + step], src)
     truncated = sum(c.truncated for c in critiques)
     rr.warn_truncated(truncated, len(critiques), "--scorer-max-new-tokens")
     return {"rewards": [rr.reward_from_scores(c.scores, weights) for c in critiques],
-            "scores": [c.scores for c in critiques], "not_applicable": [c.not_applicable for c in critiques],
-            "unreadable": sum(not c.readable for c in critiques), "truncated": truncated}
+            "scores": [c.scores for c in critiques],
+            "not_applicable": [c.not_applicable for c in critiques],
+            "unreadable": sum(not c.readable for c in critiques),
+            "truncated": truncated}
 
 
 dimension_means = rr.dimension_means  # per-dimension mean of the readable scores, for metrics.csv
@@ -535,10 +581,10 @@ dimension_means = rr.dimension_means  # per-dimension mean of the readable score
 # ---------------------------------------------------------------------------------------
 # ---- Step 3: optimise, one epoch of collected samples ----
 # ---------------------------------------------------------------------------------------
-def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigmas, geo: dict, args: Args, gen,
-                   ema: Optional[dict], step: int) -> tuple:
-    """The NFT loss over every mini-batch and training timestep of the epoch; gradients accumulate over
-    each group of mini-batches and every group ends in one clipped optimiser step (the sources:
+def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigmas, geo: dict,
+                   args: Args, gen, ema: Optional[dict], step: int) -> tuple:
+    """The NFT loss over every mini-batch and training timestep of the epoch; gradients accumulate
+    over each group of mini-batches and every group ends in one clipped optimiser step (the sources:
     gradient_accumulation_steps = batches // gradient_step_per_epoch, the loss divided by
     accumulation steps x timesteps). Returns (new global step, mean loss terms or None).
 
@@ -559,7 +605,8 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
             kept, sel = b[keep[b]], keep[b]
             # noise for every sample and timestep of the batch, drawn before masking so that the
             # mask never changes what later samples draw
-            eps_all = torch.randn((len(b), steps_t.shape[1], *x0.shape[1:]), generator=gen)   # (B, k, ...)
+            # eps_all: (B, k, ...)
+            eps_all = torch.randn((len(b), steps_t.shape[1], *x0.shape[1:]), generator=gen)
             if not len(kept):
                 continue  # the official mean_by_mask gives this mini-batch a zero loss
             xb, rb = x0[kept].to(device), r[kept].to(device)
@@ -577,12 +624,13 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
                 use_policy(transformer, "default")
                 with autocast:
                     v_theta = velocity(transformer, xt_in, t_in, cb, geo).float()
-                loss, stats = nft_loss(v_theta, v_old, v_ref, x_t, xb, t, rb, args.beta, args.kl_weight,
-                                       policy_scale=args.adv_clip)
+                loss, stats = nft_loss(v_theta, v_old, v_ref, x_t, xb, t, rb, args.beta,
+                                       args.kl_weight, policy_scale=args.adv_clip)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the NFT loss became {float(loss.detach())} (optimiser step {step + 1}); nothing "
-                                             "of this epoch is saved and the last checkpoint is intact: rerun with "
-                                             "--resume and a lower --lr")
+                    raise FloatingPointError(
+                        f"the NFT loss became {float(loss.detach())} (optimiser step {step + 1}); "
+                        "nothing of this epoch is saved and the last checkpoint is intact: rerun "
+                        "with --resume and a lower --lr")
                 (loss / denom).backward()
                 sums["loss"] += float(loss.detach())
                 sums["policy"] += stats["policy"]
@@ -597,9 +645,10 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not all(torch.isfinite(p).all() for p in params):
-            raise FloatingPointError(f"a LoRA weight became non-finite at optimiser step {step + 1}; nothing of this "
-                                     "epoch is saved and the last checkpoint is intact: rerun with --resume and a "
-                                     "lower --lr")
+            raise FloatingPointError(
+                f"a LoRA weight became non-finite at optimiser step {step + 1}; nothing of this "
+                "epoch is saved and the last checkpoint is intact: rerun with --resume and a "
+                "lower --lr")
         step += 1
         if ema is not None:
             ema_update(ema, transformer, step, args.ema_decay)
@@ -614,27 +663,32 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
 @dataclass
 class Args(rr.ScorerArgs):
     task: Literal["t2i", "edit"] = "t2i"
-    """t2i: text-to-image (SD3.5-Medium, as DiffusionNFT); edit: image editing (FLUX.1-Kontext-dev, as the
-    official RationalRewards RL), rewarded by the editing scorer"""
+    """t2i: text-to-image (SD3.5-Medium, as DiffusionNFT); edit: image editing (FLUX.1-Kontext-dev,
+    as the official RationalRewards RL), rewarded by the editing scorer"""
     prompts: Optional[str] = None
-    """training prompts: .txt (one per line) or .jsonl (`prompt`; for edit also `source_image`, relative to the
-    file) (default: prompts/rl_prompts.txt for t2i, prompts/rl_edits.jsonl for edit)"""
+    """training prompts: .txt (one per line) or .jsonl (`prompt`; for edit also `source_image`,
+    relative to the file) (default: prompts/rl_prompts.txt for t2i, prompts/rl_edits.jsonl for
+    edit)"""
     eval_prompts: Optional[str] = None
-    """prompts for the eval grid, same format (default: the first --num-eval-prompts training prompts)"""
+    """prompts for the eval grid, same format (default: the first --num-eval-prompts training
+    prompts)"""
     num_eval_prompts: int = 4
     """images in the eval grid (one fixed seed per prompt)"""
     out: str = "runs/nft"
     """run directory"""
     generator: Optional[str] = None
-    """flow-matching pipeline: hub id, local directory or tiny-random (default: stabilityai/stable-diffusion-3.5-medium
-    for t2i, black-forest-labs/FLUX.1-Kontext-dev for edit)"""
+    """flow-matching pipeline: hub id, local directory or tiny-random (default:
+    stabilityai/stable-diffusion-3.5-medium for t2i, black-forest-labs/FLUX.1-Kontext-dev for
+    edit)"""
     generator_quantization: Literal["none", "4bit"] = "none"
-    """4bit: the generator's transformer and T5 in nf4 with LoRA in fp32 on top (QLoRA; needs a GPU; how
-    FLUX.1-Kontext-dev fits on 24 GB)"""
+    """4bit: the generator's transformer and T5 in nf4 with LoRA in fp32 on top (QLoRA; needs a GPU;
+    how FLUX.1-Kontext-dev fits on 24 GB)"""
     no_t5: bool = False
-    """leave SD3's T5 text encoder out (saves its memory while prompts are encoded, at some prompt fidelity)"""
+    """leave SD3's T5 text encoder out (saves its memory while prompts are encoded, at some prompt
+    fidelity)"""
     resolution: Optional[int] = None
-    """image side in pixels (default 512 as both sources; 64 for tiny-random); edit sources are center-cropped to it"""
+    """image side in pixels (default 512 as both sources; 64 for tiny-random); edit sources are
+    center-cropped to it"""
     epochs: int = 50
     """collect -> reward -> optimise -> update rounds"""
     prompts_per_epoch: int = 4
@@ -642,32 +696,39 @@ class Args(rr.ScorerArgs):
     group_size: int = 4
     """K: images per prompt, the group whose mean is the baseline (sources: 24 t2i, 8 edit)"""
     sampler: Literal["dpm2", "euler"] = "dpm2"
-    """deterministic ODE solver while collecting: second-order multistep DPM-Solver (sources: sample.solver
-    = "dpm2") or first-order Euler; eval grids always use Euler (the sources' "flow" solver)"""
+    """deterministic ODE solver while collecting: second-order multistep DPM-Solver (sources:
+    sample.solver = "dpm2") or first-order Euler; eval grids always use Euler (the sources' "flow"
+    solver)"""
     sample_steps: Optional[int] = None
-    """solver steps while collecting (default: 10 t2i as DiffusionNFT, 15 edit as the official Kontext config)"""
+    """solver steps while collecting (default: 10 t2i as DiffusionNFT, 15 edit as the official
+    Kontext config)"""
     eval_steps: Optional[int] = None
-    """Euler steps of the eval grid (default: 40 t2i, 20 edit: the sources' sample.eval_num_steps)"""
+    """Euler steps of the eval grid (default: 40 t2i, 20 edit: the sources'
+    sample.eval_num_steps)"""
     guidance_scale: Optional[float] = None
-    """t2i: classifier-free guidance (default 1.0, none, as DiffusionNFT); edit: FLUX's distilled guidance
-    strength (default 2.5 as the official Kontext config)"""
+    """t2i: classifier-free guidance (default 1.0, none, as DiffusionNFT); edit: FLUX's distilled
+    guidance strength (default 2.5 as the official Kontext config)"""
     timestep_fraction: float = 0.99
-    """each sample trains at the first int(fraction * steps) of a random permutation of the sampler's timesteps"""
+    """each sample trains at the first int(fraction * steps) of a random permutation of the
+    sampler's timesteps"""
     train_batch_size: int = 2
     """samples per forward pass while optimising (gradients are accumulated across mini-batches)"""
     gradient_steps_per_epoch: int = 1
-    """optimiser steps per epoch; the epoch's mini-batches are split into this many accumulation groups
-    (sources: gradient_step_per_epoch = 1)"""
+    """optimiser steps per epoch; the epoch's mini-batches are split into this many accumulation
+    groups (sources: gradient_step_per_epoch = 1)"""
     beta: float = 1.0
     """NFT guidance strength beta (sources: config.beta = 1.0)"""
     kl_weight: float = 1e-4
-    """weight of the velocity KL ||v_theta - v_ref||^2 to the base model (sources: train.beta = 1e-4)"""
+    """weight of the velocity KL ||v_theta - v_ref||^2 to the base model (sources: train.beta =
+    1e-4)"""
     adv_clip: float = 5.0
-    """advantages are clipped to [-adv_clip, adv_clip]; the policy term is also multiplied by it (sources: 5)"""
+    """advantages are clipped to [-adv_clip, adv_clip]; the policy term is also multiplied by it
+    (sources: 5)"""
     mask: Optional[Literal["none", "official"]] = None
-    """which samples are trained on: none (DiffusionNFT: every sample) or official (RationalRewards with
-    ban_prompt: global reward std > --mask-std and prompt-group mean < --mask-mean; prompts whose own group
-    std < --mask-std and mean > --mask-mean are banned from later epochs) (default: none t2i, official edit)"""
+    """which samples are trained on: none (DiffusionNFT: every sample) or official (RationalRewards
+    with ban_prompt: global reward std > --mask-std and prompt-group mean < --mask-mean; prompts
+    whose own group std < --mask-std and mean > --mask-mean are banned from later epochs) (default:
+    none t2i, official edit)"""
     mask_std: float = 0.05
     """official mask: reward std threshold (ban_std_thres)"""
     mask_mean: float = 0.9
@@ -677,7 +738,8 @@ class Args(rr.ScorerArgs):
     lora_alpha: int = 64
     """LoRA alpha (sources: 64)"""
     lr: Optional[float] = None
-    """AdamW learning rate (default: 3e-4 t2i as DiffusionNFT, 2e-4 edit as the official Kontext config)"""
+    """AdamW learning rate (default: 3e-4 t2i as DiffusionNFT, 2e-4 edit as the official Kontext
+    config)"""
     weight_decay: float = 1e-4
     """AdamW weight decay (sources: 1e-4)"""
     grad_clip: float = 1.0
@@ -687,17 +749,20 @@ class Args(rr.ScorerArgs):
     eta_max: float = 0.5
     """upper bound of eta"""
     ema: bool = True
-    """keep an EMA of theta (decay --ema-decay, one update per optimiser step) and use it for the eval grid
-    and the saved LoRAs (DiffusionNFT: train.ema = True)"""
+    """keep an EMA of theta (decay --ema-decay, one update per optimiser step) and use it for the
+    eval grid and the saved LoRAs (DiffusionNFT: train.ema = True)"""
     ema_decay: float = 0.9
-    """EMA decay ceiling; step s uses min((1 + s) / (10 + s), ema_decay) (DiffusionNFT's EMAModuleWrapper)"""
+    """EMA decay ceiling; step s uses min((1 + s) / (10 + s), ema_decay) (DiffusionNFT's
+    EMAModuleWrapper)"""
     reward_weights: Optional[str] = None
-    """per-dimension reward weights, e.g. 'text_rendering=2,physical_quality=1' (unnamed: 1; 0 drops one)
-    (default for edit: image_faithfulness=0, the official edit reward; image faithfulness is still logged)"""
+    """per-dimension reward weights, e.g. 'text_rendering=2,physical_quality=1' (unnamed: 1; 0 drops
+    one) (default for edit: image_faithfulness=0, the official edit reward; image faithfulness is
+    still logged)"""
     eval_every: int = 5
     """epochs between eval grids (the last epoch always gets one)"""
     save_every: int = 10
-    """epochs between LoRA snapshots in lora/ (the checkpoint for --resume is written every epoch)"""
+    """epochs between LoRA snapshots in lora/ (the checkpoint for --resume is written every
+    epoch)"""
     gradient_checkpointing: bool = True
     """recompute transformer activations in the backward pass (memory for time)"""
     resume: bool = False
@@ -709,20 +774,23 @@ class Args(rr.ScorerArgs):
 # Per-task defaults: t2i follows DiffusionNFT's SD3 config (config/nft.py), edit follows the
 # official RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
 TASK_DEFAULTS = {
-    "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium", "prompts": str(rr.PROMPTS_DIR / "rl_prompts.txt"),
-            "sample_steps": 10, "eval_steps": 40, "guidance_scale": 1.0, "lr": 3e-4, "mask": "none",
-            "reward_weights": None},
-    "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev", "prompts": str(rr.PROMPTS_DIR / "rl_edits.jsonl"),
-             "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4, "mask": "official",
+    "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium",
+            "prompts": str(rr.PROMPTS_DIR / "rl_prompts.txt"),
+            "sample_steps": 10, "eval_steps": 40, "guidance_scale": 1.0, "lr": 3e-4,
+            "mask": "none", "reward_weights": None},
+    "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev",
+             "prompts": str(rr.PROMPTS_DIR / "rl_edits.jsonl"),
+             "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4,
+             "mask": "official",
              # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text
-             # faithfulness, physical quality and text rendering: image faithfulness is left out of
-             # the reward
+             # faithfulness, physical quality and text rendering: image faithfulness is left out
+             # of the reward
              "reward_weights": "image_faithfulness=0"},
 }
 # what the checkpoint depends on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "prompts_dir", "resolution", "group_size",
-            "sampler", "sample_steps", "guidance_scale", "lora_r", "lora_alpha", "mask", "ema", "scorer",
-            "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
+RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "prompts_dir", "resolution",
+            "group_size", "sampler", "sample_steps", "guidance_scale", "lora_r", "lora_alpha",
+            "mask", "ema", "scorer", "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
 
 
 # ---------------------------------------------------------------------------------------
@@ -745,15 +813,16 @@ def read_items(path: str, task: str, resolution: int) -> list:
         if task == "edit":
             rel = rec.get("source_image")
             if not rel:
-                raise ValueError(f"{path}: prompt {n} ({rec['prompt'][:60]!r}) has no source_image: --task edit "
-                                 f"needs a .jsonl with 'prompt' and 'source_image' (relative to the file)")
+                raise ValueError(
+                    f"{path}: prompt {n} ({rec['prompt'][:60]!r}) has no source_image: --task edit "
+                    "needs a .jsonl with 'prompt' and 'source_image' (relative to the file)")
             file = Path(path).parent / str(rel)
             image, problem = rr.read_image(file)
             if image is None:
                 raise ValueError(f"{path}: prompt {n}: source image {file} is {problem}")
             source = square_source(image, resolution)
-        items.append({"key": rr.pair_id(rec["prompt"], rec.get("source_image") or ""), "prompt": rec["prompt"],
-                      "source": source})
+        key = rr.pair_id(rec["prompt"], rec.get("source_image") or "")
+        items.append({"key": key, "prompt": rec["prompt"], "source": source})
     return items
 
 
@@ -761,7 +830,8 @@ def read_items(path: str, task: str, resolution: int) -> list:
 # Outputs: LoRA files, checkpoint, metrics, pictures
 # ---------------------------------------------------------------------------------------
 def save_lora(pipe, directory: Path) -> None:
-    """theta (call inside `ema_weights` for the EMA) as a diffusers LoRA: `pipe.load_lora_weights(directory)`."""
+    """theta (call inside `ema_weights` for the EMA) as a diffusers LoRA:
+    `pipe.load_lora_weights(directory)`."""
     from peft.utils import get_peft_model_state_dict
     state = get_peft_model_state_dict(pipe.transformer, adapter_name="default")
     type(pipe).save_lora_weights(str(directory), transformer_lora_layers=state)
@@ -775,8 +845,9 @@ def save_checkpoint(pipe, optimizer, ema: Optional[dict], out: Path, state: dict
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tr = pipe.transformer
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_params(tr, "default").items()}, tmp / "theta.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_params(tr, "old").items()}, tmp / "old.safetensors")
+    for adapter, file in (("default", "theta.safetensors"), ("old", "old.safetensors")):
+        weights = {k: v.detach().contiguous().cpu() for k, v in adapter_params(tr, adapter).items()}
+        save_file(weights, tmp / file)
     if ema is not None:
         save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -800,19 +871,25 @@ def load_checkpoint(pipe, optimizer, ema: Optional[dict], out: Path) -> Optional
                ("old", "old.safetensors", adapter_params(tr, "old"))]
     if ema is not None:
         targets.append(("ema", "ema.safetensors", ema))
-    damaged = (f"is damaged or unreadable: if {out / 'checkpoint.old'} exists and is whole, move it to "
-                f"{ckpt} and resume; otherwise start again in another --out")
+    damaged = (
+        f"is damaged or unreadable: if {out / 'checkpoint.old'} exists and is whole, move it to "
+        f"{ckpt} and resume; otherwise start again in another --out")
     for _, file, params in targets:
         try:
             saved = load_file(ckpt / file)
-        except Exception as err:  # safetensors raises its own errors for a truncated or foreign file
+        except Exception as err:
+            # safetensors raises its own errors for a truncated or foreign file
             raise ValueError(f"{ckpt / file} {damaged} ({type(err).__name__})") from None
         if set(saved) != set(params):
-            raise ValueError(f"{ckpt / file} does not match this model's LoRA layout (other --generator or --lora-r?)")
+            raise ValueError(
+                f"{ckpt / file} does not match this model's LoRA layout (other --generator or "
+                "--lora-r?)"
+            )
         wrong = [k for k, p in params.items() if saved[k].shape != p.shape]
         if wrong:
-            raise ValueError(f"{ckpt / file} holds LoRA weights of shape {tuple(saved[wrong[0]].shape)} where this "
-                             f"model has {tuple(params[wrong[0]].shape)}: another --lora-r than the run's?")
+            raise ValueError(
+                f"{ckpt / file} holds LoRA weights of shape {tuple(saved[wrong[0]].shape)} where "
+                f"this model has {tuple(params[wrong[0]].shape)}: another --lora-r than the run's?")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(saved[k])
@@ -820,16 +897,21 @@ def load_checkpoint(pipe, optimizer, ema: Optional[dict], out: Path) -> Optional
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         return json.loads((ckpt / "state.json").read_text())
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{ckpt} (optimizer.pt or state.json) {damaged} ({type(err).__name__})") from None
+        raise ValueError(
+            f"{ckpt} (optimizer.pt or state.json) {damaged} ({type(err).__name__})") from None
 
 
 def metric_fields(task: str) -> list:
-    return ["epoch", "step", "reward_mean", "reward_std", *rr.dimensions(task), "unreadable", "truncated", "masked_samples",
-            "trained_samples", "banned_prompts", "loss", "policy_loss", "kl", "eta", "eval_reward", "seconds"]
+    return [
+        "epoch", "step", "reward_mean", "reward_std", *rr.dimensions(task), "unreadable",
+        "truncated", "masked_samples", "trained_samples", "banned_prompts", "loss", "policy_loss",
+        "kl", "eta", "eval_reward", "seconds"
+    ]
 
 
 def write_metrics(out: Path, rows: list, task: str) -> None:
-    """metrics.csv rewritten whole from the rows the checkpoint holds: a resumed run never duplicates one."""
+    """metrics.csv rewritten whole from the rows the checkpoint holds: a resumed run never
+    duplicates one."""
     fields = metric_fields(task)
     tmp = out / "metrics.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -843,13 +925,16 @@ COLOURS = {"text_faithfulness": (200, 40, 40), "image_faithfulness": (150, 60, 1
            "physical_quality": (40, 120, 200), "text_rendering": (40, 160, 60)}
 
 
-def plot_reward_curve(rows: list, path: Path, dims: tuple = rr.T2I_DIMENSIONS, title: str = "") -> None:
+def plot_reward_curve(rows: list, path: Path, dims: tuple = rr.T2I_DIMENSIONS,
+                      title: str = "") -> None:
     """One line per dimension (scores mapped to [0, 1] like the reward) and one for R, per epoch."""
     W, H, m, top, legend_w = 760, 440, 56, 44, 190
     img = Image.new("RGB", (W, H), "white")
     d, font = ImageDraw.Draw(img), rr.label_font(12)
-    d.text((m, 8), f"{title}: reward per epoch" if title else "reward per epoch", fill="black", font=rr.label_font(14))
-    d.text((m, 26), "reward, scores mapped to [0, 1]: R and (s - 1) / 3 per dimension", fill="black", font=font)
+    d.text((m, 8), f"{title}: reward per epoch" if title else "reward per epoch", fill="black",
+           font=rr.label_font(14))
+    d.text((m, 26), "reward, scores mapped to [0, 1]: R and (s - 1) / 3 per dimension",
+           fill="black", font=font)
     right = W - legend_w
     d.rectangle([m, top, right, H - m], outline="black")
     x_max = max(2, len(rows))
@@ -864,8 +949,9 @@ def plot_reward_curve(rows: list, path: Path, dims: tuple = rr.T2I_DIMENSIONS, t
         d.text((px(i) - 4, H - m + 6), str(rows[i]["epoch"]), fill="black", font=font)
     d.text(((m + right) // 2 - 16, H - m + 24), "epoch", fill="black", font=font)
     series = [("reward R", "black", lambda r: r["reward_mean"])]
-    series += [(k.replace("_", " "), COLOURS[k], lambda r, k=k: None if r.get(k) is None else (r[k] - 1) / 3)
-               for k in dims]
+    for k in dims:
+        series.append((k.replace("_", " "), COLOURS[k],
+                       lambda r, k=k: None if r.get(k) is None else (r[k] - 1) / 3))
     for n, (name, colour, get) in enumerate(series):
         pts = [(px(i), py(get(r))) for i, r in enumerate(rows) if get(r) is not None]
         if len(pts) > 1:
@@ -873,17 +959,21 @@ def plot_reward_curve(rows: list, path: Path, dims: tuple = rr.T2I_DIMENSIONS, t
         for x, y in pts:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         y = top + 6 + 32 * n
-        d.line([right + 10, y + 6, right + 30, y + 6], fill=colour if pts else (190, 190, 190), width=3)
+        d.line([right + 10, y + 6, right + 30, y + 6], fill=colour if pts else (190, 190, 190),
+               width=3)
         d.text((right + 36, y), name, fill="black", font=font)
         if not pts:  # a line that cannot be drawn is said, not left invisible
             d.text((right + 36, y + 14), "no readable score", fill=(120, 120, 120), font=font)
     img.save(path)
 
 
-def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Path, sources: Optional[list] = None,
-              title: str = "", not_applicable: Optional[list] = None) -> None:
-    """The eval images side by side (editing: source | edited), each with its prompt, reward and scores under it."""
-    side, head = 256, 24  # every image is shown at this size, small ones scaled up without smoothing
+def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Path,
+              sources: Optional[list] = None, title: str = "",
+              not_applicable: Optional[list] = None) -> None:
+    """The eval images side by side (editing: source | edited), each with its prompt, reward and
+    scores under it."""
+    # every image is shown at this size, small ones scaled up without smoothing
+    side, head = 256, 24
     panels = 2 if sources else 1
     cell_w, font = side * panels, rr.label_font(11)
     cell_h = head + side + 110
@@ -898,7 +988,8 @@ def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Pa
             d.text((x + 3, head + 3), "source", fill="white", font=font)
         grid.paste(fit(im), (x + side * (panels - 1), head))
         na = not_applicable[i] if not_applicable else []
-        lines = rr.wrap_text(p, cell_w // 6)[:2] + [f"R = {R:.3f}"] + [rr.score_label(k, v, na) for k, v in s.items()]
+        lines = rr.wrap_text(p, cell_w // 6)[:2] + [f"R = {R:.3f}"]
+        lines += [rr.score_label(k, v, na) for k, v in s.items()]
         for j, line in enumerate(lines[:8]):
             d.text((x + 3, head + side + 3 + 13 * j), line, fill="black", font=font)
     grid.save(path)
@@ -919,22 +1010,27 @@ def resolve_defaults(args: Args) -> Args:
 
 def validate(args: Args) -> None:
     rr.check_common_args(args)
-    rr.require_positive(args, "epochs", "prompts_per_epoch", "group_size", "sample_steps", "eval_steps",
-                        "train_batch_size", "gradient_steps_per_epoch", "num_eval_prompts", "eval_every",
-                        "save_every", "lora_r", "resolution", "scorer_batch_size")
+    rr.require_positive(args, "epochs", "prompts_per_epoch", "group_size", "sample_steps",
+                        "eval_steps", "train_batch_size", "gradient_steps_per_epoch",
+                        "num_eval_prompts", "eval_every", "save_every", "lora_r", "resolution",
+                        "scorer_batch_size")
     if args.group_size < 2:
-        raise SystemExit("--group-size must be at least 2: the group mean is the baseline of each sample")
+        raise SystemExit(
+            "--group-size must be at least 2: the group mean is the baseline of each sample")
     if not 0 < args.timestep_fraction <= 1:
         raise SystemExit("--timestep-fraction must be in (0, 1]")
     if not 0 <= args.ema_decay < 1:
         raise SystemExit("--ema-decay must be in [0, 1)")
-    # ranges outside which the loss is undefined (division by beta or by the clip) or the run is no
-    # NFT
+    # ranges outside which the loss is undefined (division by beta or by the clip), or outside
+    # which the run is no longer NFT
     for name, ok, what in (("beta", args.beta > 0, "> 0 (the loss divides by it)"),
                            ("adv_clip", args.adv_clip > 0, "> 0 (r = 0.5 + 0.5 A / clip)"),
-                           ("kl_weight", args.kl_weight >= 0, ">= 0"), ("lr", args.lr > 0, "> 0"),
-                           ("weight_decay", args.weight_decay >= 0, ">= 0"), ("grad_clip", args.grad_clip > 0, "> 0"),
-                           ("eta_rate", args.eta_rate >= 0, ">= 0"), ("eta_max", 0 <= args.eta_max < 1, "in [0, 1)"),
+                           ("kl_weight", args.kl_weight >= 0, ">= 0"),
+                           ("lr", args.lr > 0, "> 0"),
+                           ("weight_decay", args.weight_decay >= 0, ">= 0"),
+                           ("grad_clip", args.grad_clip > 0, "> 0"),
+                           ("eta_rate", args.eta_rate >= 0, ">= 0"),
+                           ("eta_max", 0 <= args.eta_max < 1, "in [0, 1)"),
                            ("mask_std", args.mask_std >= 0, ">= 0")):
         value = getattr(args, name)
         if not (math.isfinite(value) and ok):
@@ -942,16 +1038,20 @@ def validate(args: Args) -> None:
     samples = args.prompts_per_epoch * args.group_size
     batches = math.ceil(samples / args.train_batch_size)
     if args.gradient_steps_per_epoch > batches:
-        raise SystemExit(f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} is more than the epoch's "
-                         f"{batches} mini-batches ({samples} samples / --train-batch-size {args.train_batch_size})")
+        raise SystemExit(
+            f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} is more than the epoch's "
+            f"{batches} mini-batches ({samples} samples / --train-batch-size "
+            f"{args.train_batch_size})"
+        )
 
 
 RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.csv")
 
 
 def prompts_digest(args: Args, items: Optional[list] = None) -> str:
-    """The training prompts' content (and, for editing, their source images'), so a resume after the file
-    changed is refused even when its path did not. `items`: the file already read by `read_items`."""
+    """The training prompts' content (and, for editing, their source images'), so a resume after the
+    file changed is refused even when its path did not. `items`: the file already read by
+    `read_items`."""
     h = hashlib.sha1(Path(args.prompts).read_bytes())
     if args.task == "edit" and items is None:
         items = read_items(args.prompts, args.task, args.resolution)
@@ -961,9 +1061,9 @@ def prompts_digest(args: Args, items: Optional[list] = None) -> str:
 
 
 def check_out_dir(out: Path, args: Args, digest: Optional[str] = None) -> None:
-    """--out must be a directory we can write; a folder holding any trace of a run (a checkpoint, even
-    half-swapped, or metrics) is continued only with --resume and the same settings (`digest`: the
-    prompts' `prompts_digest`, computed here when not given)."""
+    """--out must be a directory we can write; a folder holding any trace of a run (a checkpoint,
+    even half-swapped, or metrics) is continued only with --resume and the same settings (`digest`:
+    the prompts' `prompts_digest`, computed here when not given)."""
     rr.check_writable_dir(out)
     digest = digest or prompts_digest(args)
     existing = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
@@ -973,8 +1073,9 @@ def check_out_dir(out: Path, args: Args, digest: Optional[str] = None) -> None:
                               extra={"prompts_sha1": digest})
         except ValueError as err:  # other settings: --resume would be refused too
             raise SystemExit(str(err)) from None
-        raise SystemExit(f"{out} already holds a run with these settings: pass --resume to continue it, "
-                         f"or choose another --out")
+        raise SystemExit(
+            f"{out} already holds a run with these settings: pass --resume to continue it, or "
+            "choose another --out")
     if args.resume:
         rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
                           extra={"prompts_sha1": digest})
@@ -985,7 +1086,7 @@ class Run:
     """What an RL run holds from epoch to epoch: settings, models, the scorer, cached conditions."""
     args: Args
     out: Path
-    pipe: object              # the diffusers pipeline; its transformer carries the two LoRA policies
+    pipe: object  # the diffusers pipeline; its transformer carries the two LoRA policies
     params: list              # the trainable LoRA parameters of the "default" policy (theta)
     optimizer: object
     ema: Optional[dict]       # EMA of theta (evaluated and saved), or None
@@ -1030,27 +1131,35 @@ def main(argv=None) -> int:
     (out / "eval").mkdir(parents=True, exist_ok=True)
     if state["epoch"] == 0 and not (out / "eval" / "epoch_0000.png").exists():
         evaluate(run, 0)  # the base model, before any update
-    bar = tqdm(range(state["epoch"], args.epochs), desc="epochs", unit="epoch", initial=state["epoch"],
-               total=args.epochs)
+    bar = tqdm(range(state["epoch"], args.epochs), desc="epochs", unit="epoch",
+               initial=state["epoch"], total=args.epochs)
     for epoch in bar:
         t0 = time.time()
         stats = train_epoch(run, state, epoch)
         if stats is None:
-            bar.write(f"every prompt is banned (its group std < {args.mask_std} and mean > {args.mask_mean}): "
-                      f"stopping after epoch {epoch}")
+            bar.write(
+                f"every prompt is banned (its group std < {args.mask_std} and mean > "
+                f"{args.mask_mean}): stopping after epoch {epoch}")
             break
         bar.write(log_epoch(run, state, epoch, stats, time.time() - t0))
-    print(f"done: {state['epoch']} epochs, {state['step']} optimiser steps; metrics in {out / 'metrics.csv'}")
+    print(
+        f"done: {state['epoch']} epochs, {state['step']} optimiser steps; metrics in "
+        f"{out / 'metrics.csv'}"
+    )
     return 0
 
 
 def setup_run(args: Args, out: Path, items: list, eval_items: list, weights: Optional[dict]) -> Run:
-    """The generator with two LoRA policies, its conditions encoded once, the optimiser, the scorer."""
+    """The generator with two LoRA policies, its conditions encoded once, the optimiser, the
+    scorer."""
     torch.manual_seed(args.seed)
-    pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5, quantization=args.generator_quantization,
-                             device=args.device)
+    pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5,
+                             quantization=args.generator_quantization, device=args.device)
     if args.task == "edit" and not is_kontext(pipe):
-        raise ValueError(f"--task edit trains FLUX.1-Kontext pipelines; {args.generator} is a {type(pipe).__name__}")
+        raise ValueError(
+            f"--task edit trains FLUX.1-Kontext pipelines; {args.generator} is a "
+            f"{type(pipe).__name__}"
+        )
     if args.task == "t2i" and is_kontext(pipe):
         raise ValueError(f"{args.generator} is an editing pipeline: pass --task edit")
     geo = latent_geometry(pipe, args.resolution, args.guidance_scale)
@@ -1058,16 +1167,20 @@ def setup_run(args: Args, out: Path, items: list, eval_items: list, weights: Opt
     conds = encode_conditions(pipe, items + eval_items + null, geo)
     free_text_encoders(pipe)
     transformer = pipe.transformer
-    torch.manual_seed(args.seed)  # the LoRA init draws from here: not from whatever loading the models consumed
+    # the LoRA init draws from here: not from whatever loading the models consumed
+    torch.manual_seed(args.seed)
     params = add_policies(transformer, args)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ema = {k: p.detach().clone() for k, p in adapter_params(transformer, "default").items()} if args.ema else None
+    ema = None
+    if args.ema:
+        ema = {k: p.detach().clone() for k, p in adapter_params(transformer, "default").items()}
     scorer = rr.build_scorer(args, args.task, weights)
-    return Run(args, out, pipe, params, optimizer, ema, scorer, weights, items, eval_items, conds, geo,
-               sampler_sigmas(pipe, args.sample_steps, geo), sampler_sigmas(pipe, args.eval_steps, geo))
+    return Run(args, out, pipe, params, optimizer, ema, scorer, weights, items, eval_items, conds,
+               geo, sampler_sigmas(pipe, args.sample_steps, geo),
+               sampler_sigmas(pipe, args.eval_steps, geo))
 
 
 def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
@@ -1088,21 +1201,28 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
     seeds = [rng.randrange(2 ** 31) for _ in group]
     cond = collate(run.conds, [it["key"] for it in group], "cpu", torch.float32)
     K = args.group_size
-    x0 = torch.cat([sample_latents(run.pipe, {k: v[i:i + K] for k, v in cond.items()}, seeds[i:i + K],
-                                   run.sigmas, run.geo, "old", args.sampler, run.conds.get(""))
-                    for i in range(0, len(group), K)])                                  # (N, ...)
+    x0 = []
+    for i in range(0, len(group), K):
+        cond_i = {k: v[i:i + K] for k, v in cond.items()}
+        x0.append(sample_latents(run.pipe, cond_i, seeds[i:i + K], run.sigmas, run.geo, "old",
+                                 args.sampler, run.conds.get("")))
+    x0 = torch.cat(x0)  # (N, ...)
     # ---- 2. reward: decode, critique, R from the scores ----
     images = decode(run.pipe, x0, run.geo)
-    res = reward_images(run.scorer, images, [it["prompt"] for it in group], run.weights, run.sources(group))
+    res = reward_images(run.scorer, images, [it["prompt"] for it in group], run.weights,
+                        run.sources(group))
     R = torch.tensor(res["rewards"])
     r = optimality_from_rewards(R, group_ids, args.adv_clip)                            # (N,)
     keep = train_mask(R, group_ids, args.mask, args.mask_std, args.mask_mean)          # (N,)
     if args.mask == "official":
         banned = groups_to_ban(R, group_ids, args.mask_std, args.mask_mean)
-        state["banned"] += [chosen[g]["key"] for g in banned if chosen[g]["key"] not in state["banned"]]
+        state["banned"] += [
+            chosen[g]["key"] for g in banned if chosen[g]["key"] not in state["banned"]
+        ]
     # ---- 3. optimise the NFT loss over the epoch's samples ----
-    state["step"], totals = optimise_epoch(run.transformer, run.optimizer, run.params, x0, cond, r, keep,
-                                           run.sigmas, run.geo, args, gen, run.ema, state["step"])
+    state["step"], totals = optimise_epoch(run.transformer, run.optimizer, run.params, x0, cond, r,
+                                           keep, run.sigmas, run.geo, args, gen, run.ema,
+                                           state["step"])
     # ---- 4. the old policy moves toward theta ----
     eta = old_policy_decay(state["step"], args.eta_rate, args.eta_max)
     soft_update(run.transformer, eta)
@@ -1115,13 +1235,15 @@ def evaluate(run: Run, epoch: int) -> float:
     its, prompts = run.eval_items, [it["prompt"] for it in run.eval_items]
     seeds = [run.args.seed * 100003 + i for i in range(len(its))]
     with ema_weights(run.transformer, run.ema):
-        x0 = sample_latents(run.pipe, collate(run.conds, [it["key"] for it in its], "cpu", torch.float32),
-                            seeds, run.eval_sigmas, run.geo, "default", "euler", run.conds.get(""))
+        cond = collate(run.conds, [it["key"] for it in its], "cpu", torch.float32)
+        x0 = sample_latents(run.pipe, cond, seeds, run.eval_sigmas, run.geo, "default", "euler",
+                            run.conds.get(""))
     images = decode(run.pipe, x0, run.geo)
     res = reward_images(run.scorer, images, prompts, run.weights, run.sources(its))
     which = " (base model)" if epoch == 0 else " (EMA weights)" if run.ema is not None else ""
-    eval_grid(images, prompts, res["rewards"], res["scores"], run.out / "eval" / f"epoch_{epoch:04d}.png",
-              run.sources(its), title=f"{run.out.name}: epoch {epoch}{which}", not_applicable=res["not_applicable"])
+    eval_grid(images, prompts, res["rewards"], res["scores"],
+              run.out / "eval" / f"epoch_{epoch:04d}.png", run.sources(its),
+              title=f"{run.out.name}: epoch {epoch}{which}", not_applicable=res["not_applicable"])
     return sum(res["rewards"]) / len(res["rewards"])
 
 
@@ -1129,15 +1251,19 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
     """Everything an epoch leaves behind: the eval grid (every --eval-every), its metrics row, LoRA
     snapshots, the checkpoint, metrics.csv and the reward curve. Returns the line to print."""
     args, out, dims = run.args, run.out, rr.dimensions(run.args.task)
-    R, res, keep, totals, eta = stats["R"], stats["res"], stats["keep"], stats["totals"], stats["eta"]
+    R, res, keep = stats["R"], stats["res"], stats["keep"]
+    totals, eta = stats["totals"], stats["eta"]
     last = epoch + 1 == args.epochs
     eval_reward = evaluate(run, epoch + 1) if last or (epoch + 1) % args.eval_every == 0 else None
-    row = {"epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
-           "reward_std": float(R.std(unbiased=False)), **dimension_means(res["scores"], dims),
-           "unreadable": res["unreadable"], "truncated": res["truncated"], "masked_samples": int((~keep).sum()),
-           "trained_samples": int(keep.sum()), "banned_prompts": len(state["banned"]),
-           "loss": totals.get("loss"), "policy_loss": totals.get("policy"), "kl": totals.get("kl"), "eta": eta,
-           "eval_reward": eval_reward, "seconds": round(seconds, 2)}
+    row = {
+        "epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
+        "reward_std": float(R.std(unbiased=False)),
+        **dimension_means(res["scores"], dims), "unreadable": res["unreadable"],
+        "truncated": res["truncated"], "masked_samples": int((~keep).sum()),
+        "trained_samples": int(keep.sum()), "banned_prompts": len(state["banned"]),
+        "loss": totals.get("loss"), "policy_loss": totals.get("policy"), "kl": totals.get("kl"),
+        "eta": eta, "eval_reward": eval_reward, "seconds": round(seconds, 2)
+    }
     state["rows"].append(row)
     state["epoch"] = epoch + 1
     if last or (epoch + 1) % args.save_every == 0:
@@ -1148,9 +1274,11 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
     plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
     shown = " ".join(f"{k}={fmt(row[k], '.2f')}" for k in dims)
-    return (f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
-            f"unreadable={row['unreadable']} masked={row['masked_samples']} banned={row['banned_prompts']} "
-            f"loss={fmt(row['loss'], '.4f')} kl={fmt(row['kl'], '.2e')} eta={eta:.3f}")
+    return (
+        f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
+        f"unreadable={row['unreadable']} masked={row['masked_samples']} "
+        f"banned={row['banned_prompts']} loss={fmt(row['loss'], '.4f')} kl={fmt(row['kl'], '.2e')} "
+        f"eta={eta:.3f}")
 
 
 def cli() -> None:
