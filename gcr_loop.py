@@ -151,7 +151,11 @@ def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> li
     return pipe(**kw).images
 
 
-def critique(scorer, images: list, request: list, sources: list) -> list:
+def critique(scorer, images: list, request: list, sources: list, seed: int) -> list:
+    """The scorer's critiques of a batch. The scorer samples (temperature > 0), so its random
+    state is seeded from the batch: the same command writes the same critiques again."""
+    import torch
+    torch.manual_seed(seed)
     return scorer.critique(images, request, sources if scorer.task == "edit" else None)
 
 
@@ -172,7 +176,8 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
         src = [sources[i] for i in ids]
         images = generate(pipe, [state[i]["request"] for i in ids], [it["seed"] for it in active],
                           src, args)
-        crits = critique(scorer, images, [it["prompt"] for it in active], src)
+        batch_seed = int(hashlib.sha1(f"{round_}:{','.join(ids)}".encode()).hexdigest()[:8], 16)
+        crits = critique(scorer, images, [it["prompt"] for it in active], src, batch_seed)
         still = []
         for it, image, c in zip(active, images, crits):
             st = state[it["id"]]

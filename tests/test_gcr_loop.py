@@ -269,3 +269,18 @@ def test_prompts_dir_templates_keep_their_fields_and_image_slots(tmp_path):
         rr.set_prompts_dir(str(d))
     finally:
         rr.set_prompts_dir(None)
+
+
+def test_the_same_command_writes_the_same_critiques(tmp_path):
+    """The scorer samples: its random state is seeded per batch, so a rerun into a fresh --out
+    repeats every critique and refined request (here tiny-random's, noise but seeded noise)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball on a table\n")
+    runs = []
+    for name in ("a", "b"):
+        gcr_loop.main(["--prompts", str(prompts), "--generator", "tiny-random", "--scorer",
+                       "tiny-random", "--out", str(tmp_path / name)])
+        records = rr.read_jsonl(tmp_path / name / "gcr.jsonl")
+        runs.append({r["id"]: [(rd["critique"], rd["refined_request"]) for rd in r["rounds"]]
+                     for r in records})
+    assert len(runs[0]) == 2 and runs[0] == runs[1]
