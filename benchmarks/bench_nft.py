@@ -52,14 +52,15 @@ def build(kind, config, lora_r=32):
 
 
 def inputs(kind, config, side, batch, text_len=16):
-    """x0, the stacked condition and the run geometry, as rl_nft builds them, with random contents."""
+    """x0, the stacked condition and the run geometry, as rl_nft builds them, with random
+    contents."""
     c = config
     cond = {"emb": torch.randn(batch, text_len, c["joint_attention_dim"]),
             "pooled": torch.randn(batch, c["pooled_projection_dim"])}
     if kind == "kontext":
         tokens = (side // 2) ** 2
         x0 = torch.randn(batch, tokens, c["in_channels"])                       # (B, L, 4C) packed
-        cond["image"] = torch.randn(batch, tokens, c["in_channels"])             # the source image's tokens
+        cond["image"] = torch.randn(batch, tokens, c["in_channels"])  # the source image's tokens
         geo = {"kontext": True, "h": side, "w": side, "guidance": 2.5, "txt_ids": torch.zeros(text_len, 3),
                "img_ids": torch.cat([rl_nft.token_ids(side, side, 0.0), rl_nft.token_ids(side, side, 1.0)])}
     else:
@@ -69,7 +70,8 @@ def inputs(kind, config, side, batch, text_len=16):
 
 
 def plain_step(tr, opt, params, x0, cond, geo, sigmas, gen):
-    """Flow matching on the same samples: mean ||v_theta - (eps - x0)||^2 at each of the 9 timesteps."""
+    """Flow matching on the same samples: mean ||v_theta - (eps - x0)||^2 at each of the 9
+    timesteps."""
     n = len(sigmas) - 2  # the NFT step trains on int(0.99 x 10) = 9 of the 10 sampler timesteps
     for j in range(n):
         t = sigmas[torch.randint(n, (len(x0),), generator=gen)]

@@ -26,7 +26,8 @@ import rationalrewards as rr  # noqa: E402
 
 
 def random_100m():
-    """A Qwen3-VL of ~100M parameters with the tiny tokenizer (same vocabulary and special tokens)."""
+    """A Qwen3-VL of ~100M parameters with the tiny tokenizer (same vocabulary and special
+    tokens)."""
     from transformers import Qwen3VLForConditionalGeneration
     tiny, processor = rr.build_tiny_vlm(0)
     config = tiny.config

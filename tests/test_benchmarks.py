@@ -79,7 +79,8 @@ def mmrb2(root, name):
 def test_labels_follow_each_benchmarks_protocol(tmp_path):
     genai_t2i(tmp_path), genai_edit(tmp_path), editreward(tmp_path), mmrb2(tmp_path, "mmrb2-edit")
     pairs, skipped = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), None, tmp_path / "img")
-    assert [p["label"] for p in pairs] == ["A", "B", "tie", "tie"]  # both-bad counts as a tie, as officially
+    # both-bad counts as a tie, as officially
+    assert [p["label"] for p in pairs] == ["A", "B", "tie", "tie"]
     assert skipped == {"unlabelled": 0, "missing_image": 0, "unreadable_image": 1}
     assert rr.load_image(pairs[0]["image_a"]).getpixel((0, 0)) == (255, 0, 0)  # left is A
     pairs, _ = rr.benchmark_pairs("genai-bench-edit", str(tmp_path / "genai-bench-edit"), None, tmp_path / "img")
@@ -91,7 +92,7 @@ def test_labels_follow_each_benchmarks_protocol(tmp_path):
         ("g1", "A", "g1"), ("g2_AvsB", "A", "g2"), ("g2_AvsC", "B", "g2"), ("g2_BvsC", "tie", "g2")]
     pairs, _ = rr.benchmark_pairs("mmrb2-edit", str(tmp_path / "mmrb2-edit"), None, tmp_path / "img")
     assert [(p["id"], p["label"]) for p in pairs] == [("p1", "A"), ("p2", "B")]
-    assert [len(p["source_images"]) for p in pairs] == [1, 3]     # every prompt_images entry, in order
+    assert [len(p["source_images"]) for p in pairs] == [1, 3]  # every prompt_images entry, in order
     assert [rr.load_image(f).getpixel((0, 0)) for f in pairs[1]["source_images"]] == [(0, 128, 0), (255, 0, 0),
                                                                                      (0, 0, 255)]
     # --limit touches only what it needs
@@ -102,13 +103,17 @@ def test_labels_follow_each_benchmarks_protocol(tmp_path):
 def test_editreward_labels_from_comparison_type_or_ranking():
     # comparison_type names the pair; the ranking may be pairwise or a full ranking (the letter written first wins)
     assert rr.editreward_label("C>A", "AvsC") == "B" and rr.editreward_label("A>C", "AvsC") == "A"
-    assert rr.editreward_label("C>A>B", "AvsB") == "A" and rr.editreward_label("C>A>B", "AvsC") == "B"
+    assert rr.editreward_label("C>A>B", "AvsB") == "A"
+    assert rr.editreward_label("C>A>B", "AvsC") == "B"
     assert rr.editreward_label("D>B>A>C", "BvsD") == "B"
     # 2-way rows: ties, and rows whose comparison_type is missing get their pair from the ranking
-    assert rr.editreward_label("A=B=Good", None) == "tie" and rr.editreward_label("A=B=Bad", "") == "tie"
-    assert rr.editreward_label("B>A", None) == "B" and rr.editreward_label("A>B", float("nan") if False else None) == "A"
+    assert rr.editreward_label("A=B=Good", None) == "tie"
+    assert rr.editreward_label("A=B=Bad", "") == "tie"
+    assert rr.editreward_label("B>A", None) == "B"
+    assert rr.editreward_label("A>B", float("nan") if False else None) == "A"
     # unusable: a full ranking without the pair, a malformed string, a pair not in the ranking
-    assert rr.editreward_label("C>A>B", None) is None and rr.editreward_label("A>>B", "AvsB") is None
+    assert rr.editreward_label("C>A>B", None) is None
+    assert rr.editreward_label("A>>B", "AvsB") is None
     assert rr.editreward_label("A>B", "AvsC") is None and rr.editreward_label(None, "AvsB") is None
 
 
@@ -122,7 +127,7 @@ def test_wilson_interval_and_group_accuracy_by_hand():
     groups = {"a": "a", "b1": "b", "b2": "b", "c1": "c", "c2": "c"}
     assert rr.group_accuracy(recs, groups) == pytest.approx(2 / 3)  # a and c pass, b fails
     assert rr.group_accuracy(recs + [{"id": "d", "failed": True, "label": "A"}], {**groups, "d": "d"}) == \
-        pytest.approx(2 / 3)                                               # a failed request is no sample
+        pytest.approx(2 / 3)  # a failed request is no sample
 
 
 def red_judge(payload):
@@ -142,11 +147,13 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
     t2i = json.loads((tmp_path / "runs" / "genai-bench-t2i" / "metrics.json").read_text())
     # A red/B blue -> A right; blue/red -> B right; red/blue tie vote -> predicted A; blue/blue both-bad -> tie.
     # Paper protocol (official rm_inference + compute_pairwise_accuracy): the two tie votes carry no label
-    assert (t2i["labelled"], t2i["correct"], t2i["accuracy"]) == (2, 2, 1.0) and t2i["mode"] == "pairwise"
+    assert (t2i["labelled"], t2i["correct"], t2i["accuracy"]) == (2, 2, 1.0)
+    assert t2i["mode"] == "pairwise"
     assert t2i["skipped_rows"] == {"unlabelled": 0, "missing_image": 0, "unreadable_image": 1,
                                    "tie_or_both_bad_votes": 2, "failed_requests": 0}
     assert t2i["accuracy_with_ties"] == pytest.approx(3 / 4) and t2i["pairs"] == 4
-    assert t2i["difference"] == pytest.approx(100.0 - 69.8) and t2i["ci95"] == list(rr.wilson_interval(2, 2))
+    assert t2i["difference"] == pytest.approx(100.0 - 69.8)
+    assert t2i["ci95"] == list(rr.wilson_interval(2, 2))
     er = json.loads((tmp_path / "runs" / "editreward-bench" / "metrics.json").read_text())
     # g1 red/blue A: right; AvsB red/blue A: right; AvsC red/green labelled C: wrong; blue/green tie: right
     assert er["accuracy"] == pytest.approx(3 / 4) and er["group_accuracy"] == 0.5
@@ -166,7 +173,8 @@ def test_missing_benchmark_data_is_one_clear_error(tmp_path):
     res = run_cli("rationalrewards.py", "eval", "--benchmark", "genai-bench-edit", "--model", "tiny-random",
                   "--out", tmp_path / "o")
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stderr and "image_edition" in res.stderr
+    assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stderr
+    assert "image_edition" in res.stderr
     res = run_cli("rationalrewards.py", "eval", "--benchmark", "mmrb2-t2i", "--model", "tiny-random")
     assert res.returncode == 2 and "facebookresearch/MMRB2" in res.stderr
 
@@ -198,13 +206,16 @@ def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scrip
         rr.set_prompts_dir(str(tmp_path / "official"))
         msgs = rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")
         assert msgs[0] == {"role": "system", "content": "You are RationalRewards, a careful judge of generated images."}
-        assert "a red cat" in msgs[1]["content"][1]["text"] and "[user]" not in msgs[1]["content"][1]["text"]
-        assert "## Score A:" in rr.fill_prompt("pairwise_t2i", request="x")  # files it lacks come from prompts/
+        assert "a red cat" in msgs[1]["content"][1]["text"]
+        assert "[user]" not in msgs[1]["content"][1]["text"]
+        # files it lacks come from prompts/
+        assert "## Score A:" in rr.fill_prompt("pairwise_t2i", request="x")
         # HTTP: the system turn is the first message of the request
         server = scripted_server(lambda p: "ok")
         rr.OpenAIBackend(server.url, "m", timeout=5, max_retries=0).generate([msgs])
         sent = server.requests[0]["payload"]["messages"]
-        assert sent[0] == {"role": "system", "content": msgs[0]["content"]} and sent[1]["role"] == "user"
+        assert sent[0] == {"role": "system", "content": msgs[0]["content"]}
+        assert sent[1]["role"] == "user"
         # transformers: the chat template renders a system turn before the user turn
         model, processor = rr.load_vlm("tiny-random")
         text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -218,7 +229,8 @@ def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scrip
 
 
 def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, scripted_server, capsys):
-    """Official: a request with no reply is success = False, left out of the accuracy, counted as skipped."""
+    """Official: a request with no reply is success = False, left out of the accuracy, counted as
+    skipped."""
     genai_t2i(tmp_path)
     down = {"on": True}
 
@@ -230,7 +242,8 @@ def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, sc
             "genai-bench-t2i", "--data-dir", str(tmp_path / "genai-bench-t2i"), "--out", str(tmp_path / "run")]
     assert rr.main(argv) == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert (m["failed"], m["labelled"], m["correct"], m["pairs"]) == (1, 1, 1, 3)   # the failed A/B pair is out
+    # the failed A/B pair is out
+    assert (m["failed"], m["labelled"], m["correct"], m["pairs"]) == (1, 1, 1, 3)
     assert m["skipped_rows"]["failed_requests"] == 1
     failed = [r for r in rr.read_jsonl(tmp_path / "run" / "predictions.jsonl") if r.get("failed")]
     assert len(failed) == 1 and "HTTP 500" in failed[0]["error"] and "predicted" not in failed[0]
@@ -266,7 +279,8 @@ def test_in_process_truncation_is_a_reply_without_an_end_token():
     model, processor = rr.load_vlm("tiny-random")
     backend = rr.TransformersBackend(model, processor)
     msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")]
-    [out] = backend.generate_detailed(msgs, max_new_tokens=3, temperature=0, min_new_tokens=3)  # no end token allowed
+    # no end token allowed
+    [out] = backend.generate_detailed(msgs, max_new_tokens=3, temperature=0, min_new_tokens=3)
     assert out.truncated and out.error is None
 
 
@@ -277,9 +291,9 @@ def test_mmrb2_edit_sends_every_source_image_first(tmp_path, scripted_server):
                     "--data-dir", str(tmp_path / "mmrb2-edit"), "--out", str(tmp_path / "run")]) == 0
     from conftest import text_in
     by_count = sorted((len(images_in(r["payload"])), text_in(r["payload"])) for r in server.requests)
-    assert [n for n, _ in by_count] == [3, 5]                 # 1 source + 2 candidates; 3 sources + 2 candidates
+    assert [n for n, _ in by_count] == [3, 5]  # 1 source + 2 candidates; 3 sources + 2 candidates
     assert "3 source images" in by_count[1][1] and "Source image 3 of 3" in by_count[1][1]
     cols = [dominant_colour(u) for u in images_in(max(server.requests, key=lambda r: len(images_in(r["payload"])))["payload"])]
-    assert cols[:3] == ["green", "red", "blue"]               # in the dataset's order, before the candidates
+    assert cols[:3] == ["green", "red", "blue"]  # in the dataset's order, before the candidates
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["accuracy"] == 1.0 and m["labelled"] == 2

@@ -33,21 +33,26 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     parrot_out = runs / "chain" / "parrot"
     # 1. PARROT: every demo pair went through both phases; the student adapter exists either way
     report = json.loads((parrot_out / "report.json").read_text())
-    assert report["raw_pairs"] == 16 and report["phase1_rationales"] == 16 and report["phase2_pairs"] == 16
+    assert report["raw_pairs"] == 16
+    assert report["phase1_rationales"] == 16
+    assert report["phase2_pairs"] == 16
     # every rationale that cannot be parsed is dropped for exactly that reason, before any teacher check
     assert report["drops_by_reason"]["unparseable"] == report["phase1_parse_failures"]
     assert report["elbo_term1_candidates_scored"] + report["unreadable_teacher_answers"] == 16
     for name in ("args.json", "inputs.json", "phase1.jsonl", "phase2.jsonl", "sft.jsonl", "heldout.jsonl",
                  "heldout_pairs.jsonl", "student/adapter_config.json"):
         assert (parrot_out / name).is_file(), name
-    assert "PARROT report" in results[0].stdout and "phase 1: anchored generation" in results[0].stderr
+    assert "PARROT report" in results[0].stdout
+    assert "phase 1: anchored generation" in results[0].stderr
     if report["kept"] == 0:
         assert "untrained adapter" in results[0].stderr
     # 2. eval of the student on the held-out pairs, which share no prompt with the SFT data
     held = rr.read_jsonl(parrot_out / "heldout_pairs.jsonl")
-    assert all(not Path(r["image_a"]).is_absolute() for r in held)  # relative to the file, as the format says
+    # relative to the file, as the format says
+    assert all(not Path(r["image_a"]).is_absolute() for r in held)
     # demo: the attribution accuracy is always reported, None ("none kept") when no rationale survived
-    assert "attribution_accuracy" in report and (report["kept"] > 0) == (report["attribution_accuracy"] is not None)
+    assert "attribution_accuracy" in report
+    assert (report["kept"] > 0) == (report["attribution_accuracy"] is not None)
     sft_ids = {s["id"] for s in rr.read_jsonl(parrot_out / "sft.jsonl")}
     assert held and not {p["id"] for p in held} & sft_ids
     metrics = json.loads((runs / "chain" / "eval" / "metrics.json").read_text())
@@ -55,8 +60,10 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     # 3. RL with the student as the reward: the smoke run of rl_nft.py
     with open(runs / "chain" / "nft" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["step"] == "2"  # one optimiser step per epoch
-    assert all(int(r["unreadable"]) == 16 for r in rows)  # tiny-random writes noise: counted, not a crash
+    # one optimiser step per epoch
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["step"] == "2"
+    # tiny-random writes noise: counted, not a crash
+    assert all(int(r["unreadable"]) == 16 for r in rows)
     assert json.loads((runs / "chain" / "nft" / "args.json").read_text())["scorer_adapter"].endswith("student")
     assert (runs / "chain" / "nft" / "checkpoint" / "ema.safetensors").is_file()
     assert (runs / "chain" / "nft" / "lora" / "epoch_0002" / "pytorch_lora_weights.safetensors").is_file()

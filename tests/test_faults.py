@@ -1,5 +1,6 @@
-"""Faults and bad input across the CLIs (issue 15): each case is a clear error naming the file, line,
-column or flag, or a counted skip; never a traceback, never silently wrong output or lost work."""
+"""Faults and bad input across the CLIs (issue 15): each case is a clear error naming the file,
+line, column or flag, or a counted skip; never a traceback, never silently wrong output or lost
+work."""
 import json
 import socket
 import threading
@@ -25,7 +26,7 @@ def raw_server(reply: bytes):
                 return
             data = b""
             while b"\r\n\r\n" not in data:       # read the whole request before answering, so that
-                data += conn.recv(65536)            # closing does not reset a socket still being written
+                data += conn.recv(65536)  # closing does not reset a socket still being written
             head, _, body = data.partition(b"\r\n\r\n")
             length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")),
                               b"0"))
@@ -72,7 +73,9 @@ def test_out_that_is_a_file_is_refused_by_every_cli(tmp_path):
     for argv in (["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt", "a cat"],
                  ["rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", tmp_path / "pairs.jsonl"]):
         res = run_cli(*argv, "--out", f)
-        assert res.returncode == 2 and "is a file, not a directory" in res.stderr and "Traceback" not in res.stderr
+        assert res.returncode == 2
+        assert "is a file, not a directory" in res.stderr
+        assert "Traceback" not in res.stderr
 
 
 def test_disk_full_is_one_line_that_says_the_run_continues(capsys):
@@ -81,7 +84,8 @@ def test_disk_full_is_one_line_that_says_the_run_continues(capsys):
     with pytest.raises(SystemExit) as exit_:
         rr.cli_entry(main)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "No space left on device (runs/x/checkpoint.tmp/theta.safetensors)" in err
+    assert exit_.value.code == 2
+    assert "No space left on device (runs/x/checkpoint.tmp/theta.safetensors)" in err
     assert "run the same command again" in err and "--resume" in err
 
 
@@ -90,7 +94,8 @@ def test_a_corrupt_line_in_the_middle_of_a_jsonl_is_named(tmp_path):
     f.write_text('{"id": "a"}\n{"id": "b"\n{"id": "c"}\n')
     with pytest.raises(ValueError, match=r"gcr.jsonl:2 is not a JSON record"):
         rr.read_jsonl(f)
-    f.write_text('{"id": "a"}\n{"id": "b"')          # a torn LAST line is a killed write: cut off, as before
+    # a torn LAST line is a killed write: cut off, as before
+    f.write_text('{"id": "a"}\n{"id": "b"')
     assert rr.read_jsonl(f) == [{"id": "a"}]
 
 
@@ -106,7 +111,8 @@ def test_benchmark_without_its_label_column_and_with_repeated_ids(tmp_path, caps
         "response_a_images": [[png("red")], [png("blue")]], "response_b_images": [[png("blue")], [png("red")]],
         "chosen": ["A", "B"]}, list_image_columns=("response_a_images", "response_b_images"))
     pairs, _ = rr.benchmark_pairs("mmrb2-t2i", str(tmp_path / "m"), None, tmp_path / "img")
-    assert [p["id"] for p in pairs] == ["p", "p@1"] and "repeats an earlier row" in capsys.readouterr().err
+    assert [p["id"] for p in pairs] == ["p", "p@1"]
+    assert "repeats an earlier row" in capsys.readouterr().err
     # each row is judged on its own images, not on the first row's cached ones
     assert [rr.load_image(p["image_a"]).getpixel((0, 0)) for p in pairs] == [(255, 0, 0), (0, 0, 255)]
 
@@ -134,13 +140,14 @@ def test_damaged_checkpoints_and_changed_prompts_are_named_on_resume(tmp_path, s
 
 
 def test_eval_metrics_cover_exactly_the_selected_pairs(tmp_path):
-    """A rerun into the same --out with a smaller --limit reports on those pairs, not on every old record."""
+    """A rerun into the same --out with a smaller --limit reports on those pairs, not on every old
+    record."""
     from test_newcomer import Echo
     for c in ("red", "blue"):
         solid(c).save(tmp_path / f"{c}.png")
     pairs = [{"id": f"p{i}", "prompt": "x", "image_a": str(tmp_path / "red.png"), "image_b": str(tmp_path / "blue.png"),
               "label": "A" if i < 2 else "B"} for i in range(4)]
-    scorer = rr.RationalRewardsScorer(Echo(), "t2i")            # equal scores: every pair predicted a tie
+    scorer = rr.RationalRewardsScorer(Echo(), "t2i")  # equal scores: every pair predicted a tie
     m = rr.evaluate_preferences(scorer, pairs, "pairwise", str(tmp_path / "e"))
     assert m["pairs"] == 4
     m = rr.evaluate_preferences(scorer, pairs[:1], "pairwise", str(tmp_path / "e"))
@@ -152,7 +159,9 @@ def test_gcr_decoding_settings_bind_the_run(tmp_path):
     base = ["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt", "a cat", "--out", out]
     assert run_cli(*base).returncode == 0
     res = run_cli(*base, "--scorer-max-new-tokens", "16")
-    assert res.returncode == 2 and "--scorer-max-new-tokens" in res.stderr and "Use another --out" in res.stderr
+    assert res.returncode == 2
+    assert "--scorer-max-new-tokens" in res.stderr
+    assert "Use another --out" in res.stderr
 
 
 def test_resume_with_another_lora_rank_and_no_args_json_names_the_shapes(tmp_path, scripted_server):
@@ -169,4 +178,5 @@ def test_benchmark_all_with_nothing_to_run_exits_non_zero(tmp_path):
     res = run_cli("rationalrewards.py", "eval", "--benchmark", "all", "--model", "tiny-random",
                   "--data-dir", tmp_path / "none", "--out", tmp_path / "t")
     assert res.returncode == 2 and "no benchmark could be run" in res.stderr
-    assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stdout    # the whole reason, wrapped
+    # the whole reason, wrapped
+    assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stdout

@@ -24,7 +24,7 @@ def crit(tf, pq, refined="a better request", tr="N/A"):
 @pytest.mark.parametrize("tf,pq,expected", [
     (3, 3, "passed"), (4, 3.5, "passed"),            # both at least the threshold
     (2.5, 4, "refine"), (4, 2.9, "refine"),          # either below
-    (2, "??", "refine"),                             # a readable failing score decides, even if the other is unreadable
+    (2, "??", "refine"),  # a readable failing score decides, even if the other is unreadable
     (4, "??", "unreadable"), ("??", "??", "unreadable"),
 ])
 def test_gate_passes_only_when_every_gated_dimension_reaches_the_threshold(tf, pq, expected):
@@ -51,7 +51,8 @@ def test_summary_counts_refined_improved_and_worse_prompts_by_hand():
             {"rounds": [{"reward": 0.9}], "selected_round": 0, "stop_reason": "passed"}]
     s = gcr_loop.summarize(recs)
     assert s["prompts"] == 3 and s["share_refined"] == pytest.approx(2 / 3)
-    assert s["mean_reward_first"] == pytest.approx(1.6 / 3) and s["mean_reward_final"] == pytest.approx(1.8 / 3)
+    assert s["mean_reward_first"] == pytest.approx(1.6 / 3)
+    assert s["mean_reward_final"] == pytest.approx(1.8 / 3)
     assert s["share_improved"] == pytest.approx(1 / 3) and s["share_worse"] == pytest.approx(1 / 3)
     assert s["stop_reasons"] == {"passed": 2, "max_rounds": 1, "unreadable_critique": 0, "no_refined_request": 0}
     assert (s["truncated_critiques"], s["critiques"]) == (1, 5)
@@ -111,13 +112,15 @@ def test_low_then_high_regenerates_once_with_the_refined_request_and_the_same_se
     recs, pipe, backend = run(tmp_path, script, ["three apples", "a blue sky"])
     # round 0: both prompts in one batch; round 1: only the apples, refined, with its own seed again
     assert pipe.calls[0] == {"prompts": ["three apples", "a blue sky"], "seeds": [100, 101], "image": None}
-    assert pipe.calls[1]["prompts"] == ["exactly three red apples"] and pipe.calls[1]["seeds"] == [100]
+    assert pipe.calls[1]["prompts"] == ["exactly three red apples"]
+    assert pipe.calls[1]["seeds"] == [100]
     assert len(pipe.calls) == 2
     apples, sky = recs["three apples"], recs["a blue sky"]
     assert apples["stop_reason"] == "passed" and len(apples["rounds"]) == 2
     assert [r["request"] for r in apples["rounds"]] == ["three apples", "exactly three red apples"]
     assert apples["rounds"][1]["scores"]["text_faithfulness"] == 3.5
-    assert sky["stop_reason"] == "passed" and len(sky["rounds"]) == 1  # above at first: no regeneration
+    # above at first: no regeneration
+    assert sky["stop_reason"] == "passed" and len(sky["rounds"]) == 1
     # the scorer judged the original request in both rounds: 3 critiques, each keyed by it
     assert sorted(backend.requests) == ["apples", "apples", "sky"]
     assert (tmp_path / apples["rounds"][1]["image"]).is_file()
@@ -146,7 +149,8 @@ def test_select_best_keeps_the_highest_reward(tmp_path):
     # rewards: round 0 mean(3, 2.5) -> 0.583; round 1 mean(2, 2) -> 0.333: "best" keeps round 0
     script = {"tree": [crit(3, 2.5, refined="a taller tree"), crit(2, 2, refined="a tree again")]}
     recs, _, _ = run(tmp_path, script, ["tree"], select="best")
-    assert recs["tree"]["selected_round"] == 0 and recs["tree"]["final_image"] == recs["tree"]["rounds"][0]["image"]
+    assert recs["tree"]["selected_round"] == 0
+    assert recs["tree"]["final_image"] == recs["tree"]["rounds"][0]["image"]
     recs, _, _ = run(tmp_path, script, ["tree"], select="last")
     assert recs["tree"]["selected_round"] == 1
 
@@ -168,8 +172,10 @@ def test_edit_passes_the_source_to_generator_and_scorer_first(tmp_path):
     (tmp_path / "images").mkdir()
     [rec] = gcr_loop.run_batch(pipe, scorer, items, args, GATE, None, tmp_path)
     assert rec["stop_reason"] == "passed" and len(pipe.calls) == 2
-    assert pipe.calls[0]["image"][0].getpixel((0, 0)) == (0, 128, 0)  # the source went to the generator
-    assert all(len(imgs) == 2 and imgs[0].getpixel((0, 0)) == (0, 128, 0) for imgs in seen)  # source first
+    # the source went to the generator
+    assert pipe.calls[0]["image"][0].getpixel((0, 0)) == (0, 128, 0)
+    # source first
+    assert all(len(imgs) == 2 and imgs[0].getpixel((0, 0)) == (0, 128, 0) for imgs in seen)
     assert set(rec["rounds"][0]["scores"]) == set(rr.EDIT_DIMENSIONS)
 
 
@@ -188,7 +194,8 @@ def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_
     assert [r["stop_reason"] for r in recs] == ["max_rounds", "passed"]
     assert len(server.requests) == 3  # at most one critique per round
     for r in recs:
-        assert (out / "sheets" / f"{rr.slug(r['prompt'])}-{r['id']}.png").is_file()   # a prompt slug, then the id
+        # a prompt slug, then the id
+        assert (out / "sheets" / f"{rr.slug(r['prompt'])}-{r['id']}.png").is_file()
         assert all((out / rnd["image"]).is_file() for rnd in r["rounds"])
     assert Image.open(out / "contact_sheet.png").height > Image.open(next((out / "sheets").glob(f"*-{recs[0]['id']}.png"))).height
     summary = json.loads((out / "summary.json").read_text())
@@ -248,7 +255,8 @@ def test_repeated_prompts_run_once_and_non_utf8_files_are_named(tmp_path, capsys
     f.write_text('{"prompt": "a cat", "seed": 1}\n{"prompt": "a cat", "seed": 1}\n{"prompt": "a dog"}\n'
                  '{"prompt": "a cat", "seed": 2}\n')
     items = gcr_loop.read_items(gcr_loop.Args(prompts=str(f)))
-    assert [(i["prompt"], i["seed"]) for i in items][::2] == [("a cat", 1), ("a cat", 2)] and len(items) == 3
+    assert [(i["prompt"], i["seed"]) for i in items][::2] == [("a cat", 1), ("a cat", 2)]
+    assert len(items) == 3
     assert len({i["id"] for i in items}) == 3 and "p.jsonl:2 repeats" in capsys.readouterr().err
     f.write_bytes('{"prompt": "café"}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"p.jsonl is not UTF-8 text"):

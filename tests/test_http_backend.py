@@ -22,7 +22,9 @@ def test_generate_sends_images_as_data_urls_in_order(scripted_server):
     assert out == ["colours: red,blue", "colours: green,red"]
     payload = server.requests[0]["payload"]
     assert server.requests[0]["path"] == "/v1/chat/completions"
-    assert payload["model"] == "served-model" and payload["max_tokens"] == 77 and payload["temperature"] == 0.1
+    assert payload["model"] == "served-model"
+    assert payload["max_tokens"] == 77
+    assert payload["temperature"] == 0.1
     assert images_in(payload)[0].startswith("data:image/png;base64,")
     assert "a red square" in text_in(payload) or "a green square" in text_in(payload)
 
@@ -175,4 +177,7 @@ def test_each_retry_is_announced(scripted_server, capsys):
     server = scripted_server(lambda p: calls.append(1) or (503 if len(calls) < 3 else "ok"))
     assert backend(server, max_retries=3).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")]) == ["ok"]
     err = capsys.readouterr().err
-    assert "retry 1/3" in err and "retry 2/3" in err and "HTTP 503" in err and "retry 3/3" not in err
+    assert "retry 1/3" in err
+    assert "retry 2/3" in err
+    assert "HTTP 503" in err
+    assert "retry 3/3" not in err

@@ -1,4 +1,5 @@
-"""tiny-random Qwen3-VL: determinism, save/reload, 4-bit on CPU, adapters, batching, offline errors."""
+"""tiny-random Qwen3-VL: determinism, save/reload, 4-bit on CPU, adapters, batching, offline
+errors."""
 import math
 
 import pytest
@@ -87,7 +88,8 @@ def test_right_padded_processor_still_gives_batch_invariant_logprobs():
     processor.tokenizer.padding_side = "right"
     batched = rr.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
     for lb, ls in zip(batched, single):
-        assert lb["A"] == pytest.approx(ls["A"], abs=1e-4) and lb["B"] == pytest.approx(ls["B"], abs=1e-4)
+        assert lb["A"] == pytest.approx(ls["A"], abs=1e-4)
+        assert lb["B"] == pytest.approx(ls["B"], abs=1e-4)
 
 
 def test_4bit_loads_and_generates_on_cpu():

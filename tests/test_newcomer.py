@@ -1,5 +1,6 @@
 """The newcomer's path (issue 17): repeated flags, the Python API with paths, --help without doubled
-defaults, folders not locked by a run that produced nothing, one error style, an installable package."""
+defaults, folders not locked by a run that produced nothing, one error style, an installable
+package."""
 import json
 import shutil
 import subprocess
@@ -77,8 +78,9 @@ def test_eval_without_inputs_names_both_ways():
 
 
 def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
-    """pyproject.toml: the four modules, the prompts found from any working directory, four commands (a
-    regular install into a folder; `pip install -e .` keeps the modules next to prompts/ in the checkout)."""
+    """pyproject.toml: the four modules, the prompts found from any working directory, four commands
+    (a regular install into a folder; `pip install -e .` keeps the modules next to prompts/ in the
+    checkout)."""
     target, src = tmp_path / "site", tmp_path / "src"
     # built from a copy: setuptools writes build/ and *.egg-info next to the sources it builds
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__"))
@@ -100,8 +102,8 @@ def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
 
 
 def test_parrot_lists_every_missing_input_at_once(tmp_path):
-    """Offline: the headline command's student, dataset and teacher are all named in one message, each with
-    its download command (and size for the default models), before any work."""
+    """Offline: the headline command's student, dataset and teacher are all named in one message,
+    each with its download command (and size for the default models), before any work."""
     res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "hpdv3", "--limit", "10",
                   "--out", tmp_path / "run", "--teacher", "Qwen/Qwen3-VL-8B-Instruct",
                   "--student", "Qwen/Qwen3-VL-2B-Instruct", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
@@ -121,7 +123,8 @@ def test_parrot_says_how_to_start_a_teacher_server(tmp_path):
 
 def test_each_subcommand_shows_and_takes_only_its_own_flags():
     score, eval_ = run_cli("rationalrewards.py", "score", "--help").stdout, run_cli("rationalrewards.py", "eval", "--help").stdout
-    assert "[--image" in score and "[--pairs" not in score and "[--benchmark" not in score     # the usage lines
+    # the usage lines
+    assert "[--image" in score and "[--pairs" not in score and "[--benchmark" not in score
     assert "[--pairs" in eval_ and "[--benchmark" in eval_ and "[--image" not in eval_
     res = run_cli("rationalrewards.py", "score", "--prompt", "x", "--image", "a.png", "--pairs", "p.jsonl")
     assert res.returncode == 2 and "unrecognized arguments: --pairs" in res.stderr
@@ -134,8 +137,8 @@ def test_each_subcommand_shows_and_takes_only_its_own_flags():
     ["gcr_loop.py", "--prompt", "x", "--generator", "tiny-random", "--scorer", "tiny-random"],
 ])
 def test_device_flag_is_checked_before_any_model_loads(argv, tmp_path):
-    """Every command takes --device; a name torch does not know, or a GPU this machine does not have,
-    is one clear error before anything is loaded or written."""
+    """Every command takes --device; a name torch does not know, or a GPU this machine does not
+    have, is one clear error before anything is loaded or written."""
     argv = argv + ([] if "score" in argv else ["--out", tmp_path / "o"])
     res = run_cli(*argv, "--device", "gpu0")
     assert res.returncode == 2 and "--device 'gpu0' is not a device" in res.stderr, res.stderr[-1000:]
@@ -149,14 +152,17 @@ def test_wrap_text_breaks_between_words_never_inside_one():
     text = "a photograph of three red apples on a wooden table"
     lines = rr.wrap_text(text, 14)
     assert all(len(line) <= 14 for line in lines) and " ".join(lines) == text
-    assert rr.wrap_text("supercalifragilistic word", 5) == ["supercalifragilistic", "word"]  # a long word gets its own line
+    # a long word gets its own line
+    assert rr.wrap_text("supercalifragilistic word", 5) == ["supercalifragilistic", "word"]
 
 
 def test_every_picture_writes_a_missing_score_the_same_way():
     assert rr.score_label("text_faithfulness", 3.0) == "Text Faithfulness: 3.0"
-    assert rr.score_label("text_rendering", None, ["text_rendering"]).endswith(": N/A")     # the critique said so
-    assert rr.score_label("text_rendering", None).endswith(": unreadable")                  # it could not be read
-    assert rr.slug("Three RED apples, on a table!") == "three-red-apples-on-a" and rr.slug("!!!") == "prompt"
+    # the critique said so
+    assert rr.score_label("text_rendering", None, ["text_rendering"]).endswith(": N/A")
+    assert rr.score_label("text_rendering", None).endswith(": unreadable")  # it could not be read
+    assert rr.slug("Three RED apples, on a table!") == "three-red-apples-on-a"
+    assert rr.slug("!!!") == "prompt"
 
 
 def test_reward_curve_legend_greys_out_a_dimension_without_readable_scores(tmp_path):
@@ -167,8 +173,9 @@ def test_reward_curve_legend_greys_out_a_dimension_without_readable_scores(tmp_p
     im = Image.open(tmp_path / "curve.png").convert("RGB")
     # legend swatches sit at x = 760 - 190 + 20 and y = 44 + 12 + 32 n (n = 0 is R, then the dimensions in order)
     assert im.getpixel((590, 56 + 32 * 1)) == rl_nft.COLOURS["text_faithfulness"]
-    assert im.getpixel((590, 56 + 32 * 3)) == (190, 190, 190)                    # text rendering: nothing readable
-    assert any(im.getpixel((x, 12)) != (255, 255, 255) for x in range(56, 200))  # the title is drawn
+    assert im.getpixel((590, 56 + 32 * 3)) == (190, 190, 190)  # text rendering: nothing readable
+    # the title is drawn
+    assert any(im.getpixel((x, 12)) != (255, 255, 255) for x in range(56, 200))
 
 
 def test_edit_sheets_and_eval_grids_show_the_source_beside_the_result(tmp_path):
@@ -182,8 +189,11 @@ def test_edit_sheets_and_eval_grids_show_the_source_beside_the_result(tmp_path):
     t2i = gcr_loop.sheet_row(rec, tmp_path)
     edit = gcr_loop.sheet_row({**rec, "source_image": str(tmp_path / "src.png")}, tmp_path)
     assert (t2i.width, edit.width) == (2 * 266, 3 * 266)
-    assert edit.getpixel((100, 100)) == (0, 0, 255) and edit.getpixel((266 + 100, 100)) == (255, 0, 0)
+    assert edit.getpixel((100, 100)) == (0, 0, 255)
+    assert edit.getpixel((266 + 100, 100)) == (255, 0, 0)
     rl_nft.eval_grid([solid("green")], ["make it red"], [0.5], [{"text_faithfulness": None}], tmp_path / "g.png",
                      sources=[solid("blue")], title="run: epoch 3")
     grid = Image.open(tmp_path / "g.png").convert("RGB")
-    assert grid.width == 2 * 256 and grid.getpixel((100, 100)) == (0, 0, 255) and grid.getpixel((356, 100)) == (0, 128, 0)
+    assert grid.width == 2 * 256
+    assert grid.getpixel((100, 100)) == (0, 0, 255)
+    assert grid.getpixel((356, 100)) == (0, 128, 0)

@@ -84,7 +84,8 @@ def test_consistency_verdict_buckets():
     assert parrot.consistency_verdict(good, "A", 0.9, 0.5) is None
     assert parrot.consistency_verdict(good, "B", 0.9, 0.5) == "scores_contradict_label"
     assert parrot.consistency_verdict(good, "A", 0.4, 0.5) == "teacher_disagrees"
-    assert parrot.consistency_verdict(good, "A", None, 0.5) == "unreadable_answer"  # not a free pass
+    # not a free pass
+    assert parrot.consistency_verdict(good, "A", None, 0.5) == "unreadable_answer"
     assert parrot.consistency_verdict(good, "A", 0.5, 0.5) is None  # "at least" the threshold
     tie = rr.parse_pairwise(rationale(3, 3), "t2i")
     assert parrot.consistency_verdict(tie, "A", 0.9, 0.5) == "scores_contradict_label"
@@ -96,8 +97,10 @@ def test_projection_matches_and_largest_gap():
                               "3. Text Rendering:\n## Score: N/A", "t2i")
     anchors = {"text_faithfulness": 4.0, "physical_quality": 2.0, "text_rendering": None}
     assert parrot.projection_matches(crit, anchors)
-    assert not parrot.projection_matches(crit, {**anchors, "text_faithfulness": 2.5})  # strays by 1.0
-    assert not parrot.projection_matches(crit, {**anchors, "text_rendering": 3.0})     # anchored but missing
+    # strays by 1.0
+    assert not parrot.projection_matches(crit, {**anchors, "text_faithfulness": 2.5})
+    # anchored but missing
+    assert not parrot.projection_matches(crit, {**anchors, "text_rendering": 3.0})
     gap = parrot.largest_gap_dimension({"text_faithfulness": 4, "physical_quality": 3, "text_rendering": None},
                                        {"text_faithfulness": 3.5, "physical_quality": 1, "text_rendering": 2})
     assert gap == "physical_quality"
@@ -155,7 +158,9 @@ def test_hpdv3_loader_counts_missing_and_corrupt(tmp_path):
     args = parrot.Args(dataset="hpdv3", data_dir=str(root), out=str(tmp_path / "run"))
     pairs, stats = parrot.load_dataset_pairs(args)
     assert [p["prompt"] for p in pairs] == ["one", "two"]
-    assert stats["skipped_corrupt_image"] == 1 and stats["skipped_missing_image"] == 1 and stats["rows_read"] == 4
+    assert stats["skipped_corrupt_image"] == 1
+    assert stats["skipped_missing_image"] == 1
+    assert stats["rows_read"] == 4
     for p in pairs:  # path1 is the preferred image, wherever the shuffle put it
         assert "/g" in p[f"image_{p['label'].lower()}"]
     args.limit = 1
@@ -274,7 +279,9 @@ def test_phases_put_each_rationale_in_the_right_bucket(tmp_path):
     assert by_prompt["unparseable three"]["reason"] == "unparseable"
     assert by_prompt["vague four"]["reason"] == "teacher_disagrees"
     assert by_prompt["consistent one"]["log_p_label"] == pytest.approx(math.log(0.9))
-    assert report["kept"] == 2 and report["phase2_pairs"] == 6 and report["phase1_parse_failures"] == 1
+    assert report["kept"] == 2
+    assert report["phase2_pairs"] == 6
+    assert report["phase1_parse_failures"] == 1
     assert report["drops_by_reason"] == {"unparseable": 1, "scores_contradict_label": 2, "unreadable_answer": 0,
                                          "teacher_disagrees": 1}
     assert report["retention_rate"] == pytest.approx(2 / 6)
@@ -420,10 +427,12 @@ def test_qlora_student_trains_on_cpu(tmp_path):
     model, processor = rr.load_vlm("tiny-random", quantization="4bit", device="cpu", trainable=True)
     model = parrot.add_lora(model, args, quantized=True)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    assert lora_b and all(float(v.abs().sum()) == 0 for v in lora_b.values())  # LoRA starts as a no-op
+    # LoRA starts as a no-op
+    assert lora_b and all(float(v.abs().sum()) == 0 for v in lora_b.values())
     losses = parrot.foresight_distillation(model, processor, train, tmp_path, args)
     moved = [n for n, p in model.named_parameters() if "lora_B" in n and float((p.detach() - lora_b[n]).abs().sum()) > 0]
-    assert len(moved) == len(lora_b)  # every adapter got gradients through the 4-bit layers and checkpointing
+    # every adapter got gradients through the 4-bit layers and checkpointing
+    assert len(moved) == len(lora_b)
     assert losses[-1] < losses[0]
 
 
@@ -437,7 +446,8 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
              "rationale": rationale(4, 2), "scores_a": scores_a, "scores_b": scores_b} for i in range(2)]
 
     class Projector:
-        def generate(self, mb, *a, **k):  # copies the anchors for image A, strays by 1.5 for image B
+        # copies the anchors for image A, strays by 1.5 for image B
+        def generate(self, mb, *a, **k):
             out = []
             for m in mb:
                 text = ScriptedTeacher._text(m)
@@ -456,10 +466,12 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
     assert sorted((p["id"], p["side"], p["kept"]) for p in proj) == [("p0", "A", True), ("p0", "B", False),
                                                                      ("p1", "A", True), ("p1", "B", False)]
     train, held = parrot.build_sft(out, args)
-    assert held == [] and sorted((s["id"], s["kind"], s["side"]) for s in train) == [
+    assert held == []
+    assert sorted((s["id"], s["kind"], s["side"]) for s in train) == [
         ("p0", "pairwise", None), ("p0", "pointwise", "A"), ("p1", "pairwise", None), ("p1", "pointwise", "A")]
     pointwise = next(s for s in train if s["kind"] == "pointwise")
-    assert pointwise["images"] == [str(tmp_path / "a.png")] and pointwise["messages"][0]["content"].count("<image>") == 1
+    assert pointwise["images"] == [str(tmp_path / "a.png")]
+    assert pointwise["messages"][0]["content"].count("<image>") == 1
 
 
 def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
@@ -485,14 +497,16 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
     parrot.phase3(Copier(), out, args)
     finish(out)
     first = len(rr.read_jsonl(out / "sft.jsonl"))
-    assert trained == [first] and first >= 2  # 2 kept pairs: 2 pairwise samples + the projections kept
+    # 2 kept pairs: 2 pairwise samples + the projections kept
+    assert trained == [first] and first >= 2
     parrot.phase3(Copier(), out, args)
     assert trained == [first]  # same data: nothing redone
     rr.append_jsonl(out / "phase2.jsonl", {**parrot.read_phase2(out)[2], "kept": True, "reason": None,
                                            "rationale": rationale(4, 2), "scores_a": {}, "scores_b": {}})
     parrot.phase3(Copier(), out, args)
     second = len(rr.read_jsonl(out / "sft.jsonl"))
-    assert second > first and trained == [first, second]  # a third kept pair: trained again, on all of it
+    # a third kept pair: trained again, on all of it
+    assert second > first and trained == [first, second]
 
 
 def test_truncated_cached_images_are_rewritten_not_trusted(tmp_path):
@@ -505,7 +519,8 @@ def test_truncated_cached_images_are_rewritten_not_trusted(tmp_path):
     assert rr.load_image(victim) is None
     again, stats = parrot.load_dataset_pairs(args)
     assert rr.load_image(victim) is not None and open(victim, "rb").read() == good
-    assert [p["id"] for p in again] == [p["id"] for p in pairs] and stats["skipped_corrupt_image"] == 0
+    assert [p["id"] for p in again] == [p["id"] for p in pairs]
+    assert stats["skipped_corrupt_image"] == 0
     assert not list(tmp_path.glob("images/.*.tmp*"))  # no temporary files left behind
     # the same for an image cached from a parquet cell
     path = tmp_path / "cell.png"

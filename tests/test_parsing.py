@@ -155,7 +155,8 @@ def test_pairwise_tie_and_missing_score():
 def test_preference_from_scores_and_weights():
     # A = 3 + 2.5(None) = 5.5; B = 2.5 + 3 = 5.5 -> tie
     assert rr.preference_from_scores({"tf": 3.0, "pq": None}, {"tf": 2.5, "pq": 3.0}) == "tie"
-    assert rr.preference_from_scores({"tf": 3.0}, {"tf": 2.0, "pq": 4.0}) == "B"  # missing key counts 2.5
+    # missing key counts 2.5
+    assert rr.preference_from_scores({"tf": 3.0}, {"tf": 2.0, "pq": 4.0}) == "B"
     # weighted: (3*4 + 1*1) / 4 = 3.25 -> (3.25 - 1) / 3 = 0.75
     tf, pq, tr = rr.T2I_DIMENSIONS
     assert rr.reward_from_scores({tf: 4.0, pq: 1.0, tr: None}, {tf: 3.0, pq: 1.0}) == pytest.approx(0.75)
@@ -318,7 +319,8 @@ Text Rendering:
 
 def test_reward_rejects_weights_that_leave_zero_to_one():
     scores = {"text_faithfulness": 4.0, "physical_quality": 1.0}
-    with pytest.raises(ValueError, match="finite numbers >= 0"):  # (2*4 - 1*1) / 1 = 7 -> reward 2.0
+    # (2*4 - 1*1) / 1 = 7 -> reward 2.0
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
         rr.reward_from_scores(scores, {"text_faithfulness": 2.0, "physical_quality": -1.0})
     with pytest.raises(ValueError, match="all zero"):
         rr.reward_from_scores(scores, {"text_faithfulness": 0, "physical_quality": 0, "text_rendering": 0})

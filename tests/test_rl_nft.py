@@ -60,7 +60,8 @@ def test_nft_adaptive_weight_is_per_sample_without_gradient_and_floored():
     # w = .75 held constant: dL/dv = -t * 2 err / (N w) = -.5 * 2 * [1, .5] / 1.5
     assert v.grad.flatten().tolist() == pytest.approx([-2 / 3, -1 / 3])
     # per sample: a second sample with 10x the error gets its own weight, so both losses are comparable
-    x0 = torch.cat([X0, X0 - 10 * (XT - 0.5 * V_THETA - X0)])   # errors [1, .5] and [10, 5]... scaled x10
+    # errors [1, .5] and [10, 5]... scaled x10
+    x0 = torch.cat([X0, X0 - 10 * (XT - 0.5 * V_THETA - X0)])
     _, big = rl_nft.nft_loss(torch.cat([V_THETA] * 2), torch.cat([V_OLD] * 2), torch.cat([V_REF] * 2),
                              torch.cat([XT] * 2), x0, torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0]), 1.0, 0.0)
     # sample 2: err = 11 * [1, .5]: mse 11^2 * .625 / (11 * .75) = 11 * .8333; mean with sample 1
@@ -83,7 +84,8 @@ def test_optimality_from_rewards_by_hand():
     assert rl_nft.optimality_from_rewards([1.0, 0.0], [0, 0], adv_clip=0.5).tolist() == pytest.approx([1.0, 0.0])
     # a group of equal rewards: r = 0.5 for each (even when every reward in the batch is equal)
     assert rl_nft.optimality_from_rewards([0.3, 0.3], [0, 0]).tolist() == [0.5, 0.5]
-    assert rl_nft.old_policy_decay(100) == pytest.approx(0.1) and rl_nft.old_policy_decay(10_000) == 0.5
+    assert rl_nft.old_policy_decay(100) == pytest.approx(0.1)
+    assert rl_nft.old_policy_decay(10_000) == 0.5
 
 
 def test_official_mask_uses_the_global_std_and_the_group_mean():
@@ -106,10 +108,11 @@ def test_training_timesteps_drop_a_random_one_per_sample():
     gen = torch.Generator().manual_seed(0)
     idx = rl_nft.training_timesteps(300, 10, 0.99, gen)
     assert idx.shape == (300, 9)                                   # int(0.99 * 10) = 9 of 10
-    assert all(len(set(row.tolist())) == 9 for row in idx)          # a permutation prefix: no repeats
+    assert all(len(set(row.tolist())) == 9 for row in idx)  # a permutation prefix: no repeats
     dropped = [({*range(10)} - set(row.tolist())).pop() for row in idx]
-    assert len(set(dropped)) == 10                                  # every timestep is sometimes the one left out
-    assert len({tuple(row[:3].tolist()) for row in idx}) > 200     # each sample has its own order (~246 expected)
+    assert len(set(dropped)) == 10  # every timestep is sometimes the one left out
+    # each sample has its own order (~246 expected)
+    assert len({tuple(row[:3].tolist()) for row in idx}) > 200
 
 
 def test_accumulation_groups_and_ema_decay():
@@ -121,7 +124,8 @@ def test_accumulation_groups_and_ema_decay():
 
 
 # ---- the sampler: an ODE with a known exact solution ----
-MU, S = 0.7, 0.3  # data ~ N(MU, S^2), noise ~ N(0, 1): the flow x_t = (1-t) MU + sqrt((1-t)^2 S^2 + t^2) z is exact
+# data ~ N(MU, S^2), noise ~ N(0, 1): the flow x_t = (1-t) MU + sqrt((1-t)^2 S^2 + t^2) z is exact
+MU, S = 0.7, 0.3
 
 
 def gaussian_flow(x, t):
@@ -168,7 +172,8 @@ def tiny_policy():
 
 
 def test_lora_targets_skip_sd35_second_attention():
-    """SD3.5-Medium's dual-attention blocks have `attn2`; the sources' `attn.`-prefixed names must not reach it."""
+    """SD3.5-Medium's dual-attention blocks have `attn2`; the sources' `attn.`-prefixed names must
+    not reach it."""
     from diffusers import SD3Transformer2DModel
     tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
@@ -207,7 +212,7 @@ def test_ema_follows_theta_and_swaps_in_for_evaluation(tiny_policy):
     with torch.no_grad():
         for p in theta.values():
             p.add_(1.0)
-    rl_nft.ema_update(ema, tr, step=1, max_decay=0.9)        # decay 2/11: ema = 2/11 start + 9/11 theta
+    rl_nft.ema_update(ema, tr, step=1, max_decay=0.9)  # decay 2/11: ema = 2/11 start + 9/11 theta
     k = next(iter(ema))
     assert torch.allclose(ema[k], start[k] + 9 / 11, atol=1e-6)
     with rl_nft.ema_weights(tr, ema):
@@ -244,7 +249,7 @@ def test_fused_old_and_reference_pass_equals_two_passes(task):
     rl_nft.add_policies(tr, rl_nft.Args(lora_r=4, lora_alpha=8))
     with torch.no_grad():
         for p in rl_nft.adapter_params(tr, "old").values():
-            p.add_(0.3 * torch.randn_like(p))            # old != base, so the two halves must differ
+            p.add_(0.3 * torch.randn_like(p))  # old != base, so the two halves must differ
     cond = rl_nft.collate(conds, ["a", "a"], "cpu", torch.float32)
     x = rl_nft.initial_noise([1, 2], geo)
     t = torch.tensor([0.4, 0.8])
@@ -261,8 +266,9 @@ def test_fused_old_and_reference_pass_equals_two_passes(task):
 
 
 def test_one_optimiser_step_per_epoch_and_masked_samples_skipped(tiny_policy, monkeypatch):
-    """8 samples in mini-batches of 2: the gradient of the whole epoch makes ONE optimiser step; masked
-    samples are never put through the loss, and an all-masked epoch still steps (weight decay only)."""
+    """8 samples in mini-batches of 2: the gradient of the whole epoch makes ONE optimiser step;
+    masked samples are never put through the loss, and an all-masked epoch still steps (weight decay
+    only)."""
     args, pipe, geo, conds, params = tiny_policy
     tr = pipe.transformer
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5)
@@ -390,11 +396,13 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     # 12 samples in mini-batches of 2: one optimiser step per epoch, and eta follows the step count
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert [float(r["eta"]) for r in rows] == pytest.approx([0.001, 0.002])
-    assert all(r["masked_samples"] == "0" and r["trained_samples"] == "6" for r in rows)  # t2i masks nothing
+    # t2i masks nothing
+    assert all(r["masked_samples"] == "0" and r["trained_samples"] == "6" for r in rows)
     saved = json.loads((out / "args.json").read_text())
     assert (saved["sampler"], saved["sample_steps"], saved["eval_steps"], saved["mask"]) == ("dpm2", 4, 40, "none")
     captured = capsys.readouterr()
-    assert "epoch 2: R=" in captured.out and "epochs" in captured.err  # one line per epoch, and the bar
+    # one line per epoch, and the bar
+    assert "epoch 2: R=" in captured.out and "epochs" in captured.err
     # a second run into the same --out without --resume is refused
     with pytest.raises(SystemExit, match="--resume"):
         nft_main(server, out, "--epochs", "3")
@@ -419,7 +427,9 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     lora = load_file(out / "lora" / "epoch_0003" / "pytorch_lora_weights.safetensors")
     key = next(k for k in ema if "lora_A" in k)
     match = [v for k, v in lora.items() if k.endswith(key.replace(".weight", "") + ".weight")]
-    assert len(match) == 1 and torch.equal(match[0], ema[key]) and not torch.equal(ema[key], wa[key])
+    assert len(match) == 1
+    assert torch.equal(match[0], ema[key])
+    assert not torch.equal(ema[key], wa[key])
     for name in ("args.json", "reward_curve.png", "eval/epoch_0000.png", "eval/epoch_0002.png", "eval/epoch_0003.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "args.json").read_text())["group_size"] == 3
@@ -450,9 +460,10 @@ def test_bad_arguments_are_clear(tmp_path):
 
 
 def edit_judge(payload):
-    """Editing critiques: the source comes first, the edited image second; text faithfulness is a hash of
-    the edited image's pixels (the tiny model's edits barely differ, and the official mask needs rewards
-    that vary), image faithfulness is always 2 (logged, but not in the default reward)."""
+    """Editing critiques: the source comes first, the edited image second; text faithfulness is a
+    hash of the edited image's pixels (the tiny model's edits barely differ, and the official mask
+    needs rewards that vary), image faithfulness is always 2 (logged, but not in the default
+    reward)."""
     urls = images_in(payload)
     assert len(urls) == 2
     raw = base64.b64decode(urls[1].split(",", 1)[1])
@@ -463,8 +474,9 @@ def edit_judge(payload):
 
 
 def test_edit_rl_on_tiny_kontext(tmp_path, scripted_server, capsys):
-    """--task edit: tiny FLUX.1-Kontext, source images from prompts/rl_edits.jsonl, four dimensions logged,
-    the official reward (image faithfulness left out), the official mask and bans, resume, LoRA files."""
+    """--task edit: tiny FLUX.1-Kontext, source images from prompts/rl_edits.jsonl, four dimensions
+    logged, the official reward (image faithfulness left out), the official mask and bans, resume,
+    LoRA files."""
     server = scripted_server(edit_judge)
     out = tmp_path / "edit"
     argv = ["--task", "edit", "--generator", "tiny-random", "--scorer", "served", "--scorer-api-base", server.url,
@@ -522,23 +534,27 @@ def test_a_non_finite_loss_stops_the_run_with_the_checkpoint_intact(tiny_policy)
 
 
 def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
-    """Killed between the two checkpoint renames: only checkpoint.old and metrics.csv are left. Starting
-    again without --resume must be refused (it used to start over and delete the checkpoint); with other
-    settings the refusal says what to do, never --resume; errors are one `error:` line, exit 2."""
+    """Killed between the two checkpoint renames: only checkpoint.old and metrics.csv are left.
+    Starting again without --resume must be refused (it used to start over and delete the
+    checkpoint); with other settings the refusal says what to do, never --resume; errors are one
+    `error:` line, exit 2."""
     from conftest import run_cli
     out = tmp_path / "run"
     (out / "checkpoint.old").mkdir(parents=True)
     (out / "checkpoint.old" / "state.json").write_text("{}")
     base = ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out", out]
     rl_nft.check_out_dir(out, rl_nft.resolve_defaults(rl_nft.Args(generator="tiny-random", out=str(out),
-                                                                  resume=True)))  # resuming it is fine
+                                                                  # resuming it is fine
+                                                                  resume=True)))
     args = rl_nft.resolve_defaults(rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out)))
     rr.save_args(args, out, extra={"prompts_sha1": rl_nft.prompts_digest(args)})
     res = run_cli(*base)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "already holds a run with these settings: pass --resume" in res.stderr
     res = run_cli(*base, "--lora-r", "8")
-    assert res.returncode == 2 and "--lora-r" in res.stderr and "Use another --out, or delete" in res.stderr
+    assert res.returncode == 2
+    assert "--lora-r" in res.stderr
+    assert "Use another --out, or delete" in res.stderr
     assert "pass --resume" not in res.stderr
     assert (out / "checkpoint.old" / "state.json").is_file()          # nothing was deleted
     (tmp_path / "file").write_text("x")
