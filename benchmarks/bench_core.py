@@ -27,8 +27,9 @@ TEXT_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
                                 "mrope_interleaved": True})
-VISION_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
-                 temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+VISION_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                 spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
+                 num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
 
 
 def config(layers, vision_depth, vocab):
@@ -50,7 +51,8 @@ def decoder_linear_bytes(model):
             qs = mod.weight.quant_state
             n_params += mod.in_features * mod.out_features
             n_bytes += mod.weight.numel() * mod.weight.element_size()  # packed 4-bit codes
-            n_bytes += qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
+            n_bytes += qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel(
+            ) * qs.code.element_size()
             if qs.nested:  # double quantization stores the absmax of the absmax
                 n_bytes += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
                 n_bytes += qs.state2.code.numel() * qs.state2.code.element_size()
@@ -62,7 +64,10 @@ def decoder_linear_bytes(model):
 
 def memory(layers):
     from transformers import Qwen3VLForConditionalGeneration
-    print(f"(a) building a random Qwen3-VL with 8B layer shapes, {layers} decoder layer(s), 1 vision block ...")
+    print(
+        f"(a) building a random Qwen3-VL with 8B layer shapes, {layers} decoder layer(s), 1 vision "
+        "block ..."
+    )
     torch.manual_seed(0)
     small = Qwen3VLForConditionalGeneration(config(layers, 1, vocab=1024)).to(torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,9 +96,17 @@ def memory(layers):
     foot4 = (linear * bpp4 + rest * 2) / gb
     print(f"    decoder linear layers measured: {p16 / 1e6:.1f}M parameters")
     print(f"    {'':24} {'bf16':>10} {'4-bit nf4':>10} {'ratio':>8}")
-    print(f"    {'bytes / parameter':24} {bpp16:>10.3f} {bpp4:>10.3f} {bpp4 / bpp16:>8.3f}   (target <= 0.30)")
-    print(f"    full Qwen3-VL-8B scorer: {total / 1e9:.2f}B parameters, {linear / 1e9:.2f}B in quantizable decoder linears")
-    print(f"    {'weights of the 8B scorer':24} {foot16:>9.1f}G {foot4:>9.1f}G {foot4 / foot16:>8.3f}")
+    print(
+        f"    {'bytes / parameter':24} {bpp16:>10.3f} {bpp4:>10.3f} {bpp4 / bpp16:>8.3f}   (target "
+        "<= 0.30)"
+    )
+    print(
+        f"    full Qwen3-VL-8B scorer: {total / 1e9:.2f}B parameters, {linear / 1e9:.2f}B in "
+        "quantizable decoder linears"
+    )
+    print(
+        f"    {'weights of the 8B scorer':24} {foot16:>9.1f}G {foot4:>9.1f}G {foot4 / foot16:>8.3f}"
+    )
     for card in (16, 24):
         print(f"    on a {card} GB card, left for a generator, activations and KV cache: "
               f"bf16 {card - foot16:5.1f} GB, 4-bit {card - foot4:5.1f} GB")
@@ -114,18 +127,21 @@ def throughput(new_tokens, n_prompts=8):
         backend = rr.TransformersBackend(model, processor, batch_size=bs)
         backend.generate(msgs[:bs], max_new_tokens=4, temperature=0.0)  # warm-up
         start = time.perf_counter()
-        backend.generate(msgs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.1)
+        backend.generate(msgs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         temperature=0.1)
         times[bs] = time.perf_counter() - start
     print(f"(b) tiny-random, {n_prompts} critiques x {new_tokens} new tokens each")
     print(f"    {'':24} {'batch 1':>10} {'batch 8':>10} {'speed-up':>8}")
-    print(f"    {'critiques / second':24} {n_prompts / times[1]:>10.2f} {n_prompts / times[8]:>10.2f} "
-          f"{times[1] / times[8]:>8.2f}   (target >= 3)")
+    print(
+        f"    {'critiques / second':24} {n_prompts / times[1]:>10.2f} "
+        f"{n_prompts / times[8]:>10.2f} {times[1] / times[8]:>8.2f}   (target >= 3)")
     return times[1] / times[8]
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=1, help="decoder layers of the 8B-shaped model in (a)")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="decoder layers of the 8B-shaped model in (a)")
     ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per critique in (b)")
     ap.add_argument("--only", choices=["memory", "throughput"], default=None)
     a = ap.parse_args()

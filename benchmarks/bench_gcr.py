@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gcr_loop  # noqa: E402
 import rationalrewards as rr  # noqa: E402
 
-PROMPTS = rr.read_prompt_list(Path(__file__).resolve().parents[1] / "prompts" / "gcr_demo_prompts.txt") * 2
-ALWAYS_LOW = ("1. Text Faithfulness:\n## Score: 2\n2. Physical and Visual Quality:\n## Score: 2\n3. Text Rendering:\n"
-              "## Score: N/A\n# User Request Refinement:\n## Refined Request: a clearer version of the request\n")
+PROMPTS = rr.read_prompt_list(
+    Path(__file__).resolve().parents[1] / "prompts" / "gcr_demo_prompts.txt") * 2
+ALWAYS_LOW = ("1. Text Faithfulness:\n## Score: 2\n2. Physical and Visual Quality:\n## Score: 2\n"
+              "3. Text Rendering:\n## Score: N/A\n# User Request Refinement:\n"
+              "## Refined Request: a clearer version of the request\n")
 
 
 class Counting:
@@ -60,11 +62,12 @@ def run_gcr(pipe, backend, rounds):
     scorer = rr.RationalRewardsScorer(backend, "t2i", max_new_tokens=128)
     out = Path(tempfile.mkdtemp())
     (out / "images").mkdir()
-    items = [{"id": f"p{i}", "prompt": p, "source_image": None, "seed": i} for i, p in enumerate(PROMPTS)]
+    items = [{"id": f"p{i}", "prompt": p, "source_image": None, "seed": i}
+             for i, p in enumerate(PROMPTS)]
     t0 = time.perf_counter()
     for i in range(0, len(items), args.batch_size):
-        gcr_loop.run_batch(pipe, scorer, items[i:i + args.batch_size], args, ("text_faithfulness", "physical_quality"),
-                           None, out)
+        gcr_loop.run_batch(pipe, scorer, items[i:i + args.batch_size], args,
+                           ("text_faithfulness", "physical_quality"), None, out)
     seconds = time.perf_counter() - t0
     shutil.rmtree(out)
     return seconds / len(items), pipe.items / len(items), backend.items / len(items)
@@ -74,7 +77,8 @@ def run_plain(pipe):
     args = gcr_loop.Args(prompt="x", steps=4, resolution=64)
     t0 = time.perf_counter()
     for i in range(0, len(PROMPTS), 4):
-        gcr_loop.generate(pipe, PROMPTS[i:i + 4], list(range(i, i + 4))[:len(PROMPTS[i:i + 4])], [None] * 4, args)
+        gcr_loop.generate(pipe, PROMPTS[i:i + 4],
+                          list(range(i, i + 4))[:len(PROMPTS[i:i + 4])], [None] * 4, args)
     return (time.perf_counter() - t0) / len(PROMPTS)
 
 
@@ -86,7 +90,10 @@ if __name__ == "__main__":
     run_plain(pipe)  # warm-up
     plain = run_plain(pipe)
     print(f"{len(PROMPTS)} prompts, batches of 4, tiny-random generator (4 steps, 64 px)\n")
-    print(f"{'setting':<42} {'gen/prompt':>10} {'critiques/prompt':>17} {'s/prompt':>9} {'x plain':>8}")
+    print(
+        f"{'setting':<42} {'gen/prompt':>10} {'critiques/prompt':>17} {'s/prompt':>9} "
+        f"{'x plain':>8}"
+    )
     print(f"{'plain generation':<42} {1.0:>10.2f} {0.0:>17.2f} {plain:>9.3f} {1.0:>8.2f}")
     for name, backend, rounds in (("GCR, tiny-random scorer (no refinement)", tiny, 1),
                                   ("GCR, always-refine scorer, --rounds 1", AlwaysLow(), 1),

@@ -25,21 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rl_nft  # noqa: E402
 
 # SD3.5-Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json)
-SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
-                   qk_norm="rms_norm")
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
 # FLUX.1-Kontext-dev's transformer (black-forest-labs/FLUX.1-Kontext-dev, transformer/config.json)
-KONTEXT_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                   axes_dims_rope=(16, 56, 56))
+KONTEXT_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 # about 60M parameters each, the same block structures (dual attention and qk-norm; double + single stream)
-SD3_MID = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=6, attention_head_dim=64,
-               num_attention_heads=8, joint_attention_dim=512, caption_projection_dim=512, pooled_projection_dim=256,
-               pos_embed_max_size=64, dual_attention_layers=(0, 1, 2), qk_norm="rms_norm")
-KONTEXT_MID = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
-                   num_attention_heads=8, joint_attention_dim=512, pooled_projection_dim=256, guidance_embeds=True,
-                   axes_dims_rope=(16, 24, 24))
+SD3_MID = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=6,
+               attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512,
+               caption_projection_dim=512, pooled_projection_dim=256, pos_embed_max_size=64,
+               dual_attention_layers=(0, 1, 2), qk_norm="rms_norm")
+KONTEXT_MID = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                   attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512,
+                   pooled_projection_dim=256, guidance_embeds=True, axes_dims_rope=(16, 24, 24))
 
 
 def build(kind, config, lora_r=32):
@@ -103,13 +104,17 @@ def compare(name, kind, config, side, batch=2, repeats=3, checkpointing=True):
             if step == "plain":
                 plain_step(tr, opt, params, x0, cond, geo, sigmas, gen)
             else:
-                rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen, None, 0)
+                rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen,
+                                      None, 0)
             if i:
                 timings[step].append(time.perf_counter() - t0)
     n_params = sum(p.numel() for n, p in tr.named_parameters() if "lora_" not in n)
     plain, nft = statistics.median(timings["plain"]), statistics.median(timings["nft"])
     ckpt = "on" if checkpointing else "off"
-    print(f"{name:<44} {ckpt:>5} {n_params / 1e6:>7.1f}M  {plain:>8.3f} s  {nft:>8.3f} s  {nft / plain:>6.2f}x")
+    print(
+        f"{name:<44} {ckpt:>5} {n_params / 1e6:>7.1f}M  {plain:>8.3f} s  {nft:>8.3f} s  "
+        f"{nft / plain:>6.2f}x"
+    )
 
 
 def budget():
@@ -132,9 +137,14 @@ def budget():
 
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(f"{'transformer':<44} {'ckpt':>5} {'params':>8}  {'plain FM':>10}  {'NFT':>10}  {'ratio':>7}  (target <= 1.8x)")
+    print(
+        f"{'transformer':<44} {'ckpt':>5} {'params':>8}  {'plain FM':>10}  {'NFT':>10}  "
+        f"{'ratio':>7}  (target <= 1.8x)"
+    )
     compare("SD3, SD3.5-M's block structure (32x32 latent)", "sd3", SD3_MID, 32)
     compare("FLUX, Kontext's block structure (16x16 tokens)", "kontext", KONTEXT_MID, 32)
-    compare("SD3, SD3.5-M's block structure (32x32 latent)", "sd3", SD3_MID, 32, checkpointing=False)
-    compare("FLUX, Kontext's block structure (16x16 tokens)", "kontext", KONTEXT_MID, 32, checkpointing=False)
+    compare("SD3, SD3.5-M's block structure (32x32 latent)", "sd3", SD3_MID, 32,
+            checkpointing=False)
+    compare("FLUX, Kontext's block structure (16x16 tokens)", "kontext", KONTEXT_MID, 32,
+            checkpointing=False)
     budget()

@@ -34,7 +34,8 @@ def random_100m():
     config.text_config.update(dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                                    num_attention_heads=12, num_key_value_heads=4, head_dim=64))
     config.text_config.rope_parameters["mrope_section"] = [12, 10, 10]  # sums to head_dim / 2
-    config.vision_config.update(dict(depth=4, hidden_size=512, intermediate_size=1024, num_heads=8, out_hidden_size=768))
+    config.vision_config.update(
+        dict(depth=4, hidden_size=512, intermediate_size=1024, num_heads=8, out_hidden_size=768))
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(config).eval()
     processor.tokenizer.padding_side = "left"
@@ -50,8 +51,9 @@ def demo_records(n):
 
 def consistency(name, model, processor, n=16, repeats=3):
     pairs, imgs = demo_records(n)
-    z = ("# Detailed Judgement\n1. Text Faithfulness:\n## Justification: A matches the request, B does not.\n"
-         "## Score A: 4\n## Score B: 2\n## Winner: Image A\n# Summary: A wins.")
+    z = (
+        "# Detailed Judgement\n1. Text Faithfulness:\n## Justification: A matches the request, B "
+        "does not.\n## Score A: 4\n## Score B: 2\n## Winner: Image A\n# Summary: A wins.")
     msgs = lambda: [rr.render_messages("consistency_t2i", im, request=p["prompt"], rationale=z) for p, im in zip(pairs, imgs)]
     backend = rr.TransformersBackend(model, processor, batch_size=8, max_pixels=256 * 256)
     backend.answer_logprobs(msgs()[:2])  # warm-up
@@ -65,9 +67,10 @@ def consistency(name, model, processor, n=16, repeats=3):
             fn()
             t[label] = min(t[label], time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"    {name:<22} {params:>7.1f}M  forward {t['forward']:6.2f}s  generate(1) {t['generate 1']:6.2f}s  "
-          f"generate(8) {t['generate 8']:6.2f}s  forward/generate(1) {t['forward'] / t['generate 1']:.2f}  "
-          f"forward/generate(8) {t['forward'] / t['generate 8']:.2f}")
+    print(f"    {name:<22} {params:>7.1f}M  forward {t['forward']:6.2f}s  generate(1) "
+          f"{t['generate 1']:6.2f}s  generate(8) {t['generate 8']:6.2f}s  forward/generate(1) "
+          f"{t['forward'] / t['generate 1']:.2f}  forward/generate(8) "
+          f"{t['forward'] / t['generate 8']:.2f}")
 
 
 def phase1_throughput(new_tokens, n=8):
@@ -80,10 +83,14 @@ def phase1_throughput(new_tokens, n=8):
         backend = rr.TransformersBackend(model, processor, batch_size=bs)
         backend.generate(msgs[:bs], max_new_tokens=2)  # warm-up
         start = time.perf_counter()
-        backend.generate(msgs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.7)
+        backend.generate(msgs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         temperature=0.7)
         t[bs] = time.perf_counter() - start
     print(f"(b) Phase 1 on tiny-random, {n} pairs x {new_tokens} new tokens")
-    print(f"    pairs / second: batch 1 {n / t[1]:.2f}, batch 8 {n / t[8]:.2f}, speed-up {t[1] / t[8]:.2f}x (target >= 3)")
+    print(
+        f"    pairs / second: batch 1 {n / t[1]:.2f}, batch 8 {n / t[8]:.2f}, speed-up "
+        f"{t[1] / t[8]:.2f}x (target >= 3)"
+    )
 
 
 def smoke_wall_time():

@@ -43,8 +43,8 @@ def image_dir(tmp_path):
 def run_cli(*argv, env=None, timeout=300):
     """Run one of our scripts in a subprocess, the way a user would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
 
 
 def dominant_colour(data_url: str) -> str:

@@ -78,25 +78,30 @@ def mmrb2(root, name):
 
 def test_labels_follow_each_benchmarks_protocol(tmp_path):
     genai_t2i(tmp_path), genai_edit(tmp_path), editreward(tmp_path), mmrb2(tmp_path, "mmrb2-edit")
-    pairs, skipped = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), None, tmp_path / "img")
+    pairs, skipped = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), None,
+                                        tmp_path / "img")
     # both-bad counts as a tie, as officially
     assert [p["label"] for p in pairs] == ["A", "B", "tie", "tie"]
     assert skipped == {"unlabelled": 0, "missing_image": 0, "unreadable_image": 1}
     assert rr.load_image(pairs[0]["image_a"]).getpixel((0, 0)) == (255, 0, 0)  # left is A
-    pairs, _ = rr.benchmark_pairs("genai-bench-edit", str(tmp_path / "genai-bench-edit"), None, tmp_path / "img")
+    pairs, _ = rr.benchmark_pairs("genai-bench-edit", str(tmp_path / "genai-bench-edit"), None,
+                                  tmp_path / "img")
     assert [p["label"] for p in pairs] == ["B", "B"] and pairs[0]["prompt"] == "make it red"
     assert rr.load_image(pairs[0]["source_image"]).getpixel((0, 0)) == (0, 128, 0)
-    pairs, _ = rr.benchmark_pairs("editreward-bench", str(tmp_path / "editreward-bench"), None, tmp_path / "img")
+    pairs, _ = rr.benchmark_pairs("editreward-bench", str(tmp_path / "editreward-bench"), None,
+                                  tmp_path / "img")
     # "C>A" in comparison AvsC: candidate_2 (C) wins -> B; "B=C" -> tie
     assert [(p["id"], p["label"], p["group"]) for p in pairs] == [
         ("g1", "A", "g1"), ("g2_AvsB", "A", "g2"), ("g2_AvsC", "B", "g2"), ("g2_BvsC", "tie", "g2")]
-    pairs, _ = rr.benchmark_pairs("mmrb2-edit", str(tmp_path / "mmrb2-edit"), None, tmp_path / "img")
+    pairs, _ = rr.benchmark_pairs("mmrb2-edit", str(tmp_path / "mmrb2-edit"), None,
+                                  tmp_path / "img")
     assert [(p["id"], p["label"]) for p in pairs] == [("p1", "A"), ("p2", "B")]
     assert [len(p["source_images"]) for p in pairs] == [1, 3]  # every prompt_images entry, in order
-    assert [rr.load_image(f).getpixel((0, 0)) for f in pairs[1]["source_images"]] == [(0, 128, 0), (255, 0, 0),
-                                                                                     (0, 0, 255)]
+    colours = [rr.load_image(f).getpixel((0, 0)) for f in pairs[1]["source_images"]]
+    assert colours == [(0, 128, 0), (255, 0, 0), (0, 0, 255)]
     # --limit touches only what it needs
-    pairs, _ = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), 1, tmp_path / "img")
+    pairs, _ = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), 1,
+                                  tmp_path / "img")
     assert len(pairs) == 1
 
 
@@ -134,8 +139,11 @@ def red_judge(payload):
     """Pairwise: the red image gets 4 on text faithfulness, any other 1; physical quality equal."""
     cols = [dominant_colour(u) for u in images_in(payload)][-2:]  # the source (edit) comes first
     sa, sb = (4 if cols[0] == "red" else 1), (4 if cols[1] == "red" else 1)
-    return (f"# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n## Score A: {sa}\n"
-            f"## Score B: {sb}\n2. Physical and Visual Quality:\n## Score A: 3\n## Score B: 3\n# Summary: s")
+    return (
+        "# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n"
+        f"## Score A: {sa}\n## Score B: {sb}\n2. Physical and Visual Quality:\n## Score A: 3\n"
+        "## Score B: 3\n# Summary: s"
+    )
 
 
 def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_server, capsys):
@@ -170,12 +178,13 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
 
 
 def test_missing_benchmark_data_is_one_clear_error(tmp_path):
-    res = run_cli("rationalrewards.py", "eval", "--benchmark", "genai-bench-edit", "--model", "tiny-random",
-                  "--out", tmp_path / "o")
+    res = run_cli("rationalrewards.py", "eval", "--benchmark", "genai-bench-edit", "--model",
+                  "tiny-random", "--out", tmp_path / "o")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stderr
     assert "image_edition" in res.stderr
-    res = run_cli("rationalrewards.py", "eval", "--benchmark", "mmrb2-t2i", "--model", "tiny-random")
+    res = run_cli("rationalrewards.py", "eval", "--benchmark", "mmrb2-t2i", "--model",
+                  "tiny-random")
     assert res.returncode == 2 and "facebookresearch/MMRB2" in res.stderr
 
 
@@ -219,7 +228,8 @@ def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scrip
         # transformers: the chat template renders a system turn before the user turn
         model, processor = rr.load_vlm("tiny-random")
         text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        assert text.index("<|im_start|>system\nYou are RationalRewards") < text.index("<|im_start|>user")
+        assert text.index("<|im_start|>system\nYou are RationalRewards") < text.index(
+            "<|im_start|>user")
         assert len(rr.TransformersBackend(model, processor).generate([msgs], max_new_tokens=2)) == 1
         (tmp_path / "official" / "pairwise_t2i.txt").write_text("[system]\nno end marker\n")
         with pytest.raises(ValueError, match="no \\[user\\] line"):
@@ -260,8 +270,10 @@ def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, sc
 def test_truncated_replies_are_counted_and_warned(tmp_path, scripted_server, capsys):
     genai_t2i(tmp_path)
     cut = {"choices": [{"index": 0, "finish_reason": "length",
-                        "message": {"role": "assistant", "content": "# Detailed Judgement\n1. Text Faithfulness:\n"
-                                                                    "## Score A: 4\n## Score B: 1\n2. Physical and"}}]}
+                        "message": {"role": "assistant", "content": "# Detailed Judgement\n"
+                                                                    "1. Text Faithfulness:\n"
+                                                                    "## Score A: 4\n## Score B: 1\n"
+                                                                    "2. Physical and"}}]}
     server = scripted_server(lambda payload: cut)
     argv = ["eval", "--model", "served", "--api-base", server.url, "--benchmark", "genai-bench-t2i",
             "--data-dir", str(tmp_path / "genai-bench-t2i"), "--out", str(tmp_path / "run")]
@@ -290,7 +302,8 @@ def test_mmrb2_edit_sends_every_source_image_first(tmp_path, scripted_server):
     assert rr.main(["eval", "--model", "served", "--api-base", server.url, "--benchmark", "mmrb2-edit",
                     "--data-dir", str(tmp_path / "mmrb2-edit"), "--out", str(tmp_path / "run")]) == 0
     from conftest import text_in
-    by_count = sorted((len(images_in(r["payload"])), text_in(r["payload"])) for r in server.requests)
+    by_count = sorted(
+        (len(images_in(r["payload"])), text_in(r["payload"])) for r in server.requests)
     assert [n for n, _ in by_count] == [3, 5]  # 1 source + 2 candidates; 3 sources + 2 candidates
     assert "3 source images" in by_count[1][1] and "Source image 3 of 3" in by_count[1][1]
     cols = [dominant_colour(u) for u in images_in(max(server.requests, key=lambda r: len(images_in(r["payload"])))["payload"])]

@@ -13,14 +13,16 @@ import rationalrewards as rr
 
 
 def chain_commands():
-    block = re.search(r"<!-- chain -->\s*```bash\n(.*?)```\s*<!-- /chain -->", (ROOT / "README.md").read_text(), re.S)
+    block = re.search(r"<!-- chain -->\s*```bash\n(.*?)```\s*<!-- /chain -->",
+                      (ROOT / "README.md").read_text(), re.S)
     assert block, "README.md lost its chain block"
     return [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
 
 
 def test_readme_chain_runs_end_to_end(tmp_path):
     commands = chain_commands()
-    assert [c[1] for c in commands] == ["parrot.py", "rationalrewards.py", "rl_nft.py", "rl_nft.py", "gcr_loop.py"]
+    scripts = [c[1] for c in commands]
+    assert scripts == ["parrot.py", "rationalrewards.py", "rl_nft.py", "rl_nft.py", "gcr_loop.py"]
     runs = tmp_path / "runs"
     results = []
     for argv in commands:

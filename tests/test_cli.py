@@ -25,8 +25,9 @@ SCORE_1 = SCORE_4.replace("## Score: 4", "## Score: 1").replace("## Score: 3.5",
 
 
 def test_score_json_reports_scores_reward_and_critique_per_image(image_dir):
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "a red bicycle",
-                  "--image", image_dir / "red.png", "--max-new-tokens", "24", "--json")
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt",
+                  "a red bicycle", "--image", image_dir / "red.png", "--max-new-tokens", "24",
+                  "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert set(out) >= {"image", "scores", "reward", "refined_request", "critique", "summary"}
@@ -37,8 +38,9 @@ def test_score_json_reports_scores_reward_and_critique_per_image(image_dir):
 
 
 def test_score_edit_tiny_random_two_images(image_dir):
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit", "--prompt", "make it blue",
-                  "--image", image_dir / "blue.png", image_dir / "green.png", "--source-image", image_dir / "red.png",
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit",
+                  "--prompt", "make it blue", "--image", image_dir / "blue.png",
+                  image_dir / "green.png", "--source-image", image_dir / "red.png",
                   "--max-new-tokens", "16", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -58,28 +60,29 @@ def test_score_through_http_backend_reports_exact_numbers(image_dir, scripted_se
 
 
 def test_bad_inputs_are_clear_errors(image_dir):
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x", "--image", image_dir / "bad.png")
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x",
+                  "--image", image_dir / "bad.png")
     assert res.returncode != 0
     assert "cannot read image" in res.stderr
     assert "Traceback" not in res.stderr
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit", "--prompt", "x",
-                  "--image", image_dir / "red.png")
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit",
+                  "--prompt", "x", "--image", image_dir / "red.png")
     assert res.returncode != 0 and "--source-image" in res.stderr
-    res = run_cli("rationalrewards.py", "score", "--model", "someone/not-downloaded", "--prompt", "x",
-                  "--image", image_dir / "red.png")
+    res = run_cli("rationalrewards.py", "score", "--model", "someone/not-downloaded", "--prompt",
+                  "x", "--image", image_dir / "red.png")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "Could not load model 'someone/not-downloaded'" in res.stderr
     assert "hf download" in res.stderr
-    res = run_cli("rationalrewards.py", "score", "--model", image_dir / "no-such-model", "--prompt", "x",
-                  "--image", image_dir / "red.png")
+    res = run_cli("rationalrewards.py", "score", "--model", image_dir / "no-such-model", "--prompt",
+                  "x", "--image", image_dir / "red.png")
     assert res.returncode == 2
     assert "does not exist" in res.stderr
     assert "hf download" not in res.stderr
     (image_dir / "p.jsonl").write_text(json.dumps({"prompt": "p", "image_a": "red.png", "image_b": "blue.png",
                                                    "label": "A"}) + "\n")
     for limit in ("0", "-1"):  # issue 7.11: eval --limit 0 used to evaluate one pair
-        res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", image_dir / "p.jsonl",
-                      "--limit", limit)
+        res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs",
+                      image_dir / "p.jsonl", "--limit", limit)
         assert res.returncode != 0 and "--limit must be a positive number" in res.stderr
 
 
@@ -96,8 +99,9 @@ def colour_judge(payload):
     if "## Score A:" in text_in(payload):
         a, b = colours
         sa, sb = (4, 1) if a == "red" else (1, 4) if b == "red" else (2, 2)
-        return (f"1. Text Faithfulness:\n## Score A: {sa}\n## Score B: {sb}\n2. Physical and Visual Quality:\n"
-                f"## Score A: 3\n## Score B: 3\n3. Text Rendering:\n## Score A: N/A\n## Score B: N/A")
+        return (f"1. Text Faithfulness:\n## Score A: {sa}\n## Score B: {sb}\n"
+                "2. Physical and Visual Quality:\n## Score A: 3\n## Score B: 3\n"
+                "3. Text Rendering:\n## Score A: N/A\n## Score B: N/A")
     if colours[0] == "green":
         return "I refuse."  # unreadable
     return (SCORE_4 if colours[0] == "red" else SCORE_1).format(request="r")
@@ -120,8 +124,9 @@ def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, 
     ]
     server = scripted_server(colour_judge)
     out = tmp_path / "eval"
-    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url, "--mode", mode,
-                  "--pairs", write_pairs(image_dir, rows), "--out", out, "--batch-size", "3")
+    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url,
+                  "--mode", mode, "--pairs", write_pairs(image_dir, rows), "--out", out,
+                  "--batch-size", "3")
     assert res.returncode == 0, res.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["pairs"] == 5 and m["skipped_pairs"] == 2
@@ -147,29 +152,31 @@ def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, 
     assert json.loads((out / "args.json").read_text())["mode"] == mode
     # a rerun resumes: nothing is asked again, nothing duplicated
     n_requests = len(server.requests)
-    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url, "--mode", mode,
-                  "--pairs", image_dir / "pairs.jsonl", "--out", out)
+    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url,
+                  "--mode", mode, "--pairs", image_dir / "pairs.jsonl", "--out", out)
     assert res.returncode == 0, res.stderr
     assert len(server.requests) == n_requests
     ids = [json.loads(l)["id"] for l in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 5
     # issue 7.7: the same pairs file named by its absolute path resumes too
-    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url, "--mode", mode,
-                  "--pairs", (image_dir / "pairs.jsonl").resolve(), "--out", out)
+    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url,
+                  "--mode", mode, "--pairs", (image_dir / "pairs.jsonl").resolve(), "--out", out)
     assert res.returncode == 0, res.stderr
     assert len(server.requests) == n_requests
     # issue 7.8: other settings into the same --out are refused, naming the difference
     other = "pairwise" if mode == "pointwise" else "pointwise"
-    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url, "--mode", other,
-                  "--pairs", image_dir / "pairs.jsonl", "--out", out)
+    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url,
+                  "--mode", other, "--pairs", image_dir / "pairs.jsonl", "--out", out)
     assert res.returncode == 2 and "--mode" in res.stderr and "other settings" in res.stderr
     assert "Traceback" not in res.stderr and len(server.requests) == n_requests
 
 
 def test_eval_tiny_random_in_process_model(image_dir, tmp_path):
-    rows = [{"prompt": f"p{i}", "image_a": "red.png", "image_b": "blue.png", "label": "A"} for i in range(3)]
-    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", write_pairs(image_dir, rows),
-                  "--mode", "pairwise", "--max-new-tokens", "16", "--out", tmp_path / "e", "--limit", "2")
+    rows = [{"prompt": f"p{i}", "image_a": "red.png", "image_b": "blue.png", "label": "A"}
+            for i in range(3)]
+    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs",
+                  write_pairs(image_dir, rows), "--mode", "pairwise", "--max-new-tokens", "16",
+                  "--out", tmp_path / "e", "--limit", "2")
     assert res.returncode == 0, res.stderr
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["pairs"] == 2 and m["mode"] == "pairwise"
@@ -183,8 +190,8 @@ def test_eval_bad_pairs_file_is_clear(image_dir):
 
 
 def test_default_model_follows_the_task(image_dir):
-    res = run_cli("rationalrewards.py", "score", "--task", "edit", "--prompt", "x", "--image", image_dir / "red.png",
-                  "--source-image", image_dir / "blue.png")
+    res = run_cli("rationalrewards.py", "score", "--task", "edit", "--prompt", "x", "--image",
+                  image_dir / "red.png", "--source-image", image_dir / "blue.png")
     assert res.returncode == 2
     assert "Could not load model 'TIGER-Lab/RationalRewards-8B-Edit'" in res.stderr
 
@@ -207,14 +214,15 @@ def test_decompression_bomb_is_a_counted_skip_not_an_abort(image_dir, tmp_path, 
               "label": "A"},
              {"id": "ok", "prompt": "p", "image_a": str(image_dir / "red.png"), "image_b": str(image_dir / "blue.png"),
               "label": "A"}]
-    m = rr.evaluate_preferences(rr.RationalRewardsScorer(Judge(), "t2i"), pairs, "pairwise", str(tmp_path / "e"))
+    m = rr.evaluate_preferences(rr.RationalRewardsScorer(Judge(), "t2i"), pairs, "pairwise",
+                                str(tmp_path / "e"))
     assert m["pairs"] == 1 and m["skipped_unreadable_image"] == 1 and m["accuracy_with_ties"] == 1.0
 
 
 def test_stderr_holds_what_a_user_needs(image_dir):
     # issue 7.16: no bitsandbytes kernel warning, no library loading bars, no deprecation noise
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--quantization", "4bit", "--prompt", "x",
-                  "--image", image_dir / "red.png", "--max-new-tokens", "4")
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--quantization", "4bit",
+                  "--prompt", "x", "--image", image_dir / "red.png", "--max-new-tokens", "4")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     # the resolved arguments go to args.json only; at most the warning that 4 tokens cut the critique

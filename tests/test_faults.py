@@ -114,7 +114,8 @@ def test_benchmark_without_its_label_column_and_with_repeated_ids(tmp_path, caps
     assert [p["id"] for p in pairs] == ["p", "p@1"]
     assert "repeats an earlier row" in capsys.readouterr().err
     # each row is judged on its own images, not on the first row's cached ones
-    assert [rr.load_image(p["image_a"]).getpixel((0, 0)) for p in pairs] == [(255, 0, 0), (0, 0, 255)]
+    assert [rr.load_image(p["image_a"]).getpixel((0, 0)) for p in pairs] == [(255, 0, 0),
+                                                                             (0, 0, 255)]
 
 
 def test_damaged_checkpoints_and_changed_prompts_are_named_on_resume(tmp_path, scripted_server):
@@ -145,8 +146,10 @@ def test_eval_metrics_cover_exactly_the_selected_pairs(tmp_path):
     from test_newcomer import Echo
     for c in ("red", "blue"):
         solid(c).save(tmp_path / f"{c}.png")
-    pairs = [{"id": f"p{i}", "prompt": "x", "image_a": str(tmp_path / "red.png"), "image_b": str(tmp_path / "blue.png"),
-              "label": "A" if i < 2 else "B"} for i in range(4)]
+    pairs = [{
+        "id": f"p{i}", "prompt": "x", "image_a": str(tmp_path / "red.png"),
+        "image_b": str(tmp_path / "blue.png"), "label": "A" if i < 2 else "B"
+    } for i in range(4)]
     scorer = rr.RationalRewardsScorer(Echo(), "t2i")  # equal scores: every pair predicted a tie
     m = rr.evaluate_preferences(scorer, pairs, "pairwise", str(tmp_path / "e"))
     assert m["pairs"] == 4

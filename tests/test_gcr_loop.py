@@ -14,9 +14,10 @@ GATE = ("text_faithfulness", "physical_quality")
 
 
 def crit(tf, pq, refined="a better request", tr="N/A"):
-    text = (f"1. Text Faithfulness:\n## Justification: j\n## Score: {tf}\n2. Physical and Visual Quality:\n"
-            f"## Justification: j\n## Score: {pq}\n3. Text Rendering:\n## Score: {tr}\n# Summary: s\n"
-            f"# User Request Refinement:\n## Refinement Comments: c\n")
+    text = (f"1. Text Faithfulness:\n## Justification: j\n## Score: {tf}\n"
+            f"2. Physical and Visual Quality:\n## Justification: j\n## Score: {pq}\n"
+            f"3. Text Rendering:\n## Score: {tr}\n# Summary: s\n# User Request Refinement:\n"
+            "## Refinement Comments: c\n")
     return text + (f"## Refined Request: {refined}\n" if refined else "")
 
 
@@ -54,7 +55,9 @@ def test_summary_counts_refined_improved_and_worse_prompts_by_hand():
     assert s["mean_reward_first"] == pytest.approx(1.6 / 3)
     assert s["mean_reward_final"] == pytest.approx(1.8 / 3)
     assert s["share_improved"] == pytest.approx(1 / 3) and s["share_worse"] == pytest.approx(1 / 3)
-    assert s["stop_reasons"] == {"passed": 2, "max_rounds": 1, "unreadable_critique": 0, "no_refined_request": 0}
+    assert s["stop_reasons"] == {
+        "passed": 2, "max_rounds": 1, "unreadable_critique": 0, "no_refined_request": 0
+    }
     assert (s["truncated_critiques"], s["critiques"]) == (1, 5)
 
 
@@ -67,7 +70,9 @@ class RecordingPipe:
 
     def __call__(self, prompt, generator, num_inference_steps=None, guidance_scale=None, height=None, width=None,
                  image=None):
-        self.calls.append({"prompts": list(prompt), "seeds": [g.initial_seed() for g in generator], "image": image})
+        self.calls.append({
+            "prompts": list(prompt), "seeds": [g.initial_seed() for g in generator], "image": image
+        })
 
         class Out:
             images = [solid((len(p) * 7 % 256, 0, 0)) for p in prompt]
@@ -102,7 +107,8 @@ def run(tmp_path, script, prompts, **kw):
     (tmp_path / "images").mkdir(exist_ok=True)
     items = [{"id": f"id{i}", "prompt": p, "source_image": kw.get("source_image"), "seed": 100 + i}
              for i, p in enumerate(prompts)]
-    recs = gcr_loop.run_batch(pipe, scorer, items, args, GATE if args.task == "t2i" else GATE, None, tmp_path)
+    recs = gcr_loop.run_batch(pipe, scorer, items, args, GATE if args.task == "t2i" else GATE, None,
+                              tmp_path)
     return {r["prompt"]: r for r in recs}, pipe, backend
 
 
@@ -111,7 +117,9 @@ def test_low_then_high_regenerates_once_with_the_refined_request_and_the_same_se
               "sky": [crit(4, 3.5)]}
     recs, pipe, backend = run(tmp_path, script, ["three apples", "a blue sky"])
     # round 0: both prompts in one batch; round 1: only the apples, refined, with its own seed again
-    assert pipe.calls[0] == {"prompts": ["three apples", "a blue sky"], "seeds": [100, 101], "image": None}
+    assert pipe.calls[0] == {
+        "prompts": ["three apples", "a blue sky"], "seeds": [100, 101], "image": None
+    }
     assert pipe.calls[1]["prompts"] == ["exactly three red apples"]
     assert pipe.calls[1]["seeds"] == [100]
     assert len(pipe.calls) == 2
@@ -131,8 +139,8 @@ def test_three_rounds_of_low_scores_give_three_refinements(tmp_path):
     recs, pipe, _ = run(tmp_path, script, ["a hand"], rounds=3)
     r = recs["a hand"]
     assert len(pipe.calls) == 4 and r["stop_reason"] == "max_rounds" and len(r["rounds"]) == 4
-    assert [c["prompts"][0] for c in pipe.calls] == ["a hand", "a hand, attempt 1", "a hand, attempt 2",
-                                                     "a hand, attempt 3"]
+    requests = [c["prompts"][0] for c in pipe.calls]
+    assert requests == ["a hand", "a hand, attempt 1", "a hand, attempt 2", "a hand, attempt 3"]
     assert all(c["seeds"] == [100] for c in pipe.calls)
 
 
@@ -163,7 +171,8 @@ def test_edit_passes_the_source_to_generator_and_scorer_first(tmp_path):
 
     class Spy(ScriptedScorer):
         def generate(self, batch, *a, **k):
-            seen.extend([p["image"] for p in m[0]["content"] if p["type"] == "image"] for m in batch)
+            seen.extend([p["image"] for p in m[0]["content"] if p["type"] == "image"]
+                        for m in batch)
             return super().generate(batch, *a, **k)
     args = gcr_loop.Args(prompt="x", out=str(tmp_path), task="edit")
     pipe = RecordingPipe()
@@ -182,7 +191,8 @@ def test_edit_passes_the_source_to_generator_and_scorer_first(tmp_path):
 # ---- the CLI ----
 def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_server):
     def judge(payload):
-        return crit(2, 4, refined="a sharper request") if "apples" in text_in(payload) else crit(4, 4)
+        return crit(2, 4, refined="a sharper request") if "apples" in text_in(payload) else crit(
+            4, 4)
     server = scripted_server(judge)
     prompts = tmp_path / "p.txt"
     prompts.write_text("three apples\na blue sky\n")
@@ -223,9 +233,9 @@ def test_bad_arguments_are_clear(tmp_path):
 def test_edit_smoke_command_writes_records_and_sheets(tmp_path):
     """The edit smoke command (the t2i one runs in tests/test_chain.py)."""
     solid("green", (64, 64)).save(tmp_path / "in.png")
-    res = run_cli("gcr_loop.py", "--task", "edit", "--source-image", tmp_path / "in.png", "--prompt",
-                  "make the sky stormy", "--generator", "tiny-random", "--scorer", "tiny-random",
-                  "--out", tmp_path / "edit")
+    res = run_cli("gcr_loop.py", "--task", "edit", "--source-image", tmp_path / "in.png",
+                  "--prompt", "make the sky stormy", "--generator", "tiny-random", "--scorer",
+                  "tiny-random", "--out", tmp_path / "edit")
     assert res.returncode == 0, res.stderr[-3000:]
     [rec] = rr.read_jsonl(tmp_path / "edit" / "gcr.jsonl")
     assert rec["task"] == "edit" and set(rec["rounds"][0]["scores"]) == set(rr.EDIT_DIMENSIONS)
@@ -233,8 +243,10 @@ def test_edit_smoke_command_writes_records_and_sheets(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ('{"prompt": "a cat", "id": "x"}\n{"prompt": "a dog", "id": "x"}\n', r"p.jsonl:2: id 'x' is already used by .*p.jsonl:1"),
-    ('{"prompt": "a cat", "seed": 1.9}\n', r"p.jsonl:1: 'seed' must be a non-negative integer, got 1.9"),
+    ('{"prompt": "a cat", "id": "x"}\n{"prompt": "a dog", "id": "x"}\n',
+     r"p.jsonl:2: id 'x' is already used by .*p.jsonl:1"),
+    ('{"prompt": "a cat", "seed": 1.9}\n',
+     r"p.jsonl:1: 'seed' must be a non-negative integer, got 1.9"),
     ('{"prompt": "a cat", "seed": "abc"}\n', "'seed' must be a non-negative integer, got 'abc'"),
     ('{"prompt": "a cat", "seed": 1e23}\n', "'seed' must be a non-negative integer"),
     ('{"prompt": null}\n', r"p.jsonl:1: 'prompt' must be a non-empty string, got None"),
@@ -252,8 +264,9 @@ def test_prompt_file_errors_name_the_line(tmp_path, content, message):
 
 def test_repeated_prompts_run_once_and_non_utf8_files_are_named(tmp_path, capsys):
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "a cat", "seed": 1}\n{"prompt": "a cat", "seed": 1}\n{"prompt": "a dog"}\n'
-                 '{"prompt": "a cat", "seed": 2}\n')
+    f.write_text(
+        '{"prompt": "a cat", "seed": 1}\n{"prompt": "a cat", "seed": 1}\n{"prompt": "a dog"}\n'
+        '{"prompt": "a cat", "seed": 2}\n')
     items = gcr_loop.read_items(gcr_loop.Args(prompts=str(f)))
     assert [(i["prompt"], i["seed"]) for i in items][::2] == [("a cat", 1), ("a cat", 2)]
     assert len(items) == 3

@@ -15,9 +15,12 @@ def backend(server, **kw):
 
 
 def test_generate_sends_images_as_data_urls_in_order(scripted_server):
-    server = scripted_server(lambda p: "colours: " + ",".join(dominant_colour(u) for u in images_in(p)))
-    msgs = [rr.render_messages("pairwise_t2i", [solid("red"), solid("blue")], request="a red square"),
-            rr.render_messages("pairwise_t2i", [solid("green"), solid("red")], request="a green square")]
+    server = scripted_server(
+        lambda p: "colours: " + ",".join(dominant_colour(u) for u in images_in(p)))
+    msgs = [
+        rr.render_messages("pairwise_t2i", [solid("red"), solid("blue")], request="a red square"),
+        rr.render_messages("pairwise_t2i", [solid("green"), solid("red")], request="a green square")
+    ]
     out = backend(server).generate(msgs, max_new_tokens=77, temperature=0.1)
     assert out == ["colours: red,blue", "colours: green,red"]
     payload = server.requests[0]["payload"]
@@ -39,7 +42,8 @@ def test_images_are_bounded_before_sending(scripted_server):
         sizes.append(Image.open(io.BytesIO(raw)).size)
         return "ok"
     server = scripted_server(handler)
-    backend(server, max_pixels=50 * 50).generate([rr.render_messages("pointwise_t2i", [solid("red", (400, 200))], request="x")])
+    backend(server, max_pixels=50 * 50).generate(
+        [rr.render_messages("pointwise_t2i", [solid("red", (400, 200))], request="x")])
     w, h = sizes[0]
     assert w * h <= 50 * 50 and abs(w / h - 2.0) < 0.1
 
@@ -48,7 +52,8 @@ def test_logprobs_path_normalises_over_answers(scripted_server):
     body = {"choices": [{"message": {"content": "A"}, "logprobs": {"content": [{"token": "A", "logprob": -0.1, "top_logprobs": [
         {"token": "A", "logprob": math.log(0.6)}, {"token": " B", "logprob": math.log(0.2)}, {"token": "The", "logprob": -3.0}]}]}}]}
     server = scripted_server(lambda p: body)
-    [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    [lp] = backend(server).answer_logprobs(
+        [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     # 0.6 and 0.2 renormalised over {A, B}: 0.75 and 0.25
     assert math.exp(lp["A"]) == pytest.approx(0.75) and math.exp(lp["B"]) == pytest.approx(0.25)
     sent = server.requests[0]["payload"]
@@ -61,7 +66,8 @@ def test_answer_missing_from_top_logprobs_gets_the_smallest_listed_not_zero(scri
            {"token": "Image", "logprob": math.log(0.05)}]
     server = scripted_server(lambda p: {"choices": [{"message": {"content": "The"},
                                                      "logprobs": {"content": [{"token": "The", "top_logprobs": top}]}}]})
-    [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    [lp] = backend(server).answer_logprobs(
+        [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     # B gets at most 0.05: P(A) = 0.135 / (0.135 + 0.05)
     assert math.exp(lp["A"]) == pytest.approx(0.135 / 0.185)
     assert math.exp(lp["B"]) == pytest.approx(0.05 / 0.185)
@@ -80,7 +86,8 @@ def test_unreadable_answer_is_none_not_a_coin_flip(scripted_server):
 
 def test_logprobs_fall_back_to_answer_text(scripted_server):
     server = scripted_server(lambda p: "B")  # a server that ignores logprobs
-    [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    [lp] = backend(server).answer_logprobs(
+        [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     assert lp == {"A": -math.inf, "B": 0.0}
 
 
@@ -103,7 +110,8 @@ def test_client_error_is_not_retried_and_is_clear(scripted_server):
 def test_server_that_never_answers_times_out_clearly(scripted_server):
     server = scripted_server(lambda p: ("hang", 3.0))
     with pytest.raises(rr.BackendError, match=r"failed after 2 attempt\(s\): no answer within 0.3 s"):
-        backend(server, timeout=0.3, max_retries=1).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+        backend(server, timeout=0.3, max_retries=1).generate(
+            [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     assert len(server.requests) == 2  # the first try and one retry, then a clear error
 
 
@@ -133,7 +141,8 @@ def test_requests_in_flight_are_bounded(scripted_server):
 
 def test_answer_text_fallback_reads_image_b_and_reply_without_choices_is_clear(scripted_server):
     server = scripted_server(lambda p: "Image B is better.")
-    [lp] = backend(server).answer_logprobs([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
+    [lp] = backend(server).answer_logprobs(
+        [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     assert lp == {"A": -math.inf, "B": 0.0}
     server = scripted_server(lambda p: {"error": {"message": "model not found"}})
     with pytest.raises(rr.BackendError, match="not a chat completion \\(no choices\\).*model not found"):
@@ -165,7 +174,8 @@ def test_json_that_is_not_a_chat_completion_is_a_clear_error(scripted_server, re
 
 
 def test_null_content_is_counted_unreadable_with_a_warning(scripted_server, capsys):
-    server = scripted_server(lambda p: {"choices": [{"message": {"role": "assistant", "content": None}}]})
+    server = scripted_server(
+        lambda p: {"choices": [{"message": {"role": "assistant", "content": None}}]})
     scorer = rr.RationalRewardsScorer(backend(server), "t2i")
     [c] = scorer.critique([solid("red")], ["x"])
     assert not c.readable and rr.reward_from_scores(c.scores) == 0.0

@@ -42,7 +42,8 @@ def test_tiny_saves_and_reloads_through_from_pretrained(tmp_path):
     b = greedy(rr.TransformersBackend(reloaded, rproc), msgs)
     assert a == b
     # and the reloaded model scores through the scorer
-    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(reloaded, rproc), max_new_tokens=16, temperature=0.0)
+    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(reloaded, rproc), max_new_tokens=16,
+                                      temperature=0.0)
     [c] = scorer.critique([solid("red")], ["a red cat"])
     assert scorer.rewards([solid("red")], ["a red cat"]) == [rr.reward_from_scores(c.scores)]
 
@@ -50,7 +51,8 @@ def test_tiny_saves_and_reloads_through_from_pretrained(tmp_path):
 def test_chat_template_expands_image_tokens(tiny):
     model, processor = tiny
     msgs = [rr.render_messages("pairwise_t2i", [solid("red"), solid("blue")], request="x")]
-    inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(model.config.vision_start_token_id) == 2
     assert ids.count(model.config.image_token_id) == int(inputs["image_grid_thw"].prod(-1).sum()) // 4
@@ -60,7 +62,9 @@ def test_chat_template_expands_image_tokens(tiny):
 def test_batched_generation_matches_one_by_one(tiny):
     """Left padding is right: greedy outputs do not depend on the batch."""
     model, processor = tiny
-    reqs = ["a cat", "a very long request about a red bicycle leaning on a brick wall at sunset", "dog"]
+    reqs = [
+        "a cat", "a very long request about a red bicycle leaning on a brick wall at sunset", "dog"
+    ]
     msgs = [rr.render_messages("pointwise_t2i", [solid(c, s)], request=r)
             for c, s, r in zip(("red", "blue", "green"), ((64, 64), (96, 48), (40, 80)), reqs)]
     batched = greedy(rr.TransformersBackend(model, processor, batch_size=3), msgs)
@@ -84,7 +88,9 @@ def test_right_padded_processor_still_gives_batch_invariant_logprobs():
     model, processor = rr.load_vlm("tiny-random")
     msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r, rationale="A is better.")
             for r in ("x", "a much longer request with many more words in it")]
-    single = [rr.TransformersBackend(model, processor, batch_size=1).answer_logprobs([m])[0] for m in msgs]
+    single = [
+        rr.TransformersBackend(model, processor, batch_size=1).answer_logprobs([m])[0] for m in msgs
+    ]
     processor.tokenizer.padding_side = "right"
     batched = rr.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
     for lb, ls in zip(batched, single):
@@ -99,7 +105,8 @@ def test_4bit_loads_and_generates_on_cpu():
     assert isinstance(model.model.language_model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     assert type(model.model.visual.blocks[0].attn.qkv) is torch.nn.Linear  # vision tower left alone
     assert type(model.lm_head) is torch.nn.Linear
-    out = greedy(rr.TransformersBackend(model, processor), [rr.render_messages("pointwise_t2i", [solid("red")], request="x")] * 2, n=8)
+    out = greedy(rr.TransformersBackend(model, processor),
+                 [rr.render_messages("pointwise_t2i", [solid("red")], request="x")] * 2, n=8)
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
@@ -108,7 +115,8 @@ def test_8bit_loads_and_generates_on_cpu():
     model, processor = rr.load_vlm("tiny-random", quantization="8bit", device="cpu")
     assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
     assert type(model.model.visual.blocks[0].attn.qkv) is torch.nn.Linear
-    out = greedy(rr.TransformersBackend(model, processor), [rr.render_messages("pointwise_t2i", [solid("red")], request="x")], n=4)
+    out = greedy(rr.TransformersBackend(model, processor),
+                 [rr.render_messages("pointwise_t2i", [solid("red")], request="x")], n=4)
     assert len(out) == 1
 
 

@@ -18,22 +18,27 @@ class Echo:
     batch_size = 8
 
     def generate(self, batch, *a, **k):
-        return ["1. Text Faithfulness:\n## Score: 3\n2. Physical and Visual Quality:\n## Score: 4\n"] * len(batch)
+        return [
+            "1. Text Faithfulness:\n## Score: 3\n2. Physical and Visual Quality:\n## Score: 4\n"
+        ] * len(batch)
 
 
 def test_repeated_image_flags_accumulate(image_dir):
     args = rr.parse_args(rr.Args, ["score", "--image", "a.png", "--image", "b.png", "c.png"])
     assert args.image == ["a.png", "b.png", "c.png"]
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x", "--image",
-                  image_dir / "red.png", "--image", image_dir / "blue.png", "--max-new-tokens", "4", "--json")
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x",
+                  "--image", image_dir / "red.png", "--image", image_dir / "blue.png",
+                  "--max-new-tokens", "4", "--json")
     assert res.returncode == 0, res.stderr[-1500:]
-    assert [r["image"] for r in json.loads(res.stdout)] == [str(image_dir / "red.png"), str(image_dir / "blue.png")]
+    images = [r["image"] for r in json.loads(res.stdout)]
+    assert images == [str(image_dir / "red.png"), str(image_dir / "blue.png")]
 
 
 def test_python_api_takes_paths_or_pil_images(image_dir):
     scorer = rr.RationalRewardsScorer(Echo(), "t2i")
     from_path = scorer.rewards([image_dir / "red.png", str(image_dir / "blue.png")], ["a", "b"])
-    assert from_path == scorer.rewards([solid("red"), solid("blue")], ["a", "b"]) == pytest.approx([5 / 6, 5 / 6])
+    assert from_path == scorer.rewards([solid("red"), solid("blue")], ["a", "b"]) == pytest.approx(
+        [5 / 6, 5 / 6])
     with pytest.raises(TypeError, match="PIL.Image.Image objects or paths"):
         scorer.critique([b"bytes"], ["a"])
     with pytest.raises(FileNotFoundError, match="missing"):
@@ -56,18 +61,21 @@ def test_help_shows_each_default_once_and_no_double_negatives():
 def test_a_run_that_failed_before_its_first_result_does_not_lock_the_folder(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     solid("red").save(tmp_path / "a.png"), solid("blue").save(tmp_path / "b.png")
-    pairs.write_text(json.dumps({"prompt": "red", "image_a": "a.png", "image_b": "b.png", "label": "A"}) + "\n")
+    pairs.write_text(
+        json.dumps({"prompt": "red", "image_a": "a.png", "image_b": "b.png", "label": "A"}) + "\n")
     out = tmp_path / "eval"
-    res = run_cli("rationalrewards.py", "eval", "--model", "someone/not-downloaded", "--pairs", pairs, "--out", out)
+    res = run_cli("rationalrewards.py", "eval", "--model", "someone/not-downloaded", "--pairs",
+                  pairs, "--out", out)
     assert res.returncode == 2 and "hf download" in res.stderr
-    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", pairs, "--out", out,
-                  "--max-new-tokens", "4")
+    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", pairs, "--out",
+                  out, "--max-new-tokens", "4")
     assert res.returncode == 0, res.stderr[-1500:]
     out = tmp_path / "gcr"
-    res = run_cli("gcr_loop.py", "--generator", "someone/not-downloaded", "--scorer", "tiny-random", "--prompt", "x",
-                  "--out", out)
+    res = run_cli("gcr_loop.py", "--generator", "someone/not-downloaded", "--scorer", "tiny-random",
+                  "--prompt", "x", "--out", out)
     assert res.returncode == 2 and "hf download" in res.stderr
-    res = run_cli("gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt", "x", "--out", out)
+    res = run_cli("gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random",
+                  "--prompt", "x", "--out", out)
     assert res.returncode == 0, res.stderr[-1500:]
 
 
@@ -83,7 +91,9 @@ def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
     checkout)."""
     target, src = tmp_path / "site", tmp_path / "src"
     # built from a copy: setuptools writes build/ and *.egg-info next to the sources it builds
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info",
+                                                 "__pycache__"))
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                           "--target", str(target), str(src)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -91,22 +101,26 @@ def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
     code = ("import rationalrewards as rr, rl_nft, gcr_loop, parrot; "
             "print(rr.PROMPTS_DIR.is_dir(), (rr.PROMPTS_DIR / 'pointwise_t2i.txt').is_file(), "
             "(rr.PROMPTS_DIR / 'rl_edit_images' / 'house.png').is_file())")
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env=env)
     assert res.stdout.split() == ["True", "True", "True"], res.stderr[-2000:]
     scripts = {p.name for p in (target / "bin").iterdir()}
     assert {"rationalrewards", "parrot", "rl-nft", "gcr-loop"} <= scripts
     # the command runs from another folder and finds its templates
-    res = subprocess.run([str(target / "bin" / "rationalrewards"), "eval", "--model", "tiny-random"], cwd=tmp_path,
-                         capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"})
-    assert res.returncode == 2 and res.stderr.startswith("error: eval needs --pairs"), res.stderr[-1000:]
+    res = subprocess.run(
+        [str(target / "bin" / "rationalrewards"), "eval", "--model", "tiny-random"], cwd=tmp_path,
+        capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 2 and res.stderr.startswith(
+        "error: eval needs --pairs"), res.stderr[-1000:]
 
 
 def test_parrot_lists_every_missing_input_at_once(tmp_path):
     """Offline: the headline command's student, dataset and teacher are all named in one message,
     each with its download command (and size for the default models), before any work."""
-    res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "hpdv3", "--limit", "10",
-                  "--out", tmp_path / "run", "--teacher", "Qwen/Qwen3-VL-8B-Instruct",
-                  "--student", "Qwen/Qwen3-VL-2B-Instruct", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "hpdv3", "--limit",
+                  "10", "--out", tmp_path / "run", "--teacher", "Qwen/Qwen3-VL-8B-Instruct",
+                  "--student", "Qwen/Qwen3-VL-2B-Instruct",
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert res.returncode == 2 and "Traceback" not in res.stderr
     err = res.stderr
     assert "3 inputs of this run are missing" in err
@@ -116,17 +130,20 @@ def test_parrot_lists_every_missing_input_at_once(tmp_path):
 
 
 def test_parrot_says_how_to_start_a_teacher_server(tmp_path):
-    res = run_cli("parrot.py", "--dataset", "demo", "--limit", "2", "--teacher-api-base", "http://127.0.0.1:9/v1",
-                  "--student", "tiny-random", "--max-retries", "0", "--timeout", "2", "--out", tmp_path / "run")
+    res = run_cli("parrot.py", "--dataset", "demo", "--limit", "2", "--teacher-api-base",
+                  "http://127.0.0.1:9/v1", "--student", "tiny-random", "--max-retries", "0",
+                  "--timeout", "2", "--out", tmp_path / "run")
     assert res.returncode == 2 and "vllm serve Qwen/Qwen3-VL-8B-Instruct --port 8000" in res.stderr
 
 
 def test_each_subcommand_shows_and_takes_only_its_own_flags():
-    score, eval_ = run_cli("rationalrewards.py", "score", "--help").stdout, run_cli("rationalrewards.py", "eval", "--help").stdout
+    score, eval_ = run_cli("rationalrewards.py", "score",
+                           "--help").stdout, run_cli("rationalrewards.py", "eval", "--help").stdout
     # the usage lines
     assert "[--image" in score and "[--pairs" not in score and "[--benchmark" not in score
     assert "[--pairs" in eval_ and "[--benchmark" in eval_ and "[--image" not in eval_
-    res = run_cli("rationalrewards.py", "score", "--prompt", "x", "--image", "a.png", "--pairs", "p.jsonl")
+    res = run_cli("rationalrewards.py", "score", "--prompt", "x", "--image", "a.png", "--pairs",
+                  "p.jsonl")
     assert res.returncode == 2 and "unrecognized arguments: --pairs" in res.stderr
 
 
@@ -141,7 +158,8 @@ def test_device_flag_is_checked_before_any_model_loads(argv, tmp_path):
     have, is one clear error before anything is loaded or written."""
     argv = argv + ([] if "score" in argv else ["--out", tmp_path / "o"])
     res = run_cli(*argv, "--device", "gpu0")
-    assert res.returncode == 2 and "--device 'gpu0' is not a device" in res.stderr, res.stderr[-1000:]
+    assert res.returncode == 2 and "--device 'gpu0' is not a device" in res.stderr, res.stderr[
+        -1000:]
     res = run_cli(*argv, "--device", "cuda:1", env={"CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 2 and "no CUDA GPU is visible" in res.stderr, res.stderr[-1000:]
     assert not (tmp_path / "o").exists()
@@ -191,8 +209,8 @@ def test_edit_sheets_and_eval_grids_show_the_source_beside_the_result(tmp_path):
     assert (t2i.width, edit.width) == (2 * 266, 3 * 266)
     assert edit.getpixel((100, 100)) == (0, 0, 255)
     assert edit.getpixel((266 + 100, 100)) == (255, 0, 0)
-    rl_nft.eval_grid([solid("green")], ["make it red"], [0.5], [{"text_faithfulness": None}], tmp_path / "g.png",
-                     sources=[solid("blue")], title="run: epoch 3")
+    rl_nft.eval_grid([solid("green")], ["make it red"], [0.5], [{"text_faithfulness": None}],
+                     tmp_path / "g.png", sources=[solid("blue")], title="run: epoch 3")
     grid = Image.open(tmp_path / "g.png").convert("RGB")
     assert grid.width == 2 * 256
     assert grid.getpixel((100, 100)) == (0, 0, 255)

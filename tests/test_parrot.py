@@ -12,10 +12,12 @@ from conftest import solid
 
 
 def rationale(sa_tf, sb_tf, sa_pq=3, sb_pq=3, extra=""):
-    return (f"# User Request Analysis\nThe request.\n# Detailed Judgement\n1. Text Faithfulness:\n## Justification: {extra}\n"
-            f"## Score A: {sa_tf}\n## Score B: {sb_tf}\n## Winner: Image A\n2. Physical and Visual Quality:\n"
-            f"## Justification: fine\n## Score A: {sa_pq}\n## Score B: {sb_pq}\n## Winner: It's a tie\n3. Text Rendering:\n"
-            f"## Justification: no text\n## Score A: N/A\n## Score B: N/A\n## Winner: N/A\n# Summary: done")
+    return ("# User Request Analysis\nThe request.\n# Detailed Judgement\n1. Text Faithfulness:\n"
+            f"## Justification: {extra}\n## Score A: {sa_tf}\n## Score B: {sb_tf}\n"
+            "## Winner: Image A\n2. Physical and Visual Quality:\n## Justification: fine\n"
+            f"## Score A: {sa_pq}\n## Score B: {sb_pq}\n## Winner: It's a tie\n3. Text Rendering:\n"
+            "## Justification: no text\n## Score A: N/A\n## Score B: N/A\n## Winner: N/A\n"
+            "# Summary: done")
 
 
 class ScriptedTeacher:
@@ -69,8 +71,9 @@ def make_jsonl(tmp_path, prompts):
     for c in ("red", "blue"):
         solid(c).save(tmp_path / f"{c}.png")
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "image_a": "red.png", "image_b": "blue.png", "label": "A"}) + "\n"
-                            for p in prompts))
+    path.write_text("".join(
+        json.dumps({"prompt": p, "image_a": "red.png", "image_b": "blue.png", "label": "A"}) + "\n"
+        for p in prompts))
     return path
 
 
@@ -93,16 +96,18 @@ def test_consistency_verdict_buckets():
 
 
 def test_projection_matches_and_largest_gap():
-    crit = rr.parse_pointwise("1. Text Faithfulness:\n## Score: 3.5\n2. Physical and Visual Quality:\n## Score: 2\n"
-                              "3. Text Rendering:\n## Score: N/A", "t2i")
+    crit = rr.parse_pointwise(
+        "1. Text Faithfulness:\n## Score: 3.5\n2. Physical and Visual Quality:\n## Score: 2\n"
+        "3. Text Rendering:\n## Score: N/A", "t2i")
     anchors = {"text_faithfulness": 4.0, "physical_quality": 2.0, "text_rendering": None}
     assert parrot.projection_matches(crit, anchors)
     # strays by 1.0
     assert not parrot.projection_matches(crit, {**anchors, "text_faithfulness": 2.5})
     # anchored but missing
     assert not parrot.projection_matches(crit, {**anchors, "text_rendering": 3.0})
-    gap = parrot.largest_gap_dimension({"text_faithfulness": 4, "physical_quality": 3, "text_rendering": None},
-                                       {"text_faithfulness": 3.5, "physical_quality": 1, "text_rendering": 2})
+    gap = parrot.largest_gap_dimension(
+        {"text_faithfulness": 4, "physical_quality": 3, "text_rendering": None},
+        {"text_faithfulness": 3.5, "physical_quality": 1, "text_rendering": 2})
     assert gap == "physical_quality"
     assert parrot.largest_gap_dimension({"text_faithfulness": 3}, {"text_faithfulness": 3}) is None
 
@@ -150,8 +155,10 @@ def test_hpdv3_loader_counts_missing_and_corrupt(tmp_path):
         solid("red").save(root / "images" / f"{n}.jpg")
     (root / "images" / "b3.jpg").write_bytes(b"\xff\xd8 truncated")
     solid("red").save(root / "images" / "g3.jpg")
-    recs = [{"prompt": "one", "path1": "images/g1.jpg", "path2": "images/b1.jpg", "model1": "m", "confidence": 0.9},
-            {"prompt": "two", "path1": "images/g2.jpg", "path2": "images/b2.jpg"},
+    recs = [{
+        "prompt": "one", "path1": "images/g1.jpg", "path2": "images/b1.jpg", "model1": "m",
+        "confidence": 0.9
+    }, {"prompt": "two", "path1": "images/g2.jpg", "path2": "images/b2.jpg"},
             {"prompt": "three", "path1": "images/g3.jpg", "path2": "images/b3.jpg"},
             {"prompt": "four", "path1": "images/g4.jpg", "path2": "images/nope.jpg"}]
     (root / "train.json").write_text(json.dumps(recs))
@@ -169,7 +176,8 @@ def test_hpdv3_loader_counts_missing_and_corrupt(tmp_path):
     import os
     rel = os.path.relpath(root)
     assert rel != str(root)
-    again = parrot.load_dataset_pairs(parrot.Args(dataset="hpdv3", data_dir=rel + "/", out=str(tmp_path / "run")))[0]
+    again = parrot.load_dataset_pairs(
+        parrot.Args(dataset="hpdv3", data_dir=rel + "/", out=str(tmp_path / "run")))[0]
     assert [p["id"] for p in again[:2]] == [p["id"] for p in pairs]
     # issue 7.14: a broken index names the file and the row
     (root / "train.json").write_text("{not json")
@@ -177,12 +185,14 @@ def test_hpdv3_loader_counts_missing_and_corrupt(tmp_path):
         parrot.load_dataset_pairs(args)
     (root / "train.json").write_text(json.dumps([recs[0], {"prompt": "no paths"}]))
     with pytest.raises(parrot.DataError, match=r"train.json, row 1: expected string fields"):
-        parrot.load_dataset_pairs(parrot.Args(dataset="hpdv3", data_dir=str(root), out=str(tmp_path / "run")))
+        parrot.load_dataset_pairs(
+            parrot.Args(dataset="hpdv3", data_dir=str(root), out=str(tmp_path / "run")))
 
 
 def test_hpdv3_missing_gives_download_commands(tmp_path):
     with pytest.raises(parrot.DataError, match=r"hf download MizzenAI/HPDv3 --repo-type dataset(.|\n)*tar -xzf"):
-        parrot.load_dataset_pairs(parrot.Args(dataset="hpdv3", data_dir=str(tmp_path / "none"), out=str(tmp_path)))
+        parrot.load_dataset_pairs(
+            parrot.Args(dataset="hpdv3", data_dir=str(tmp_path / "none"), out=str(tmp_path)))
 
 
 def _png_bytes(color):
@@ -208,7 +218,8 @@ def test_rapidata_parquet_through_datasets(tmp_path):
                       "image2": pa.array([r[2] for r in rows], image_type),
                       "votes_image1": [r[3] for r in rows], "votes_image2": [r[4] for r in rows]})
     pq.write_table(table, tmp_path / "train.parquet")
-    args = parrot.Args(dataset="rapidata", hf_dataset=str(tmp_path / "train.parquet"), out=str(tmp_path / "run"))
+    args = parrot.Args(dataset="rapidata", hf_dataset=str(tmp_path / "train.parquet"),
+                       out=str(tmp_path / "run"))
     pairs, stats = parrot.load_dataset_pairs(args)
     assert [p["prompt"] for p in pairs] == ["a red cat", "a blue dog", "after"]
     assert (stats["dropped_ties"], stats["dropped_near_ties"], stats["skipped_corrupt_image"]) == (1, 1, 1)
@@ -235,7 +246,8 @@ def test_editreward_parquet_is_an_edit_dataset(tmp_path):
         "left_overall_score": [7.0, 3.0, 5.0], "right_overall_score": [3.0, 7.5, 5.0],
         "vote_type": ["leftvote", "rightvote", "tie"]})
     pq.write_table(table, tmp_path / "edit.parquet")
-    args = parrot.Args(dataset="editreward", hf_dataset=str(tmp_path / "edit.parquet"), out=str(tmp_path / "run"))
+    args = parrot.Args(dataset="editreward", hf_dataset=str(tmp_path / "edit.parquet"),
+                       out=str(tmp_path / "run"))
     pairs, stats = parrot.load_dataset_pairs(args)
     assert [p["id"] for p in pairs] == ["k1", "k2"] and stats["dropped_ties"] == 1
     assert all(p["task"] == "edit" and p["source_image"].endswith("-src.png") for p in pairs)
@@ -250,7 +262,8 @@ def test_demo_pairs_have_one_known_defect(tmp_path):
             assert '"' in p["prompt"]  # only word prompts get spelling defects
         a, b = rr.load_image(p["image_a"]), rr.load_image(p["image_b"])
         assert a.tobytes() != b.tobytes()
-    again, _ = parrot.load_dataset_pairs(parrot.Args(dataset="demo", limit=30, out=str(tmp_path / "2")))
+    again, _ = parrot.load_dataset_pairs(
+        parrot.Args(dataset="demo", limit=30, out=str(tmp_path / "2")))
     assert [p["prompt"] for p in again] == [p["prompt"] for p in pairs]
 
 
@@ -402,7 +415,8 @@ def test_foresight_distillation_lowers_loss_and_adapter_loads(tmp_path):
            "image_b": str(tmp_path / "b.png"), "source_image": None}
     train = [parrot.sft_sample("pairwise", rec, "## Score A: 4\n## Score B: 2"),
              parrot.sft_sample("pointwise", rec, "## Score: 4", "A")]
-    args = parrot.Args(out=str(tmp_path), epochs=6, lr=3e-3, grad_accum=1, lora_r=8, warmup_ratio=0.0)
+    args = parrot.Args(out=str(tmp_path), epochs=6, lr=3e-3, grad_accum=1, lora_r=8,
+                       warmup_ratio=0.0)
     torch.manual_seed(0)
     model, processor = rr.load_vlm("tiny-random", trainable=True)
     model = parrot.add_lora(model, args, quantized=False)
@@ -423,7 +437,8 @@ def test_qlora_student_trains_on_cpu(tmp_path):
     rec = {"id": "x", "task": "t2i", "prompt": "a red cat", "image_a": str(tmp_path / "a.png"),
            "image_b": str(tmp_path / "a.png"), "source_image": None}
     train = [parrot.sft_sample("pointwise", rec, "## Score: 4", "A")]
-    args = parrot.Args(out=str(tmp_path), epochs=3, lr=3e-3, grad_accum=1, lora_r=8, warmup_ratio=0.0)
+    args = parrot.Args(out=str(tmp_path), epochs=3, lr=3e-3, grad_accum=1, lora_r=8,
+                       warmup_ratio=0.0)
     model, processor = rr.load_vlm("tiny-random", quantization="4bit", device="cpu", trainable=True)
     model = parrot.add_lora(model, args, quantized=True)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
@@ -441,9 +456,11 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
     solid("blue").save(tmp_path / "b.png")
     scores_a = {"text_faithfulness": 4.0, "physical_quality": 3.0, "text_rendering": None}
     scores_b = {"text_faithfulness": 2.0, "physical_quality": 3.0, "text_rendering": None}
-    kept = [{"id": f"p{i}", "task": "t2i", "prompt": f"prompt {i}", "image_a": str(tmp_path / "a.png"),
-             "image_b": str(tmp_path / "b.png"), "source_image": None, "label": "A", "kept": True,
-             "rationale": rationale(4, 2), "scores_a": scores_a, "scores_b": scores_b} for i in range(2)]
+    kept = [{
+        "id": f"p{i}", "task": "t2i", "prompt": f"prompt {i}", "image_a": str(tmp_path / "a.png"),
+        "image_b": str(tmp_path / "b.png"), "source_image": None, "label": "A", "kept": True,
+        "rationale": rationale(4, 2), "scores_a": scores_a, "scores_b": scores_b
+    } for i in range(2)]
 
     class Projector:
         # copies the anchors for image A, strays by 1.5 for image B
@@ -453,8 +470,9 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
                 text = ScriptedTeacher._text(m)
                 tf = float(re.search(r"- Text Faithfulness: (\S+)", text).group(1))
                 tf = tf if "this image was Image A" in text else tf + 1.5
-                out.append(f"1. Text Faithfulness:\n## Score: {tf}\n2. Physical and Visual Quality:\n## Score: 3\n"
-                           f"3. Text Rendering:\n## Score: N/A\n# User Request Refinement:\n## Refined Request: r")
+                out.append(f"1. Text Faithfulness:\n## Score: {tf}\n2. Physical and Visual "
+                           "Quality:\n## Score: 3\n3. Text Rendering:\n## Score: N/A\n"
+                           "# User Request Refinement:\n## Refined Request: r")
             return out
     out = tmp_path / "run"
     out.mkdir()
@@ -467,8 +485,10 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
                                                                      ("p1", "A", True), ("p1", "B", False)]
     train, held = parrot.build_sft(out, args)
     assert held == []
-    assert sorted((s["id"], s["kind"], s["side"]) for s in train) == [
-        ("p0", "pairwise", None), ("p0", "pointwise", "A"), ("p1", "pairwise", None), ("p1", "pointwise", "A")]
+    assert sorted((s["id"], s["kind"], s["side"]) for s in train) == [("p0", "pairwise", None),
+                                                                      ("p0", "pointwise", "A"),
+                                                                      ("p1", "pairwise", None),
+                                                                      ("p1", "pointwise", "A")]
     pointwise = next(s for s in train if s["kind"] == "pointwise")
     assert pointwise["images"] == [str(tmp_path / "a.png")]
     assert pointwise["messages"][0]["content"].count("<image>") == 1
@@ -479,7 +499,8 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(parrot, "foresight_distillation",
                         lambda model, proc, train, out, args: trained.append(len(train)) or [0.0])
-    monkeypatch.setattr(parrot, "student_report", lambda *a, **k: {"heldout_nll": None, "accuracy": {}})
+    monkeypatch.setattr(parrot, "student_report",
+                        lambda *a, **k: {"heldout_nll": None, "accuracy": {}})
 
     def finish(out):  # what a finished training leaves behind
         (out / "student").mkdir(exist_ok=True)
@@ -493,7 +514,9 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
             pass
 
         def generate(self, mb, *a, **k):
-            return ["1. Text Faithfulness:\n## Score: 4\n2. Physical and Visual Quality:\n## Score: 3"] * len(mb)
+            return [
+                "1. Text Faithfulness:\n## Score: 4\n2. Physical and Visual Quality:\n## Score: 3"
+            ] * len(mb)
     parrot.phase3(Copier(), out, args)
     finish(out)
     first = len(rr.read_jsonl(out / "sft.jsonl"))

@@ -26,24 +26,30 @@ def teacher_reply(payload):
         return {"choices": [{"message": {"content": j.preferred}, "logprobs": {"content": [{"token": j.preferred, "logprob": 0.0,
                 "top_logprobs": [{"token": "A", "logprob": math.log(pa)}, {"token": "B", "logprob": math.log(1 - pa)}]}]}}]}
     if "gave it these scores" in text:
-        anchors = dict(re.findall(r"- (Text Faithfulness|Physical and Visual Quality|Text Rendering): (\S+)", text))
+        anchors = dict(
+            re.findall(r"- (Text Faithfulness|Physical and Visual Quality|Text Rendering): (\S+)",
+                       text))
         return "".join(f"{i}. {name}:\n## Justification: seen.\n## Score: {anchors[name]}\n" for i, name in
                        enumerate(("Text Faithfulness", "Physical and Visual Quality", "Text Rendering"), 1)) + \
             "# Summary: ok\n# User Request Refinement:\n## Refinement Comments: none\n## Refined Request: same"
     label = re.search(r"preferred Image ([AB])", text).group(1)
     hi, lo = ("4", "2") if label == "A" else ("2", "4")
-    return (f"# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n## Justification: one is off.\n"
-            f"## Score A: {hi}\n## Score B: {lo}\n## Winner: Image {label}\n2. Physical and Visual Quality:\n"
-            f"## Justification: both clean.\n## Score A: 3\n## Score B: 3\n## Winner: It's a tie\n3. Text Rendering:\n"
-            f"## Justification: n/a\n## Score A: N/A\n## Score B: N/A\n## Winner: N/A\n# Summary: {label} wins.")
+    return ("# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n"
+            f"## Justification: one is off.\n## Score A: {hi}\n## Score B: {lo}\n"
+            f"## Winner: Image {label}\n2. Physical and Visual Quality:\n"
+            "## Justification: both clean.\n## Score A: 3\n## Score B: 3\n## Winner: It's a tie\n"
+            "3. Text Rendering:\n## Justification: n/a\n## Score A: N/A\n## Score B: N/A\n"
+            f"## Winner: N/A\n# Summary: {label} wins.")
 
 
 def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, scripted_server):
     server = scripted_server(teacher_reply)
     out = tmp_path / "run"
     http_teacher = ["--teacher", "served", "--teacher-api-base", server.url]
-    common = http_teacher + ["--dataset", "demo", "--limit", "12", "--student", "tiny-random", "--out", out, "--max-new-tokens", "16", "--epochs", "2",
-              "--grad-accum", "2", "--eval-fraction", "0.25"]
+    common = http_teacher + [
+        "--dataset", "demo", "--limit", "12", "--student", "tiny-random", "--out", out,
+        "--max-new-tokens", "16", "--epochs", "2", "--grad-accum", "2", "--eval-fraction", "0.25"
+    ]
     res = run_cli("parrot.py", *common, "--phases", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (out / "phase2.jsonl").exists()
@@ -76,8 +82,9 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
     assert (out / "student" / "adapter_config.json").is_file()
     # the student loads in rationalrewards.py as an adapter
     img = phase2[0]["image_a"]
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--adapter", out / "student",
-                  "--prompt", "a red circle", "--image", img, "--max-new-tokens", "8", "--json")
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--adapter",
+                  out / "student", "--prompt", "a red circle", "--image", img, "--max-new-tokens",
+                  "8", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert set(json.loads(res.stdout)["scores"]) == {"text_faithfulness", "physical_quality", "text_rendering"}
     # the same command again redoes nothing: no teacher request, same report
@@ -99,9 +106,11 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
     args = lambda out: [sys.executable, "parrot.py", "--dataset", "demo", "--limit", "10", "--teacher", "served",
                         "--teacher-api-base", server.url, "--out", str(out), "--phases", "12", "--batch-size", "1"]
     env = {**os.environ}
-    ref = subprocess.run(args(tmp_path / "ref"), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    ref = subprocess.run(args(tmp_path / "ref"), cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = subprocess.Popen(args(tmp_path / "cut"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(args(tmp_path / "cut"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
     phase1 = tmp_path / "cut" / "phase1.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not phase1.is_file() or len(phase1.read_text().splitlines()) < 4):
@@ -110,11 +119,13 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
     proc.wait()
     written = len(phase1.read_text().splitlines())
     assert 4 <= written < 10
-    res = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"phase 1: anchored generation: resumed, {written} of 10 already done" in res.stderr
     # a rerun with nothing left says so and shows no empty progress bar (issue 17.7)
-    again = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "phase 1: anchored generation: resumed, 10 of 10 already done" in again.stderr
     assert "phase 2: consistency: resumed, 10 of 10 already done" in again.stderr
@@ -122,22 +133,25 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
     for name in ("phase1.jsonl", "phase2.jsonl"):
         got, want = rr.read_jsonl(tmp_path / "cut" / name), rr.read_jsonl(tmp_path / "ref" / name)
         assert len(got) == len({r["id"] for r in got}) == 10
-        key = lambda r: json.dumps({k: v for k, v in r.items() if not k.startswith(("image", "source"))}, sort_keys=True)
+        key = lambda r: json.dumps(
+            {k: v
+             for k, v in r.items() if not k.startswith(("image", "source"))}, sort_keys=True)
         assert sorted(map(key, got)) == sorted(map(key, want))
 
 
 def test_missing_data_or_earlier_phase_is_one_clear_error(tmp_path):
-    res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "o",
-                  "--teacher", "tiny-random", "--student", "tiny-random")
+    res = run_cli("parrot.py", "--dataset", "hpdv3", "--data-dir", tmp_path / "nowhere", "--out",
+                  tmp_path / "o", "--teacher", "tiny-random", "--student", "tiny-random")
     assert res.returncode == 2
     assert "hf download MizzenAI/HPDv3" in res.stderr
     assert "Traceback" not in res.stderr
-    res = run_cli("parrot.py", "--phases", "2", "--out", tmp_path / "empty", "--teacher", "tiny-random")
+    res = run_cli("parrot.py", "--phases", "2", "--out", tmp_path / "empty", "--teacher",
+                  "tiny-random")
     assert res.returncode == 2 and "run --phases 1 first" in res.stderr
     res = run_cli("parrot.py", "--phases", "4", "--out", tmp_path / "o")
     assert res.returncode != 0 and "--phases" in res.stderr
-    res = run_cli("parrot.py", "--dataset", "rapidata", "--out", tmp_path / "o", "--teacher", "tiny-random",
-                  "--student", "tiny-random")
+    res = run_cli("parrot.py", "--dataset", "rapidata", "--out", tmp_path / "o", "--teacher",
+                  "tiny-random", "--student", "tiny-random")
     assert res.returncode == 2 and "hf download" in res.stderr and "--hf-dataset" in res.stderr
 
 
@@ -151,8 +165,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     assert "hf download" in res.stderr
     assert not (tmp_path / "o" / "phase1.jsonl").exists()
     # issue 7.14: a path that does not exist says so, without hub advice
-    res = run_cli("parrot.py", "--dataset", "demo", "--teacher", "tiny-random", "--student", "./models/nope",
-                  "--out", tmp_path / "o")
+    res = run_cli("parrot.py", "--dataset", "demo", "--teacher", "tiny-random", "--student",
+                  "./models/nope", "--out", tmp_path / "o")
     assert res.returncode == 2
     assert "does not exist" in res.stderr
     assert "hf download" not in res.stderr
@@ -160,5 +174,6 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     for flag, value in (("--limit", "0"), ("--limit", "-1"), ("--num-candidates", "0")):
         res = run_cli("parrot.py", "--dataset", "demo", flag, value, "--teacher", "tiny-random",
                       "--student", "tiny-random", "--out", tmp_path / "o")
-        assert res.returncode != 0 and f"{flag} must be a positive number" in res.stderr, (flag, res.stderr[-500:])
+        assert res.returncode != 0 and f"{flag} must be a positive number" in res.stderr, (
+            flag, res.stderr[-500:])
     assert not (tmp_path / "o" / "phase1.jsonl").exists()

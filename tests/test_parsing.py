@@ -101,7 +101,8 @@ def test_score_field_forms_parse_to_a_number_na_or_none(raw, expected):
 
 
 def test_out_of_range_scores_are_clamped_in_parse_and_reward():
-    c = rr.parse_pointwise("1. Text Faithfulness:\n## Score: 9\n2. Physical and Visual Quality:\n## Score: 0.2", "t2i")
+    c = rr.parse_pointwise(
+        "1. Text Faithfulness:\n## Score: 9\n2. Physical and Visual Quality:\n## Score: 0.2", "t2i")
     assert c.scores["text_faithfulness"] == 4.0 and c.scores["physical_quality"] == 1.0
     assert rr.reward_from_scores({"a": 10.0, "b": -3.0}) == pytest.approx(((4 + 1) / 2 - 1) / 3)
 
@@ -142,7 +143,8 @@ def test_pairwise_judgement_prefers_the_larger_score_sum_with_na_as_2_5():
 
 
 def test_pairwise_tie_and_missing_score():
-    text = PAIRWISE.replace("## Score A: 4", "## Score A: 3").replace("## Score B: 2\n", "## Score B: 4\n")
+    text = PAIRWISE.replace("## Score A: 4", "## Score A: 3").replace("## Score B: 2\n",
+                                                                      "## Score B: 4\n")
     # A = 3 + 2.5 + 2.5 = 8.0, B = 4 + 3.5 + 2.5 = 10.0
     assert rr.parse_pairwise(text, "t2i").preferred == "B"
     # B's physical score unreadable -> counts 2.5: A = 4 + 2.5 + 2.5 = 9, B = 2 + 2.5 + 2.5 = 7
@@ -179,14 +181,16 @@ def test_render_messages_places_images_in_order_and_checks_fields():
 
 POINTWISE_HEADERS = ("## Justification:", "## Score:", "# Summary:", "# User Request Refinement:",
                      "## Refinement Comments:", "## Refined Request:")
-PAIRWISE_HEADERS = ("# User Request Analysis", "# Detailed Judgement", "## Justification:", "## Score A:",
-                    "## Score B:", "## Winner:", "# Summary:")
+PAIRWISE_HEADERS = ("# User Request Analysis", "# Detailed Judgement", "## Justification:",
+                    "## Score A:", "## Score B:", "## Winner:", "# Summary:")
 
 
 @pytest.mark.parametrize("task", ["t2i", "edit"])
 @pytest.mark.parametrize("template,headers,per_dimension", [
-    ("pointwise", POINTWISE_HEADERS, "## Score:"), ("projection", POINTWISE_HEADERS, "## Score:"),
-    ("pairwise", PAIRWISE_HEADERS, "## Winner:"), ("anchored_pairwise", PAIRWISE_HEADERS, "## Winner:"),
+    ("pointwise", POINTWISE_HEADERS, "## Score:"),
+    ("projection", POINTWISE_HEADERS, "## Score:"),
+    ("pairwise", PAIRWISE_HEADERS, "## Winner:"),
+    ("anchored_pairwise", PAIRWISE_HEADERS, "## Winner:"),
     ("consistency", ("{rationale}", "A or B"), None),
 ])
 def test_each_template_keeps_its_own_paper_headers(task, template, headers, per_dimension):
@@ -201,9 +205,11 @@ def test_each_template_keeps_its_own_paper_headers(task, template, headers, per_
 
 def test_parse_args_reads_docstrings_and_types(capsys):
     args = rr.parse_args(rr.Args, ["eval", "--pairs", "p.jsonl", "--limit", "3"])
-    assert (args.command, args.pairs, args.limit, args.json, args.image) == ("eval", "p.jsonl", 3, False, [])
+    assert (args.command, args.pairs, args.limit, args.json, args.image) == ("eval", "p.jsonl", 3,
+                                                                             False, [])
     args = rr.parse_args(rr.Args, ["score", "--json", "--image", "a.png", "b.png"])
-    assert (args.command, args.json, args.image, args.pairs) == ("score", True, ["a.png", "b.png"], None)
+    assert (args.command, args.json, args.image, args.pairs) == ("score", True, ["a.png",
+                                                                                 "b.png"], None)
     with pytest.raises(SystemExit):
         rr.parse_args(rr.Args, ["score", "--quantization", "3bit"])
     with pytest.raises(SystemExit):
@@ -323,7 +329,8 @@ def test_reward_rejects_weights_that_leave_zero_to_one():
     with pytest.raises(ValueError, match="finite numbers >= 0"):
         rr.reward_from_scores(scores, {"text_faithfulness": 2.0, "physical_quality": -1.0})
     with pytest.raises(ValueError, match="all zero"):
-        rr.reward_from_scores(scores, {"text_faithfulness": 0, "physical_quality": 0, "text_rendering": 0})
+        rr.reward_from_scores(scores,
+                              {"text_faithfulness": 0, "physical_quality": 0, "text_rendering": 0})
     with pytest.raises(ValueError, match="unknown reward dimension"):
         rr.reward_from_scores(scores, {"text_faithfullness": 1.0})
     # weight 0 drops a dimension: the official edit-RL reward without image faithfulness

@@ -36,12 +36,14 @@ V_THETA, V_OLD, V_REF = as_latent([2, 1]), as_latent([1, 1]), as_latent([0, 0])
     (0.1, 0.0, 1.32625 / 1.025 / 0.1),
 ])
 def test_nft_loss_matches_hand_computed_policy_and_kl_terms(beta, r, expected_policy):
-    loss, stats = rl_nft.nft_loss(V_THETA, V_OLD, V_REF, XT, X0, T, torch.tensor([r]), beta=beta, kl_weight=0.1)
+    loss, stats = rl_nft.nft_loss(V_THETA, V_OLD, V_REF, XT, X0, T, torch.tensor([r]), beta=beta,
+                                  kl_weight=0.1)
     assert stats["policy"] == pytest.approx(expected_policy, rel=1e-5)
     assert stats["kl"] == pytest.approx(2.5)  # mean([2, 1]^2) = (4 + 1) / 2
     # the sources multiply the policy term by the advantage clip (5) before adding kl_weight x KL
     assert float(loss) == pytest.approx(5 * expected_policy + 0.1 * 2.5, rel=1e-5)
-    unscaled, _ = rl_nft.nft_loss(V_THETA, V_OLD, V_REF, XT, X0, T, torch.tensor([r]), beta, 0.1, policy_scale=1.0)
+    unscaled, _ = rl_nft.nft_loss(V_THETA, V_OLD, V_REF, XT, X0, T, torch.tensor([r]), beta, 0.1,
+                                  policy_scale=1.0)
     assert float(unscaled) == pytest.approx(expected_policy + 0.1 * 2.5, rel=1e-5)
 
 
@@ -55,20 +57,23 @@ def test_nft_loss_is_the_same_on_flux_packed_tokens():
 
 def test_nft_adaptive_weight_is_per_sample_without_gradient_and_floored():
     v = V_THETA.clone().requires_grad_(True)
-    loss, _ = rl_nft.nft_loss(v, V_OLD, V_REF, XT, X0, T, torch.tensor([1.0]), beta=1.0, kl_weight=0.0, policy_scale=1.0)
+    loss, _ = rl_nft.nft_loss(v, V_OLD, V_REF, XT, X0, T, torch.tensor([1.0]), beta=1.0,
+                              kl_weight=0.0, policy_scale=1.0)
     loss.backward()
     # w = .75 held constant: dL/dv = -t * 2 err / (N w) = -.5 * 2 * [1, .5] / 1.5
     assert v.grad.flatten().tolist() == pytest.approx([-2 / 3, -1 / 3])
     # per sample: a second sample with 10x the error gets its own weight, so both losses are comparable
     # errors [1, .5] and [10, 5]... scaled x10
     x0 = torch.cat([X0, X0 - 10 * (XT - 0.5 * V_THETA - X0)])
-    _, big = rl_nft.nft_loss(torch.cat([V_THETA] * 2), torch.cat([V_OLD] * 2), torch.cat([V_REF] * 2),
-                             torch.cat([XT] * 2), x0, torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0]), 1.0, 0.0)
+    _, big = rl_nft.nft_loss(torch.cat([V_THETA] * 2), torch.cat([V_OLD] * 2),
+                             torch.cat([V_REF] * 2), torch.cat([XT] * 2), x0,
+                             torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0]), 1.0, 0.0)
     # sample 2: err = 11 * [1, .5]: mse 11^2 * .625 / (11 * .75) = 11 * .8333; mean with sample 1
     assert big["policy"] == pytest.approx((0.625 / 0.75) * (1 + 11) / 2, rel=1e-5)
     # floor: an error of 1e-7 is divided by 1e-5, not by 1e-7
     zero = as_latent([0, 0])  # x_t = 0 and v = 0 predict x0 = 0; the true x0 is 1e-7 away
-    _, tiny = rl_nft.nft_loss(zero, zero, zero, zero, as_latent([1e-7, 1e-7]), T, torch.tensor([1.0]), 1.0, 0.0)
+    _, tiny = rl_nft.nft_loss(zero, zero, zero, zero, as_latent([1e-7, 1e-7]), T,
+                              torch.tensor([1.0]), 1.0, 0.0)
     assert tiny["policy"] == pytest.approx(1e-14 / 1e-5, rel=1e-2)
 
 
@@ -145,7 +150,8 @@ def test_second_order_solver_converges_twice_as_fast_as_euler():
         errors[solver] = []
         for n in (32, 64, 128):
             sig = torch.linspace(0.9, 0.1, n + 1, dtype=torch.float64)
-            x = rl_nft.solve_flow_ode(lambda x, i: gaussian_flow(x, sig[i]), exact(z, 0.9), sig, solver)
+            x = rl_nft.solve_flow_ode(lambda x, i: gaussian_flow(x, sig[i]), exact(z, 0.9), sig,
+                                      solver)
             errors[solver].append(float((x - exact(z, 0.1)).abs().max()))
     euler, dpm2 = errors["euler"], errors["dpm2"]
     # doubling the steps: Euler's error halves (first order), the multistep solver's quarters (second order)
@@ -154,7 +160,8 @@ def test_second_order_solver_converges_twice_as_fast_as_euler():
     assert dpm2[1] < euler[1] / 10
     # from t = 1 the first two steps are first order (lambda(1) = -inf), so with two steps the solvers agree
     sig = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
-    a, b = (rl_nft.solve_flow_ode(lambda x, i: gaussian_flow(x, sig[i]), z, sig, s) for s in ("euler", "dpm2"))
+    a, b = (rl_nft.solve_flow_ode(lambda x, i: gaussian_flow(x, sig[i]), z, sig, s)
+            for s in ("euler", "dpm2"))
     assert torch.allclose(a, b)
 
 
@@ -162,11 +169,12 @@ def test_second_order_solver_converges_twice_as_fast_as_euler():
 @pytest.fixture
 def tiny_policy():
     torch.manual_seed(0)
-    args = rl_nft.Args(generator="tiny-random", resolution=64, lora_r=8, lora_alpha=16, sample_steps=4,
-                       grad_clip=1e9)
+    args = rl_nft.Args(generator="tiny-random", resolution=64, lora_r=8, lora_alpha=16,
+                       sample_steps=4, grad_clip=1e9)
     pipe = rr.load_generator("tiny-random")
     geo = rl_nft.latent_geometry(pipe, 64, 1.0)
-    conds = rl_nft.encode_conditions(pipe, [{"key": "a", "prompt": "a red square", "source": None}], geo)
+    conds = rl_nft.encode_conditions(pipe, [{"key": "a", "prompt": "a red square", "source": None}],
+                                     geo)
     params = rl_nft.add_policies(pipe.transformer, args)
     return args, pipe, geo, conds, params
 
@@ -175,9 +183,10 @@ def test_lora_targets_skip_sd35_second_attention():
     """SD3.5-Medium's dual-attention blocks have `attn2`; the sources' `attn.`-prefixed names must
     not reach it."""
     from diffusers import SD3Transformer2DModel
-    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                               attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                               caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=16,
+    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4,
+                               num_layers=2, attention_head_dim=16, num_attention_heads=4,
+                               joint_attention_dim=64, caption_projection_dim=64,
+                               pooled_projection_dim=64, pos_embed_max_size=16,
                                dual_attention_layers=(0, 1))
     assert any(".attn2." in n for n, _ in tr.named_modules())
     rl_nft.add_policies(tr, rl_nft.Args(lora_r=4, lora_alpha=8))
@@ -244,7 +253,8 @@ def test_fused_old_and_reference_pass_equals_two_passes(task):
     pipe = rr.load_generator("tiny-random", task)
     geo = rl_nft.latent_geometry(pipe, 64, 2.5)
     src = Image.new("RGB", (64, 64), (200, 40, 40)) if task == "edit" else None
-    conds = rl_nft.encode_conditions(pipe, [{"key": "a", "prompt": "a red square", "source": src}], geo)
+    conds = rl_nft.encode_conditions(pipe, [{"key": "a", "prompt": "a red square", "source": src}],
+                                     geo)
     tr = pipe.transformer
     rl_nft.add_policies(tr, rl_nft.Args(lora_r=4, lora_alpha=8))
     with torch.no_grad():
@@ -284,19 +294,22 @@ def test_one_optimiser_step_per_epoch_and_masked_samples_skipped(tiny_policy, mo
     keep = torch.tensor([True, False, True, True, False, False, True, True])
     r = torch.full((8,), 0.7)
     gen = torch.Generator().manual_seed(0)
-    step, totals = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen, None, 0)
+    step, totals = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen,
+                                         None, 0)
     assert step == 1 and len(steps) == 1 and totals["loss"] > 0
     assert sum(seen) == 5 * 3            # 5 kept samples x int(.99 * 4) = 3 timesteps each
     # two steps per epoch when asked
     args.gradient_steps_per_epoch = 2
-    step, _ = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen, None, step)
+    step, _ = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen,
+                                    None, step)
     assert step == 3 and len(steps) == 3
     # all masked: zero gradients, yet the step happens; with fresh moments it is the decoupled weight decay alone
     fresh = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5)
     before = [p.detach().clone() for p in params]
     args.gradient_steps_per_epoch = 1
-    step, totals = rl_nft.optimise_epoch(tr, fresh, params, x0, cond, r, torch.zeros(8, dtype=torch.bool),
-                                         sigmas, geo, args, gen, None, step)
+    step, totals = rl_nft.optimise_epoch(tr, fresh, params, x0, cond, r,
+                                         torch.zeros(8, dtype=torch.bool), sigmas, geo, args, gen,
+                                         None, step)
     assert step == 4 and totals is None
     assert all(torch.allclose(p, b * (1 - 1e-2 * 0.5)) for p, b in zip(params, before))
 
@@ -323,7 +336,8 @@ def test_nft_updates_move_samples_toward_the_preferred_target(tiny_policy, prefe
     before = gap()
     step = 0
     for _ in range(40):
-        step, _ = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, g, None, step)
+        step, _ = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, g,
+                                        None, step)
     moved = gap() - before
     assert (moved > 0.01) if prefer_good else (moved < -0.01), moved
 
@@ -352,8 +366,9 @@ def test_reward_images_keeps_per_dimension_scores_and_counts_unreadable():
     res = rl_nft.reward_images(scorer, [img] * 4, ["p"] * 4, None)
     assert res["rewards"] == pytest.approx([(2.5 - 1) / 3, 0.0] * 2)  # unreadable -> reward 0
     assert res["unreadable"] == 2 and res["truncated"] == 0
-    assert rl_nft.dimension_means(res["scores"]) == {"text_faithfulness": 3.0, "physical_quality": 2.0,
-                                                     "text_rendering": None}
+    assert rl_nft.dimension_means(res["scores"]) == {
+        "text_faithfulness": 3.0, "physical_quality": 2.0, "text_rendering": None
+    }
     weighted = rl_nft.reward_images(scorer, [img] * 2, ["p"] * 2, {"physical_quality": 0.0})
     assert weighted["rewards"] == pytest.approx([(3 - 1) / 3, 0.0])
 
@@ -366,8 +381,9 @@ def brightness_judge(payload):
     level = sum(pixels) / len(pixels) / 255
     if sum(pixels) % 5 == 0:
         return "no idea"
-    return (f"1. Text Faithfulness:\n## Score: {1 + 3 * level:.3f}\n2. Physical and Visual Quality:\n## Score: 3\n"
-            f"3. Text Rendering:\n## Score: N/A\n")
+    return (
+        f"1. Text Faithfulness:\n## Score: {1 + 3 * level:.3f}\n2. Physical and Visual Quality:\n"
+        "## Score: 3\n3. Text Rendering:\n## Score: N/A\n")
 
 
 def rows_of(path):
@@ -469,8 +485,10 @@ def edit_judge(payload):
     raw = base64.b64decode(urls[1].split(",", 1)[1])
     pixels = Image.open(io.BytesIO(raw)).convert("L").tobytes()
     level = (sum(pixels) % 97) / 96
-    return (f"1. Text Faithfulness:\n## Score: {1 + 3 * level:.3f}\n2. Image Faithfulness:\n## Score: 2\n"
-            f"3. Physical and Visual Quality:\n## Score: 3\n4. Text Rendering:\n## Score: N/A\n")
+    return (
+        f"1. Text Faithfulness:\n## Score: {1 + 3 * level:.3f}\n2. Image Faithfulness:\n"
+        "## Score: 2\n3. Physical and Visual Quality:\n## Score: 3\n4. Text Rendering:\n"
+        "## Score: N/A\n")
 
 
 def test_edit_rl_on_tiny_kontext(tmp_path, scripted_server, capsys):
@@ -489,7 +507,8 @@ def test_edit_rl_on_tiny_kontext(tmp_path, scripted_server, capsys):
     rows = rows_of(out / "metrics.csv")
     assert all(float(r["image_faithfulness"]) == 2.0 and float(r["physical_quality"]) == 3.0 for r in rows)
     for r in rows:  # R = mean(tf, pq) mapped to [0, 1]: linear, so it holds for the epoch means too
-        assert float(r["reward_mean"]) == pytest.approx(((float(r["text_faithfulness"]) + 3) / 2 - 1) / 3, abs=1e-6)
+        assert float(r["reward_mean"]) == pytest.approx(
+            ((float(r["text_faithfulness"]) + 3) / 2 - 1) / 3, abs=1e-6)
         assert int(r["masked_samples"]) + int(r["trained_samples"]) == 4
     assert any(int(r["trained_samples"]) > 0 for r in rows)
     # every request carried the source image first (checked in edit_judge) and the edit instruction
@@ -502,9 +521,10 @@ def test_edit_rl_on_tiny_kontext(tmp_path, scripted_server, capsys):
     # the LoRA loads into the Kontext pipeline with diffusers' own loader and changes the edit
     pipe = rr.load_generator("tiny-random", "edit")
     src = Image.open(rr.PROMPTS_DIR / "rl_edit_images" / "house.png").convert("RGB")
-    gen = lambda: pipe(image=src, prompt="make the house blue", num_inference_steps=3, guidance_scale=2.5, height=64,
-                       width=64, max_area=64 * 64, _auto_resize=False, generator=torch.Generator().manual_seed(0),
-                       output_type="np").images[0]
+    gen = lambda: pipe(
+        image=src, prompt="make the house blue", num_inference_steps=3, guidance_scale
+        =2.5, height=64, width=64, max_area=64 * 64, _auto_resize=False, generator=torch.Generator(
+        ).manual_seed(0), output_type="np").images[0]
     base = gen()
     pipe.load_lora_weights(str(out / "lora" / "epoch_0003"))
     assert abs(gen() - base).max() > 1e-5
@@ -528,8 +548,9 @@ def test_a_non_finite_loss_stops_the_run_with_the_checkpoint_intact(tiny_policy)
     x0 = torch.full((2, 4, 32, 32), float("nan"))
     cond = rl_nft.collate(conds, ["a", "a"], "cpu", torch.float32)
     with pytest.raises(FloatingPointError, match="last checkpoint is intact"):
-        rl_nft.optimise_epoch(pipe.transformer, opt, params, x0, cond, torch.full((2,), 0.7),
-                              torch.ones(2, dtype=torch.bool), rl_nft.sampler_sigmas(pipe, 4, geo), geo, args,
+        rl_nft.optimise_epoch(pipe.transformer, opt, params, x0, cond, torch.full((2, ), 0.7),
+                              torch.ones(2, dtype=torch.bool), rl_nft.sampler_sigmas(pipe, 4, geo),
+                              geo, args,
                               torch.Generator().manual_seed(0), None, 0)
 
 
@@ -546,7 +567,8 @@ def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
     rl_nft.check_out_dir(out, rl_nft.resolve_defaults(rl_nft.Args(generator="tiny-random", out=str(out),
                                                                   # resuming it is fine
                                                                   resume=True)))
-    args = rl_nft.resolve_defaults(rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out)))
+    args = rl_nft.resolve_defaults(
+        rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out)))
     rr.save_args(args, out, extra={"prompts_sha1": rl_nft.prompts_digest(args)})
     res = run_cli(*base)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -558,5 +580,6 @@ def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
     assert "pass --resume" not in res.stderr
     assert (out / "checkpoint.old" / "state.json").is_file()          # nothing was deleted
     (tmp_path / "file").write_text("x")
-    res = run_cli("rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out", tmp_path / "file")
+    res = run_cli("rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out",
+                  tmp_path / "file")
     assert res.returncode == 2 and "is a file, not a directory" in res.stderr
