@@ -24,9 +24,10 @@ import rationalrewards as rr  # noqa: E402
 
 # Qwen3-VL-8B-Instruct shapes (config.json of the hub checkpoint).
 TEXT_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-               rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                                "mrope_interleaved": True})
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               max_position_embeddings=262144,
+               rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                "mrope_section": [24, 20, 20], "mrope_interleaved": True})
 VISION_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
                  num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
@@ -35,8 +36,8 @@ VISION_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=1
 def config(layers, vision_depth, vocab):
     from transformers import Qwen3VLConfig
     text = {**TEXT_8B, "num_hidden_layers": layers, "vocab_size": vocab}
-    vision = {**VISION_8B, "depth": vision_depth,
-              "deepstack_visual_indexes": VISION_8B["deepstack_visual_indexes"] if vision_depth > 24 else [0]}
+    deepstack = VISION_8B["deepstack_visual_indexes"] if vision_depth > 24 else [0]
+    vision = {**VISION_8B, "depth": vision_depth, "deepstack_visual_indexes": deepstack}
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
 
 
@@ -120,7 +121,8 @@ def rr_load(path, quant):
 def throughput(new_tokens, n_prompts=8):
     from PIL import Image
     model, processor = rr.load_vlm("tiny-random")
-    msgs = [rr.render_messages("pointwise_t2i", [Image.new("RGB", (64, 64), c)], request=f"a {c} square number {i}")
+    msgs = [rr.render_messages("pointwise_t2i", [Image.new("RGB", (64, 64), c)],
+                               request=f"a {c} square number {i}")
             for i, c in enumerate(["red", "blue", "green", "white"] * (n_prompts // 4))]
     times = {}
     for bs in (1, 8):

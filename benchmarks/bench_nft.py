@@ -33,7 +33,8 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=1
 KONTEXT_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
                    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-# about 60M parameters each, the same block structures (dual attention and qk-norm; double + single stream)
+# about 60M parameters each, the same block structures
+# (dual attention and qk-norm; double + single stream)
 SD3_MID = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=6,
                attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512,
                caption_projection_dim=512, pooled_projection_dim=256, pos_embed_max_size=64,
@@ -62,8 +63,10 @@ def inputs(kind, config, side, batch, text_len=16):
         tokens = (side // 2) ** 2
         x0 = torch.randn(batch, tokens, c["in_channels"])                       # (B, L, 4C) packed
         cond["image"] = torch.randn(batch, tokens, c["in_channels"])  # the source image's tokens
-        geo = {"kontext": True, "h": side, "w": side, "guidance": 2.5, "txt_ids": torch.zeros(text_len, 3),
-               "img_ids": torch.cat([rl_nft.token_ids(side, side, 0.0), rl_nft.token_ids(side, side, 1.0)])}
+        geo = {"kontext": True, "h": side, "w": side, "guidance": 2.5,
+               "txt_ids": torch.zeros(text_len, 3),
+               "img_ids": torch.cat([rl_nft.token_ids(side, side, 0.0),
+                                     rl_nft.token_ids(side, side, 1.0)])}
     else:
         x0 = torch.randn(batch, c["in_channels"], side, side)                    # (B, C, h, w)
         geo = {"kontext": False, "h": side, "w": side, "guidance": 1.0}
@@ -128,7 +131,8 @@ def budget():
             base = sum(p.numel() for p in tr.parameters())
             lora_params = rl_nft.add_policies(tr, rl_nft.Args())
             lora = sum(p.numel() for p in lora_params)
-        modules = {n.rsplit(".lora_", 1)[0] for n, _ in tr.named_parameters() if ".lora_A.default" in n}
+        modules = {n.rsplit(".lora_", 1)[0] for n, _ in tr.named_parameters()
+                   if ".lora_A.default" in n}
         print(f"{name}: transformer {base / 1e9:.2f}B parameters -> {2 * base / gb:.1f} GB bf16, "
               f"{0.5 * base / gb * 1.07:.1f} GB nf4 (0.5 byte + ~7% scales and unquantized layers)")
         print(f"  LoRA r32 on {len(modules)} modules: {lora / 1e6:.1f}M parameters per policy; "

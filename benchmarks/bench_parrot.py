@@ -54,12 +54,16 @@ def consistency(name, model, processor, n=16, repeats=3):
     z = (
         "# Detailed Judgement\n1. Text Faithfulness:\n## Justification: A matches the request, B "
         "does not.\n## Score A: 4\n## Score B: 2\n## Winner: Image A\n# Summary: A wins.")
-    msgs = lambda: [rr.render_messages("consistency_t2i", im, request=p["prompt"], rationale=z) for p, im in zip(pairs, imgs)]
+    def msgs():
+        return [rr.render_messages("consistency_t2i", im, request=p["prompt"], rationale=z)
+                for p, im in zip(pairs, imgs)]
+
     backend = rr.TransformersBackend(model, processor, batch_size=8, max_pixels=256 * 256)
     backend.answer_logprobs(msgs()[:2])  # warm-up
     methods = {"forward": lambda: backend.answer_logprobs(msgs()),
                "generate 1": lambda: backend.generate(msgs(), max_new_tokens=1, temperature=0.0),
-               "generate 8": lambda: backend.generate(msgs(), max_new_tokens=8, min_new_tokens=8, temperature=0.0)}
+               "generate 8": lambda: backend.generate(msgs(), max_new_tokens=8, min_new_tokens=8,
+                                                      temperature=0.0)}
     t = {k: float("inf") for k in methods}
     for _ in range(repeats):  # interleaved rounds, best of each: a 2-core machine is noisy
         for label, fn in methods.items():
@@ -76,7 +80,8 @@ def consistency(name, model, processor, n=16, repeats=3):
 def phase1_throughput(new_tokens, n=8):
     model, processor = rr.load_vlm("tiny-random")
     pairs, imgs = demo_records(n)
-    msgs = [rr.render_messages("anchored_pairwise_t2i", im, request=p["prompt"], preferred=f"Image {p['label']}")
+    msgs = [rr.render_messages("anchored_pairwise_t2i", im, request=p["prompt"],
+                               preferred=f"Image {p['label']}")
             for p, im in zip(pairs, imgs)]
     t = {}
     for bs in (1, 8):
@@ -95,8 +100,8 @@ def phase1_throughput(new_tokens, n=8):
 
 def smoke_wall_time():
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "parrot.py", "--dataset", "demo", "--limit", "16", "--teacher", "tiny-random",
-               "--student", "tiny-random", "--out", str(Path(tmp) / "smoke")]
+        cmd = [sys.executable, "parrot.py", "--dataset", "demo", "--limit", "16", "--teacher",
+               "tiny-random", "--student", "tiny-random", "--out", str(Path(tmp) / "smoke")]
         start = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - start

@@ -83,7 +83,8 @@ class ScriptedServer:
                     self.wfile.write(b'{"error": "scripted failure"}')
                     return
                 if isinstance(reply, str):
-                    reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
+                    reply = {"choices": [{"index": 0,
+                                          "message": {"role": "assistant", "content": reply}}]}
                 body = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

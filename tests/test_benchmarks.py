@@ -38,7 +38,8 @@ def genai_t2i(root):
     return write_parquet(root / "genai-bench-t2i" / "test-00000-of-00001.parquet", {
         "prompt": ["a red cat", "a red dog", "two cats", "a boat", "broken"],
         "left_model": ["m1"] * 5, "right_model": ["m2"] * 5,
-        "left_image": [png("red"), png("blue"), png("red"), png("blue"), {"bytes": b"junk", "path": None}],
+        "left_image": [png("red"), png("blue"), png("red"), png("blue"),
+                       {"bytes": b"junk", "path": None}],
         "right_image": [png("blue"), png("red"), png("blue"), png("blue"), png("red")],
         "vote_type": ["leftvote", "rightvote", "tievote", "bothbad_vote", "leftvote"],
     }, image_columns=("left_image", "right_image"))
@@ -61,9 +62,10 @@ def editreward(root):
         "id": ids, "instruction": ["make it red"] * 4, "source_image": [png("green")] * 4,
         "candidate_1": [png("red"), png("red"), png("red"), png("blue")],
         "candidate_2": [png("blue"), png("blue"), png("green"), png("green")],
-        "ranking": ["A>B", "A>B", "C>A", "B=C"], "comparison_type": ["AvsB", "AvsB", "AvsC", "BvsC"],
-        "dataset": ["2pair", "3pair", "3pair", "3pair"], "score_1": [6.0, 6.0, 4.0, 3.0], "score_2": [3.0, 3.0, 6.0, 3.0],
-        "model_1": ["x"] * 4, "model_2": ["y"] * 4,
+        "ranking": ["A>B", "A>B", "C>A", "B=C"],
+        "comparison_type": ["AvsB", "AvsB", "AvsC", "BvsC"],
+        "dataset": ["2pair", "3pair", "3pair", "3pair"], "score_1": [6.0, 6.0, 4.0, 3.0],
+        "score_2": [3.0, 3.0, 6.0, 3.0], "model_1": ["x"] * 4, "model_2": ["y"] * 4,
     }, image_columns=("source_image", "candidate_1", "candidate_2"))
 
 
@@ -71,8 +73,9 @@ def mmrb2(root, name):
     return write_parquet(root / name / "pairs.parquet", {
         "pair_id": ["p1", "p2"], "prompt_text": ["a red kite", "a red kite again"],
         "prompt_images": [[png("green")], [png("green"), png("red"), png("blue")]],
-        "response_a_images": [[png("red")], [png("blue")]], "response_b_images": [[png("blue")], [png("red")]],
-        "chosen": ["A", "B"], "response_a_model": ["x", "y"], "response_b_model": ["y", "x"],
+        "response_a_images": [[png("red")], [png("blue")]],
+        "response_b_images": [[png("blue")], [png("red")]], "chosen": ["A", "B"],
+        "response_a_model": ["x", "y"], "response_b_model": ["y", "x"],
     }, list_image_columns=("prompt_images", "response_a_images", "response_b_images"))
 
 
@@ -106,7 +109,8 @@ def test_labels_follow_each_benchmarks_protocol(tmp_path):
 
 
 def test_editreward_labels_from_comparison_type_or_ranking():
-    # comparison_type names the pair; the ranking may be pairwise or a full ranking (the letter written first wins)
+    # comparison_type names the pair; the ranking may be pairwise or a full ranking
+    # (the letter written first wins)
     assert rr.editreward_label("C>A", "AvsC") == "B" and rr.editreward_label("A>C", "AvsC") == "A"
     assert rr.editreward_label("C>A>B", "AvsB") == "A"
     assert rr.editreward_label("C>A>B", "AvsC") == "B"
@@ -126,12 +130,15 @@ def test_wilson_interval_and_group_accuracy_by_hand():
     low, high = rr.wilson_interval(8, 10)  # the textbook 95% Wilson interval of 8/10
     assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
     assert rr.wilson_interval(0, 5)[0] == 0.0 and rr.wilson_interval(0, 0) == (None, None)
-    recs = [{"id": "a", "predicted": "A", "label": "A"}, {"id": "b1", "predicted": "A", "label": "A"},
-            {"id": "b2", "predicted": "B", "label": "A"}, {"id": "c1", "predicted": "tie", "label": "tie"},
+    recs = [{"id": "a", "predicted": "A", "label": "A"},
+            {"id": "b1", "predicted": "A", "label": "A"},
+            {"id": "b2", "predicted": "B", "label": "A"},
+            {"id": "c1", "predicted": "tie", "label": "tie"},
             {"id": "c2", "predicted": "B", "label": "B"}]
     groups = {"a": "a", "b1": "b", "b2": "b", "c1": "c", "c2": "c"}
     assert rr.group_accuracy(recs, groups) == pytest.approx(2 / 3)  # a and c pass, b fails
-    assert rr.group_accuracy(recs + [{"id": "d", "failed": True, "label": "A"}], {**groups, "d": "d"}) == \
+    assert rr.group_accuracy(recs + [{"id": "d", "failed": True, "label": "A"}],
+                             {**groups, "d": "d"}) == \
         pytest.approx(2 / 3)  # a failed request is no sample
 
 
@@ -153,8 +160,10 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
     assert rr.main(argv + ["--benchmark", "all", "--out", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
     t2i = json.loads((tmp_path / "runs" / "genai-bench-t2i" / "metrics.json").read_text())
-    # A red/B blue -> A right; blue/red -> B right; red/blue tie vote -> predicted A; blue/blue both-bad -> tie.
-    # Paper protocol (official rm_inference + compute_pairwise_accuracy): the two tie votes carry no label
+    # A red/B blue -> A right; blue/red -> B right; red/blue tie vote -> predicted A;
+    # blue/blue both-bad -> tie.
+    # Paper protocol (official rm_inference + compute_pairwise_accuracy): the two tie votes carry
+    # no label
     assert (t2i["labelled"], t2i["correct"], t2i["accuracy"]) == (2, 2, 1.0)
     assert t2i["mode"] == "pairwise"
     assert t2i["skipped_rows"] == {"unlabelled": 0, "missing_image": 0, "unreadable_image": 1,
@@ -163,7 +172,8 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
     assert t2i["difference"] == pytest.approx(100.0 - 69.8)
     assert t2i["ci95"] == list(rr.wilson_interval(2, 2))
     er = json.loads((tmp_path / "runs" / "editreward-bench" / "metrics.json").read_text())
-    # g1 red/blue A: right; AvsB red/blue A: right; AvsC red/green labelled C: wrong; blue/green tie: right
+    # g1 red/blue A: right; AvsB red/blue A: right; AvsC red/green labelled C: wrong;
+    # blue/green tie: right
     assert er["accuracy"] == pytest.approx(3 / 4) and er["group_accuracy"] == 0.5
     assert er["group_accuracy_by_subset"] == {"2pair": 1.0, "3pair": 0.0}
     assert "genai-bench-t2i" in table and "100.0" in table and "69.8" in table and "+30.2" in table
@@ -172,8 +182,9 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
     assert "Qwen3-VL-8B (base) 55.1" in table
     # a rerun resumes: no new request
     n = len(server.requests)
-    assert rr.main(argv + ["--benchmark", "genai-bench-t2i", "--data-dir", str(tmp_path / "genai-bench-t2i"),
-                           "--out", str(tmp_path / "runs" / "genai-bench-t2i")]) == 0
+    assert rr.main(argv + ["--benchmark", "genai-bench-t2i", "--data-dir",
+                           str(tmp_path / "genai-bench-t2i"), "--out",
+                           str(tmp_path / "runs" / "genai-bench-t2i")]) == 0
     assert len(server.requests) == n
 
 
@@ -214,7 +225,8 @@ def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scrip
     try:
         rr.set_prompts_dir(str(tmp_path / "official"))
         msgs = rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")
-        assert msgs[0] == {"role": "system", "content": "You are RationalRewards, a careful judge of generated images."}
+        system = "You are RationalRewards, a careful judge of generated images."
+        assert msgs[0] == {"role": "system", "content": system}
         assert "a red cat" in msgs[1]["content"][1]["text"]
         assert "[user]" not in msgs[1]["content"][1]["text"]
         # files it lacks come from prompts/
@@ -238,7 +250,8 @@ def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scrip
         rr.set_prompts_dir(None)
 
 
-def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, scripted_server, capsys):
+def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, scripted_server,
+                                                                    capsys):
     """Official: a request with no reply is success = False, left out of the accuracy, counted as
     skipped."""
     genai_t2i(tmp_path)
@@ -248,8 +261,9 @@ def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, sc
         from conftest import text_in
         return 500 if down["on"] and "a red dog" in text_in(payload) else red_judge(payload)
     server = scripted_server(flaky)
-    argv = ["eval", "--model", "served", "--api-base", server.url, "--max-retries", "0", "--benchmark",
-            "genai-bench-t2i", "--data-dir", str(tmp_path / "genai-bench-t2i"), "--out", str(tmp_path / "run")]
+    argv = ["eval", "--model", "served", "--api-base", server.url, "--max-retries", "0",
+            "--benchmark", "genai-bench-t2i", "--data-dir", str(tmp_path / "genai-bench-t2i"),
+            "--out", str(tmp_path / "run")]
     assert rr.main(argv) == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # the failed A/B pair is out
@@ -258,7 +272,8 @@ def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, sc
     failed = [r for r in rr.read_jsonl(tmp_path / "run" / "predictions.jsonl") if r.get("failed")]
     assert len(failed) == 1 and "HTTP 500" in failed[0]["error"] and "predicted" not in failed[0]
     assert "retried by the next run" in capsys.readouterr().err
-    # the next run into the same --out retries only the failed pair, and its record supersedes the failure
+    # the next run into the same --out retries only the failed pair, and its record supersedes
+    # the failure
     down["on"] = False
     n = len(server.requests)
     assert rr.main(argv) == 0
@@ -299,14 +314,16 @@ def test_in_process_truncation_is_a_reply_without_an_end_token():
 def test_mmrb2_edit_sends_every_source_image_first(tmp_path, scripted_server):
     mmrb2(tmp_path, "mmrb2-edit")
     server = scripted_server(red_judge)
-    assert rr.main(["eval", "--model", "served", "--api-base", server.url, "--benchmark", "mmrb2-edit",
-                    "--data-dir", str(tmp_path / "mmrb2-edit"), "--out", str(tmp_path / "run")]) == 0
+    assert rr.main(["eval", "--model", "served", "--api-base", server.url, "--benchmark",
+                    "mmrb2-edit", "--data-dir", str(tmp_path / "mmrb2-edit"), "--out",
+                    str(tmp_path / "run")]) == 0
     from conftest import text_in
     by_count = sorted(
         (len(images_in(r["payload"])), text_in(r["payload"])) for r in server.requests)
     assert [n for n, _ in by_count] == [3, 5]  # 1 source + 2 candidates; 3 sources + 2 candidates
     assert "3 source images" in by_count[1][1] and "Source image 3 of 3" in by_count[1][1]
-    cols = [dominant_colour(u) for u in images_in(max(server.requests, key=lambda r: len(images_in(r["payload"])))["payload"])]
+    largest = max(server.requests, key=lambda r: len(images_in(r["payload"])))
+    cols = [dominant_colour(u) for u in images_in(largest["payload"])]
     assert cols[:3] == ["green", "red", "blue"]  # in the dataset's order, before the candidates
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["accuracy"] == 1.0 and m["labelled"] == 2

@@ -38,11 +38,12 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     assert report["raw_pairs"] == 16
     assert report["phase1_rationales"] == 16
     assert report["phase2_pairs"] == 16
-    # every rationale that cannot be parsed is dropped for exactly that reason, before any teacher check
+    # every rationale that cannot be parsed is dropped for exactly that reason, before any
+    # teacher check
     assert report["drops_by_reason"]["unparseable"] == report["phase1_parse_failures"]
     assert report["elbo_term1_candidates_scored"] + report["unreadable_teacher_answers"] == 16
-    for name in ("args.json", "inputs.json", "phase1.jsonl", "phase2.jsonl", "sft.jsonl", "heldout.jsonl",
-                 "heldout_pairs.jsonl", "student/adapter_config.json"):
+    for name in ("args.json", "inputs.json", "phase1.jsonl", "phase2.jsonl", "sft.jsonl",
+                 "heldout.jsonl", "heldout_pairs.jsonl", "student/adapter_config.json"):
         assert (parrot_out / name).is_file(), name
     assert "PARROT report" in results[0].stdout
     assert "phase 1: anchored generation" in results[0].stderr
@@ -52,7 +53,8 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     held = rr.read_jsonl(parrot_out / "heldout_pairs.jsonl")
     # relative to the file, as the format says
     assert all(not Path(r["image_a"]).is_absolute() for r in held)
-    # demo: the attribution accuracy is always reported, None ("none kept") when no rationale survived
+    # demo: the attribution accuracy is always reported, None ("none kept") when no rationale
+    # survived
     assert "attribution_accuracy" in report
     assert (report["kept"] > 0) == (report["attribution_accuracy"] is not None)
     sft_ids = {s["id"] for s in rr.read_jsonl(parrot_out / "sft.jsonl")}
@@ -66,12 +68,14 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["step"] == "2"
     # tiny-random writes noise: counted, not a crash
     assert all(int(r["unreadable"]) == 16 for r in rows)
-    assert json.loads((runs / "chain" / "nft" / "args.json").read_text())["scorer_adapter"].endswith("student")
-    assert (runs / "chain" / "nft" / "checkpoint" / "ema.safetensors").is_file()
-    assert (runs / "chain" / "nft" / "lora" / "epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
+    nft = runs / "chain" / "nft"
+    assert json.loads((nft / "args.json").read_text())["scorer_adapter"].endswith("student")
+    assert (nft / "checkpoint" / "ema.safetensors").is_file()
+    assert (nft / "lora" / "epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
     assert "Loading weights" not in results[2].stderr  # library loading bars are kept quiet
-    # 3b. editing RL on the tiny FLUX.1-Kontext: four dimensions logged, the official mask (all-zero rewards
-    # do not vary, so every sample is masked and nothing is banned: their mean 0 is below 0.9)
+    # 3b. editing RL on the tiny FLUX.1-Kontext: four dimensions logged, the official mask
+    # (all-zero rewards do not vary, so every sample is masked and nothing is banned: their mean 0
+    # is below 0.9)
     with open(runs / "chain" / "nft-edit" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"] and "image_faithfulness" in rows[0]

@@ -45,7 +45,8 @@ def test_score_edit_tiny_random_two_images(image_dir):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert [o["image"] for o in out] == [str(image_dir / "blue.png"), str(image_dir / "green.png")]
-    assert all(set(o["scores"]) == {"text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering"} for o in out)
+    edit_dims = {"text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering"}
+    assert all(set(o["scores"]) == edit_dims for o in out)
 
 
 def test_score_through_http_backend_reports_exact_numbers(image_dir, scripted_server):
@@ -53,7 +54,8 @@ def test_score_through_http_backend_reports_exact_numbers(image_dir, scripted_se
     res = run_cli("rationalrewards.py", "score", "--model", "served", "--api-base", server.url,
                   "--prompt", "a red bicycle", "--image", image_dir / "red.png")
     assert res.returncode == 0, res.stderr
-    # readable report: per-dimension scores, the reward (mean(4, 3.5) - 1) / 3 = 0.917, the refined request
+    # readable report: per-dimension scores, the reward (mean(4, 3.5) - 1) / 3 = 0.917,
+    # the refined request
     assert "Physical and Visual Quality  3.50" in res.stdout
     assert "reward (0-1)                 0.917" in res.stdout
     assert "a red bicycle, sharp focus" in res.stdout
@@ -78,8 +80,8 @@ def test_bad_inputs_are_clear_errors(image_dir):
     assert res.returncode == 2
     assert "does not exist" in res.stderr
     assert "hf download" not in res.stderr
-    (image_dir / "p.jsonl").write_text(json.dumps({"prompt": "p", "image_a": "red.png", "image_b": "blue.png",
-                                                   "label": "A"}) + "\n")
+    (image_dir / "p.jsonl").write_text(json.dumps({"prompt": "p", "image_a": "red.png",
+                                                   "image_b": "blue.png", "label": "A"}) + "\n")
     for limit in ("0", "-1"):  # issue 7.11: eval --limit 0 used to evaluate one pair
         res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs",
                       image_dir / "p.jsonl", "--limit", limit)
@@ -140,7 +142,8 @@ def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, 
         assert m["accuracy_without_ties"] == pytest.approx(3 / 4)
         assert next(r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
                     if r["label"] == "B" and r["unreadable"])["predicted"] == "B"
-        # red scores 4 / 3.5; blue scores 1 / 2. Readable images: p1 r,b p2 b,r p3 r,b p4 b,b p5 r -> 4 red, 5 blue
+        # red scores 4 / 3.5; blue scores 1 / 2.
+        # Readable images: p1 r,b p2 b,r p3 r,b p4 b,b p5 r -> 4 red, 5 blue
         assert m["mean_scores"]["text_faithfulness"] == pytest.approx((4 * 4 + 5 * 1) / 9)
     else:
         # p5: red is B -> correct; 4 of 5 correct; without ties 3 of 4
@@ -210,10 +213,11 @@ def test_decompression_bomb_is_a_counted_skip_not_an_abort(image_dir, tmp_path, 
 
         def generate(self, batch, *a, **k):
             return ["1. Text Faithfulness:\n## Score A: 4\n## Score B: 1"] * len(batch)
-    pairs = [{"id": "bomb", "prompt": "p", "image_a": str(image_dir / "huge.png"), "image_b": str(image_dir / "red.png"),
+    pairs = [{"id": "bomb", "prompt": "p", "image_a": str(image_dir / "huge.png"),
+              "image_b": str(image_dir / "red.png"),
               "label": "A"},
-             {"id": "ok", "prompt": "p", "image_a": str(image_dir / "red.png"), "image_b": str(image_dir / "blue.png"),
-              "label": "A"}]
+             {"id": "ok", "prompt": "p", "image_a": str(image_dir / "red.png"),
+              "image_b": str(image_dir / "blue.png"), "label": "A"}]
     m = rr.evaluate_preferences(rr.RationalRewardsScorer(Judge(), "t2i"), pairs, "pairwise",
                                 str(tmp_path / "e"))
     assert m["pairs"] == 1 and m["skipped_unreadable_image"] == 1 and m["accuracy_with_ties"] == 1.0
@@ -225,5 +229,6 @@ def test_stderr_holds_what_a_user_needs(image_dir):
                   "--prompt", "x", "--image", image_dir / "red.png", "--max-new-tokens", "4")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [l for l in res.stderr.splitlines() if l.strip()]
-    # the resolved arguments go to args.json only; at most the warning that 4 tokens cut the critique
+    # the resolved arguments go to args.json only; at most the warning that 4 tokens cut the
+    # critique
     assert len(lines) <= 1 and all("cut by the token limit" in l for l in lines), lines

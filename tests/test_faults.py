@@ -25,11 +25,14 @@ def raw_server(reply: bytes):
             except OSError:
                 return
             data = b""
-            while b"\r\n\r\n" not in data:       # read the whole request before answering, so that
-                data += conn.recv(65536)  # closing does not reset a socket still being written
+            # read the whole request before answering, so that closing does not reset a socket
+            # still being written
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
             head, _, body = data.partition(b"\r\n\r\n")
-            length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")),
-                              b"0"))
+            lengths = [l.split(b":")[1] for l in head.split(b"\r\n")
+                       if l.lower().startswith(b"content-length")]
+            length = int(next(iter(lengths), b"0"))
             while len(body) < length:
                 body += conn.recv(65536)
             conn.sendall(reply)
@@ -40,7 +43,8 @@ def raw_server(reply: bytes):
 
 
 @pytest.mark.parametrize("reply,what", [
-    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"choices\"", "IncompleteRead"),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+     b"{\"choices\"", "IncompleteRead"),
     (b"this is not http\r\n\r\n", "BadStatusLine"),
 ])
 def test_broken_http_responses_are_retried_then_one_backend_error(reply, what, capsys):
@@ -61,17 +65,21 @@ def test_broken_http_responses_are_retried_then_one_backend_error(reply, what, c
 ])
 def test_http_flags_are_checked_before_anything_loads(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
-        rr.main(["score", "--model", "m", "--api-base", "http://127.0.0.1:9/v1", "--prompt", "x", "--image", "y.png",
-                 *argv])
+        rr.main(["score", "--model", "m", "--api-base", "http://127.0.0.1:9/v1", "--prompt", "x",
+                 "--image", "y.png", *argv])
     with pytest.raises(SystemExit, match=message.replace("--", "--")):
-        rl_nft.main(["--generator", "tiny-random", "--scorer", "tiny-random", "--out", str(tmp_path / "o"), *argv])
+        rl_nft.main(["--generator", "tiny-random", "--scorer", "tiny-random", "--out",
+                     str(tmp_path / "o"), *argv])
 
 
 def test_out_that_is_a_file_is_refused_by_every_cli(tmp_path):
     f = tmp_path / "taken"
     f.write_text("x")
-    for argv in (["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt", "a cat"],
-                 ["rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", tmp_path / "pairs.jsonl"]):
+    gcr = ["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random",
+           "--prompt", "a cat"]
+    evaluation = ["rationalrewards.py", "eval", "--model", "tiny-random", "--pairs",
+                  tmp_path / "pairs.jsonl"]
+    for argv in (gcr, evaluation):
         res = run_cli(*argv, "--out", f)
         assert res.returncode == 2
         assert "is a file, not a directory" in res.stderr
@@ -102,13 +110,15 @@ def test_a_corrupt_line_in_the_middle_of_a_jsonl_is_named(tmp_path):
 def test_benchmark_without_its_label_column_and_with_repeated_ids(tmp_path, capsys):
     from test_benchmarks import png, write_parquet
     path = write_parquet(tmp_path / "g" / "test.parquet", {
-        "prompt": ["a", "b"], "left_image": [png("red"), png("blue")], "right_image": [png("blue"), png("red")]},
-        image_columns=("left_image", "right_image"))
-    with pytest.raises(ValueError, match="no column\\(s\\) vote_type; columns found: left_image, prompt, right_image"):
+        "prompt": ["a", "b"], "left_image": [png("red"), png("blue")],
+        "right_image": [png("blue"), png("red")]}, image_columns=("left_image", "right_image"))
+    expected = "no column\\(s\\) vote_type; columns found: left_image, prompt, right_image"
+    with pytest.raises(ValueError, match=expected):
         rr.benchmark_pairs("genai-bench-t2i", str(path.parent), None, tmp_path / "img")
     write_parquet(tmp_path / "m" / "pairs.parquet", {
         "pair_id": ["p", "p"], "prompt_text": ["a red kite", "a blue kite"],
-        "response_a_images": [[png("red")], [png("blue")]], "response_b_images": [[png("blue")], [png("red")]],
+        "response_a_images": [[png("red")], [png("blue")]],
+        "response_b_images": [[png("blue")], [png("red")]],
         "chosen": ["A", "B"]}, list_image_columns=("response_a_images", "response_b_images"))
     pairs, _ = rr.benchmark_pairs("mmrb2-t2i", str(tmp_path / "m"), None, tmp_path / "img")
     assert [p["id"] for p in pairs] == ["p", "p@1"]
@@ -128,7 +138,8 @@ def test_damaged_checkpoints_and_changed_prompts_are_named_on_resume(tmp_path, s
     theta = out / "checkpoint" / "theta.safetensors"
     whole = theta.read_bytes()
     theta.write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(ValueError, match="theta.safetensors is damaged or unreadable.*checkpoint.old"):
+    with pytest.raises(ValueError,
+                       match="theta.safetensors is damaged or unreadable.*checkpoint.old"):
         nft_main(server, out, "--epochs", "2", "--resume", "--prompts", prompts)
     theta.write_bytes(whole)
     (out / "checkpoint" / "state.json").write_text('{"epoch": 1, "st')
@@ -159,7 +170,8 @@ def test_eval_metrics_cover_exactly_the_selected_pairs(tmp_path):
 
 def test_gcr_decoding_settings_bind_the_run(tmp_path):
     out = tmp_path / "gcr"
-    base = ["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt", "a cat", "--out", out]
+    base = ["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--prompt",
+            "a cat", "--out", out]
     assert run_cli(*base).returncode == 0
     res = run_cli(*base, "--scorer-max-new-tokens", "16")
     assert res.returncode == 2

@@ -36,19 +36,22 @@ def test_next_step_refines_below_threshold_and_selection_picks_last_or_best():
     low = rr.parse_pointwise(crit(2, 4, refined="three red apples, clearly three"), "t2i")
     assert gcr_loop.next_step(low, GATE, 3.0, 0, 1) == (None, "three red apples, clearly three")
     assert gcr_loop.next_step(low, GATE, 3.0, 1, 1) == ("max_rounds", None)
-    assert gcr_loop.next_step(rr.parse_pointwise(crit(2, 4, refined=None), "t2i"), GATE, 3.0, 0, 1) == \
-        ("no_refined_request", None)
-    assert gcr_loop.next_step(rr.parse_pointwise("I cannot see an image.", "t2i"), GATE, 3.0, 0, 1) == \
-        ("unreadable_critique", None)
+    no_refinement = rr.parse_pointwise(crit(2, 4, refined=None), "t2i")
+    assert gcr_loop.next_step(no_refinement, GATE, 3.0, 0, 1) == ("no_refined_request", None)
+    unreadable = rr.parse_pointwise("I cannot see an image.", "t2i")
+    assert gcr_loop.next_step(unreadable, GATE, 3.0, 0, 1) == ("unreadable_critique", None)
     # a gate on text rendering alone: N/A is unreadable for the gate
-    assert gcr_loop.gate_decision(rr.parse_pointwise(crit(4, 4), "t2i"), ("text_rendering",), 3.0) == "unreadable"
+    readable = rr.parse_pointwise(crit(4, 4), "t2i")
+    assert gcr_loop.gate_decision(readable, ("text_rendering",), 3.0) == "unreadable"
     rounds = [{"reward": 0.4}, {"reward": 0.7}, {"reward": 0.7}, {"reward": 0.5}]
     assert gcr_loop.select_round(rounds, "last") == 3 and gcr_loop.select_round(rounds, "best") == 1
 
 
 def test_summary_counts_refined_improved_and_worse_prompts_by_hand():
-    recs = [{"rounds": [{"reward": 0.2, "truncated": True}, {"reward": 0.6}], "selected_round": 1, "stop_reason": "passed"},
-            {"rounds": [{"reward": 0.5}, {"reward": 0.3}], "selected_round": 1, "stop_reason": "max_rounds"},
+    recs = [{"rounds": [{"reward": 0.2, "truncated": True}, {"reward": 0.6}], "selected_round": 1,
+             "stop_reason": "passed"},
+            {"rounds": [{"reward": 0.5}, {"reward": 0.3}], "selected_round": 1,
+             "stop_reason": "max_rounds"},
             {"rounds": [{"reward": 0.9}], "selected_round": 0, "stop_reason": "passed"}]
     s = gcr_loop.summarize(recs)
     assert s["prompts"] == 3 and s["share_refined"] == pytest.approx(2 / 3)
@@ -68,8 +71,8 @@ class RecordingPipe:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, prompt, generator, num_inference_steps=None, guidance_scale=None, height=None, width=None,
-                 image=None):
+    def __call__(self, prompt, generator, num_inference_steps=None, guidance_scale=None,
+                 height=None, width=None, image=None):
         self.calls.append({
             "prompts": list(prompt), "seeds": [g.initial_seed() for g in generator], "image": image
         })
@@ -145,7 +148,8 @@ def test_three_rounds_of_low_scores_give_three_refinements(tmp_path):
 
 
 def test_unreadable_and_missing_refinement_stop_with_their_reason(tmp_path):
-    script = {"fog": ["The image shows fog."], "cat": [crit(1.5, 4, refined=None)], "dog": [crit(2, 2), crit(2.5, 2)]}
+    script = {"fog": ["The image shows fog."], "cat": [crit(1.5, 4, refined=None)],
+              "dog": [crit(2, 2), crit(2.5, 2)]}
     recs, pipe, _ = run(tmp_path, script, ["fog", "cat", "dog"])
     assert recs["fog"]["stop_reason"] == "unreadable_critique" and len(recs["fog"]["rounds"]) == 1
     assert recs["cat"]["stop_reason"] == "no_refined_request" and len(recs["cat"]["rounds"]) == 1
@@ -207,7 +211,8 @@ def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_
         # a prompt slug, then the id
         assert (out / "sheets" / f"{rr.slug(r['prompt'])}-{r['id']}.png").is_file()
         assert all((out / rnd["image"]).is_file() for rnd in r["rounds"])
-    assert Image.open(out / "contact_sheet.png").height > Image.open(next((out / "sheets").glob(f"*-{recs[0]['id']}.png"))).height
+    first_sheet = next((out / "sheets").glob(f"*-{recs[0]['id']}.png"))
+    assert Image.open(out / "contact_sheet.png").height > Image.open(first_sheet).height
     summary = json.loads((out / "summary.json").read_text())
     assert summary["share_refined"] == 0.5 and summary["stop_reasons"]["max_rounds"] == 1
     # a new prompt added to the file: the rerun does only that one
@@ -221,7 +226,8 @@ def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_
 def test_bad_arguments_are_clear(tmp_path):
     for argv, message in ((["--prompt", "x", "--prompts", "y.txt"], "exactly one of"),
                           (["--prompt", "x", "--task", "edit"], "needs a source image"),
-                          (["--prompt", "x", "--gate", "text_faithfulness,image_faithfulness"], "--gate takes"),
+                          (["--prompt", "x", "--gate", "text_faithfulness,image_faithfulness"],
+                           "--gate takes"),
                           (["--prompt", "x", "--rounds", "0"], "--rounds must be a positive")):
         with pytest.raises(SystemExit, match=message):
             gcr_loop.main(["--out", str(tmp_path / "o"), *argv])

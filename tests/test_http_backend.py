@@ -49,8 +49,10 @@ def test_images_are_bounded_before_sending(scripted_server):
 
 
 def test_logprobs_path_normalises_over_answers(scripted_server):
-    body = {"choices": [{"message": {"content": "A"}, "logprobs": {"content": [{"token": "A", "logprob": -0.1, "top_logprobs": [
-        {"token": "A", "logprob": math.log(0.6)}, {"token": " B", "logprob": math.log(0.2)}, {"token": "The", "logprob": -3.0}]}]}}]}
+    top = [{"token": "A", "logprob": math.log(0.6)}, {"token": " B", "logprob": math.log(0.2)},
+           {"token": "The", "logprob": -3.0}]
+    first = {"token": "A", "logprob": -0.1, "top_logprobs": top}
+    body = {"choices": [{"message": {"content": "A"}, "logprobs": {"content": [first]}}]}
     server = scripted_server(lambda p: body)
     [lp] = backend(server).answer_logprobs(
         [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
@@ -64,8 +66,9 @@ def test_answer_missing_from_top_logprobs_gets_the_smallest_listed_not_zero(scri
     # issue 7.2: P(A) = 0.135 with B not listed used to renormalise to P(A) = 1.0
     top = [{"token": "The", "logprob": math.log(0.6)}, {"token": "A", "logprob": math.log(0.135)},
            {"token": "Image", "logprob": math.log(0.05)}]
+    logprobs = {"content": [{"token": "The", "top_logprobs": top}]}
     server = scripted_server(lambda p: {"choices": [{"message": {"content": "The"},
-                                                     "logprobs": {"content": [{"token": "The", "top_logprobs": top}]}}]})
+                                                     "logprobs": logprobs}]})
     [lp] = backend(server).answer_logprobs(
         [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     # B gets at most 0.05: P(A) = 0.135 / (0.135 + 0.05)
@@ -109,7 +112,8 @@ def test_client_error_is_not_retried_and_is_clear(scripted_server):
 
 def test_server_that_never_answers_times_out_clearly(scripted_server):
     server = scripted_server(lambda p: ("hang", 3.0))
-    with pytest.raises(rr.BackendError, match=r"failed after 2 attempt\(s\): no answer within 0.3 s"):
+    with pytest.raises(rr.BackendError,
+                       match=r"failed after 2 attempt\(s\): no answer within 0.3 s"):
         backend(server, timeout=0.3, max_retries=1).generate(
             [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     assert len(server.requests) == 2  # the first try and one retry, then a clear error
@@ -117,7 +121,8 @@ def test_server_that_never_answers_times_out_clearly(scripted_server):
 
 def test_nothing_listening_is_a_clear_error():
     b = rr.OpenAIBackend("http://127.0.0.1:9/v1", "m", timeout=1.0, max_retries=1, backoff=0.01)
-    with pytest.raises(rr.BackendError, match="127.0.0.1:9/v1/chat/completions failed after 2 attempt"):
+    with pytest.raises(rr.BackendError,
+                       match="127.0.0.1:9/v1/chat/completions failed after 2 attempt"):
         b.generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
 
 
@@ -145,7 +150,8 @@ def test_answer_text_fallback_reads_image_b_and_reply_without_choices_is_clear(s
         [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
     assert lp == {"A": -math.inf, "B": 0.0}
     server = scripted_server(lambda p: {"error": {"message": "model not found"}})
-    with pytest.raises(rr.BackendError, match="not a chat completion \\(no choices\\).*model not found"):
+    with pytest.raises(rr.BackendError,
+                       match="not a chat completion \\(no choices\\).*model not found"):
         backend(server).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
 
 
@@ -185,7 +191,8 @@ def test_null_content_is_counted_unreadable_with_a_warning(scripted_server, caps
 def test_each_retry_is_announced(scripted_server, capsys):
     calls = []
     server = scripted_server(lambda p: calls.append(1) or (503 if len(calls) < 3 else "ok"))
-    assert backend(server, max_retries=3).generate([rr.render_messages("pointwise_t2i", [solid("red")], request="x")]) == ["ok"]
+    msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request="x")]
+    assert backend(server, max_retries=3).generate(msgs) == ["ok"]
     err = capsys.readouterr().err
     assert "retry 1/3" in err
     assert "retry 2/3" in err

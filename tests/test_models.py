@@ -55,7 +55,8 @@ def test_chat_template_expands_image_tokens(tiny):
                                            return_dict=True, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(model.config.vision_start_token_id) == 2
-    assert ids.count(model.config.image_token_id) == int(inputs["image_grid_thw"].prod(-1).sum()) // 4
+    patches = int(inputs["image_grid_thw"].prod(-1).sum())
+    assert ids.count(model.config.image_token_id) == patches // 4
     assert processor.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
@@ -74,7 +75,8 @@ def test_batched_generation_matches_one_by_one(tiny):
 
 def test_answer_logprobs_is_a_distribution_and_batch_invariant(tiny):
     model, processor = tiny
-    msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r, rationale="A is better.")
+    msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r,
+                               rationale="A is better.")
             for r in ("x", "a longer request here")]
     batched = rr.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
     single = rr.TransformersBackend(model, processor, batch_size=1).answer_logprobs(msgs)
@@ -86,7 +88,8 @@ def test_answer_logprobs_is_a_distribution_and_batch_invariant(tiny):
 def test_right_padded_processor_still_gives_batch_invariant_logprobs():
     # issue 7.6: a processor loaded elsewhere with right padding; the backend must pad left itself
     model, processor = rr.load_vlm("tiny-random")
-    msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r, rationale="A is better.")
+    msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r,
+                               rationale="A is better.")
             for r in ("x", "a much longer request with many more words in it")]
     single = [
         rr.TransformersBackend(model, processor, batch_size=1).answer_logprobs([m])[0] for m in msgs
@@ -123,7 +126,9 @@ def test_8bit_loads_and_generates_on_cpu():
 def test_adapter_is_applied_and_bad_adapter_is_clear(tmp_path, tiny):
     from peft import LoraConfig, PeftModel, get_peft_model
     base, _ = rr.build_tiny_vlm(0)
-    peft = get_peft_model(base, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    config = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                        init_lora_weights=False)
+    peft = get_peft_model(base, config)
     peft.save_pretrained(tmp_path / "adapter")
     model, _ = rr.load_vlm("tiny-random", adapter=str(tmp_path / "adapter"))
     assert isinstance(model, PeftModel)

@@ -44,7 +44,8 @@ def test_python_api_takes_paths_or_pil_images(image_dir):
     with pytest.raises(FileNotFoundError, match="missing"):
         scorer.critique([image_dir / "missing.png"], ["a"])
     edit = rr.RationalRewardsScorer(Echo(), "edit")
-    assert len(edit.critique([image_dir / "red.png"], ["make it red"], [image_dir / "green.png"])) == 1
+    assert len(edit.critique([image_dir / "red.png"], ["make it red"],
+                             [image_dir / "green.png"])) == 1
 
 
 def test_help_shows_each_default_once_and_no_double_negatives():
@@ -94,8 +95,9 @@ def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
     shutil.copytree(
         ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info",
                                                  "__pycache__"))
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--target", str(target), str(src)], capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                          "--no-build-isolation", "--target", str(target),
+                          str(src)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     env = {"PYTHONPATH": str(target), "PATH": ""}
     code = ("import rationalrewards as rr, rl_nft, gcr_loop, parrot; "
@@ -185,11 +187,13 @@ def test_every_picture_writes_a_missing_score_the_same_way():
 
 def test_reward_curve_legend_greys_out_a_dimension_without_readable_scores(tmp_path):
     import rl_nft
-    rows = [{"epoch": e, "reward_mean": 0.5, "text_faithfulness": 3.0, "physical_quality": 2.0, "text_rendering": None}
+    rows = [{"epoch": e, "reward_mean": 0.5, "text_faithfulness": 3.0, "physical_quality": 2.0,
+             "text_rendering": None}
             for e in range(1, 4)]
     rl_nft.plot_reward_curve(rows, tmp_path / "curve.png", rr.T2I_DIMENSIONS, title="run")
     im = Image.open(tmp_path / "curve.png").convert("RGB")
-    # legend swatches sit at x = 760 - 190 + 20 and y = 44 + 12 + 32 n (n = 0 is R, then the dimensions in order)
+    # legend swatches sit at x = 760 - 190 + 20 and y = 44 + 12 + 32 n
+    # (n = 0 is R, then the dimensions in order)
     assert im.getpixel((590, 56 + 32 * 1)) == rl_nft.COLOURS["text_faithfulness"]
     assert im.getpixel((590, 56 + 32 * 3)) == (190, 190, 190)  # text rendering: nothing readable
     # the title is drawn
@@ -201,9 +205,10 @@ def test_edit_sheets_and_eval_grids_show_the_source_beside_the_result(tmp_path):
     import rl_nft
     for name, colour in (("src.png", "blue"), ("first.png", "red"), ("final.png", "green")):
         solid(colour).save(tmp_path / name)
-    rnd = lambda image: {"image": image, "reward": 0.5, "scores": {"text_faithfulness": 3.0}, "request": "make it red"}
-    rec = {"prompt": "make it red", "rounds": [rnd("first.png"), rnd("final.png")], "selected_round": 1,
-           "stop_reason": "threshold"}
+    rnd = lambda image: {"image": image, "reward": 0.5, "scores": {"text_faithfulness": 3.0},
+                         "request": "make it red"}
+    rec = {"prompt": "make it red", "rounds": [rnd("first.png"), rnd("final.png")],
+           "selected_round": 1, "stop_reason": "threshold"}
     t2i = gcr_loop.sheet_row(rec, tmp_path)
     edit = gcr_loop.sheet_row({**rec, "source_image": str(tmp_path / "src.png")}, tmp_path)
     assert (t2i.width, edit.width) == (2 * 266, 3 * 266)

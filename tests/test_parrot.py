@@ -47,7 +47,8 @@ class ScriptedTeacher:
             elif "unparseable" in text:
                 out.append("I am not able to compare these images.")
             elif "vague" in text:
-                out.append(rationale(3, 2.5, extra="VAGUE") if label == "A" else rationale(2.5, 3, extra="VAGUE"))
+                a, b = (3, 2.5) if label == "A" else (2.5, 3)
+                out.append(rationale(a, b, extra="VAGUE"))
             else:
                 out.append(rationale(hi, lo))
         return out
@@ -92,7 +93,8 @@ def test_consistency_verdict_buckets():
     assert parrot.consistency_verdict(good, "A", 0.5, 0.5) is None  # "at least" the threshold
     tie = rr.parse_pairwise(rationale(3, 3), "t2i")
     assert parrot.consistency_verdict(tie, "A", 0.9, 0.5) == "scores_contradict_label"
-    assert parrot.consistency_verdict(rr.parse_pairwise("no idea", "t2i"), "A", 0.9, 0.5) == "unparseable"
+    no_idea = rr.parse_pairwise("no idea", "t2i")
+    assert parrot.consistency_verdict(no_idea, "A", 0.9, 0.5) == "unparseable"
 
 
 def test_projection_matches_and_largest_gap():
@@ -113,14 +115,18 @@ def test_projection_matches_and_largest_gap():
 
 
 def test_ab_shuffle_is_seeded_and_balanced():
-    pairs = [parrot.make_pair("x", "t2i", f"p{i}", f"good{i}.png", f"bad{i}.png", seed=0) for i in range(400)]
+    def pairs_with(seed):
+        return [parrot.make_pair("x", "t2i", f"p{i}", f"good{i}.png", f"bad{i}.png", seed=seed)
+                for i in range(400)]
+
+    pairs = pairs_with(0)
     for p in pairs:  # the preferred image is where the label says
         assert p[f"image_{p['label'].lower()}"].startswith("good")
     share_b = sum(p["label"] == "B" for p in pairs) / len(pairs)
     assert 0.4 < share_b < 0.6
-    again = [parrot.make_pair("x", "t2i", f"p{i}", f"good{i}.png", f"bad{i}.png", seed=0) for i in range(400)]
+    again = pairs_with(0)
     assert again == pairs
-    other = [parrot.make_pair("x", "t2i", f"p{i}", f"good{i}.png", f"bad{i}.png", seed=1) for i in range(400)]
+    other = pairs_with(1)
     assert [p["label"] for p in other] != [p["label"] for p in pairs]
 
 
@@ -132,7 +138,8 @@ def test_heldout_split_is_by_prompt():
 
 
 def test_build_sft_keeps_pairs_of_one_prompt_on_one_side(tmp_path):
-    # issue 7.19: two pairs share each prompt; whichever side a prompt lands on, both its pairs go there
+    # issue 7.19: two pairs share each prompt; whichever side a prompt lands on, both its pairs
+    # go there
     kept = [{"id": f"{p}-{k}", "task": "t2i", "prompt": p, "image_a": "a.png", "image_b": "b.png",
              "source_image": None, "label": "A", "kept": True, "rationale": rationale(4, 2)}
             for p in (f"prompt {i}" for i in range(40)) for k in range(2)]
@@ -190,7 +197,8 @@ def test_hpdv3_loader_counts_missing_and_corrupt(tmp_path):
 
 
 def test_hpdv3_missing_gives_download_commands(tmp_path):
-    with pytest.raises(parrot.DataError, match=r"hf download MizzenAI/HPDv3 --repo-type dataset(.|\n)*tar -xzf"):
+    with pytest.raises(parrot.DataError,
+                       match=r"hf download MizzenAI/HPDv3 --repo-type dataset(.|\n)*tar -xzf"):
         parrot.load_dataset_pairs(
             parrot.Args(dataset="hpdv3", data_dir=str(tmp_path / "none"), out=str(tmp_path)))
 
@@ -214,7 +222,8 @@ def test_rapidata_parquet_through_datasets(tmp_path):
         ("after", img(_png_bytes("green")), img(_png_bytes("blue")), 7, 3),
     ]
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({"prompt": [r[0] for r in rows], "image1": pa.array([r[1] for r in rows], image_type),
+    table = pa.table({"prompt": [r[0] for r in rows],
+                      "image1": pa.array([r[1] for r in rows], image_type),
                       "image2": pa.array([r[2] for r in rows], image_type),
                       "votes_image1": [r[3] for r in rows], "votes_image2": [r[4] for r in rows]})
     pq.write_table(table, tmp_path / "train.parquet")
@@ -222,7 +231,8 @@ def test_rapidata_parquet_through_datasets(tmp_path):
                        out=str(tmp_path / "run"))
     pairs, stats = parrot.load_dataset_pairs(args)
     assert [p["prompt"] for p in pairs] == ["a red cat", "a blue dog", "after"]
-    assert (stats["dropped_ties"], stats["dropped_near_ties"], stats["skipped_corrupt_image"]) == (1, 1, 1)
+    assert (stats["dropped_ties"], stats["dropped_near_ties"],
+            stats["skipped_corrupt_image"]) == (1, 1, 1)
     for p, winner in zip(pairs, ("red", "blue", "green")):
         from conftest import dominant_colour
         import base64
@@ -256,7 +266,8 @@ def test_editreward_parquet_is_an_edit_dataset(tmp_path):
 def test_demo_pairs_have_one_known_defect(tmp_path):
     pairs, _ = parrot.load_dataset_pairs(parrot.Args(dataset="demo", limit=30, out=str(tmp_path)))
     assert len({p["id"] for p in pairs}) == 30
-    assert {p["defect_dimension"] for p in pairs} == {"text_faithfulness", "physical_quality", "text_rendering"}
+    assert {p["defect_dimension"] for p in pairs} == {"text_faithfulness", "physical_quality",
+                                                      "text_rendering"}
     for p in pairs:
         if p["defect_dimension"] == "text_rendering":
             assert '"' in p["prompt"]  # only word prompts get spelling defects
@@ -268,7 +279,8 @@ def test_demo_pairs_have_one_known_defect(tmp_path):
 
 
 # ---- Phases 1 and 2 with a scripted teacher ----
-PROMPTS = ["consistent one", "contradict two", "unparseable three", "vague four", "consistent five", "contradict six"]
+PROMPTS = ["consistent one", "contradict two", "unparseable three", "vague four", "consistent five",
+           "contradict six"]
 
 
 def run_phases_12(tmp_path, teacher, out_name="run", **kw):
@@ -295,8 +307,8 @@ def test_phases_put_each_rationale_in_the_right_bucket(tmp_path):
     assert report["kept"] == 2
     assert report["phase2_pairs"] == 6
     assert report["phase1_parse_failures"] == 1
-    assert report["drops_by_reason"] == {"unparseable": 1, "scores_contradict_label": 2, "unreadable_answer": 0,
-                                         "teacher_disagrees": 1}
+    assert report["drops_by_reason"] == {"unparseable": 1, "scores_contradict_label": 2,
+                                         "unreadable_answer": 0, "teacher_disagrees": 1}
     assert report["retention_rate"] == pytest.approx(2 / 6)
     # ELBO term 1 over all six candidates of q, the dropped ones included (issue 7.3):
     # consistent x2: P(y)=0.9; contradicting x2: the teacher follows their scores, P(y)=0.1;
@@ -445,7 +457,8 @@ def test_qlora_student_trains_on_cpu(tmp_path):
     # LoRA starts as a no-op
     assert lora_b and all(float(v.abs().sum()) == 0 for v in lora_b.values())
     losses = parrot.foresight_distillation(model, processor, train, tmp_path, args)
-    moved = [n for n, p in model.named_parameters() if "lora_B" in n and float((p.detach() - lora_b[n]).abs().sum()) > 0]
+    moved = [n for n, p in model.named_parameters()
+             if "lora_B" in n and float((p.detach() - lora_b[n]).abs().sum()) > 0]
     # every adapter got gradients through the 4-bit layers and checkpointing
     assert len(moved) == len(lora_b)
     assert losses[-1] < losses[0]
@@ -481,8 +494,8 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
     args = parrot.Args(out=str(out), eval_fraction=0.0)
     parrot.project_pointwise(Projector(), kept, out, args)
     proj = rr.read_jsonl(out / "projections.jsonl")
-    assert sorted((p["id"], p["side"], p["kept"]) for p in proj) == [("p0", "A", True), ("p0", "B", False),
-                                                                     ("p1", "A", True), ("p1", "B", False)]
+    kept = sorted((p["id"], p["side"], p["kept"]) for p in proj)
+    assert kept == [("p0", "A", True), ("p0", "B", False), ("p1", "A", True), ("p1", "B", False)]
     train, held = parrot.build_sft(out, args)
     assert held == []
     assert sorted((s["id"], s["kind"], s["side"]) for s in train) == [("p0", "pairwise", None),
@@ -524,8 +537,9 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
     assert trained == [first] and first >= 2
     parrot.phase3(Copier(), out, args)
     assert trained == [first]  # same data: nothing redone
-    rr.append_jsonl(out / "phase2.jsonl", {**parrot.read_phase2(out)[2], "kept": True, "reason": None,
-                                           "rationale": rationale(4, 2), "scores_a": {}, "scores_b": {}})
+    third = {**parrot.read_phase2(out)[2], "kept": True, "reason": None,
+             "rationale": rationale(4, 2), "scores_a": {}, "scores_b": {}}
+    rr.append_jsonl(out / "phase2.jsonl", third)
     parrot.phase3(Copier(), out, args)
     second = len(rr.read_jsonl(out / "sft.jsonl"))
     # a third kept pair: trained again, on all of it

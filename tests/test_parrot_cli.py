@@ -23,15 +23,17 @@ def teacher_reply(payload):
     if payload.get("logprobs"):
         j = rr.parse_pairwise(text.split("Judge's comparison:")[1], "t2i")
         pa = 0.8 if j.preferred == "A" else 0.2
-        return {"choices": [{"message": {"content": j.preferred}, "logprobs": {"content": [{"token": j.preferred, "logprob": 0.0,
-                "top_logprobs": [{"token": "A", "logprob": math.log(pa)}, {"token": "B", "logprob": math.log(1 - pa)}]}]}}]}
+        top = [{"token": "A", "logprob": math.log(pa)}, {"token": "B", "logprob": math.log(1 - pa)}]
+        first = {"token": j.preferred, "logprob": 0.0, "top_logprobs": top}
+        return {"choices": [{"message": {"content": j.preferred},
+                             "logprobs": {"content": [first]}}]}
     if "gave it these scores" in text:
-        anchors = dict(
-            re.findall(r"- (Text Faithfulness|Physical and Visual Quality|Text Rendering): (\S+)",
-                       text))
-        return "".join(f"{i}. {name}:\n## Justification: seen.\n## Score: {anchors[name]}\n" for i, name in
-                       enumerate(("Text Faithfulness", "Physical and Visual Quality", "Text Rendering"), 1)) + \
-            "# Summary: ok\n# User Request Refinement:\n## Refinement Comments: none\n## Refined Request: same"
+        titles = ("Text Faithfulness", "Physical and Visual Quality", "Text Rendering")
+        anchors = dict(re.findall(rf"- ({'|'.join(titles)}): (\S+)", text))
+        sections = "".join(f"{i}. {name}:\n## Justification: seen.\n## Score: {anchors[name]}\n"
+                           for i, name in enumerate(titles, 1))
+        return (sections + "# Summary: ok\n# User Request Refinement:\n"
+                "## Refinement Comments: none\n## Refined Request: same")
     label = re.search(r"preferred Image ([AB])", text).group(1)
     hi, lo = ("4", "2") if label == "A" else ("2", "4")
     return ("# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n"
@@ -77,7 +79,8 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
         assert "preferred" not in s["messages"][0]["content"]
     st = report["student"]
     assert st["sft_samples"] == len(sft) and len(st["train_losses"]) == 2 * math.ceil(len(sft) / 2)
-    assert set(st["before"]["accuracy"]) == set(st["after"]["accuracy"]) == {"pointwise", "pairwise"}
+    assert set(st["before"]["accuracy"]) == {"pointwise", "pairwise"}
+    assert set(st["after"]["accuracy"]) == {"pointwise", "pairwise"}
     assert st["before"]["heldout_nll"] is not None and st["after"]["heldout_nll"] is not None
     assert (out / "student" / "adapter_config.json").is_file()
     # the student loads in rationalrewards.py as an adapter
@@ -86,7 +89,8 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
                   out / "student", "--prompt", "a red circle", "--image", img, "--max-new-tokens",
                   "8", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert set(json.loads(res.stdout)["scores"]) == {"text_faithfulness", "physical_quality", "text_rendering"}
+    assert set(json.loads(res.stdout)["scores"]) == {"text_faithfulness", "physical_quality",
+                                                     "text_rendering"}
     # the same command again redoes nothing: no teacher request, same report
     n = len(server.requests)
     res = run_cli("parrot.py", *common)
@@ -103,8 +107,9 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
         time.sleep(0.15)
         return teacher_reply(payload)
     server = scripted_server(slow)
-    args = lambda out: [sys.executable, "parrot.py", "--dataset", "demo", "--limit", "10", "--teacher", "served",
-                        "--teacher-api-base", server.url, "--out", str(out), "--phases", "12", "--batch-size", "1"]
+    args = lambda out: [sys.executable, "parrot.py", "--dataset", "demo", "--limit", "10",
+                        "--teacher", "served", "--teacher-api-base", server.url, "--out", str(out),
+                        "--phases", "12", "--batch-size", "1"]
     env = {**os.environ}
     ref = subprocess.run(args(tmp_path / "ref"), cwd=ROOT, capture_output=True, text=True, env=env,
                          timeout=300)
@@ -113,7 +118,10 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
                             stderr=subprocess.DEVNULL, env=env)
     phase1 = tmp_path / "cut" / "phase1.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not phase1.is_file() or len(phase1.read_text().splitlines()) < 4):
+    def written():
+        return len(phase1.read_text().splitlines()) if phase1.is_file() else 0
+
+    while time.time() < deadline and written() < 4:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

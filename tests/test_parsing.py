@@ -64,14 +64,16 @@ def test_pointwise_critique_gives_scores_na_justifications_and_refinement():
     assert c.justifications["physical_quality"] == "The front wheel is warped."
     assert c.summary == "Faithful, but the wheel is broken."
     assert c.refinement_comments == "Ask for round wheels."
-    assert c.refined_request == "a red bicycle with two perfectly round wheels leaning on a brick wall"
+    assert c.refined_request == ("a red bicycle with two perfectly round wheels leaning on a brick "
+                                 "wall")
     # R = (mean(3.5, 2) - 1) / 3 = 0.58333
     assert rr.reward_from_scores(c.scores) == pytest.approx(1.75 / 3)
 
 
 def test_messy_pointwise_bold_fraction_brackets_preamble_out_of_order():
     c = rr.parse_pointwise(MESSY_POINTWISE, "t2i")
-    # the "Score: 1" inside <think> is ignored; 1.5/4 -> 1.5; [3] -> 3; text rendering missing -> None
+    # the "Score: 1" inside <think> is ignored; 1.5/4 -> 1.5; [3] -> 3;
+    # text rendering missing -> None
     assert c.scores == {"text_faithfulness": 1.5, "physical_quality": 3.0, "text_rendering": None}
     assert c.not_applicable == []
     assert c.justifications["physical_quality"] == "Clean lines,\nno artifacts."
@@ -82,7 +84,8 @@ def test_messy_pointwise_bold_fraction_brackets_preamble_out_of_order():
 
 
 def test_unreadable_output_is_none_not_exception():
-    for text in ["I cannot evaluate this image.", "", "## Score: banana", "1. Text Faithfulness:\n## Score:"]:
+    for text in ["I cannot evaluate this image.", "", "## Score: banana",
+                 "1. Text Faithfulness:\n## Score:"]:
         c = rr.parse_pointwise(text, "t2i")
         assert not c.readable
         assert set(c.scores) == {"text_faithfulness", "physical_quality", "text_rendering"}
@@ -92,9 +95,9 @@ def test_unreadable_output_is_none_not_exception():
 
 
 @pytest.mark.parametrize("raw,expected", [
-    ("3.5", 3.5), ("**3.5**", 3.5), ("[3.5]", 3.5), ("3.5/4", 3.5), ("Score: 3", 3.0), ("  2 ", 2.0),
-    ("7", 4.0), ("0", 1.0), ("-2", 1.0), ("N/A", "N/A"), ("n/a (no text)", "N/A"), ("NA", "N/A"),
-    ("Not applicable", "N/A"), ("good", None), ("", None),
+    ("3.5", 3.5), ("**3.5**", 3.5), ("[3.5]", 3.5), ("3.5/4", 3.5), ("Score: 3", 3.0),
+    ("  2 ", 2.0), ("7", 4.0), ("0", 1.0), ("-2", 1.0), ("N/A", "N/A"), ("n/a (no text)", "N/A"),
+    ("NA", "N/A"), ("Not applicable", "N/A"), ("good", None), ("", None),
 ])
 def test_score_field_forms_parse_to_a_number_na_or_none(raw, expected):
     assert rr.parse_score(raw) == expected
@@ -120,13 +123,14 @@ def test_edit_dimensions_and_unknown_numbered_title():
 ## Score: N/A
 """
     c = rr.parse_pointwise(text, "edit")
-    assert c.scores == {"text_faithfulness": 4.0, "image_faithfulness": 2.5, "physical_quality": 3.0,
-                        "text_rendering": None}
+    assert c.scores == {"text_faithfulness": 4.0, "image_faithfulness": 2.5,
+                        "physical_quality": 3.0, "text_rendering": None}
     assert c.justifications["image_faithfulness"] == "The house changed colour too."
 
 
 def test_sentence_starting_with_dimension_name_is_not_a_header():
-    text = "1. Text Faithfulness:\n## Justification: fine\nText rendering is not needed here, the request has no words.\n## Score: 3"
+    text = ("1. Text Faithfulness:\n## Justification: fine\n"
+            "Text rendering is not needed here, the request has no words.\n## Score: 3")
     c = rr.parse_pointwise(text, "t2i")
     assert c.scores["text_faithfulness"] == 3.0
     assert "Text rendering is not needed" in c.justifications["text_faithfulness"]
@@ -148,7 +152,8 @@ def test_pairwise_tie_and_missing_score():
     # A = 3 + 2.5 + 2.5 = 8.0, B = 4 + 3.5 + 2.5 = 10.0
     assert rr.parse_pairwise(text, "t2i").preferred == "B"
     # B's physical score unreadable -> counts 2.5: A = 4 + 2.5 + 2.5 = 9, B = 2 + 2.5 + 2.5 = 7
-    assert rr.parse_pairwise(PAIRWISE.replace("## Score B: 3.5", "## Score B: ??"), "t2i").preferred == "A"
+    unreadable_b = PAIRWISE.replace("## Score B: 3.5", "## Score B: ??")
+    assert rr.parse_pairwise(unreadable_b, "t2i").preferred == "A"
     tie = "1. Text Faithfulness:\n## Score A: 3\n## Score B: 3\n## Winner: It's a tie"
     j = rr.parse_pairwise(tie, "t2i")
     assert j.preferred == "tie" and j.winners["text_faithfulness"] == "tie"
@@ -161,7 +166,8 @@ def test_preference_from_scores_and_weights():
     assert rr.preference_from_scores({"tf": 3.0}, {"tf": 2.0, "pq": 4.0}) == "B"
     # weighted: (3*4 + 1*1) / 4 = 3.25 -> (3.25 - 1) / 3 = 0.75
     tf, pq, tr = rr.T2I_DIMENSIONS
-    assert rr.reward_from_scores({tf: 4.0, pq: 1.0, tr: None}, {tf: 3.0, pq: 1.0}) == pytest.approx(0.75)
+    weighted = rr.reward_from_scores({tf: 4.0, pq: 1.0, tr: None}, {tf: 3.0, pq: 1.0})
+    assert weighted == pytest.approx(0.75)
     assert rr.reward_from_scores({}) == 0.0 and rr.reward_from_scores({"tf": None}) == 0.0
 
 
@@ -230,8 +236,10 @@ def test_read_jsonl_cuts_a_torn_last_line(tmp_path):
 
 def test_preference_metrics_hand_computed():
     recs = [
-        {"label": "A", "predicted": "A", "unreadable": False, "scores_a": {"text_faithfulness": 4.0}, "scores_b": {"text_faithfulness": 2.0}},
-        {"label": "B", "predicted": "tie", "unreadable": False, "scores_a": {"text_faithfulness": 3.0}, "scores_b": {"text_faithfulness": 3.0}},
+        {"label": "A", "predicted": "A", "unreadable": False,
+         "scores_a": {"text_faithfulness": 4.0}, "scores_b": {"text_faithfulness": 2.0}},
+        {"label": "B", "predicted": "tie", "unreadable": False,
+         "scores_a": {"text_faithfulness": 3.0}, "scores_b": {"text_faithfulness": 3.0}},
         {"label": "tie", "predicted": "tie", "unreadable": False, "scores_a": {}, "scores_b": {}},
         {"label": "A", "predicted": None, "unreadable": True, "scores_a": {}, "scores_b": {}},
     ]
@@ -334,8 +342,10 @@ def test_reward_rejects_weights_that_leave_zero_to_one():
     with pytest.raises(ValueError, match="unknown reward dimension"):
         rr.reward_from_scores(scores, {"text_faithfullness": 1.0})
     # weight 0 drops a dimension: the official edit-RL reward without image faithfulness
-    edit = {"text_faithfulness": 4.0, "image_faithfulness": 1.0, "physical_quality": 4.0, "text_rendering": None}
-    assert rr.reward_from_scores(edit, rr.parse_weights("image_faithfulness=0")) == pytest.approx(1.0)
+    edit = {"text_faithfulness": 4.0, "image_faithfulness": 1.0, "physical_quality": 4.0,
+            "text_rendering": None}
+    assert rr.reward_from_scores(edit,
+                                 rr.parse_weights("image_faithfulness=0")) == pytest.approx(1.0)
     assert rr.reward_from_scores(edit) == pytest.approx((3.0 - 1) / 3)  # mean(4, 1, 4) = 3
     with pytest.raises(ValueError, match="look like"):
         rr.parse_weights("text_faithfulness:2")
@@ -352,10 +362,12 @@ def test_quoted_word_at_the_end_of_a_refined_request_survives():
 def test_prompt_lists_from_txt_and_jsonl(tmp_path):
     (tmp_path / "p.txt").write_text("# a comment\na red cat\n\n  two dogs  \n")
     assert rr.read_prompt_list(tmp_path / "p.txt") == ["a red cat", "two dogs"]
-    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "seed": 3}\n\n{"prompt": "#not a comment"}\n')
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "seed": 3}\n\n'
+                                      '{"prompt": "#not a comment"}\n')
     assert rr.read_prompt_list(tmp_path / "p.jsonl") == ["a red cat", "#not a comment"]
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt field"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object with a 'prompt' field"):
+    with pytest.raises(ValueError,
+                       match="bad.jsonl:1: expected a JSON object with a 'prompt' field"):
         rr.read_prompt_list(tmp_path / "bad.jsonl")
     (tmp_path / "empty.txt").write_text("# only a comment\n")
     with pytest.raises(ValueError, match="holds no prompts"):

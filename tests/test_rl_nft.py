@@ -27,12 +27,14 @@ V_THETA, V_OLD, V_REF = as_latent([2, 1]), as_latent([1, 1]), as_latent([0, 0])
 @pytest.mark.parametrize("beta,r,expected_policy", [
     # beta 1: v+ = v_theta = [2, 1] -> x0+ = [2, 2.5], err [1, .5]: mse .625 / w .75 = 0.8333
     (1.0, 1.0, 0.625 / 0.75),
-    # beta 1: v- = 2 v_old - v_theta = [0, 1] -> x0- = [3, 2.5], err [2, .5]: mse 2.125 / w 1.25 = 1.7
+    # beta 1: v- = 2 v_old - v_theta = [0, 1] -> x0- = [3, 2.5], err [2, .5]:
+    #         mse 2.125 / w 1.25 = 1.7
     (1.0, 0.0, 2.125 / 1.25),
     (1.0, 0.25, 0.25 * 0.625 / 0.75 + 0.75 * 2.125 / 1.25),
     # beta .1: v+ = [1.1, 1.0] -> err [1.45, .5]: mse 1.17625 / w .975, divided by beta
     (0.1, 1.0, 1.17625 / 0.975 / 0.1),
-    # beta .1: v- = 1.1 v_old - .1 v_theta = [.9, 1.0] -> err [1.55, .5]: mse 1.32625 / w 1.025, / beta
+    # beta .1: v- = 1.1 v_old - .1 v_theta = [.9, 1.0] -> err [1.55, .5]:
+    #          mse 1.32625 / w 1.025, / beta
     (0.1, 0.0, 1.32625 / 1.025 / 0.1),
 ])
 def test_nft_loss_matches_hand_computed_policy_and_kl_terms(beta, r, expected_policy):
@@ -48,7 +50,8 @@ def test_nft_loss_matches_hand_computed_policy_and_kl_terms(beta, r, expected_po
 
 
 def test_nft_loss_is_the_same_on_flux_packed_tokens():
-    # (B, C, h, w) = (1, 1, 1, 2) and the same numbers as (B, L, F) = (1, 2, 1): per-sample means over all axes
+    # (B, C, h, w) = (1, 1, 1, 2) and the same numbers as (B, L, F) = (1, 2, 1): per-sample means
+    # over all axes
     packed = [t.view(1, 2, 1) for t in (V_THETA, V_OLD, V_REF, XT, X0)]
     a, sa = rl_nft.nft_loss(V_THETA, V_OLD, V_REF, XT, X0, T, torch.tensor([0.3]))
     b, sb = rl_nft.nft_loss(*packed, T, torch.tensor([0.3]))
@@ -62,7 +65,8 @@ def test_nft_adaptive_weight_is_per_sample_without_gradient_and_floored():
     loss.backward()
     # w = .75 held constant: dL/dv = -t * 2 err / (N w) = -.5 * 2 * [1, .5] / 1.5
     assert v.grad.flatten().tolist() == pytest.approx([-2 / 3, -1 / 3])
-    # per sample: a second sample with 10x the error gets its own weight, so both losses are comparable
+    # per sample: a second sample with 10x the error gets its own weight, so both losses are
+    # comparable
     # errors [1, .5] and [10, 5]... scaled x10
     x0 = torch.cat([X0, X0 - 10 * (XT - 0.5 * V_THETA - X0)])
     _, big = rl_nft.nft_loss(torch.cat([V_THETA] * 2), torch.cat([V_OLD] * 2),
@@ -86,7 +90,8 @@ def test_optimality_from_rewards_by_hand():
     r = rl_nft.optimality_from_rewards([0.6, 0.2, 0.6, 1.0], [0, 0, 1, 1])
     assert r[0] > 0.5 > r[2]
     # clipping: A = .5 / .5001 ~ 1 is clipped to .5, then mapped to exactly 1 and 0
-    assert rl_nft.optimality_from_rewards([1.0, 0.0], [0, 0], adv_clip=0.5).tolist() == pytest.approx([1.0, 0.0])
+    clipped = rl_nft.optimality_from_rewards([1.0, 0.0], [0, 0], adv_clip=0.5)
+    assert clipped.tolist() == pytest.approx([1.0, 0.0])
     # a group of equal rewards: r = 0.5 for each (even when every reward in the batch is equal)
     assert rl_nft.optimality_from_rewards([0.3, 0.3], [0, 0]).tolist() == [0.5, 0.5]
     assert rl_nft.old_policy_decay(100) == pytest.approx(0.1)
@@ -94,8 +99,9 @@ def test_optimality_from_rewards_by_hand():
 
 
 def test_official_mask_uses_the_global_std_and_the_group_mean():
-    # group 0 = [1, .9, .95, .85]: own std .0559 > .05 but mean .925 > .9. A rule on the group's own std
-    # (std < .05 and mean > .9) keeps it; the official rule (global std > .05 and group mean < .9) masks it
+    # group 0 = [1, .9, .95, .85]: own std .0559 > .05 but mean .925 > .9.
+    # A rule on the group's own std (std < .05 and mean > .9) keeps it;
+    # the official rule (global std > .05 and group mean < .9) masks it
     rewards = [1.0, 0.9, 0.95, 0.85, 0.2, 0.6, 0.4, 0.8]
     groups = [0] * 4 + [1] * 4
     keep = rl_nft.train_mask(rewards, groups, "official")
@@ -154,11 +160,13 @@ def test_second_order_solver_converges_twice_as_fast_as_euler():
                                       solver)
             errors[solver].append(float((x - exact(z, 0.1)).abs().max()))
     euler, dpm2 = errors["euler"], errors["dpm2"]
-    # doubling the steps: Euler's error halves (first order), the multistep solver's quarters (second order)
+    # doubling the steps: Euler's error halves (first order), the multistep solver's quarters
+    # (second order)
     assert [euler[i] / euler[i + 1] for i in range(2)] == pytest.approx([2, 2], rel=0.1)
     assert [dpm2[i] / dpm2[i + 1] for i in range(2)] == pytest.approx([4, 4], rel=0.12)
     assert dpm2[1] < euler[1] / 10
-    # from t = 1 the first two steps are first order (lambda(1) = -inf), so with two steps the solvers agree
+    # from t = 1 the first two steps are first order (lambda(1) = -inf), so with two steps the
+    # solvers agree
     sig = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
     a, b = (rl_nft.solve_flow_ode(lambda x, i: gaussian_flow(x, sig[i]), z, sig, s)
             for s in ("euler", "dpm2"))
@@ -192,7 +200,8 @@ def test_lora_targets_skip_sd35_second_attention():
     rl_nft.add_policies(tr, rl_nft.Args(lora_r=4, lora_alpha=8))
     adapted = {n.rsplit(".lora_", 1)[0] for n, _ in tr.named_parameters() if ".lora_A.default" in n}
     assert adapted and not any(".attn2." in n for n in adapted)
-    # 2 blocks x (q, k, v, out, add q/k/v) + the first block's context output (the last block has none)
+    # 2 blocks x (q, k, v, out, add q/k/v) + the first block's context output
+    # (the last block has none)
     assert len(adapted) == 2 * 7 + 1
 
 
@@ -287,7 +296,11 @@ def test_one_optimiser_step_per_epoch_and_masked_samples_skipped(tiny_policy, mo
     monkeypatch.setattr(opt, "step", lambda *a, **k: (steps.append(1), real_step(*a, **k)))
     seen = []
     real_loss = rl_nft.nft_loss
-    monkeypatch.setattr(rl_nft, "nft_loss", lambda *a, **k: (seen.append(len(a[4])), real_loss(*a, **k))[1])
+    def recording_loss(*a, **k):
+        seen.append(len(a[4]))
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(rl_nft, "nft_loss", recording_loss)
     x0 = torch.randn(8, 4, 32, 32)
     cond = rl_nft.collate(conds, ["a"] * 8, "cpu", torch.float32)
     sigmas = rl_nft.sampler_sigmas(pipe, 4, geo)
@@ -303,7 +316,8 @@ def test_one_optimiser_step_per_epoch_and_masked_samples_skipped(tiny_policy, mo
     step, _ = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen,
                                     None, step)
     assert step == 3 and len(steps) == 3
-    # all masked: zero gradients, yet the step happens; with fresh moments it is the decoupled weight decay alone
+    # all masked: zero gradients, yet the step happens; with fresh moments it is the decoupled
+    # weight decay alone
     fresh = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5)
     before = [p.detach().clone() for p in params]
     args.gradient_steps_per_epoch = 1
@@ -393,10 +407,10 @@ def rows_of(path):
 
 def nft_main(server, out, *extra):
     """rl_nft.main in-process (the CLI's subprocess path runs in tests/test_chain.py)."""
-    return rl_nft.main(["--generator", "tiny-random", "--scorer", "served", "--scorer-api-base", server.url,
-                        "--out", str(out), "--prompts-per-epoch", "2", "--group-size", "3", "--sample-steps", "4",
-                        "--eval-steps", "40", "--lr", "3e-3", "--eval-every", "2", "--num-eval-prompts", "2",
-                        *map(str, extra)])
+    return rl_nft.main(["--generator", "tiny-random", "--scorer", "served", "--scorer-api-base",
+                        server.url, "--out", str(out), "--prompts-per-epoch", "2", "--group-size",
+                        "3", "--sample-steps", "4", "--eval-steps", "40", "--lr", "3e-3",
+                        "--eval-every", "2", "--num-eval-prompts", "2", *map(str, extra)])
 
 
 def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
@@ -405,7 +419,8 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     assert nft_main(server, out, "--epochs", "2") == 0
     rows = rows_of(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    # per-dimension scores reach metrics.csv; physical quality is always 3, text rendering always N/A
+    # per-dimension scores reach metrics.csv; physical quality is always 3, text rendering
+    # always N/A
     assert all(float(r["physical_quality"]) == 3.0 and r["text_rendering"] == "" for r in rows)
     assert all(1.0 <= float(r["text_faithfulness"]) <= 4.0 for r in rows)
     assert rows[1]["eval_reward"] != "" and rows[0]["eval_reward"] == ""
@@ -415,7 +430,8 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     # t2i masks nothing
     assert all(r["masked_samples"] == "0" and r["trained_samples"] == "6" for r in rows)
     saved = json.loads((out / "args.json").read_text())
-    assert (saved["sampler"], saved["sample_steps"], saved["eval_steps"], saved["mask"]) == ("dpm2", 4, 40, "none")
+    collection = (saved["sampler"], saved["sample_steps"], saved["eval_steps"], saved["mask"])
+    assert collection == ("dpm2", 4, 40, "none")
     captured = capsys.readouterr()
     # one line per epoch, and the bar
     assert "epoch 2: R=" in captured.out and "epochs" in captured.err
@@ -433,10 +449,14 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     # resumed = uninterrupted: the same steps, rewards and weights (every draw is seeded by epoch)
     assert nft_main(server, whole, "--epochs", "3") == 0
     ref = rows_of(whole / "metrics.csv")
+    def without_time(row):
+        return {k: v for k, v in row.items() if k != "seconds"}
+
     for a, b in zip(rows, ref):
-        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        assert without_time(a) == without_time(b)
     from safetensors.torch import load_file
-    wa, wb = load_file(out / "checkpoint" / "theta.safetensors"), load_file(whole / "checkpoint" / "theta.safetensors")
+    wa = load_file(out / "checkpoint" / "theta.safetensors")
+    wb = load_file(whole / "checkpoint" / "theta.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     # the saved LoRA is the EMA of theta, not theta
     ema = load_file(out / "checkpoint" / "ema.safetensors")
@@ -446,12 +466,14 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     assert len(match) == 1
     assert torch.equal(match[0], ema[key])
     assert not torch.equal(ema[key], wa[key])
-    for name in ("args.json", "reward_curve.png", "eval/epoch_0000.png", "eval/epoch_0002.png", "eval/epoch_0003.png"):
+    for name in ("args.json", "reward_curve.png", "eval/epoch_0000.png", "eval/epoch_0002.png",
+                 "eval/epoch_0003.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "args.json").read_text())["group_size"] == 3
     # the LoRA loads with diffusers' own load_lora_weights and changes the output
     pipe = rr.load_generator("tiny-random")
-    gen = lambda: pipe("a red square", num_inference_steps=4, guidance_scale=1.0, height=64, width=64,
+    gen = lambda: pipe("a red square", num_inference_steps=4, guidance_scale=1.0, height=64,
+                       width=64,
                        generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     base = gen()
     pipe.load_lora_weights(str(out / "lora" / "epoch_0003"))
@@ -462,15 +484,16 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
 
 
 def test_bad_arguments_are_clear(tmp_path):
-    for argv, error, message in ((["--epochs", "0"], SystemExit, "--epochs must be a positive"),
-                                 (["--group-size", "1"], SystemExit, "--group-size must be at least 2"),
-                                 (["--adv-clip", "0"], SystemExit, "--adv-clip must be > 0"),
-                                 (["--beta", "0"], SystemExit, "--beta must be > 0"),
-                                 (["--lr", "nan"], SystemExit, "--lr must be > 0"),
-                                 (["--gradient-steps-per-epoch", "9"], SystemExit, "more than the epoch's 8"),
-                                 (["--reward-weights", "text_faithfulness=-1"], ValueError, "finite numbers >= 0"),
-                                 (["--prompts", tmp_path / "none.txt"], FileNotFoundError, "prompt file"),
-                                 (["--generator", "someone/not-downloaded"], rr.ModelLoadError, "hf download")):
+    cases = ((["--epochs", "0"], SystemExit, "--epochs must be a positive"),
+             (["--group-size", "1"], SystemExit, "--group-size must be at least 2"),
+             (["--adv-clip", "0"], SystemExit, "--adv-clip must be > 0"),
+             (["--beta", "0"], SystemExit, "--beta must be > 0"),
+             (["--lr", "nan"], SystemExit, "--lr must be > 0"),
+             (["--gradient-steps-per-epoch", "9"], SystemExit, "more than the epoch's 8"),
+             (["--reward-weights", "text_faithfulness=-1"], ValueError, "finite numbers >= 0"),
+             (["--prompts", tmp_path / "none.txt"], FileNotFoundError, "prompt file"),
+             (["--generator", "someone/not-downloaded"], rr.ModelLoadError, "hf download"))
+    for argv, error, message in cases:
         with pytest.raises(error, match=message):
             rl_nft.main(["--scorer", "tiny-random", "--out", str(tmp_path / "o"), *map(str, argv)])
 
@@ -497,15 +520,17 @@ def test_edit_rl_on_tiny_kontext(tmp_path, scripted_server, capsys):
     LoRA files."""
     server = scripted_server(edit_judge)
     out = tmp_path / "edit"
-    argv = ["--task", "edit", "--generator", "tiny-random", "--scorer", "served", "--scorer-api-base", server.url,
-            "--out", str(out), "--prompts-per-epoch", "2", "--group-size", "2", "--sample-steps", "3",
-            "--eval-steps", "3", "--eval-every", "2", "--num-eval-prompts", "2"]
+    argv = ["--task", "edit", "--generator", "tiny-random", "--scorer", "served",
+            "--scorer-api-base", server.url, "--out", str(out), "--prompts-per-epoch", "2",
+            "--group-size", "2", "--sample-steps", "3", "--eval-steps", "3", "--eval-every", "2",
+            "--num-eval-prompts", "2"]
     assert rl_nft.main(argv + ["--epochs", "2"]) == 0
     saved = json.loads((out / "args.json").read_text())
     assert (saved["mask"], saved["reward_weights"], saved["guidance_scale"], saved["lr"]) == \
         ("official", "image_faithfulness=0", 2.5, 2e-4)
     rows = rows_of(out / "metrics.csv")
-    assert all(float(r["image_faithfulness"]) == 2.0 and float(r["physical_quality"]) == 3.0 for r in rows)
+    assert all(float(r["image_faithfulness"]) == 2.0 for r in rows)
+    assert all(float(r["physical_quality"]) == 3.0 for r in rows)
     for r in rows:  # R = mean(tf, pq) mapped to [0, 1]: linear, so it holds for the epoch means too
         assert float(r["reward_mean"]) == pytest.approx(
             ((float(r["text_faithfulness"]) + 3) / 2 - 1) / 3, abs=1e-6)
@@ -534,12 +559,12 @@ def test_edit_needs_source_images(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "make it red"}\n')
     with pytest.raises(ValueError, match="no source_image"):
-        rl_nft.main(["--task", "edit", "--prompts", str(prompts), "--generator", "tiny-random", "--scorer",
-                     "tiny-random", "--out", str(tmp_path / "o")])
+        rl_nft.main(["--task", "edit", "--prompts", str(prompts), "--generator", "tiny-random",
+                     "--scorer", "tiny-random", "--out", str(tmp_path / "o")])
     prompts.write_text('{"prompt": "make it red", "source_image": "gone.png"}\n')
     with pytest.raises(ValueError, match="gone.png is missing"):
-        rl_nft.main(["--task", "edit", "--prompts", str(prompts), "--generator", "tiny-random", "--scorer",
-                     "tiny-random", "--out", str(tmp_path / "o")])
+        rl_nft.main(["--task", "edit", "--prompts", str(prompts), "--generator", "tiny-random",
+                     "--scorer", "tiny-random", "--out", str(tmp_path / "o")])
 
 
 def test_a_non_finite_loss_stops_the_run_with_the_checkpoint_intact(tiny_policy):
@@ -564,9 +589,9 @@ def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
     (out / "checkpoint.old").mkdir(parents=True)
     (out / "checkpoint.old" / "state.json").write_text("{}")
     base = ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out", out]
-    rl_nft.check_out_dir(out, rl_nft.resolve_defaults(rl_nft.Args(generator="tiny-random", out=str(out),
-                                                                  # resuming it is fine
-                                                                  resume=True)))
+    # resuming it is fine
+    resuming = rl_nft.Args(generator="tiny-random", out=str(out), resume=True)
+    rl_nft.check_out_dir(out, rl_nft.resolve_defaults(resuming))
     args = rl_nft.resolve_defaults(
         rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out)))
     rr.save_args(args, out, extra={"prompts_sha1": rl_nft.prompts_digest(args)})
