@@ -731,14 +731,20 @@ def _readable(paths, stats) -> bool:
     return True
 
 
+def hpdv3_missing(index: Path) -> DataError:
+    """What to do when HPDv3's index file is not there (said by the preflight and the loader)."""
+    root = index.parent
+    return DataError(
+        f"HPDv3 not found: {index} does not exist. Download and extract it (about 100 GB for all "
+        f"images):\n  hf download MizzenAI/HPDv3 --repo-type dataset --local-dir {root}\n  "
+        f"cd {root} && cat images.tar.gz.* | tar -xzf -\nthen pass --data-dir {root}.")
+
+
 def load_hpdv3(root, split, limit, seed, stats) -> list:
     root = Path(root or "data/hpdv3")
     index = root / f"{split}.json"
     if not index.is_file():
-        raise DataError(
-            f"HPDv3 not found: {index} does not exist. Download and extract it (about 100 GB for "
-            f"all images):\n  hf download MizzenAI/HPDv3 --repo-type dataset --local-dir {root}\n  "
-            f"cd {root} && cat images.tar.gz.* | tar -xzf -\nthen pass --data-dir {root}.")
+        raise hpdv3_missing(index)
     try:
         rows = json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -820,10 +826,8 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
                 "src": "source_img"}
     else:
         cols = {"prompt": "prompt", "a": "image1", "b": "image2", "src": None}
-    hint = (
-        f"On a machine with network run\n  hf download {hf_id} --repo-type dataset --local-dir "
-        f"data/{dataset}\nand pass --hf-dataset data/{dataset}/data (a parquet file or a directory "
-        "of them).")
+    hint = rr.dataset_download_hint(hf_id, f"data/{dataset}", "--hf-dataset",
+                                    f"data/{dataset}/data (a parquet file or a directory of them)")
     try:
         image_columns = [c for c in (cols["a"], cols["b"], cols["src"]) if c]
         ds = rr.open_parquet_stream(hf_id, split, image_columns, hint=hint)
@@ -1077,13 +1081,9 @@ def check_dataset(args: Args) -> None:
     """Is the dataset where the loader will look? (the loaders give the same advice when they read
     it)"""
     if args.dataset == "hpdv3":
-        root = Path(args.data_dir or "data/hpdv3")
-        if not (root / f"{args.split}.json").is_file():
-            raise DataError(
-                f"HPDv3 not found: {root / (args.split + '.json')} does not exist. Download and "
-                "extract it (about 100 GB for all images):\n  hf download MizzenAI/HPDv3 "
-                f"--repo-type dataset --local-dir {root}\n  cd {root} && cat images.tar.gz.* | tar "
-                f"-xzf -\nthen pass --data-dir {root}.")
+        index = Path(args.data_dir or "data/hpdv3") / f"{args.split}.json"
+        if not index.is_file():
+            raise hpdv3_missing(index)
     elif args.dataset == "jsonl":
         if not args.data_dir or not Path(args.data_dir).is_file():
             raise DataError(
@@ -1091,10 +1091,10 @@ def check_dataset(args: Args) -> None:
     elif args.dataset in ("rapidata", "editreward"):
         source = args.hf_dataset or DEFAULT_HUB[args.dataset]
         if not rr.looks_like_path(source) and not rr.hub_reachable():
-            raise DataError(
-                f"{args.dataset}: {source} cannot be streamed: the hub is not reachable. On a "
-                f"machine with network run\n  hf download {source} --repo-type dataset --local-dir "
-                f"data/{args.dataset}\nand pass --hf-dataset data/{args.dataset}/data.")
+            hint = rr.dataset_download_hint(source, f"data/{args.dataset}", "--hf-dataset",
+                                            f"data/{args.dataset}/data")
+            raise DataError(f"{args.dataset}: {source} cannot be streamed: the hub is not "
+                            f"reachable. {hint}")
         if rr.looks_like_path(source) and not Path(source).exists():
             raise DataError(f"--hf-dataset {source} does not exist")
 

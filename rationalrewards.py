@@ -1013,10 +1013,8 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int],
             "response_b_images, chosen; pass --data-dir"
         )
     else:
-        hint = (
-            f"On a machine with network run\n  hf download {spec['hub']} --repo-type dataset "
-            f"--local-dir {local}\nand pass --data-dir "
-            f"{local}" + (f"/{spec['config']}" if spec["config"] else "") + ".")
+        subset = f"{local}/{spec['config']}" if spec["config"] else local
+        hint = dataset_download_hint(spec["hub"], local, "--data-dir", subset)
     if source is None or (data_dir and not Path(data_dir).exists()):
         where = f"no local copy at {data_dir}" if data_dir else "no local copy given"
         sep = ";" if spec["hub"] is None else "."
@@ -1817,6 +1815,13 @@ DOWNLOAD_SIZES = {
     "stabilityai/stable-diffusion-3.5-medium": "about 16 GB (pipeline with T5)",
     "black-forest-labs/FLUX.1-Kontext-dev": "about 34 GB (pipeline with T5)"
 }
+
+
+def dataset_download_hint(hub_id: str, local: str, flag: str, use: Optional[str] = None) -> str:
+    """How to get a hub dataset onto a machine without network: the download command, then the
+    flag to pass (`use`: what to pass it, when not the download folder itself)."""
+    return (f"On a machine with network run\n  hf download {hub_id} --repo-type dataset "
+            f"--local-dir {local}\nand pass {flag} {use or local}.")
 
 
 def _download_advice(name: str, what: str, why: str) -> str:
