@@ -20,7 +20,7 @@ Where is (the method is one block from the top; the harness comes after it):
     one GCR round       ``run_batch``: ``generate`` -> ``critique`` -> refined request
     the command line    ``Args``, ``read_items``, contact sheets, ``main``
 
-Smoke run (CPU, offline, seconds)::
+Smoke run (CPU, offline, about 10 s on 2 cores)::
 
     python gcr_loop.py --generator tiny-random --scorer tiny-random \\
         --prompts prompts/gcr_demo_prompts.txt
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     contact_sheet(records, out, out / "contact_sheet.png")
     summary = summarize(records)
     rr.warn_truncated(summary["truncated_critiques"], summary["critiques"],
-                      "--scorer-max-new-tokens")
+                      "--scorer-max-new-tokens", args.scorer)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):")
     for k, v in summary.items():

@@ -29,10 +29,10 @@ Where is (the method is one block from the top; the harness and plumbing come af
                         datasets, model loading (``load_vlm``, ``load_generator``, ``tiny-random``),
                         the two inference backends
 
-Smoke run (CPU, no network, seconds)::
+Smoke run (CPU, no network, about 8 s on 2 cores)::
 
     python rationalrewards.py score --model tiny-random --prompt "a red bicycle" \
-        --image bike.png --max-new-tokens 64
+        --image bike.png
 
 Real run (one consumer GPU, the released checkpoint in 4-bit, about 6 GB)::
 
@@ -285,6 +285,7 @@ class Critique:
     text: str
     truncated: bool = False        # generation stopped by the token limit, not by the model
     error: Optional[str] = None    # the request failed (HTTP error after retries): no reply at all
+    complete: bool = True          # every dimension has its Score line (N/A counts as one)
 
     @property
     def readable(self) -> bool:
@@ -303,6 +304,7 @@ class PairwiseJudgement:
     text: str
     truncated: bool = False
     error: Optional[str] = None
+    complete: bool = True          # every dimension has its Score A and Score B lines
 
 
 def parse_score(value: str):
@@ -386,7 +388,10 @@ def _sections(text: str, dims: tuple):
             name = {"score a": "score_a", "score b": "score_b"}.get(name, name)
             if name.startswith("score") and name[-1] in "ab" and name not in ("score_a", "score_b"):
                 name = "score_" + name[-1]
-            per_dim[dim].setdefault(name, fld.group(2).strip())
+            if name.startswith("score"):  # the official parsers keep a block's LAST Score line
+                per_dim[dim][name] = fld.group(2).strip()
+            else:
+                per_dim[dim].setdefault(name, fld.group(2).strip())
             target = (per_dim[dim], name)
         elif (key := _classify_header(line, dims)) is not None and not fld:
             dim = key
@@ -415,8 +420,10 @@ def parse_pointwise(text: str, task: str = "t2i") -> Critique:
         # a request wrapped in quotes as a whole, not one ending in a quoted word
         if len(refined) > 1 and refined[0] in '"“' and refined[-1] in '"”':
             refined = refined[1:-1].strip()
+    complete = all("score" in per_dim.get(d, {}) for d in dims)
     return Critique(scores, justs, na, sections.get("summary") or None,
-                    sections.get("refinement comments") or None, refined or None, text)
+                    sections.get("refinement comments") or None, refined or None, text,
+                    complete=complete)
 
 
 def parse_pairwise(text: str, task: str = "t2i") -> PairwiseJudgement:
@@ -433,7 +440,9 @@ def parse_pairwise(text: str, task: str = "t2i") -> PairwiseJudgement:
     readable = any(v is not None for v in list(scores_a.values()) + list(scores_b.values()))
     preferred = preference_from_scores(scores_a, scores_b) if readable else None
     summary = sections.get("summary") or None
-    return PairwiseJudgement(scores_a, scores_b, winners, justs, summary, preferred, text)
+    complete = all({"score_a", "score_b"} <= set(per_dim.get(d, {})) for d in dims)
+    return PairwiseJudgement(scores_a, scores_b, winners, justs, summary, preferred, text,
+                             complete=complete)
 
 # ---------------------------------------------------------------------------------------
 # The reward (paper Sec. 2.2) and the pairwise preference (Sec. 3), from parsed scores.
@@ -623,24 +632,35 @@ def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list
     if mode == "pointwise":  # both images of every pair in one batched critique call
         crits = scorer.critique(a + b, reqs * 2, src * 2 if src else None, allow_failures=True)
         results = [(ca.scores, cb.scores, ca.readable and cb.readable, [ca.text, cb.text],
-                    int(ca.truncated) + int(cb.truncated), ca.error or cb.error)
+                    int(ca.truncated) + int(cb.truncated), ca.error or cb.error,
+                    ca.complete and cb.complete)
                    for ca, cb in zip(crits[:len(batch)], crits[len(batch):])]
     else:
         judgements = scorer.compare(a, b, reqs, src, allow_failures=True)
         results = [(j.scores_a, j.scores_b, j.preferred is not None, [j.text], int(j.truncated),
-                    j.error) for j in judgements]
+                    j.error, j.complete) for j in judgements]
     records = []
-    for (p, _), (sa, sb, ok, texts, cut, error) in zip(batch, results):
-        # no reply: left out of the accuracy and retried by the next run (official: success False)
+    for (p, _), (sa, sb, ok, texts, cut, error, complete) in zip(batch, results):
+        # No reply, or an empty one ("" with HTTP 200): the official scripts mark the pair
+        # `success = False` (`if evaluation_response:` fails on ""), so it is left out of the
+        # accuracy, counted, and retried by the next run.
+        if not error and not all(t.strip() for t in texts):
+            error = "empty reply"
         if error:
             records.append({"id": p["id"], "label": p["label"], "failed": True, "error": error})
             continue
-        # An unreadable output is not a wrong answer by fiat: each unreadable dimension counts 2.5
-        # (the official compute_pairwise_accuracy.py), so a wholly unreadable side loses to any
+        record = {"id": p["id"], "label": p["label"], "truncated": cut, "outputs": texts}
+        # Editing: the official parsers (rm_inference/inference_*_imgedit.py) raise when a
+        # dimension lacks its Score lines, which leaves the pair out (`success = False`); a cut
+        # or unparseable edit reply is counted as `unparsed`, not judged on partial scores.
+        if scorer.task == "edit" and not complete:
+            records.append({**record, "unparsed": True})
+            continue
+        # Text-to-image: each unreadable dimension counts 2.5 (the official t2i parsers write N/A,
+        # compute_pairwise_accuracy.py's fallback), so a wholly unreadable side loses to any
         # score above 2.5.
-        records.append({"id": p["id"], "label": p["label"], "scores_a": sa, "scores_b": sb,
-                        "predicted": preference_from_scores(sa, sb), "unreadable": not ok,
-                        "truncated": cut, "outputs": texts})
+        records.append({**record, "scores_a": sa, "scores_b": sb,
+                        "predicted": preference_from_scores(sa, sb), "unreadable": not ok})
     return records
 
 
@@ -662,7 +682,8 @@ def preference_metrics(records: list, task: str) -> dict:
     official compute_pairwise_accuracy.py once tie votes carry no label).
     """
     failed = [r for r in records if r.get("failed")]
-    scored = [r for r in records if not r.get("failed")]
+    unparsed = [r for r in records if r.get("unparsed")]
+    scored = [r for r in records if not r.get("failed") and not r.get("unparsed")]
     correct = [r["predicted"] == r["label"] for r in scored]
     no_tie = [c for c, r in zip(correct, scored) if r["label"] != "tie"]
     dim_means = dimension_means([r[side] for r in scored for side in ("scores_a", "scores_b")],
@@ -675,9 +696,9 @@ def preference_metrics(records: list, task: str) -> dict:
             "tie_labels": len(scored) - len(no_tie),
             "unreadable_outputs": sum(r["unreadable"] for r in scored),
             "predicted_ties": sum(r["predicted"] == "tie" for r in scored),
-            "outputs": sum(len(r.get("outputs") or [None]) for r in scored),
-            "truncated_outputs": sum(r.get("truncated", 0) for r in scored),
-            "failed": len(failed),
+            "outputs": sum(len(r.get("outputs") or [None]) for r in scored + unparsed),
+            "truncated_outputs": sum(r.get("truncated", 0) for r in scored + unparsed),
+            "failed": len(failed), "unparsed": len(unparsed),
             "mean_scores": dim_means}
 
 
@@ -769,7 +790,7 @@ class ScorerArgs:
     scorer_batch_size: int = 8
     """critiques per generate() call, or requests in flight over HTTP"""
     scorer_max_new_tokens: Optional[int] = None
-    """longest critique (default 2048 as in the paper; 128 for tiny-random, whose text is noise
+    """longest critique (default 2048 as in the paper; 64 for tiny-random, whose text is noise
     anyway)"""
     scorer_temperature: float = 0.1
     """scorer sampling temperature (paper: 0.1)"""
@@ -793,7 +814,8 @@ def build_scorer(args: ScorerArgs, task: str = "t2i",
                  weights: Optional[dict] = None) -> "RationalRewardsScorer":
     """The scorer described by the --scorer-* flags (shared by rl_nft.py and gcr_loop.py)."""
     model = args.scorer or RELEASED[task]
-    tokens = args.scorer_max_new_tokens or (128 if model == "tiny-random" else 2048)
+    tiny = model == "tiny-random"
+    tokens = args.scorer_max_new_tokens or (TINY_MAX_NEW_TOKENS if tiny else 2048)
     backend = load_backend(model, api_base=args.scorer_api_base, adapter=args.scorer_adapter,
                            quantization=args.scorer_quantization, batch_size=args.scorer_batch_size,
                            max_pixels=args.max_pixels, timeout=args.timeout,
@@ -836,10 +858,12 @@ def read_pairs(path, limit: Optional[int] = None) -> list:
     return pairs
 
 
-def warn_truncated(truncated: int, total: int, flag: str = "--max-new-tokens") -> None:
+def warn_truncated(truncated: int, total: int, flag: str = "--max-new-tokens",
+                   model: Optional[str] = None) -> None:
     """Outputs cut by the token limit lose their later dimensions (scored 2.5) or their refined
-    request: warn when more than 1% of them were cut."""
-    if total and truncated / total > 0.01:
+    request: warn when more than 1% of them were cut (not for tiny-random, whose text is noise and
+    always runs to the limit)."""
+    if model != "tiny-random" and total and truncated / total > 0.01:
         warn(
             f"{truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by the "
             f"token limit before the model finished; raise {flag}")
@@ -908,7 +932,8 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
                "skipped_missing_image": skipped["missing"],
                "skipped_unreadable_image": skipped["unreadable"],
                "mode": mode}
-    warn_truncated(metrics["truncated_outputs"], metrics["outputs"])
+    warn_truncated(metrics["truncated_outputs"], metrics["outputs"],
+                   model=getattr(scorer.backend, "name", None))
     if out_dir:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -933,8 +958,10 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
 # EditReward/evaluate/eval_bench.py):
 #   pairwise comparisons of 2-, 3- and 4-way samples, accuracy over comparisons with A=B ties, and
 #   the strict (group) accuracy per subset: a sample is right when all its comparisons are.
-# Everywhere a request that failed (no reply after the retries) is left out and counted, as the
-# official scripts do with `success = False`; an unreadable reply scores 2.5 per dimension.
+# Everywhere a request that failed (no reply after the retries, or an empty one) is left out and
+# counted, as the official scripts do with `success = False`. An unreadable text-to-image reply
+# scores 2.5 per missing dimension; an edit reply missing any dimension's Score A/B line is left
+# out and counted as `unparsed` (the official edit parsers raise on it).
 BENCHMARKS = {
     "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test",
                             task="t2i", prompt="prompt", a="left_image", b="right_image", src=None,
@@ -1064,7 +1091,9 @@ def benchmark_pairs(name: str, data_dir: Optional[str], limit: Optional[int],
                 cells = cells[:1]
             paths = []
             for n, cell in enumerate(cells or [None]):
-                path = image_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pid)}-{key}{n or ''}.png"
+                # keyed by a digest of the id: ids that differ only in characters a file name
+                # cannot hold (g7/AvsB, g7_AvsB) never share a cached image
+                path = image_dir / f"{pair_id(pid)}-{key}{n or ''}.png"
                 problem = save_embedded_image(cell, path)
                 if problem:
                     break
@@ -1096,20 +1125,31 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def group_accuracy(records: list, groups: dict) -> Optional[float]:
-    """Strict accuracy: the share of samples (groups of comparisons) whose every decision is
-    right."""
-    by_group = {}
-    for r in records:
-        if not r.get("failed") and groups.get(r["id"]) is not None:
-            by_group.setdefault(groups[r["id"]], []).append(r["predicted"] == r["label"])
-    return sum(all(v) for v in by_group.values()) / len(by_group) if by_group else None
+def group_accuracy(records: list, pairs: list) -> Optional[float]:
+    """Strict accuracy over the groups of `pairs` (EditReward-Bench samples): a group is right
+    only when it has ALL its comparisons (n(n-1)/2 for the n candidates its subset names: 1, 3 or
+    6), each one judged (no failed request, no unparsed reply) and right. A group that lost a
+    comparison (a skipped row, a failure) counts as wrong, so failures cannot inflate the figure."""
+    by_id = {r["id"]: r for r in records}
+    groups = {}
+    for p in pairs:
+        if p.get("group") is not None:
+            groups.setdefault((p["group"], p.get("subset")), []).append(by_id.get(p["id"]))
+
+    def right(subset, recs):
+        n = re.search(r"\d+", subset or "")
+        need = math.comb(int(n.group()), 2) if n else len(recs)
+        judged = [r for r in recs if r and "predicted" in r]
+        return len(judged) == need and all(r["predicted"] == r["label"] for r in judged)
+    return sum(right(s, recs) for (_, s), recs in groups.items()) / len(groups) if groups else None
 
 
 _backends = {}  # one loaded model serves every benchmark of an `all` run
 
 
 OFFICIAL_MAX_TOKENS = 20480  # the official evaluation scripts' max_tokens
+# tiny-random writes noise to the token limit whatever it is: smoke runs stop it early
+TINY_MAX_NEW_TOKENS = 64
 
 
 def run_benchmark(name: str, args: Args) -> dict:
@@ -1147,7 +1187,7 @@ def run_benchmark(name: str, args: Args) -> dict:
         skipped["tie_or_both_bad_votes"] = metrics["tie_labels"]
     else:
         correct, n = metrics["correct_with_ties"], metrics["pairs"]
-    skipped["failed_requests"] = metrics["failed"]
+    skipped["failed_requests"], skipped["unparsed_replies"] = metrics["failed"], metrics["unparsed"]
     low, high = wilson_interval(correct, n)
     acc = correct / n if n else None
     metrics.update(benchmark=name, protocol=PROTOCOLS[name], skipped_rows=skipped, accuracy=acc,
@@ -1155,13 +1195,10 @@ def run_benchmark(name: str, args: Args) -> dict:
                    difference=None if acc is None else 100 * acc - spec["paper"],
                    baselines=spec["baselines"])
     if name == "editreward-bench":
-        groups = {p["id"]: p.get("group") for p in pairs}
-        metrics["group_accuracy"] = group_accuracy(records, groups)
-        by_subset = {}
-        for subset in sorted({p.get("subset") for p in pairs if p.get("subset")}):
-            groups = {p["id"]: p.get("group") for p in pairs if p.get("subset") == subset}
-            by_subset[subset] = group_accuracy(records, groups)
-        metrics["group_accuracy_by_subset"] = by_subset
+        metrics["group_accuracy"] = group_accuracy(records, pairs)
+        subsets = sorted({p.get("subset") for p in pairs if p.get("subset")})
+        metrics["group_accuracy_by_subset"] = {
+            s: group_accuracy(records, [p for p in pairs if p.get("subset") == s]) for s in subsets}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -1190,17 +1227,18 @@ def print_benchmark_table(rows: list) -> None:
     benchmark."""
     print(
         f"{'benchmark':<17} {'paper':>6} {'ours':>6} {'w/ ties':>7} {'n':>6} {'95% CI':>11} "
-        f"{'skipped':>7} {'failed':>6} {'cut':>5}  note")
+        f"{'skipped':>7} {'failed':>6} {'unpars':>6} {'cut':>5}  note")
     for r in rows:
         if "error" in r:
             print(
                 f"{r['benchmark']:<17} {r['paper']:>6.1f} {'-':>6} {'-':>7} {'-':>6} {'-':>11} "
-                f"{'-':>7} {'-':>6} {'-':>5}  not run:")
+                f"{'-':>7} {'-':>6} {'-':>6} {'-':>5}  not run:")
             print(textwrap.indent(textwrap.fill(r["error"], 96, break_on_hyphens=False), " " * 4))
             continue
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
         ci = f"{pct(r['ci95'][0])}-{pct(r['ci95'][1])}" if r["ci95"][0] is not None else "-"
-        skipped = sum(v for k, v in r["skipped_rows"].items() if k != "failed_requests")
+        skipped = sum(v for k, v in r["skipped_rows"].items()
+                      if k not in ("failed_requests", "unparsed_replies"))
         note = [f"diff {r['difference']:+.1f}"] if r["difference"] is not None else []
         if r.get("group_accuracy") is not None:
             subsets = r["group_accuracy_by_subset"].items()
@@ -1210,14 +1248,15 @@ def print_benchmark_table(rows: list) -> None:
         print(
             f"{r['benchmark']:<17} {r['paper']:>6.1f} {pct(r['accuracy']):>6} "
             f"{pct(r['accuracy_with_ties']):>7} {r['labelled']:>6} {ci:>11} {skipped:>7} "
-            f"{r['failed']:>6} {r['truncated_outputs']:>5}  {'; '.join(note)}"
+            f"{r['failed']:>6} {r['unparsed']:>6} {r['truncated_outputs']:>5}  {'; '.join(note)}"
         )
     print(
         "paper: RationalRewards-8B in the paper's Table 1; ours: the same protocol as the official "
         "code (README, Table 1); w/ ties: tie labels kept, a tie right only when predicted; "
         "skipped: unlabelled rows, tie votes (GenAI-Bench) and unreadable images; failed: requests "
-        "with no reply (rerun to retry); cut: outputs stopped by the token limit. A gap inside the "
-        "95% interval is noise.")
+        "with no or an empty reply (rerun to retry); unpars: edit replies missing a dimension's "
+        "scores, left out as the official edit parsers do; cut: outputs stopped by the token "
+        "limit. A gap inside the 95% interval is noise.")
 
 # ---------------------------------------------------------------------------------------
 # main
@@ -1238,6 +1277,8 @@ def main(argv=None) -> int:
     if args.max_new_tokens is None:
         over_http_benchmark = args.command == "eval" and args.benchmark and args.api_base
         args.max_new_tokens = OFFICIAL_MAX_TOKENS if over_http_benchmark else 2048
+        if args.model == "tiny-random":
+            args.max_new_tokens = TINY_MAX_NEW_TOKENS
     set_prompts_dir(args.prompts_dir)
     import torch
     torch.manual_seed(args.seed)
@@ -1268,7 +1309,7 @@ def score_command(args: Args) -> int:
                 "refined_request": c.refined_request, "truncated": c.truncated,
                 "critique": c.text}
                for p, c in zip(args.image, crits)]
-    warn_truncated(sum(c.truncated for c in crits), len(crits))
+    warn_truncated(sum(c.truncated for c in crits), len(crits), model=args.model)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return 0
@@ -1423,26 +1464,61 @@ def check_same_run(out_dir, args, keys, paths=(), extra=None) -> None:
 
     def norm(k, v):
         return str(Path(v).resolve()) if k in paths and v else v
-    diff = [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now" for k in keys
-            if norm(k, saved.get(k)) != norm(k, now[k])]
+
+    def say(k):  # a flag by its name; a digest (no flag) by what it stands for
+        if k in (extra or {}):
+            return f"the content of the file(s) behind --{k.split('_')[0]} changed since then"
+        return f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now"
+    diff = [say(k) for k in keys if norm(k, saved.get(k)) != norm(k, now[k])]
     if diff:
         raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diff)}). "
                          f"Use another --out, or delete {out_dir} to start over.")
 
 
-def save_args(args, out_dir, extra=None) -> None:
+_held_locks = {}  # run folder -> its open lock file, held until the process ends
+
+
+def lock_run_dir(out_dir) -> None:
+    """Take an exclusive lock on the run folder for the rest of the process (fcntl.flock on
+    out_dir/.lock, released by the OS however the process ends): a second run started into the
+    same folder stops at once instead of writing the same checkpoint or paying for every
+    judgement twice."""
+    import fcntl
+    key = str(Path(out_dir).resolve())
+    if key in _held_locks:  # this process holds it already (the Python API called twice)
+        return
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(out_dir) / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SystemExit(f"{out_dir} is in use by another run (the same command started twice?): "
+                         "wait for it to end, or use another --out") from None
+    _held_locks[key] = handle
+
+
+def save_args(args, out_dir, extra=None) -> None:
+    """args.json in the run folder, which from here on is this process's (`lock_run_dir`)."""
+    lock_run_dir(out_dir)
     record = {**dataclasses.asdict(args), **(extra or {})}
     tmp = Path(out_dir) / "args.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(Path(out_dir) / "args.json")
 
 
-def cli_entry(main, errors=()) -> None:
+def cli_entry(main, errors=(), rerun: str = "run the same command again") -> None:
     """Run a module's main(); the errors a user can fix print one line `error: ...` and exit 2, as
-    argparse's own do, never a traceback (SystemExit("message") included)."""
+    argparse's own do, never a traceback (SystemExit("message") included). Ctrl-C prints one line
+    and exits 130: every file is written whole or not at all (atomic renames, whole JSONL lines),
+    so the rerun continues where this one stopped."""
     try:
         code = main()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {rerun} to continue", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        # not sys.exit: it would wait for HTTP worker threads still inside a request
+        os._exit(130)
     except SystemExit as err:
         if not isinstance(err.code, str):
             raise
@@ -1607,6 +1683,8 @@ def read_image(path) -> tuple:
 
     Never raises for a bad file: callers skip and count it, naming the file and the problem.
     """
+    if Path(path).is_dir():
+        return None, "a folder, not an image file"
     return (None, "missing") if not Path(path).is_file() else _decode_rgb(path)
 
 
@@ -1668,8 +1746,12 @@ def open_parquet_stream(source: str, split: str, image_columns, config: Optional
     except Exception as err:  # datasets raises many types for a missing repo/config/split/file
         raise ModelLoadError(f"could not open {source} ({config or 'default'}, split {split!r}): "
                              f"{type(err).__name__}: {err}. {hint}".strip()) from None
+    # a column the data lacks is left alone: cast_column would add it as all-None, and the caller's
+    # check for the columns it needs would then see "no image" in every row instead of an error
+    present = ds.column_names
     for c in image_columns:
-        ds = ds.cast_column(c, datasets.Image(decode=False))
+        if present is None or c in present:
+            ds = ds.cast_column(c, datasets.Image(decode=False))
     return ds
 
 
@@ -2312,8 +2394,11 @@ class OpenAIBackend:
             f"chat-completions request to {self.url} failed after {attempt + 1} attempt(s): {last}")
 
     def _map(self, fn, items) -> list:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency)
+        try:
             return list(pool.map(fn, items))
+        finally:  # on Ctrl-C, do not wait for requests still in flight
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1,
                  min_new_tokens=0) -> list:
@@ -2339,10 +2424,9 @@ class OpenAIBackend:
             truncated = choice.get("finish_reason") == "length"
             if not isinstance(content, str) or not content.strip():
                 # counted downstream as an unreadable output; said here so it is not silent
-                warn(
-                    f"{self.url} returned no text content ({str(content)[:80]!r}); counted as "
-                    "unreadable"
-                )
+                # (eval leaves such a pair out as the official scripts do; a reward counts it
+                # unreadable)
+                warn(f"{self.url} returned no text content ({str(content)[:80]!r})")
                 return Generation("", truncated=truncated)
             return Generation(content, truncated=truncated)
         return self._map(one, messages_batch)
@@ -2400,7 +2484,9 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
                              max_retries=max_retries, max_concurrency=batch_size,
                              max_pixels=max_pixels)
     vlm, processor = load_vlm(model, quantization, adapter, device=device)
-    return TransformersBackend(vlm, processor, batch_size, max_pixels)
+    backend = TransformersBackend(vlm, processor, batch_size, max_pixels)
+    backend.name = model  # for messages that mean nothing for tiny-random (truncation)
+    return backend
 
 def cli() -> None:
     """The `rationalrewards` command (pyproject.toml)."""

@@ -130,26 +130,41 @@ def test_wilson_interval_and_group_accuracy_by_hand():
     low, high = rr.wilson_interval(8, 10)  # the textbook 95% Wilson interval of 8/10
     assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
     assert rr.wilson_interval(0, 5)[0] == 0.0 and rr.wilson_interval(0, 0) == (None, None)
-    recs = [{"id": "a", "predicted": "A", "label": "A"},
-            {"id": "b1", "predicted": "A", "label": "A"},
-            {"id": "b2", "predicted": "B", "label": "A"},
-            {"id": "c1", "predicted": "tie", "label": "tie"},
-            {"id": "c2", "predicted": "B", "label": "B"}]
-    groups = {"a": "a", "b1": "b", "b2": "b", "c1": "c", "c2": "c"}
-    assert rr.group_accuracy(recs, groups) == pytest.approx(2 / 3)  # a and c pass, b fails
-    assert rr.group_accuracy(recs + [{"id": "d", "failed": True, "label": "A"}],
-                             {**groups, "d": "d"}) == \
-        pytest.approx(2 / 3)  # a failed request is no sample
+    right = lambda i: {"id": i, "predicted": "A", "label": "A"}
+    wrong = lambda i: {"id": i, "predicted": "B", "label": "A"}
+    pair = lambda i, g, subset: {"id": i, "group": g, "subset": subset}
+    pairs = [pair("a", "a", "2pair")]
+    recs = [right("a")]
+    pairs += [pair(f"b{i}", "b", "3pair") for i in range(3)]  # one comparison wrong
+    recs += [right("b0"), wrong("b1"), right("b2")]
+    pairs += [pair(f"c{i}", "c", "3pair") for i in range(3)]  # all three right
+    recs += [right(f"c{i}") for i in range(3)]
+    pairs += [pair(f"d{i}", "d", "3pair") for i in range(3)]  # two right, one request failed
+    recs += [right("d0"), right("d1"), {"id": "d2", "failed": True, "label": "A"}]
+    pairs += [pair(f"e{i}", "e", "4pair") for i in range(5)]  # 5 of its 6 comparisons present
+    recs += [right(f"e{i}") for i in range(5)]
+    # a group is right only with all n(n-1)/2 comparisons present, judged and right: a and c.
+    # (Judging what is left of d and e, as before, gave 4/5.)
+    assert rr.group_accuracy(recs, pairs) == pytest.approx(2 / 5)
+    # an unparsed edit reply is no valid comparison either
+    recs[-6] = {"id": "c2", "unparsed": True, "label": "A"}
+    assert rr.group_accuracy(recs, pairs) == pytest.approx(1 / 5)
 
 
 def red_judge(payload):
-    """Pairwise: the red image gets 4 on text faithfulness, any other 1; physical quality equal."""
-    cols = [dominant_colour(u) for u in images_in(payload)][-2:]  # the source (edit) comes first
+    """Pairwise: the red image gets 4 on text faithfulness, any other 1; the other dimensions equal
+    (an edit reply has all four, as the official edit parsers require)."""
+    urls = images_in(payload)
+    cols = [dominant_colour(u) for u in urls][-2:]  # the source (edit) comes first
     sa, sb = (4 if cols[0] == "red" else 1), (4 if cols[1] == "red" else 1)
+    edit = len(urls) > 2
     return (
         "# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n"
-        f"## Score A: {sa}\n## Score B: {sb}\n2. Physical and Visual Quality:\n## Score A: 3\n"
-        "## Score B: 3\n# Summary: s"
+        f"## Score A: {sa}\n## Score B: {sb}\n"
+        + ("2. Image Faithfulness:\n## Score A: 3\n## Score B: 3\n" if edit else "")
+        + f"{3 if edit else 2}. Physical and Visual Quality:\n## Score A: 3\n## Score B: 3\n"
+        + ("4. Text Rendering:\n## Score A: N/A\n## Score B: N/A\n" if edit else "")
+        + "# Summary: s"
     )
 
 
@@ -167,7 +182,8 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
     assert (t2i["labelled"], t2i["correct"], t2i["accuracy"]) == (2, 2, 1.0)
     assert t2i["mode"] == "pairwise"
     assert t2i["skipped_rows"] == {"unlabelled": 0, "missing_image": 0, "unreadable_image": 1,
-                                   "tie_or_both_bad_votes": 2, "failed_requests": 0}
+                                   "tie_or_both_bad_votes": 2, "failed_requests": 0,
+                                   "unparsed_replies": 0}
     assert t2i["accuracy_with_ties"] == pytest.approx(3 / 4) and t2i["pairs"] == 4
     assert t2i["difference"] == pytest.approx(100.0 - 69.8)
     assert t2i["ci95"] == list(rr.wilson_interval(2, 2))
@@ -206,7 +222,9 @@ def test_benchmark_cli_with_tiny_random(tmp_path):
                   "--out", tmp_path / "run")
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["pairs"] == 2 and m["mode"] == "pairwise" and m["paper"] == 80.1
+    # tiny-random's noise has no Score lines: each edit reply is unparsed (or empty: failed)
+    assert m["pairs"] + m["unparsed"] + m["failed"] == 2
+    assert m["mode"] == "pairwise" and m["paper"] == 80.1
     assert "genai-bench-edit" in res.stdout and "95% CI" in res.stdout
 
 
@@ -327,3 +345,110 @@ def test_mmrb2_edit_sends_every_source_image_first(tmp_path, scripted_server):
     assert cols[:3] == ["green", "red", "blue"]  # in the dataset's order, before the candidates
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["accuracy"] == 1.0 and m["labelled"] == 2
+
+
+def run_benchmark(server, name, root):
+    """eval --benchmark NAME over the scripted server; returns its metrics.json."""
+    assert rr.main(["eval", "--model", "served", "--api-base", server.url, "--benchmark", name,
+                    "--data-dir", str(root / name), "--out", str(root / "run")]) == 0
+    return json.loads((root / "run" / "metrics.json").read_text())
+
+
+# ---- replies the official scripts leave out (reward_model_evaluation/rm_inference/) ----
+def edit_reply(sa, sb, dims=4):
+    """A pairwise edit reply with the first `dims` of the four dimensions; text faithfulness
+    carries the preference, the others are equal."""
+    blocks = [("Text Faithfulness", sa, sb), ("Image Faithfulness", 3, 3),
+              ("Physical and Visual Quality", 3, 3), ("Text Rendering", "N/A", "N/A")][:dims]
+    body = "".join(f"{n}. {title}:\n## Justification: j\n## Score A: {a}\n## Score B: {b}\n"
+                   for n, (title, a, b) in enumerate(blocks, 1))
+    return "# User Request Analysis\nx\n# Detailed Judgement\n" + body + "# Summary: s"
+
+
+def test_edit_replies_missing_a_dimension_are_left_out_as_the_official_parser_does(
+        tmp_path, scripted_server, capsys):
+    """genai-bench-edit, both rows labelled B. Row 1's reply is whole and prefers B. Row 2's reply
+    stops after text faithfulness, which prefers A: the official edit parser raises on the missing
+    Score lines (success = False), so compute_pairwise_accuracy.py sees 1 of 1 right. Judged on its
+    partial scores with the 2.5 fallback it would be 1 of 2."""
+    genai_edit(tmp_path)
+    from conftest import text_in
+
+    def judge(payload):
+        return edit_reply(4, 1, dims=1) if "too" in text_in(payload) else edit_reply(1, 4)
+    server = scripted_server(judge)
+    m = run_benchmark(server, "genai-bench-edit", tmp_path)
+    assert (m["labelled"], m["correct"], m["accuracy"]) == (1, 1, 1.0)
+    assert m["unparsed"] == 1 and m["skipped_rows"]["unparsed_replies"] == 1
+    assert m["failed"] == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "benchmark" in line)
+    assert "unpars" in header
+    # not a failure: a rerun does not ask again
+    n = len(server.requests)
+    run_benchmark(server, "genai-bench-edit", tmp_path)
+    assert len(server.requests) == n
+
+
+def test_a_text_to_image_reply_missing_a_dimension_keeps_the_fallback():
+    """The official t2i parsers write N/A for a missing score (compute_pairwise_accuracy.py: 2.5):
+    such a reply is judged, not left out."""
+    j = rr.parse_pairwise("1. Text Faithfulness:\n## Score A: 4\n## Score B: 1\n", "t2i")
+    assert not j.complete and j.preferred == "A"  # 4 + 2.5 + 2.5 against 1 + 2.5 + 2.5
+
+
+def test_empty_replies_are_failures_on_every_benchmark(tmp_path, scripted_server):
+    """HTTP 200 with "" content: the official `if evaluation_response:` marks it success = False.
+    genai-bench-t2i's two A/B pairs (red/blue A, blue/red B): the first reply is empty, so 1 of 1;
+    scored as a tie it would have been 1 of 2."""
+    genai_t2i(tmp_path)
+
+    def judge(payload):
+        cols = [dominant_colour(u) for u in images_in(payload)]
+        return "" if cols == ["red", "blue"] else red_judge(payload)
+    m = run_benchmark(scripted_server(judge), "genai-bench-t2i", tmp_path)
+    # the red/blue A vote and the red/blue tie vote both got ""
+    assert m["failed"] == 2 and (m["labelled"], m["correct"]) == (1, 1)
+    failed = [r for r in rr.read_jsonl(tmp_path / "run" / "predictions.jsonl") if r.get("failed")]
+    assert {r["error"] for r in failed} == {"empty reply"}
+
+
+def test_the_last_score_line_of_a_block_counts_as_in_the_official_parsers():
+    text = ("1. Text Faithfulness:\n## Score A: 2\n## Score B: 3\n## Justification: on reflection\n"
+            "## Score A: 4\n2. Physical and Visual Quality:\n## Score A: 3\n## Score B: 3\n")
+    j = rr.parse_pairwise(text, "t2i")
+    assert (j.scores_a["text_faithfulness"], j.scores_b["text_faithfulness"]) == (4.0, 3.0)
+    assert j.preferred == "A"
+    c = rr.parse_pointwise("1. Text Faithfulness:\n## Score: 1\n## Score: 3.5\n", "t2i")
+    assert c.scores["text_faithfulness"] == 3.5
+
+
+def test_benchmark_ids_that_differ_only_in_unsafe_characters_keep_their_own_images(tmp_path):
+    """ids g7/AvsB and g7_AvsB once mapped to one cached file: the second row was judged on the
+    first row's images."""
+    write_parquet(tmp_path / "er" / "train.parquet", {
+        "id": ["g7/AvsB", "g7_AvsB"], "instruction": ["make it red"] * 2,
+        "source_image": [png("green")] * 2, "candidate_1": [png("red"), png("blue")],
+        "candidate_2": [png("blue"), png("red")], "ranking": ["A>B", "B>A"],
+        "comparison_type": ["AvsB", "AvsB"], "dataset": ["2pair"] * 2,
+    }, image_columns=("source_image", "candidate_1", "candidate_2"))
+    pairs, _ = rr.benchmark_pairs("editreward-bench", str(tmp_path / "er"), None,
+                                  tmp_path / "images")
+    from PIL import Image
+    colours = [dominant_colour_of(Image.open(p["image_a"])) for p in pairs]
+    assert colours == ["red", "blue"] and pairs[0]["image_a"] != pairs[1]["image_a"]
+
+
+def dominant_colour_of(image):
+    r, g, b = image.convert("RGB").resize((1, 1)).getpixel((0, 0))
+    return ("red", "green", "blue")[max(range(3), key=lambda i: (r, g, b)[i])]
+
+
+@pytest.mark.parametrize("dropped", ["right_image", "left_image", "vote_type", "prompt"])
+def test_a_benchmark_copy_without_a_required_column_is_one_error(tmp_path, dropped):
+    cols = {"prompt": ["a red cat"], "left_image": [png("red")], "right_image": [png("blue")],
+            "vote_type": ["leftvote"]}
+    del cols[dropped]
+    write_parquet(tmp_path / "g" / "t.parquet", cols,
+                  image_columns=[c for c in ("left_image", "right_image") if c in cols])
+    with pytest.raises(ValueError, match=f"has no column\\(s\\) {dropped}"):
+        rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "g"), None, tmp_path / "images")

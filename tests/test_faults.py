@@ -147,7 +147,7 @@ def test_damaged_checkpoints_and_changed_prompts_are_named_on_resume(tmp_path, s
         nft_main(server, out, "--epochs", "2", "--resume", "--prompts", prompts)
     # the prompts file's content changed though its path did not
     prompts.write_text("a green triangle\n")
-    with pytest.raises(ValueError, match="--prompts-sha1"):
+    with pytest.raises(ValueError, match=r"content of the file\(s\) behind --prompts changed"):
         nft_main(server, out, "--epochs", "2", "--resume", "--prompts", prompts)
 
 
@@ -195,3 +195,115 @@ def test_benchmark_all_with_nothing_to_run_exits_non_zero(tmp_path):
     assert res.returncode == 2 and "no benchmark could be run" in res.stderr
     # the whole reason, wrapped
     assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stdout
+
+
+# ---- issue 22: concurrent runs, Ctrl-C, messages ----
+def hold_lock(folder):
+    """Another process holding the run folder, as a run started earlier would."""
+    import subprocess
+    import sys
+    code = ("import sys, time; import rationalrewards as rr; rr.lock_run_dir(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=rr._HERE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+@pytest.mark.parametrize("argv", [
+    ["rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", "PAIRS"],
+    ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random"],
+    ["parrot.py", "--dataset", "demo", "--teacher", "tiny-random", "--student", "tiny-random"],
+    ["gcr_loop.py", "--prompt", "x", "--generator", "tiny-random", "--scorer", "tiny-random"],
+])
+def test_a_second_run_into_a_folder_in_use_stops_at_once(tmp_path, argv):
+    solid("red").save(tmp_path / "red.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(
+        {"prompt": "x", "image_a": "red.png", "image_b": "red.png", "label": "A"}) + "\n")
+    argv = [str(tmp_path / "pairs.jsonl") if a == "PAIRS" else a for a in argv]
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        res = run_cli(*argv, "--out", out)
+    finally:
+        holder.kill()
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {out} is in use by another run (the same command started twice?): "
+                     "wait for it to end, or use another --out"]
+    assert not (out / "args.json").exists()
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes(tmp_path, scripted_server):
+    import signal
+    import subprocess
+    import sys
+    import time
+    for c in ("red", "blue"):
+        solid(c).save(tmp_path / f"{c}.png")
+    pairs = [{"id": f"p{i}", "prompt": f"p{i}", "image_a": "red.png", "image_b": "blue.png",
+              "label": "A"} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    reply = "1. Text Faithfulness:\n## Score: 3\n2. Physical and Visual Quality:\n## Score: 3\n"
+    answered = []
+
+    def first_then_hang(payload):
+        answered.append(1)
+        return reply if len(answered) <= 2 else ("hang", 20)  # pair p0's two critiques
+    server = scripted_server(first_then_hang)
+    out = tmp_path / "run"
+    argv = [sys.executable, "rationalrewards.py", "eval", "--model", "served", "--api-base",
+            server.url, "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(out),
+            "--batch-size", "1", "--timeout", "60"]
+    proc = subprocess.Popen(argv, cwd=rr._HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while len(rr.read_jsonl(out / "predictions.jsonl")) < 1 or len(answered) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == "interrupted; run the same command again to continue"
+    # nothing half-written: one whole record, and the rerun adds the other three exactly once
+    assert [r["id"] for r in rr.read_jsonl(out / "predictions.jsonl")] == ["p0"]
+    server.handler = lambda payload: reply
+    res = run_cli(*argv[1:])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(r["id"] for r in rr.read_jsonl(out / "predictions.jsonl")) == \
+        ["p0", "p1", "p2", "p3"]
+
+
+def test_ctrl_c_in_rl_says_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "rl"
+    proc = subprocess.Popen(
+        [sys.executable, "rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random",
+         "--out", str(out), "--epochs", "50"], cwd=rr._HERE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "args.json").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == \
+        "interrupted; run the same command with --resume to continue"
+
+
+def test_messages_name_the_real_problem(tmp_path):
+    # a folder given as an image is a folder, not "missing"
+    (tmp_path / "pics").mkdir()
+    assert rr.read_image(tmp_path / "pics") == (None, "a folder, not an image file")
+    # an edit source_image of the wrong type says it must be a path
+    solid("red").save(tmp_path / "house.png")
+    (tmp_path / "edits.jsonl").write_text(
+        json.dumps({"prompt": "make it blue", "source_image": ["house.png"]}) + "\n")
+    with pytest.raises(ValueError, match=r"'source_image' must be a path \(a string\), got "
+                                         r"\['house.png'\]"):
+        rl_nft.read_items(str(tmp_path / "edits.jsonl"), "edit", 64)

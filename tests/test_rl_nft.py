@@ -608,3 +608,133 @@ def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
     res = run_cli("rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out",
                   tmp_path / "file")
     assert res.returncode == 2 and "is a file, not a directory" in res.stderr
+
+
+# ---- pinned against the sources (issue 22): timestep precision, eta, defaults, timesteps, mask ----
+def test_the_timestep_reaches_a_bf16_transformer_in_float32(tiny_policy, monkeypatch):
+    """In bf16 SD3's t x 1000 would land on multiples of 4 (0.9133 -> 916); the sources pass the
+    float32 value, both when sampling and when training."""
+    args, pipe, geo, conds, params = tiny_policy
+    tr = pipe.transformer.to(torch.bfloat16)
+    seen = []
+    hook = tr.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    try:
+        cond = rl_nft.collate(conds, ["a"] * 2, "cpu", torch.float32)
+        sigmas = torch.tensor([0.9133, 0.5, 0.0])
+        rl_nft.sample_latents(pipe, cond, [0, 1], sigmas, geo, "old", "euler")
+        assert seen and all(t.dtype == torch.float32 for t in seen)
+        assert seen[0][0].item() == pytest.approx(913.3, abs=1e-3)
+        seen.clear()
+        opt = torch.optim.AdamW(params, lr=0.0)
+        rl_nft.optimise_epoch(tr, opt, params, torch.randn(2, 4, 32, 32), cond,
+                              torch.full((2,), 0.5), torch.ones(2, dtype=torch.bool),
+                              sigmas, geo, args, torch.Generator().manual_seed(0), None, 0)
+        assert seen and all(t.dtype == torch.float32 for t in seen)
+        assert {round(float(t[0]), 3) for t in seen} <= {913.3, 500.0}
+    finally:
+        hook.remove()
+        tr.to(torch.float32)
+
+
+def test_eta_follows_optimiser_steps_and_eval_uses_euler(tmp_path, scripted_server, monkeypatch):
+    """Two optimiser steps per epoch: eta = min(0.001 global_step, 0.5) moves by 0.002 an epoch.
+    Collection uses the dpm2 solver at --sample-steps, the eval grid Euler at --eval-steps."""
+    calls = []
+    real = rl_nft.sample_latents
+
+    def spy(pipe, cond, seeds, sigmas, geo, policy, solver, *a):
+        calls.append((policy, solver, len(sigmas) - 1))
+        return real(pipe, cond, seeds, sigmas, geo, policy, solver, *a)
+    monkeypatch.setattr(rl_nft, "sample_latents", spy)
+    server = scripted_server(brightness_judge)
+    out = tmp_path / "run"
+    assert rl_nft.main(["--generator", "tiny-random", "--scorer", "served", "--scorer-api-base",
+                        server.url, "--out", str(out), "--prompts-per-epoch", "2",
+                        "--group-size", "2", "--sample-steps", "3", "--eval-steps", "5",
+                        "--num-eval-prompts", "1", "--epochs", "2",
+                        "--gradient-steps-per-epoch", "2"]) == 0
+    rows = rows_of(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert [float(r["eta"]) for r in rows] == pytest.approx([0.002, 0.004])
+    assert {c for c in calls if c[0] == "old"} == {("old", "dpm2", 3)}
+    assert {c for c in calls if c[0] == "default"} == {("default", "euler", 5)}
+
+
+@pytest.mark.parametrize("task,sample_steps,eval_steps", [("t2i", 10, 40), ("edit", 15, 20)])
+def test_step_defaults_per_task(task, sample_steps, eval_steps):
+    """DiffusionNFT config/nft.py (SD3: 10 sampling, 40 eval steps); the official
+    flux_kontext_nft.py (15 and 20)."""
+    args = rl_nft.resolve_defaults(rl_nft.Args(task=task))
+    assert (args.sample_steps, args.eval_steps, args.sampler) == (sample_steps, eval_steps, "dpm2")
+
+
+def test_optimise_epoch_drops_a_random_timestep_per_sample_and_averages_over_kept(
+        tiny_policy, monkeypatch):
+    """Inside optimise_epoch each sample trains on int(0.99 S) of the S timesteps, the one left out
+    drawn per sample; the loss of a mini-batch is the mean over its kept samples only (the official
+    mean_by_mask: sum(l * mask) / sum(mask)), not over the whole mini-batch."""
+    args, pipe, geo, conds, params = tiny_policy
+    N = 12
+    x0 = torch.arange(N, dtype=torch.float32).view(N, 1, 1, 1).expand(N, 4, 32, 32).contiguous()
+    keep = torch.tensor([True, False] * (N // 2))
+    sigmas = rl_nft.sampler_sigmas(pipe, 4, geo)
+    seen_t, checked = {}, []
+    real = rl_nft.nft_loss
+
+    def spy(v_theta, v_old, v_ref, x_t, xb, t, r, *a, **k):
+        loss, stats = real(v_theta, v_old, v_ref, x_t, xb, t, r, *a, **k)
+        for row in range(len(xb)):
+            seen_t.setdefault(int(xb[row, 0, 0, 0]), []).append(float(t[row]))
+        each = [real(v_theta[i:i + 1], v_old[i:i + 1], v_ref[i:i + 1], x_t[i:i + 1],
+                     xb[i:i + 1], t[i:i + 1], r[i:i + 1], *a, **k)[0] for i in range(len(xb))]
+        checked.append((float(loss.detach()), sum(float(e.detach()) for e in each) / len(each)))
+        return loss, stats
+    monkeypatch.setattr(rl_nft, "nft_loss", spy)
+    backward, real_backward = [], torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward",
+                        lambda self, *a, **k: (backward.append(float(self.detach())),
+                                               real_backward(self, *a, **k)))
+    opt = torch.optim.AdamW(params, lr=0.0)
+    cond = rl_nft.collate(conds, ["a"] * N, "cpu", torch.float32)
+    args.train_batch_size = 4
+    rl_nft.optimise_epoch(pipe.transformer, opt, params, x0, cond, torch.full((N,), 0.7), keep,
+                          sigmas, geo, args, torch.Generator().manual_seed(1), None, 0)
+    assert sorted(seen_t) == [i for i in range(N) if i % 2 == 0]  # masked samples never trained
+    dropped = set()
+    for i, ts in seen_t.items():
+        assert len(ts) == 3 and len(set(ts)) == 3  # 3 of the 4 sampler timesteps, each once
+        dropped |= set(sigmas[:4].tolist()) - set(ts)
+    assert len(dropped) > 1  # not always the same timestep
+    # two kept samples in each mini-batch of four: the batch loss is their mean
+    assert checked and all(loss == pytest.approx(mean, rel=1e-5) for loss, mean in checked)
+    # what is backpropagated: that mean over (3 mini-batches x 3 timesteps), whatever the mask
+    assert backward == pytest.approx([loss / 9 for loss, _ in checked], rel=1e-6)
+
+
+def test_kontext_source_tokens_get_position_id_one():
+    pipe = rr.load_generator("tiny-random", "edit")
+    geo = rl_nft.latent_geometry(pipe, 64, 2.5)
+    L = (geo["h"] // 2) * (geo["w"] // 2)
+    ids = geo["img_ids"]
+    assert ids.shape == (2 * L, 3)
+    assert (ids[:L, 0] == 0).all() and (ids[L:, 0] == 1).all()  # target 0, source image 1
+    assert torch.equal(ids[:L, 1:], ids[L:, 1:])                   # same rows and columns
+
+
+@pytest.mark.parametrize("which,modules,millions", [("sd35", 191, 18.8), ("kontext", 266, 52.3)])
+def test_lora_counts_per_policy_on_the_real_configs(which, modules, millions):
+    """On meta weights (no memory, no download): the README's LoRA sizes per policy."""
+    import sys
+    sys.path.insert(0, str(rr._HERE / "benchmarks"))
+    import bench_nft
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    cls, config = ((SD3Transformer2DModel, bench_nft.SD35_MEDIUM) if which == "sd35"
+                   else (FluxTransformer2DModel, bench_nft.KONTEXT_DEV))
+    with torch.device("meta"):
+        tr = cls(**config)
+        params = rl_nft.add_policies(tr, rl_nft.Args())
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in tr.named_parameters()
+               if ".lora_A.default" in n}
+    assert len(adapted) == modules
+    assert round(sum(p.numel() for p in params) / 1e6, 1) == millions
