@@ -477,8 +477,9 @@ def velocity(transformer, x, t, cond: dict, geo: dict):
         return out[:, :x.shape[1]]  # (B, L, 4C)
     # SD3: the timestep is given as t * 1000, in float32 whatever the model's dtype (the sources
     # pass the scheduler's float32 timesteps; the time embedding casts after the sinusoid)
-    return transformer(hidden_states=x, timestep=t.float() * 1000, encoder_hidden_states=cond["emb"],
-                       pooled_projections=cond["pooled"], return_dict=False)[0]  # (B, C, h, w)
+    return transformer(hidden_states=x, timestep=t.float() * 1000,
+                       encoder_hidden_states=cond["emb"], pooled_projections=cond["pooled"],
+                       return_dict=False)[0]  # (B, C, h, w)
 
 
 def initial_noise(seeds: list, geo: dict):

@@ -610,7 +610,7 @@ def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
     assert res.returncode == 2 and "is a file, not a directory" in res.stderr
 
 
-# ---- pinned against the sources (issue 22): timestep precision, eta, defaults, timesteps, mask ----
+# ---- pinned against the sources (issue 22): timestep, eta, defaults, timesteps, mask ----
 def test_the_timestep_reaches_a_bf16_transformer_in_float32(tiny_policy, monkeypatch):
     """In bf16 SD3's t x 1000 would land on multiples of 4 (0.9133 -> 916); the sources pass the
     float32 value, both when sampling and when training."""
