@@ -1,52 +1,46 @@
 """Generate-Critique-Refine: the scorer's critique rewrites the request at test time.
 
-Implements the test-time half of Sec. 2.2 of "RationalRewards: Reasoning Rewards Scale Visual
-Generation Both Training and Test Time" (arXiv 2604.11626). No training: a wrapper around any
-diffusers pipeline and any RationalRewards scorer.
+The test-time half of Sec. 2.2 of "RationalRewards: Reasoning Rewards Scale Visual Generation Both
+Training and Test Time" (arXiv 2604.11626). No training: a wrapper around any diffusers pipeline
+and any RationalRewards scorer.
 
     round 0   image_0 = G(request, seed)
-    round k   critique_k = scorer(image_k | original request)   one call: scores + refined
-                                                                  request
+    round k   critique_k = scorer(image_k | original request)   one call: scores + refined request
               stop if every gating dimension s_d >= threshold   (default: text faithfulness and
                                                                   physical quality >= 3.0)
               else image_{k+1} = G(refined request_k, same seed)
     select    the last image (paper) or the best reward over the rounds
 
-The scorer always judges against the user's original request; the refined request is only
-the generator's input. The seed stays fixed, so the change between rounds is the request's.
+The scorer always judges against the user's original request; the refined request is only the
+generator's input. The seed stays fixed, so what changes between rounds is the request.
 
-Where is (the method is one block from the top; the harness comes after it):
-    the gate            ``gate_decision``, ``next_step`` (stop or refine), ``select_round``
-    one GCR round       ``run_batch``: ``generate`` -> ``critique`` -> refined request
-    the command line    ``Args``, ``read_items``, contact sheets, ``main``
+Where is: the gate ``gate_decision``, ``next_step``, ``select_round``; one batched round
+``run_batch`` (``generate`` -> ``critique`` -> refined request); then ``Args``, ``main``.
 
 Smoke run (CPU, offline, about 10 s on 2 cores)::
 
     python gcr_loop.py --generator tiny-random --scorer tiny-random \\
-        --prompts prompts/gcr_demo_prompts.txt
+        --prompts prompts/gcr_demo_prompts.txt --out runs/gcr-smoke
 
-Real run (one 24 GB GPU: SD3.5-Medium and the released scorer in 4-bit)::
+Real runs (one 24 GB GPU: SD3.5-Medium and the released scorer in 4-bit)::
 
     python gcr_loop.py --prompt "three red apples and the word FRESH on a crate" --out runs/gcr
     python gcr_loop.py --task edit --source-image in.png --prompt "make the sky stormy" \\
-        --generator black-forest-labs/FLUX.1-Kontext-dev --generator-quantization 4bit \\
-        --out runs/gcr-edit
+        --generator-quantization 4bit --out runs/gcr-edit
 
-Outputs in --out: gcr.jsonl (every round of every prompt, appended per prompt), images/,
-sheets/SLUG-ID.png (first vs final per prompt; editing: the source too), contact_sheet.png (the
-batch), summary.json, args.json. Rerunning into the same --out skips the prompts already finished.
+Outputs in --out: gcr.jsonl (every round of every prompt, one line per prompt), images/,
+sheets/SLUG-ID.png (first vs final; editing: the source too), contact_sheet.png, summary.json,
+args.json. Rerunning into the same --out skips the prompts already finished.
 
 Deviations from the paper:
-1. `--rounds` (default 1, the paper's and the official script's setting) allows more
-   refinements; `--select best` is ours (the paper keeps the last image).
-2. A critique whose gating dimensions cannot be read, or that writes no refined request,
-   stops refinement for that prompt (recorded as `stop_reason`) instead of failing the batch.
+1. `--rounds` (default 1, the paper's and the official script's) allows more refinements;
+   `--select best` is ours (the paper keeps the last image).
+2. A critique whose gating dimensions cannot be read, or that writes no refined request, stops
+   refinement for that prompt (recorded as `stop_reason`) instead of failing the batch.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import inspect
 import json
 import sys
 import time
@@ -54,10 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-# torch is imported inside the functions that need it: at the top it would make `--help` and
-# every argument error take about 3 s instead of 0.3 s (2 CPU cores).
-from PIL import Image, ImageDraw
-
+import common
 import rationalrewards as rr
 
 
@@ -132,22 +123,16 @@ def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> li
     """One pipeline call for a batch; every image from its own seeded generator."""
     import torch
     device = getattr(pipe, "_execution_device", None) or "cpu"
-    accepted = inspect.signature(pipe.__call__).parameters
     kw = {"prompt": requests, "generator": [torch.Generator(device).manual_seed(s) for s in seeds]}
     if args.steps:
         kw["num_inference_steps"] = args.steps
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
-    if args.task == "edit":
-        kw["image"] = sources
-        if "strength" in accepted:  # an image-to-image pipeline rather than an instruction editor
-            kw["strength"] = args.strength
-        if args.resolution and "max_area" in accepted:
-            # FLUX.1-Kontext: edit at this size instead of the pipeline's preferred ~1 MP resolution
-            kw.update(height=args.resolution, width=args.resolution, max_area=args.resolution ** 2,
-                      _auto_resize=False)
-    elif args.resolution:
+    if args.resolution:
         kw["height"] = kw["width"] = args.resolution
+    if args.task == "edit":  # FLUX.1-Kontext: edit at this size, not at its preferred ~1 MP
+        kw.update(image=sources, **({"max_area": args.resolution ** 2, "_auto_resize": False}
+                                    if args.resolution else {}))
     return pipe(**kw).images
 
 
@@ -163,7 +148,7 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
     """GCR for a batch of prompts: every round generates and critiques all prompts still
     refining."""
     sources = {
-        it["id"]: rr.load_image(it["source_image"]) if it["source_image"] else None
+        it["id"]: common.load_image(it["source_image"]) if it["source_image"] else None
         for it in items
     }
     bad = [it["source_image"] for it in items if it["source_image"] and sources[it["id"]] is None]
@@ -182,7 +167,7 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
         for it, image, c in zip(active, images, crits):
             st = state[it["id"]]
             path = out / "images" / f"{it['id']}_r{round_}.png"
-            rr.save_image_atomic(image, path)
+            common.save_image_atomic(image, path)
             stop, refined = next_step(c, gate, args.threshold, round_, args.rounds)
             st["rounds"].append({
                 "round": round_, "request": st["request"], "image": str(path.relative_to(out)),
@@ -207,42 +192,35 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
     return records
 
 
-
 # =======================================================================================
-# The method ends here. Below: the harness of the `gcr_loop` command (its flags, the prompt
-# file, contact sheets, `main`).
+# The method ends here. Below: the `gcr_loop` command (flags, prompt file, contact sheets).
 # =======================================================================================
 @dataclass
 class Args(rr.ScorerArgs):
     prompt: Optional[str] = None
     """one request (or editing instruction)"""
     prompts: Optional[str] = None
-    """many: .txt (one per line) or .jsonl (`prompt`, optional `source_image` and `seed`)"""
+    """many: .txt (one per line) or .jsonl (`prompt`, optional `source_image` relative to the
+    file, `seed`, `id`)"""
     task: Literal["t2i", "edit"] = "t2i"
-    """t2i: text-to-image, three dimensions; edit: image editing, four dimensions, needs a source
-    image"""
+    """t2i: text-to-image, three dimensions; edit: image editing, four, needs a source image"""
     source_image: Optional[str] = None
     """edit: the image to edit (for --prompt, or for every line of a .txt --prompts)"""
     out: str = "runs/gcr"
-    """run directory; rerunning into it skips the prompts already finished"""
+    """run folder; rerunning into it skips the prompts already finished"""
     generator: Optional[str] = None
-    """diffusers pipeline: hub id, local directory or tiny-random (default: SD3.5-Medium for t2i,
+    """diffusers pipeline: hub id, local folder or tiny-random (default: SD3.5-Medium for t2i,
     FLUX.1-Kontext-dev for edit)"""
     generator_quantization: Literal["none", "4bit"] = "none"
-    """4bit: the generator's transformer and T5 encoder in nf4 (needs a GPU; how FLUX.1-Kontext-dev
-    fits in 24 GB)"""
-    no_t5: bool = False
-    """SD3 generators: leave the T5 text encoder out"""
+    """4bit: transformer and T5 in nf4 (needs a GPU; how FLUX.1-Kontext-dev fits in 24 GB)"""
+    t5: bool = True
+    """SD3 generators: load the T5 text encoder (--no-t5 leaves it out)"""
     steps: Optional[int] = None
     """denoising steps (default: the pipeline's own; 4 for tiny-random)"""
     guidance_scale: Optional[float] = None
-    """classifier-free guidance (default: the pipeline's own)"""
+    """guidance (default: the pipeline's own)"""
     resolution: Optional[int] = None
-    """image side in pixels, t2i and FLUX.1-Kontext edits (default: the pipeline's own; 64 for
-    tiny-random)"""
-    strength: float = 0.6
-    """edit with an image-to-image pipeline (one that takes `strength`, not FLUX.1-Kontext): how far
-    from the source"""
+    """image side in pixels (default: the pipeline's own; 64 for tiny-random)"""
     threshold: float = 3.0
     """refine while any gating dimension scores below this (paper: 3.0)"""
     gate: str = "text_faithfulness,physical_quality"
@@ -257,167 +235,116 @@ class Args(rr.ScorerArgs):
     reward_weights: Optional[str] = None
     """per-dimension weights of the reported reward, e.g. 'image_faithfulness=0'"""
     seed: int = 0
-    """base seed; each prompt's seed is derived from it and the prompt (or given in the .jsonl)"""
+    """base seed; each prompt's seed comes from it and the prompt (or from the .jsonl)"""
 
 
-DEFAULT_GENERATOR = {
-    "t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "black-forest-labs/FLUX.1-Kontext-dev"
-}
-# what the records of a run directory depend on: resuming with any of these changed is refused
+DEFAULT_GENERATOR = {"t2i": "stabilityai/stable-diffusion-3.5-medium",
+                     "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
+# what the records of a run folder depend on: resuming with any of these changed is refused
 RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base",
             "scorer_quantization", "scorer_max_new_tokens", "scorer_temperature", "max_pixels",
-            "steps", "guidance_scale", "resolution", "strength", "threshold", "gate", "rounds",
-            "select", "reward_weights", "seed")
+            "steps", "guidance_scale", "resolution", "threshold", "gate", "rounds", "select",
+            "reward_weights", "seed")
 
 
-# ---------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------
 def read_items(args: Args) -> list:
-    """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records.
-
-    One rule for repeats: the same (prompt, source image, seed) twice is one item, warned about and
-    run once; an explicit `id` must name one item only; a seed must be an integer.
-    """
-    if bool(args.prompt) == bool(args.prompts):
-        raise SystemExit("give exactly one of --prompt TEXT or --prompts FILE")
-    if args.prompt:
-        raw = [{"prompt": args.prompt, "_line": None}]
-    else:
-        raw = rr.read_prompt_records(args.prompts)
+    """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records. The
+    same (prompt, source, seed) twice runs once, with a warning; an `id` names one item only."""
+    common.require(bool(args.prompt) != bool(args.prompts),
+                   "give exactly one of --prompt TEXT or --prompts FILE")
+    raw = common.read_prompt_records(args.prompts) if args.prompts else \
+        [{"prompt": args.prompt, "_line": None}]
     items, by_id = [], {}
     for rec in raw:
         where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
-        given_source = rec.get("source_image")
-        is_path = isinstance(given_source, str) and given_source.strip()
-        if given_source is not None and not is_path:
-            raise ValueError(
-                f"{where}: 'source_image' must be a path (a string), got {given_source!r}")
-        source = given_source or args.source_image
-        if source and args.prompts and given_source:
-            source = str(Path(args.prompts).parent / source)  # relative to the prompts file
-        if args.task == "edit" and not source:
-            raise SystemExit(
-                "--task edit needs a source image: --source-image, or a source_image field "
-                f"({where}: {rec['prompt'][:60]!r})")
-        seed = rec.get("seed")
-        seed_ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63
-        if seed is not None and not seed_ok:
+        given, seed, rid = rec.get("source_image"), rec.get("seed"), rec.get("id")
+        if given is not None and not (isinstance(given, str) and given.strip()):
+            raise ValueError(f"{where}: 'source_image' must be a path (a string), got {given!r}")
+        source = str(Path(args.prompts).parent / given) if given else args.source_image
+        common.require(args.task != "edit" or source,
+                       f"--task edit needs a source image: --source-image, or a source_image "
+                       f"field ({where}: {rec['prompt'][:60]!r})")
+        if seed is not None and not (type(seed) is int and 0 <= seed < 2 ** 63):
             raise ValueError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+        if rid is not None and not isinstance(rid, (str, int)):
+            raise ValueError(f"{where}: 'id' must be a string, got {rid!r}")
         if seed is None:
             seed = int(hashlib.sha1(f"{args.seed}:{rec['prompt']}".encode()).hexdigest()[:8], 16)
-        if rec.get("id") is not None and not isinstance(rec["id"], (str, int)):
-            raise ValueError(f"{where}: 'id' must be a string, got {rec['id']!r}")
-        default_id = rr.pair_id(rec["prompt"], given_source or args.source_image or "", seed)
-        key = str(rec.get("id") or default_id)
+        key = str(rid or common.digest(rec["prompt"], given or args.source_image or "", seed))
         item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
         if key in by_id:
-            first, first_where = by_id[key]
-            if {k: v for k, v in first.items()} != item:
-                raise ValueError(
-                    f"{where}: id {key!r} is already used by {first_where} for another prompt, "
-                    "source image or seed; ids must be unique")
-            rr.warn(f"{where} repeats {first_where} (same prompt, source image and seed): run once")
+            if by_id[key][0] != item:
+                raise ValueError(f"{where}: id {key!r} is already used by {by_id[key][1]} for "
+                                 "another prompt, source image or seed; ids must be unique")
+            common.warn(f"{where} repeats {by_id[key][1]} (same prompt, source image and seed): "
+                        "run once")
             continue
         by_id[key] = (item, where)
         items.append(item)
     return items
 
 
-# ---------------------------------------------------------------------------------------
-# Contact sheets
-# ---------------------------------------------------------------------------------------
-def sheet_row(record: dict, out: Path, side: int = 256) -> Image.Image:
-    """First vs final image of one prompt (editing: the source image first), each with its request
-    and scores under it."""
-    font, text_h = rr.label_font(12), 150
-    panels = []
-    if record.get("source_image"):
-        source = rr.load_image(record["source_image"])
-        if source is not None:
-            panels.append(("source image", source, None))
-    panels += [("first", Image.open(out / record["rounds"][0]["image"]).convert("RGB"),
-                record["rounds"][0])]
-    final = record["rounds"][record["selected_round"]]
-    panels += [(f"final (round {record['selected_round']}, {record['stop_reason']})",
-                Image.open(out / final["image"]).convert("RGB"), final)]
-    row = Image.new("RGB", (len(panels) * (side + 10), side + text_h), "white")
-    d = ImageDraw.Draw(row)
-    for k, (label, im, rnd) in enumerate(panels):
-        x = k * (side + 10)
-        row.paste(rr.fit_image(im, side), (x, 0))
-        lines = [label]
-        if rnd is not None:
-            lines += [f"R = {rnd['reward']:.3f}"]
-            lines += [
-                rr.score_label(dim, s, rnd.get("not_applicable", []))
-                for dim, s in rnd["scores"].items()
-            ]
-            lines += rr.wrap_text(rnd["request"], side // 7)[:4]
-        else:
-            lines += rr.wrap_text(record["prompt"], side // 7)[:4]
-        for j, line in enumerate(lines[:10]):
-            d.text((x + 3, side + 3 + 14 * j), line, fill="black", font=font)
-    return row
+def sheet_cell(record: dict, out: Path, which: str) -> tuple:
+    """([image], caption lines) of the first or the final round of one prompt."""
+    n = 0 if which == "first" else record["selected_round"]
+    rnd = record["rounds"][n]
+    label = "first" if which == "first" else f"final (round {n}, {record['stop_reason']})"
+    return ([common.load_image(out / rnd["image"])],
+            [label, f"R = {rnd['reward']:.3f}",
+             *(rr.score_label(d, s, rnd.get("not_applicable", []))
+               for d, s in rnd["scores"].items()),
+             *common.wrap_text(rnd["request"], 36)[:4]])
 
 
 def contact_sheet(records: list, out: Path, path: Path) -> None:
-    rows = [sheet_row(r, out) for r in records]
-    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 8 for r in rows)), "white")
-    y = 0
-    for r in rows:
-        sheet.paste(r, (0, y))
-        y += r.height + 8
-    rr.save_image_atomic(sheet, path)
+    """First vs final image of each prompt (editing: the source first), one prompt per row."""
+    cells = []
+    for r in records:
+        source = common.load_image(r["source_image"]) if r.get("source_image") else None
+        if source is not None:
+            cells.append(([source], ["source image", *common.wrap_text(r["prompt"], 36)[:4]]))
+        cells += [sheet_cell(r, out, "first"), sheet_cell(r, out, "final")]
+    common.caption_grid(cells, path, columns=len(cells) // max(1, len(records)))
 
 
-# ---------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
-    rr.set_prompts_dir(args.prompts_dir)
-    rr.require_positive(args, "rounds", "batch_size", "steps", "resolution", "scorer_batch_size")
-    rr.check_common_args(args)
-    rr.check_writable_dir(args.out)
+    args = common.parse(Args, argv, description=__doc__.split("\n\n")[0])
+    rr.check_scorer_flags(args)
+    common.require_positive(args, "rounds", "batch_size", "steps", "resolution")
+    common.check_writable_dir(args.out)
     gate = tuple(d.strip() for d in args.gate.split(",") if d.strip())
-    unknown = [d for d in gate if d not in rr.dimensions(args.task)]
-    if not gate or unknown:
-        raise SystemExit(
-            f"--gate takes dimensions of {args.task}: {', '.join(rr.dimensions(args.task))} (got "
-            f"{args.gate!r})")
-    if not 1.0 <= args.threshold <= 4.0:
-        raise SystemExit("--threshold is a score in [1, 4]")
+    common.require(gate and set(gate) <= set(rr.dimensions(args.task)),
+                   f"--gate takes dimensions of {args.task}: "
+                   f"{', '.join(rr.dimensions(args.task))} (got {args.gate!r})")
+    common.require(1.0 <= args.threshold <= 4.0, "--threshold is a score in [1, 4]")
     weights = rr.parse_weights(args.reward_weights)
     args.generator = args.generator or DEFAULT_GENERATOR[args.task]
-    items = read_items(args)
-    out = Path(args.out)
+    if args.generator == "tiny-random":
+        args.steps, args.resolution = args.steps or 4, args.resolution or 64
+    items, out = read_items(args), Path(args.out)
     if (out / "gcr.jsonl").is_file():  # the settings bind a folder once it holds a result
-        rr.check_same_run(out, args, RUN_KEYS, paths=("scorer_adapter",))
-    rr.save_args(args, out)
-    done = {r["id"]: r for r in rr.read_jsonl(out / "gcr.jsonl")}
+        common.check_same_run(out, args, RUN_KEYS, paths=("scorer_adapter",))
+    common.start_run(out, args)
+    done = {r["id"]: r for r in common.read_jsonl(out / "gcr.jsonl")}
     todo = [it for it in items if it["id"] not in done]
     if done:
-        print(f"{len(items) - len(todo)} of {len(items)} prompts already finished in {out}",
-              file=sys.stderr)
+        print(f"resumed: {len(items) - len(todo)} of {len(items)} prompts already finished in "
+              f"{out}", file=sys.stderr)
     if todo:
         from tqdm import tqdm
-        if args.generator == "tiny-random":
-            args.steps, args.resolution = args.steps or 4, args.resolution or 64
-        pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5,
-                                 quantization=args.generator_quantization, device=args.device)
+        pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
+                                     args.generator_quantization)
         scorer = rr.build_scorer(args, args.task, weights)
-        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "images").mkdir(exist_ok=True)
         (out / "sheets").mkdir(exist_ok=True)
         bar = tqdm(total=len(todo), desc="GCR", unit="prompt")
         for i in range(0, len(todo), args.batch_size):
-            t0 = time.time()
-            batch = todo[i:i + args.batch_size]
+            t0, batch = time.time(), todo[i:i + args.batch_size]
             for rec in run_batch(pipe, scorer, batch, args, gate, weights, out):
                 rec["seconds"] = round((time.time() - t0) / len(batch), 2)
-                sheet = out / "sheets" / f"{rr.slug(rec['prompt'])}-{rec['id']}.png"
-                contact_sheet([rec], out, sheet)
-                rr.append_jsonl(out / "gcr.jsonl", rec)
+                contact_sheet([rec], out, out / "sheets" / f"{common.slug(rec['prompt'])}-"
+                                                           f"{rec['id']}.png")
+                common.append_jsonl(out / "gcr.jsonl", rec)
                 done[rec["id"]] = rec
                 bar.update(1)
         bar.close()
@@ -426,7 +353,7 @@ def main(argv=None) -> int:
     summary = summarize(records)
     rr.warn_truncated(summary["truncated_critiques"], summary["critiques"],
                       "--scorer-max-new-tokens", args.scorer)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    common.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):")
     for k, v in summary.items():
         print(f"  {k:<20} {v:.3f}" if isinstance(v, float) else f"  {k:<20} {v}")
@@ -435,7 +362,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
     """The `gcr-loop` command (pyproject.toml)."""
-    rr.cli_entry(main)
+    common.run(main)
 
 
 if __name__ == "__main__":

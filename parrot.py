@@ -65,6 +65,7 @@ from typing import Literal, Optional
 # every argument error take about 3 s instead of 0.3 s (2 CPU cores).
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+import common
 import rationalrewards as rr
 
 
@@ -138,7 +139,7 @@ PAIR_FIELDS = ("id", "dataset", "task", "prompt", "image_a", "image_b", "source_
 def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
     """The teacher sees x and the label y and writes K pairwise rationales per pair."""
     path = out / "phase1.jsonl"
-    done = {(r["id"], r["candidate"]) for r in rr.read_jsonl(path)}
+    done = {(r["id"], r["candidate"]) for r in common.read_jsonl(path)}
     todo = [(p, k) for p in pairs for k in range(args.num_candidates) if (p["id"], k) not in done]
     for batch in batches(todo, args.batch_size, "phase 1: anchored generation",
                          total=len(pairs) * args.num_candidates, unit="rationale"):
@@ -150,7 +151,7 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
         texts = teacher.generate(msgs, args.max_new_tokens, args.temperature)
         for (p, k), text in zip(batch, texts):
             rec = {f: p[f] for f in PAIR_FIELDS}
-            rr.append_jsonl(path, {**rec, "candidate": k, "rationale": text})
+            common.append_jsonl(path, {**rec, "candidate": k, "rationale": text})
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
 def read_phase2(out: Path) -> list:
     """One record per pair: the latest written (a rerun with more candidates supersedes the old
     one)."""
-    return list({r["id"]: r for r in rr.read_jsonl(out / "phase2.jsonl")}.values())
+    return list({r["id"]: r for r in common.read_jsonl(out / "phase2.jsonl")}.values())
 
 
 def judge_candidates(teacher, candidates: list, min_consistency: float) -> list:
@@ -195,7 +196,7 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
     only candidates not judged before (e.g. after Phase 1 ran again with a larger
     --num-candidates) and appends a superseding record for those pairs.
     """
-    phase1 = rr.read_jsonl(out / "phase1.jsonl")
+    phase1 = common.read_jsonl(out / "phase1.jsonl")
     if not phase1:
         raise DataError(f"{out / 'phase1.jsonl'} is missing or empty: run --phases 1 first")
     judged = {r["id"]: r for r in read_phase2(out)}
@@ -216,7 +217,7 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
             pid = group[0]["id"]
             earlier = list(judged[pid]["candidates"]) if pid in judged else []
             judged[pid] = phase2_record(by_id[pid], earlier + [next(verdicts) for _ in group])
-            rr.append_jsonl(out / "phase2.jsonl", judged[pid])
+            common.append_jsonl(out / "phase2.jsonl", judged[pid])
 
 
 def phase2_record(candidates: dict, verdicts: list) -> dict:
@@ -243,7 +244,7 @@ def phase2_record(candidates: dict, verdicts: list) -> dict:
 def project_pointwise(teacher, kept: list, out: Path, args: Args) -> None:
     """Two pointwise critiques per kept pair, each anchored on that image's pairwise scores."""
     path = out / "projections.jsonl"
-    done = {(r["id"], r["side"]) for r in rr.read_jsonl(path)}
+    done = {(r["id"], r["side"]) for r in common.read_jsonl(path)}
     todo = [(r, s) for r in kept for s in ("A", "B") if (r["id"], s) not in done]
     for batch in batches(todo, args.batch_size, "phase 3: pointwise projections",
                          total=2 * len(kept), unit="critique"):
@@ -254,7 +255,7 @@ def project_pointwise(teacher, kept: list, out: Path, args: Args) -> None:
         texts = teacher.generate(msgs, args.max_new_tokens, PROJECTION_TEMPERATURE)
         for (r, s), text in zip(batch, texts):
             ok = projection_matches(rr.parse_pointwise(text, r["task"]), r[f"scores_{s.lower()}"])
-            rr.append_jsonl(path, {"id": r["id"], "side": s, "kept": ok, "critique": text})
+            common.append_jsonl(path, {"id": r["id"], "side": s, "kept": ok, "critique": text})
 
 
 def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) -> dict:
@@ -277,7 +278,7 @@ def build_sft(out: Path, args: Args) -> tuple:
     """sft.jsonl (train prompts) and heldout.jsonl (held-out prompts), rebuilt from Phase 2 +
     projections."""
     kept = [r for r in read_phase2(out) if r["kept"]]
-    proj = {(p["id"], p["side"]): p for p in rr.read_jsonl(out / "projections.jsonl")}
+    proj = {(p["id"], p["side"]): p for p in common.read_jsonl(out / "projections.jsonl")}
     train, held = [], []
     for r in kept:
         samples = [sft_sample("pairwise", r, r["rationale"])]
@@ -286,20 +287,20 @@ def build_sft(out: Path, args: Args) -> tuple:
             if (r["id"], s) in proj and proj[(r["id"], s)]["kept"]
         ]
         (held if is_heldout(r["prompt"], args.eval_fraction, args.seed) else train).extend(samples)
-    write_atomic(out / "sft.jsonl", "".join(json.dumps(s) + "\n" for s in train))
-    write_atomic(out / "heldout.jsonl", "".join(json.dumps(s) + "\n" for s in held))
+    common.write_atomic(out / "sft.jsonl", "".join(json.dumps(s) + "\n" for s in train))
+    common.write_atomic(out / "heldout.jsonl", "".join(json.dumps(s) + "\n" for s in held))
     return train, held
 
 
 def sample_features(processor, sample: dict, max_pixels: int):
     """Token ids of (prompt + answer) with labels = -100 on every prompt token: loss on the answer
     only."""
-    images = [rr.load_image(p) for p in sample["images"]]
+    images = [common.load_image(p) for p in sample["images"]]
     if any(im is None for im in images):
         unread = [p for p, im in zip(sample["images"], images) if im is None]
         raise ValueError(f"SFT sample {sample['id']}: cannot read {unread}; the run directory's "
                          "images must stay where Phase 1 found them")
-    images = [rr.bound_pixels(im, max_pixels) for im in images]
+    images = [common.bound_pixels(im, max_pixels) for im in images]
     *turns, last = sample["messages"]
     user = []
     for m in turns:
@@ -404,13 +405,13 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
         torch.save(opt.state_dict(), ckpt / "optimizer.pt")
         torch.save(sched.state_dict(), ckpt / "scheduler.pt")
         state["epochs_done"] = epoch + 1
-        write_atomic(state_path, json.dumps(state))
+        common.write_atomic(state_path, json.dumps(state))
     return state["losses"]
 
 
 def student_accuracy(model, processor, heldout_pairs: list, task: str, args: Args) -> dict:
     model.eval()  # no LoRA dropout while the student writes critiques
-    backend = rr.TransformersBackend(model, processor, args.batch_size, args.max_pixels)
+    backend = common.TransformersBackend(model, processor, args.batch_size, args.max_pixels)
     scorer = rr.RationalRewardsScorer(backend, task, args.max_new_tokens, temperature=0.1)
     accuracy = {}
     for mode in ("pointwise", "pairwise"):
@@ -464,7 +465,7 @@ def write_heldout_pairs(out: Path, heldout_pairs: list) -> None:
         if r.get("source_image"):
             rec["source_image"] = rel(r["source_image"])
         lines.append(json.dumps(rec) + "\n")
-    write_atomic(out / "heldout_pairs.jsonl", "".join(lines))
+    common.write_atomic(out / "heldout_pairs.jsonl", "".join(lines))
 
 
 def student_metrics_for(out: Path, train: list) -> dict:
@@ -474,7 +475,7 @@ def student_metrics_for(out: Path, train: list) -> dict:
     fingerprint = hashlib.sha1(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if metrics and metrics.get("sft_fingerprint") != fingerprint:
-        rr.warn("sft.jsonl changed since the student was trained: training it again from the "
+        common.warn("sft.jsonl changed since the student was trained: training it again from the "
                 "base model")
         metrics = {}
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -494,21 +495,21 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
         if json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
             return metrics  # a finished run, started again on the same data: nothing to redo
     torch.manual_seed(args.seed)
-    model, processor = rr.load_vlm(args.student, args.student_quantization, trainable=True,
+    model, processor = common.load_vlm(args.student, args.student_quantization, trainable=True,
                                    device=args.device)
     model = add_lora(model, args, args.student_quantization == "4bit")
     if "before" not in metrics:  # LoRA starts at zero: the student is still the base model
         metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
-        write_atomic(metrics_path, json.dumps(metrics))
+        common.write_atomic(metrics_path, json.dumps(metrics))
     if not train:
         # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest
         # of the chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says
         # what it is
-        rr.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the "
+        common.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the "
                 "base model)")
         model.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
-        write_atomic(metrics_path, json.dumps(metrics))
+        common.write_atomic(metrics_path, json.dumps(metrics))
         return metrics
     if state_path.is_file():  # resume from the last finished epoch
         from peft import set_peft_model_state_dict
@@ -518,7 +519,7 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
     metrics["after"] = student_report(model, processor, held, heldout_pairs, task, args)
     metrics.update(sft_samples=len(train), heldout_samples=len(held),
                    heldout_pairs=len(heldout_pairs))
-    write_atomic(metrics_path, json.dumps(metrics))
+    common.write_atomic(metrics_path, json.dumps(metrics))
     return metrics
 
 
@@ -526,7 +527,7 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
 # The ELBO report
 # ---------------------------------------------------------------------------------------
 def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
-    phase1, phase2 = rr.read_jsonl(out / "phase1.jsonl"), read_phase2(out)
+    phase1, phase2 = common.read_jsonl(out / "phase1.jsonl"), read_phase2(out)
     kept = [r for r in phase2 if r["kept"]]
     reasons = {k: sum(r["reason"] == k for r in phase2)
                for k in ("unparseable", "scores_contradict_label", "unreadable_answer",
@@ -566,15 +567,15 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
         "mean_log_p_y_given_xz_kept": sum(kept_lp) / len(kept_lp) if kept_lp else None,
         "score_statistics": stats,
     }
-    proj = rr.read_jsonl(out / "projections.jsonl")
+    proj = common.read_jsonl(out / "projections.jsonl")
     if proj:  # Phase 3's own filter: pointwise projections that kept their anchor scores
         report["phase3_projections"] = {
             "kept": sum(p["kept"] for p in proj),
             "dropped_score_stray": sum(not p["kept"] for p in proj)
         }
         report["sft_samples"] = {
-            "train": len(rr.read_jsonl(out / "sft.jsonl")),
-            "heldout": len(rr.read_jsonl(out / "heldout.jsonl"))
+            "train": len(common.read_jsonl(out / "sft.jsonl")),
+            "heldout": len(common.read_jsonl(out / "heldout.jsonl"))
         }
     if any(r.get("defect_dimension") for r in phase2):  # demo: each pair's defect is known
         hits = [largest_gap_dimension(r["scores_a"], r["scores_b"]) == r["defect_dimension"]
@@ -680,10 +681,6 @@ class Args:
     """share of prompts held out from SFT for the report"""
     eval_limit: int = 100
     """at most this many held-out pairs are used for the student's accuracy"""
-    timeout: float = 600.0
-    """HTTP teacher: seconds to wait for one response"""
-    max_retries: int = 3
-    """HTTP teacher: retries with backoff"""
     prompts_dir: Optional[str] = None
     """templates with the same file names read from this folder first (see rationalrewards.py
     --help)"""
@@ -698,7 +695,7 @@ DEFAULT_HUB = {"rapidata": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_D
                "editreward": "TIGER-Lab/EditReward-Data"}
 
 
-class DataError(RuntimeError):
+class DataError(ValueError):
     """A dataset is missing or malformed; the message says how to get or fix it."""
 
 
@@ -710,7 +707,7 @@ class DataError(RuntimeError):
 def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None,
               defect=None) -> dict:
     """Seeded shuffle of which image is shown as A, so the student cannot learn "A wins"."""
-    pid = key or rr.pair_id(prompt, preferred, rejected, source or "")
+    pid = key or common.digest(prompt, preferred, rejected, source or "")
     swap = random.Random(f"{seed}:{pid}").random() < 0.5
     a, b = (rejected, preferred) if swap else (preferred, rejected)
     return {
@@ -724,10 +721,10 @@ def _readable(paths, stats) -> bool:
     for p in paths:
         if p is None:
             continue
-        _, problem = rr.read_image(p)
+        _, problem = common.read_image(p)
         if problem:
             stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
-            rr.warn(f"image {p}: {problem}: pair skipped")
+            common.warn(f"image {p}: {problem}: pair skipped")
             return False
     return True
 
@@ -769,7 +766,7 @@ def load_hpdv3(root, split, limit, seed, stats) -> list:
         good, bad = root / rec["path1"], root / rec["path2"]  # path1 is the preferred image
         if _readable([good, bad], stats):
             # the id from the row itself, however --data-dir is spelled
-            key = rr.pair_id(rec["prompt"], rec["path1"], rec["path2"])
+            key = common.digest(rec["prompt"], rec["path1"], rec["path2"])
             pairs.append(make_pair("hpdv3", "t2i", rec["prompt"], good, bad, seed, key=key))
     return pairs
 
@@ -827,12 +824,12 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
                 "src": "source_img"}
     else:
         cols = {"prompt": "prompt", "a": "image1", "b": "image2", "src": None}
-    hint = rr.dataset_download_hint(hf_id, f"data/{dataset}", "--hf-dataset",
+    hint = common.dataset_download_hint(hf_id, f"data/{dataset}", "--hf-dataset",
                                     f"data/{dataset}/data (a parquet file or a directory of them)")
     try:
         image_columns = [c for c in (cols["a"], cols["b"], cols["src"]) if c]
-        ds = rr.open_parquet_stream(hf_id, split, image_columns, hint=hint)
-    except rr.ModelLoadError as err:
+        ds = common.open_parquet_stream(hf_id, split, image_columns, hint=hint)
+    except common.ModelLoadError as err:
         raise DataError(str(err)) from None
     image_dir.mkdir(parents=True, exist_ok=True)
     pairs = []
@@ -844,21 +841,21 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
         if verdict in ("tie", "near_tie"):
             stats["dropped_ties" if verdict == "tie" else "dropped_near_ties"] += 1
             continue
-        default_id = rr.pair_id(row[cols["prompt"]], dataset, split, i)
+        default_id = common.digest(row[cols["prompt"]], dataset, split, i)
         key = str(row.get("unique_key") or row.get("id") or default_id)
         paths, problem = {}, None
         for part in ("a", "b", "src"):
             if not cols[part]:
                 continue
             paths[part] = image_dir / f"{key}-{part}.png"
-            bad = rr.save_embedded_image(row.get(cols[part]), paths[part])
+            bad = common.save_embedded_image(row.get(cols[part]), paths[part])
             if bad:
                 problem = "skipped_missing_image" if bad == "missing" else "skipped_corrupt_image"
                 break
         if problem:
             stats[problem] += 1
             what = problem.replace("skipped_", "").replace("_", " ")
-            rr.warn(f"row {i} of {hf_id} ({key}): {what}: pair skipped")
+            common.warn(f"row {i} of {hf_id} ({key}): {what}: pair skipped")
             continue
         good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
         pairs.append(
@@ -949,8 +946,8 @@ def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
     key = f"demo-{seed}-{index:05d}"
     paths = [image_dir / f"{key}-good.png", image_dir / f"{key}-bad.png"]
     for p, im in zip(paths, (good, bad)):
-        if not p.is_file() or rr.load_image(p) is None:  # missing, or truncated by a killed run
-            rr.save_image_atomic(im, p)
+        if not p.is_file() or common.load_image(p) is None:  # missing, or truncated by a killed run
+            common.save_image_atomic(im, p)
     return make_pair("demo", "t2i", prompt, paths[0], paths[1], seed, key=key, defect=defect)
 
 
@@ -979,7 +976,7 @@ def load_dataset_pairs(args: Args) -> tuple:
 def images_of(rec: dict, *parts) -> list:
     """The pair's images in prompt order (source first for editing)."""
     keys = (["source_image"] if rec["task"] == "edit" else []) + list(parts)
-    return [rr.load_image(rec[k]) for k in keys]
+    return [common.load_image(rec[k]) for k in keys]
 
 
 def paths_of(rec: dict, *parts) -> list:
@@ -1001,12 +998,6 @@ def batches(items: list, size: int, desc: str, total: int, unit: str):
     bar.close()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 class LazyTeacher:
     """The teacher backend, loaded on first use (a resumed run with nothing left to do loads no
     model) and released before the student trains, so both fit on one GPU in turn."""
@@ -1017,32 +1008,35 @@ class LazyTeacher:
     def _get(self):
         if self.backend is None:
             a = self.args
-            self.backend = rr.load_backend(a.teacher, api_base=a.teacher_api_base,
-                                           quantization=a.teacher_quantization,
-                                           batch_size=a.batch_size, max_pixels=a.max_pixels,
-                                           timeout=a.timeout, max_retries=a.max_retries,
-                                           device=a.device)
+            self.backend = common.load_backend(a.teacher, api_base=a.teacher_api_base,
+                                               quantization=a.teacher_quantization,
+                                               batch_size=a.batch_size, max_pixels=a.max_pixels,
+                                               device=a.device)
         return self.backend
 
-    def generate(self, *args, **kwargs):
-        return self._call("generate", *args, **kwargs)
+    def generate(self, *args, **kwargs) -> list:
+        """The replies' texts; a failed request stops the phase (what was written is kept)."""
+        outs = [common.Generation(o) if isinstance(o, str) else o
+                for o in self._get().generate(*args, **kwargs)]
+        failed = [o.error for o in outs if o.error]
+        if failed:
+            raise self._explained(failed[0])
+        return [o.text for o in outs]
 
     def answer_logprobs(self, *args, **kwargs):
-        return self._call("answer_logprobs", *args, **kwargs)
-
-    def _call(self, method, *args, **kwargs):
         try:
-            return getattr(self._get(), method)(*args, **kwargs)
-        except rr.BackendError as err:
-            if not self.args.teacher_api_base:
-                raise
-            # the most common cause: no server was started; say how (README, "Serving the
-            # model over HTTP")
-            raise rr.BackendError(
-                f"{err}\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n  "
-                f"vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
-                "http://localhost:8000/v1 (everything done so far is kept: rerun to continue)"
-            ) from None
+            return self._get().answer_logprobs(*args, **kwargs)
+        except common.BackendError as err:
+            raise self._explained(str(err)) from None
+
+    def _explained(self, error: str) -> common.BackendError:
+        """The most common cause of a failing teacher server is none started: say how."""
+        if self.args.teacher_api_base:
+            error += (f"\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n  "
+                      f"vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
+                      "http://localhost:8000/v1 (everything done so far is kept: rerun to "
+                      "continue)")
+        return common.BackendError(error)
 
     def release(self):
         import torch
@@ -1063,18 +1057,18 @@ def preflight(args: Args, out: Path) -> None:
     def check(fn, *a):
         try:
             fn(*a)
-        except (rr.ModelLoadError, DataError) as err:
+        except (common.ModelLoadError, DataError) as err:
             problems.append(str(err))
     if "3" in args.phases:
-        check(rr.check_model_available, args.student, "student")
+        check(common.check_model_available, args.student, "student")
     if "1" in args.phases:
         check(check_dataset, args)
         if not args.teacher_api_base and not (out / "phase1.jsonl").is_file():
-            check(rr.check_model_available, args.teacher, "teacher")
+            check(common.check_model_available, args.teacher, "teacher")
     if len(problems) == 1:
-        raise rr.ModelLoadError(problems[0])
+        raise common.ModelLoadError(problems[0])
     if problems:
-        raise rr.ModelLoadError(f"{len(problems)} inputs of this run are missing:\n" +
+        raise common.ModelLoadError(f"{len(problems)} inputs of this run are missing:\n" +
                                 "\n".join(f"{n}. {p}" for n, p in enumerate(problems, 1)))
 
 
@@ -1089,38 +1083,32 @@ def check_dataset(args: Args) -> None:
         if not args.data_dir or not Path(args.data_dir).is_file():
             raise DataError(
                 f"--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl (got {args.data_dir!r})")
-    elif args.dataset in ("rapidata", "editreward"):
-        source = args.hf_dataset or DEFAULT_HUB[args.dataset]
-        if not rr.looks_like_path(source) and not rr.hub_reachable():
-            hint = rr.dataset_download_hint(source, f"data/{args.dataset}", "--hf-dataset",
-                                            f"data/{args.dataset}/data")
-            raise DataError(f"{args.dataset}: {source} cannot be streamed: the hub is not "
-                            f"reachable. {hint}")
-        if rr.looks_like_path(source) and not Path(source).exists():
-            raise DataError(f"--hf-dataset {source} does not exist")
+    elif args.hf_dataset and args.hf_dataset.startswith(("/", ".", "~")):
+        if not Path(args.hf_dataset).exists():
+            raise DataError(f"--hf-dataset {args.hf_dataset} does not exist")
 
 
 def main(argv=None) -> int:
-    args = rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
+    args = common.parse(Args, argv, description=__doc__.split("\n\n")[0])
     if not set(args.phases) <= set("123") or not args.phases:
         raise SystemExit(f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
     rr.set_prompts_dir(args.prompts_dir)
     if args.max_new_tokens is None:
         args.max_new_tokens = rr.TINY_MAX_NEW_TOKENS if args.teacher == "tiny-random" else 2048
-    rr.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens",
+    common.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens",
                         "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
-    rr.check_common_args(args)
-    rr.check_writable_dir(out)
+    common.check_device(args.device)
+    common.check_writable_dir(out)
     preflight(args, out)
-    rr.save_args(args, out)
+    common.start_run(out, args)
     import torch
     torch.manual_seed(args.seed)
     teacher = LazyTeacher(args)
     inputs_path = out / "inputs.json"
     if "1" in args.phases:
         pairs, inputs = load_dataset_pairs(args)
-        write_atomic(inputs_path, json.dumps(inputs))
+        common.write_atomic(inputs_path, json.dumps(inputs))
         print(f"{inputs['pairs']} pairs from {args.dataset} ({inputs})", file=sys.stderr)
         anchored_generation(teacher, pairs, out, args)
     if "2" in args.phases:
@@ -1132,7 +1120,7 @@ def main(argv=None) -> int:
         student = json.loads((out / "student_metrics.json").read_text())
     inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}
     report = elbo_report(out, inputs, student)
-    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"PARROT report ({out / 'report.json'}):")
     print_report(report)
     return 0
@@ -1140,7 +1128,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
     """The `parrot` command (pyproject.toml)."""
-    rr.cli_entry(main, errors=(DataError,))
+    common.run(main)
 
 
 if __name__ == "__main__":

@@ -69,10 +69,9 @@ import contextlib
 import csv
 import gc
 import hashlib
-import json
+import io
 import math
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -84,8 +83,9 @@ import numpy as np
 # torch at the top: nearly every function below needs it (it makes `--help` take about 3 s
 # on 2 CPU cores instead of 0.3 s; the other three modules import it where it is used).
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+import common
 import rationalrewards as rr
 
 
@@ -578,9 +578,6 @@ def reward_images(scorer, images: list, prompts: list, weights,
             "truncated": truncated}
 
 
-dimension_means = rr.dimension_means  # per-dimension mean of the readable scores, for metrics.csv
-
-
 # ---------------------------------------------------------------------------------------
 # ---- Step 3: optimise, one epoch of collected samples ----
 # ---------------------------------------------------------------------------------------
@@ -674,13 +671,10 @@ class Args(rr.ScorerArgs):
     """training prompts: .txt (one per line) or .jsonl (`prompt`; for edit also `source_image`,
     relative to the file) (default: prompts/rl_prompts.txt for t2i, prompts/rl_edits.jsonl for
     edit)"""
-    eval_prompts: Optional[str] = None
-    """prompts for the eval grid, same format (default: the first --num-eval-prompts training
-    prompts)"""
     num_eval_prompts: int = 4
-    """images in the eval grid (one fixed seed per prompt)"""
+    """images in the eval grid: the first N training prompts, one fixed seed each"""
     out: str = "runs/nft"
-    """run directory"""
+    """run folder (resumable with --resume)"""
     generator: Optional[str] = None
     """flow-matching pipeline: hub id, local directory or tiny-random (default:
     stabilityai/stable-diffusion-3.5-medium for t2i, black-forest-labs/FLUX.1-Kontext-dev for
@@ -688,9 +682,9 @@ class Args(rr.ScorerArgs):
     generator_quantization: Literal["none", "4bit"] = "none"
     """4bit: the generator's transformer and T5 in nf4 with LoRA in fp32 on top (QLoRA; needs a GPU;
     how FLUX.1-Kontext-dev fits on 24 GB)"""
-    no_t5: bool = False
-    """leave SD3's T5 text encoder out (saves its memory while prompts are encoded, at some prompt
-    fidelity)"""
+    t5: bool = True
+    """SD3: load the T5 text encoder (--no-t5 saves its memory while prompts are encoded, at some
+    prompt fidelity)"""
     resolution: Optional[int] = None
     """image side in pixels (default 512 as both sources; 64 for tiny-random); edit sources are
     center-cropped to it"""
@@ -768,8 +762,6 @@ class Args(rr.ScorerArgs):
     save_every: int = 10
     """epochs between LoRA snapshots in lora/ (the checkpoint for --resume is written every
     epoch)"""
-    gradient_checkpointing: bool = True
-    """recompute transformer activations in the backward pass (memory for time)"""
     resume: bool = False
     """continue from --out/checkpoint"""
     seed: int = 0
@@ -780,11 +772,11 @@ class Args(rr.ScorerArgs):
 # official RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
 TASK_DEFAULTS = {
     "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium",
-            "prompts": str(rr.PROMPTS_DIR / "rl_prompts.txt"),
+            "prompts": str(common.PROMPTS_DIR / "rl_prompts.txt"),
             "sample_steps": 10, "eval_steps": 40, "guidance_scale": 1.0, "lr": 3e-4,
             "mask": "none", "reward_weights": None},
     "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev",
-             "prompts": str(rr.PROMPTS_DIR / "rl_edits.jsonl"),
+             "prompts": str(common.PROMPTS_DIR / "rl_edits.jsonl"),
              "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4,
              "mask": "official",
              # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text
@@ -813,7 +805,7 @@ def read_items(path: str, task: str, resolution: int) -> list:
     """[{key, prompt, source}]: the prompt file's lines; for edit each with its source image loaded.
     `key` identifies the item (prompt and source), for groups, conditions and prompt bans."""
     items = []
-    for n, rec in enumerate(rr.read_prompt_records(path), 1):
+    for n, rec in enumerate(common.read_prompt_records(path), 1):
         source = None
         if task == "edit":
             rel = rec.get("source_image")
@@ -825,189 +817,109 @@ def read_items(path: str, task: str, resolution: int) -> list:
                     f"{path}: prompt {n} ({rec['prompt'][:60]!r}) has no source_image: --task edit "
                     "needs a .jsonl with 'prompt' and 'source_image' (relative to the file)")
             file = Path(path).parent / str(rel)
-            image, problem = rr.read_image(file)
+            image, problem = common.read_image(file)
             if image is None:
                 raise ValueError(f"{path}: prompt {n}: source image {file} is {problem}")
             source = square_source(image, resolution)
-        key = rr.pair_id(rec["prompt"], rec.get("source_image") or "")
+        key = common.digest(rec["prompt"], rec.get("source_image") or "")
         items.append({"key": key, "prompt": rec["prompt"], "source": source})
     return items
 
 
 # ---------------------------------------------------------------------------------------
-# Outputs: LoRA files, checkpoint, metrics, pictures
+# Outputs: LoRA files, the checkpoint, metrics, pictures
 # ---------------------------------------------------------------------------------------
-def save_lora(pipe, directory: Path) -> None:
-    """theta (call inside `ema_weights` for the EMA) as a diffusers LoRA:
-    `pipe.load_lora_weights(directory)`."""
+def save_lora(pipe, folder: Path) -> None:
+    """theta (inside `ema_weights`: its EMA) as a diffusers LoRA, for
+    `pipe.load_lora_weights(folder)`."""
     from peft.utils import get_peft_model_state_dict
     state = get_peft_model_state_dict(pipe.transformer, adapter_name="default")
-    type(pipe).save_lora_weights(str(directory), transformer_lora_layers=state)
+    type(pipe).save_lora_weights(str(folder), transformer_lora_layers=state)
 
 
-def save_checkpoint(pipe, optimizer, ema: Optional[dict], out: Path, state: dict) -> None:
-    """checkpoint/: theta, old policy, EMA, optimiser, epoch, step, banned prompts, metrics rows;
-    swapped in atomically."""
-    from safetensors.torch import save_file
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tr = pipe.transformer
-    for adapter, file in (("default", "theta.safetensors"), ("old", "old.safetensors")):
-        weights = {k: v.detach().contiguous().cpu() for k, v in adapter_params(tr, adapter).items()}
-        save_file(weights, tmp / file)
-    if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():
-        final.rename(out / "checkpoint.old")
-    tmp.rename(final)
-    shutil.rmtree(out / "checkpoint.old", ignore_errors=True)
+def save_checkpoint(run: Run, state: dict) -> None:
+    """checkpoint.pt, one torch.save dict: theta, the old policy, the EMA, the optimiser, and the
+    run's state (epoch, step, banned prompts, metrics rows); written whole, then renamed."""
+    tr = run.transformer
+    ckpt = {"theta": {k: v.detach().cpu() for k, v in adapter_params(tr, "default").items()},
+            "old": {k: v.detach().cpu() for k, v in adapter_params(tr, "old").items()},
+            "ema": run.ema, "optimizer": run.optimizer.state_dict(), "state": state}
+    tmp = run.out / "checkpoint.pt.tmp"
+    torch.save(ckpt, tmp)
+    tmp.replace(run.out / "checkpoint.pt")
 
 
-def load_checkpoint(pipe, optimizer, ema: Optional[dict], out: Path) -> Optional[dict]:
-    from safetensors.torch import load_file
-    ckpt = out / "checkpoint"
-    if not (ckpt / "state.json").is_file():
-        if (out / "checkpoint.old" / "state.json").is_file():  # killed between the two renames
-            (out / "checkpoint.old").rename(ckpt)
-        else:
-            return None
-    tr = pipe.transformer
-    targets = [("default", "theta.safetensors", adapter_params(tr, "default")),
-               ("old", "old.safetensors", adapter_params(tr, "old"))]
-    if ema is not None:
-        targets.append(("ema", "ema.safetensors", ema))
-    damaged = (
-        f"is damaged or unreadable: if {out / 'checkpoint.old'} exists and is whole, move it to "
-        f"{ckpt} and resume; otherwise start again in another --out")
-    for _, file, params in targets:
-        try:
-            saved = load_file(ckpt / file)
-        except Exception as err:
-            # safetensors raises its own errors for a truncated or foreign file
-            raise ValueError(f"{ckpt / file} {damaged} ({type(err).__name__})") from None
-        if set(saved) != set(params):
-            raise ValueError(
-                f"{ckpt / file} does not match this model's LoRA layout (other --generator or "
-                "--lora-r?)"
-            )
-        wrong = [k for k, p in params.items() if saved[k].shape != p.shape]
+def load_checkpoint(run: Run) -> Optional[dict]:
+    """The run's state from checkpoint.pt (None when there is none); a damaged file or one of
+    another LoRA shape is named."""
+    path = run.out / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, weights_only=True)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except Exception as err:  # a truncated or foreign file: torch raises several types
+        raise ValueError(f"{path} is damaged or unreadable ({type(err).__name__}): start again in "
+                         "another --out") from None
+    tr = run.transformer
+    for name, params in (("theta", adapter_params(tr, "default")),
+                         ("old", adapter_params(tr, "old")), ("ema", run.ema)):
+        saved = ckpt[name]
+        if params is None or saved is None:
+            continue
+        wrong = [k for k in params if k not in saved or saved[k].shape != params[k].shape]
         if wrong:
-            raise ValueError(
-                f"{ckpt / file} holds LoRA weights of shape {tuple(saved[wrong[0]].shape)} where "
-                f"this model has {tuple(params[wrong[0]].shape)}: another --lora-r than the run's?")
+            got = tuple(saved[wrong[0]].shape) if wrong[0] in saved else "nothing"
+            raise ValueError(f"{path} holds LoRA weights of shape {got} where this model has "
+                             f"{tuple(params[wrong[0]].shape)}: another --lora-r or --generator "
+                             "than the run's?")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(saved[k])
-    try:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        return json.loads((ckpt / "state.json").read_text())
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"{ckpt} (optimizer.pt or state.json) {damaged} ({type(err).__name__})") from None
-
-
-def metric_fields(task: str) -> list:
-    return [
-        "epoch", "step", "reward_mean", "reward_std", *rr.dimensions(task), "unreadable",
-        "truncated", "masked_samples", "trained_samples", "banned_prompts", "loss", "policy_loss",
-        "kl", "eta", "eval_reward", "seconds"
-    ]
+    return ckpt["state"]
 
 
 def write_metrics(out: Path, rows: list, task: str) -> None:
     """metrics.csv rewritten whole from the rows the checkpoint holds: a resumed run never
     duplicates one."""
-    fields = metric_fields(task)
-    tmp = out / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows([{k: ("" if row.get(k) is None else row[k]) for k in fields} for row in rows])
-    tmp.replace(out / "metrics.csv")
+    fields = ["epoch", "step", "reward_mean", "reward_std", *rr.dimensions(task), "unreadable",
+              "truncated", "masked_samples", "trained_samples", "banned_prompts", "loss",
+              "policy_loss", "kl", "eta", "eval_reward", "seconds"]
+    text = io.StringIO()
+    w = csv.DictWriter(text, fields)
+    w.writeheader()
+    w.writerows([{k: ("" if row.get(k) is None else row[k]) for k in fields} for row in rows])
+    common.write_atomic(out / "metrics.csv", text.getvalue())
 
 
-COLOURS = {"text_faithfulness": (200, 40, 40), "image_faithfulness": (150, 60, 190),
-           "physical_quality": (40, 120, 200), "text_rendering": (40, 160, 60)}
-
-
-def plot_reward_curve(rows: list, path: Path, dims: tuple = rr.T2I_DIMENSIONS,
-                      title: str = "") -> None:
-    """One line per dimension (scores mapped to [0, 1] like the reward) and one for R, per epoch."""
-    W, H, m, top, legend_w = 760, 440, 56, 44, 190
-    img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), rr.label_font(12)
-    d.text((m, 8), f"{title}: reward per epoch" if title else "reward per epoch", fill="black",
-           font=rr.label_font(14))
-    d.text((m, 26), "reward, scores mapped to [0, 1]: R and (s - 1) / 3 per dimension",
-           fill="black", font=font)
-    right = W - legend_w
-    d.rectangle([m, top, right, H - m], outline="black")
-    x_max = max(2, len(rows))
-    px = lambda i: m + (right - m) * i / (x_max - 1)
-    py = lambda v: H - m - (H - m - top) * v
-    for v in (0, 0.25, 0.5, 0.75, 1.0):
-        d.line([m - 4, py(v), m, py(v)], fill="black")
-        d.text((14, py(v) - 6), f"{v:.2f}", fill="black", font=font)
-    every = max(1, math.ceil(len(rows) / 10))  # at most ~10 epoch ticks
-    for i in range(0, len(rows), every):
-        d.line([px(i), H - m, px(i), H - m + 4], fill="black")
-        d.text((px(i) - 4, H - m + 6), str(rows[i]["epoch"]), fill="black", font=font)
-    d.text(((m + right) // 2 - 16, H - m + 24), "epoch", fill="black", font=font)
-    series = [("reward R", "black", lambda r: r["reward_mean"])]
-    for k in dims:
-        series.append((k.replace("_", " "), COLOURS[k],
-                       lambda r, k=k: None if r.get(k) is None else (r[k] - 1) / 3))
-    for n, (name, colour, get) in enumerate(series):
-        pts = [(px(i), py(get(r))) for i, r in enumerate(rows) if get(r) is not None]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        for x, y in pts:
-            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        y = top + 6 + 32 * n
-        d.line([right + 10, y + 6, right + 30, y + 6], fill=colour if pts else (190, 190, 190),
-               width=3)
-        d.text((right + 36, y), name, fill="black", font=font)
-        if not pts:  # a line that cannot be drawn is said, not left invisible
-            d.text((right + 36, y + 14), "no readable score", fill=(120, 120, 120), font=font)
-    img.save(path)
-
-
-def eval_grid(images: list, prompts: list, rewards: list, scores: list, path: Path,
-              sources: Optional[list] = None, title: str = "",
-              not_applicable: Optional[list] = None) -> None:
-    """The eval images side by side (editing: source | edited), each with its prompt, reward and
-    scores under it."""
-    # every image is shown at this size, small ones scaled up without smoothing
-    side, head = 256, 24
-    panels = 2 if sources else 1
-    cell_w, font = side * panels, rr.label_font(11)
-    cell_h = head + side + 110
-    grid = Image.new("RGB", (cell_w * len(images), cell_h), "white")
-    d = ImageDraw.Draw(grid)
-    d.text((4, 5), title, fill="black", font=rr.label_font(13))
-    fit = lambda im: rr.fit_image(im, side)  # eval images and sources are square
-    for i, (im, p, R, s) in enumerate(zip(images, prompts, rewards, scores)):
-        x = i * cell_w
-        if sources:
-            grid.paste(fit(sources[i]), (x, head))
-            d.text((x + 3, head + 3), "source", fill="white", font=font)
-        grid.paste(fit(im), (x + side * (panels - 1), head))
-        na = not_applicable[i] if not_applicable else []
-        lines = rr.wrap_text(p, cell_w // 6)[:2] + [f"R = {R:.3f}"]
-        lines += [rr.score_label(k, v, na) for k, v in s.items()]
-        for j, line in enumerate(lines[:8]):
-            d.text((x + 3, head + side + 3 + 13 * j), line, fill="black", font=font)
-    grid.save(path)
+def plot_reward_curve(rows: list, path: Path, dims: tuple, title: str = "") -> list:
+    """R and each dimension's mean score mapped to [0, 1], per epoch (matplotlib); a dimension with
+    no readable score is named in the legend. Returns the legend's labels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["reward_mean"] for r in rows], "o-", color="black", label="reward R")
+    for d in dims:
+        vals = [None if r.get(d) is None else (r[d] - 1) / 3 for r in rows]
+        label = d.replace("_", " ") + ("" if any(v is not None for v in vals)
+                                       else " (no readable score)")
+        ax.plot(epochs, [float("nan") if v is None else v for v in vals], "o-", label=label)
+    ax.set(title=f"{title}: reward per epoch" if title else "reward per epoch", xlabel="epoch",
+           ylabel="R, and (s - 1) / 3 per dimension", ylim=(-0.02, 1.02))
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
 def resolve_defaults(args: Args) -> Args:
-    """Fill the task-dependent defaults (so args.json records what actually ran)."""
+    """The task-dependent defaults filled in, so that args.json records what ran."""
     for name, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1017,76 +929,60 @@ def resolve_defaults(args: Args) -> Args:
 
 
 def validate(args: Args) -> None:
-    rr.check_common_args(args)
-    rr.require_positive(args, "epochs", "prompts_per_epoch", "group_size", "sample_steps",
-                        "eval_steps", "train_batch_size", "gradient_steps_per_epoch",
-                        "num_eval_prompts", "eval_every", "save_every", "lora_r", "resolution",
-                        "scorer_batch_size")
-    if args.group_size < 2:
-        raise SystemExit(
-            "--group-size must be at least 2: the group mean is the baseline of each sample")
-    if not 0 < args.timestep_fraction <= 1:
-        raise SystemExit("--timestep-fraction must be in (0, 1]")
-    if not 0 <= args.ema_decay < 1:
-        raise SystemExit("--ema-decay must be in [0, 1)")
-    # ranges outside which the loss is undefined (division by beta or by the clip), or outside
-    # which the run is no longer NFT
-    for name, ok, what in (("beta", args.beta > 0, "> 0 (the loss divides by it)"),
-                           ("adv_clip", args.adv_clip > 0, "> 0 (r = 0.5 + 0.5 A / clip)"),
-                           ("kl_weight", args.kl_weight >= 0, ">= 0"),
-                           ("lr", args.lr > 0, "> 0"),
+    rr.check_scorer_flags(args)
+    common.require_positive(args, "epochs", "prompts_per_epoch", "sample_steps", "eval_steps",
+                            "train_batch_size", "gradient_steps_per_epoch", "num_eval_prompts",
+                            "eval_every", "save_every", "lora_r", "resolution")
+    req = common.require
+    req(args.group_size >= 2, "--group-size must be at least 2: the group mean is each sample's "
+                              "baseline")
+    # ranges outside which the loss is undefined (it divides by beta and by the clip), or the run
+    # is no longer NFT
+    for name, ok, what in (("beta", args.beta > 0, "> 0"), ("adv_clip", args.adv_clip > 0, "> 0"),
+                           ("kl_weight", args.kl_weight >= 0, ">= 0"), ("lr", args.lr > 0, "> 0"),
                            ("weight_decay", args.weight_decay >= 0, ">= 0"),
                            ("grad_clip", args.grad_clip > 0, "> 0"),
                            ("eta_rate", args.eta_rate >= 0, ">= 0"),
                            ("eta_max", 0 <= args.eta_max < 1, "in [0, 1)"),
+                           ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)"),
+                           ("timestep_fraction", 0 < args.timestep_fraction <= 1, "in (0, 1]"),
                            ("mask_std", args.mask_std >= 0, ">= 0")):
         value = getattr(args, name)
-        if not (math.isfinite(value) and ok):
-            raise SystemExit(f"--{name.replace('_', '-')} must be {what}, got {value}")
+        req(math.isfinite(value) and ok, f"--{name.replace('_', '-')} must be {what}, got {value}")
     samples = args.prompts_per_epoch * args.group_size
     batches = math.ceil(samples / args.train_batch_size)
-    if args.gradient_steps_per_epoch > batches:
-        raise SystemExit(
-            f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} is more than the epoch's "
-            f"{batches} mini-batches ({samples} samples / --train-batch-size "
-            f"{args.train_batch_size})"
-        )
+    req(args.gradient_steps_per_epoch <= batches,
+        f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} is more than the epoch's "
+        f"{batches} mini-batches ({samples} samples / --train-batch-size {args.train_batch_size})")
 
 
-RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.csv")
-
-
-def prompts_digest(args: Args, items: Optional[list] = None) -> str:
-    """The training prompts' content (and, for editing, their source images'), so a resume after the
-    file changed is refused even when its path did not. `items`: the file already read by
-    `read_items`."""
+def prompts_digest(args: Args, items: list) -> str:
+    """The training prompts' content (and edit source images'), so that a resume after the file
+    changed is refused even when its path did not."""
     h = hashlib.sha1(Path(args.prompts).read_bytes())
-    if args.task == "edit" and items is None:
-        items = read_items(args.prompts, args.task, args.resolution)
-    for it in items if args.task == "edit" else []:
-        h.update(it["source"].tobytes())
+    for it in items:
+        if it["source"] is not None:
+            h.update(it["source"].tobytes())
     return h.hexdigest()
 
 
-def check_out_dir(out: Path, args: Args, digest: Optional[str] = None) -> None:
-    """--out must be a directory we can write; a folder holding any trace of a run (a checkpoint,
-    even half-swapped, or metrics) is continued only with --resume and the same settings (`digest`:
-    the prompts' `prompts_digest`, computed here when not given)."""
-    rr.check_writable_dir(out)
-    digest = digest or prompts_digest(args)
-    existing = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
-    if existing and not args.resume:
+RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv")  # any of them: a run exists
+
+
+def check_out_dir(out: Path, args: Args, digest: str) -> None:
+    """A folder holding any trace of a run is continued only with --resume and the same settings;
+    never started over."""
+    common.check_writable_dir(out)
+    same = dict(keys=RUN_KEYS, paths=("prompts", "scorer_adapter"), extra={"prompts_sha1": digest})
+    if any((out / name).exists() for name in RUN_FILES) and not args.resume:
         try:
-            rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
-                              extra={"prompts_sha1": digest})
+            common.check_same_run(out, args, **same)
         except ValueError as err:  # other settings: --resume would be refused too
             raise SystemExit(str(err)) from None
-        raise SystemExit(
-            f"{out} already holds a run with these settings: pass --resume to continue it, or "
-            "choose another --out")
+        raise SystemExit(f"{out} already holds a run with these settings: pass --resume to "
+                         "continue it, or choose another --out")
     if args.resume:
-        rr.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
-                          extra={"prompts_sha1": digest})
+        common.check_same_run(out, args, **same)
 
 
 @dataclass
@@ -1094,14 +990,13 @@ class Run:
     """What an RL run holds from epoch to epoch: settings, models, the scorer, cached conditions."""
     args: Args
     out: Path
-    pipe: object  # the diffusers pipeline; its transformer carries the two LoRA policies
-    params: list              # the trainable LoRA parameters of the "default" policy (theta)
+    pipe: object              # the diffusers pipeline; its transformer carries the two policies
+    params: list              # theta's trainable LoRA parameters ("default" adapter)
     optimizer: object
     ema: Optional[dict]       # EMA of theta (evaluated and saved), or None
     scorer: object            # rr.RationalRewardsScorer
     weights: Optional[dict]   # --reward-weights
     items: list               # training prompts (and, for editing, source images)
-    eval_items: list
     conds: dict               # text (and source-image) conditions, encoded once
     geo: dict                 # latent geometry of the generator
     sigmas: object            # the sampler's noise levels for collection ...
@@ -1117,26 +1012,22 @@ class Run:
 
 def main(argv=None) -> int:
     """Set up, then per epoch: `train_epoch` (the method's four steps) and `log_epoch` (outputs)."""
-    args = resolve_defaults(rr.parse_args(Args, argv, description=__doc__.split("\n\n")[0]))
-    rr.set_prompts_dir(args.prompts_dir)
+    args = resolve_defaults(common.parse(Args, argv, description=__doc__.split("\n\n")[0]))
     validate(args)
     weights = rr.parse_weights(args.reward_weights)
     items = read_items(args.prompts, args.task, args.resolution)
-    eval_items = (read_items(args.eval_prompts, args.task, args.resolution) if args.eval_prompts
-                  else items)[:args.num_eval_prompts]
     out = Path(args.out)
-    digest = prompts_digest(args, items)  # the source images are decoded once, by read_items
+    digest = prompts_digest(args, items)
     check_out_dir(out, args, digest)
-    rr.save_args(args, out, extra={"prompts_sha1": digest})
+    common.start_run(out, args, extra={"prompts_sha1": digest})
     from tqdm import tqdm
-
-    run = setup_run(args, out, items, eval_items, weights)
-    state = load_checkpoint(run.pipe, run.optimizer, run.ema, out) if args.resume else None
+    run = setup_run(args, out, items, weights)
+    state = load_checkpoint(run) if args.resume else None
     state = state or {"epoch": 0, "step": 0, "rows": [], "banned": []}
     if args.resume:
         print(f"resuming after epoch {state['epoch']} (step {state['step']})", file=sys.stderr)
     write_metrics(out, state["rows"], args.task)
-    (out / "eval").mkdir(parents=True, exist_ok=True)
+    (out / "eval").mkdir(exist_ok=True)
     if state["epoch"] == 0 and not (out / "eval" / "epoch_0000.png").exists():
         evaluate(run, 0)  # the base model, before any update
     bar = tqdm(range(state["epoch"], args.epochs), desc="epochs", unit="epoch",
@@ -1145,55 +1036,43 @@ def main(argv=None) -> int:
         t0 = time.time()
         stats = train_epoch(run, state, epoch)
         if stats is None:
-            bar.write(
-                f"every prompt is banned (its group std < {args.mask_std} and mean > "
-                f"{args.mask_mean}): stopping after epoch {epoch}")
+            bar.write(f"every prompt is banned (its group std < {args.mask_std} and mean > "
+                      f"{args.mask_mean}): stopping after epoch {epoch}")
             break
         bar.write(log_epoch(run, state, epoch, stats, time.time() - t0))
-    print(
-        f"done: {state['epoch']} epochs, {state['step']} optimiser steps; metrics in "
-        f"{out / 'metrics.csv'}"
-    )
+    print(f"done: {state['epoch']} epochs, {state['step']} optimiser steps; metrics in "
+          f"{out / 'metrics.csv'}")
     return 0
 
 
-def setup_run(args: Args, out: Path, items: list, eval_items: list, weights: Optional[dict]) -> Run:
+def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Run:
     """The generator with two LoRA policies, its conditions encoded once, the optimiser, the
     scorer."""
     torch.manual_seed(args.seed)
-    pipe = rr.load_generator(args.generator, args.task, no_t5=args.no_t5,
-                             quantization=args.generator_quantization, device=args.device)
-    if args.task == "edit" and not is_kontext(pipe):
-        raise ValueError(
-            f"--task edit trains FLUX.1-Kontext pipelines; {args.generator} is a "
-            f"{type(pipe).__name__}"
-        )
-    if args.task == "t2i" and is_kontext(pipe):
-        raise ValueError(f"{args.generator} is an editing pipeline: pass --task edit")
+    pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
+                                 args.generator_quantization)
+    common.require(is_kontext(pipe) == (args.task == "edit"),
+                   f"--task {args.task} does not fit {args.generator}, a {type(pipe).__name__}: "
+                   "t2i trains SD3 pipelines, edit FLUX.1-Kontext ones")
     geo = latent_geometry(pipe, args.resolution, args.guidance_scale)
-    null = [{"key": "", "prompt": "", "source": None}] if not geo["kontext"] else []
-    conds = encode_conditions(pipe, items + eval_items + null, geo)
+    null = [] if geo["kontext"] else [{"key": "", "prompt": "", "source": None}]
+    conds = encode_conditions(pipe, items + null, geo)
     free_text_encoders(pipe)
-    transformer = pipe.transformer
-    # the LoRA init draws from here: not from whatever loading the models consumed
-    torch.manual_seed(args.seed)
-    params = add_policies(transformer, args)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
+    torch.manual_seed(args.seed)  # the LoRA init draws from here, whatever loading consumed
+    params = add_policies(pipe.transformer, args)
+    pipe.transformer.enable_gradient_checkpointing()  # activations recomputed: memory for time
+    pipe.transformer.train()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ema = None
-    if args.ema:
-        ema = {k: p.detach().clone() for k, p in adapter_params(transformer, "default").items()}
-    scorer = rr.build_scorer(args, args.task, weights)
-    return Run(args, out, pipe, params, optimizer, ema, scorer, weights, items, eval_items, conds,
-               geo, sampler_sigmas(pipe, args.sample_steps, geo),
+    ema = {k: p.detach().clone() for k, p in adapter_params(pipe.transformer, "default").items()} \
+        if args.ema else None
+    return Run(args, out, pipe, params, optimizer, ema, rr.build_scorer(args, args.task, weights),
+               weights, items, conds, geo, sampler_sigmas(pipe, args.sample_steps, geo),
                sampler_sigmas(pipe, args.eval_steps, geo))
 
 
 def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
-    """One epoch of DiffusionNFT, the four steps of the module docstring. Updates `state` (optimiser
-    step, banned prompts); returns the epoch's statistics, or None when every prompt is banned."""
+    """One epoch of DiffusionNFT, the four steps of the module docstring. Updates `state` (step,
+    banned prompts); returns the epoch's statistics, or None when every prompt is banned."""
     args = run.args
     rng = random.Random(f"{args.seed}:{epoch}")
     gen = torch.Generator().manual_seed(args.seed * 1000003 + epoch)
@@ -1209,12 +1088,10 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
     seeds = [rng.randrange(2 ** 31) for _ in group]
     cond = collate(run.conds, [it["key"] for it in group], "cpu", torch.float32)
     K = args.group_size
-    x0 = []
-    for i in range(0, len(group), K):
-        cond_i = {k: v[i:i + K] for k, v in cond.items()}
-        x0.append(sample_latents(run.pipe, cond_i, seeds[i:i + K], run.sigmas, run.geo, "old",
-                                 args.sampler, run.conds.get("")))
-    x0 = torch.cat(x0)  # (N, ...)
+    x0 = torch.cat([sample_latents(run.pipe, {k: v[i:i + K] for k, v in cond.items()},
+                                   seeds[i:i + K], run.sigmas, run.geo, "old", args.sampler,
+                                   run.conds.get(""))
+                    for i in range(0, len(group), K)])                                # (N, ...)
     # ---- 2. reward: decode, critique, R from the scores ----
     images = decode(run.pipe, x0, run.geo)
     res = reward_images(run.scorer, images, [it["prompt"] for it in group], run.weights,
@@ -1223,10 +1100,9 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
     r = optimality_from_rewards(R, group_ids, args.adv_clip)                            # (N,)
     keep = train_mask(R, group_ids, args.mask, args.mask_std, args.mask_mean)          # (N,)
     if args.mask == "official":
-        banned = groups_to_ban(R, group_ids, args.mask_std, args.mask_mean)
-        state["banned"] += [
-            chosen[g]["key"] for g in banned if chosen[g]["key"] not in state["banned"]
-        ]
+        for g in groups_to_ban(R, group_ids, args.mask_std, args.mask_mean):
+            if chosen[g]["key"] not in state["banned"]:
+                state["banned"].append(chosen[g]["key"])
     # ---- 3. optimise the NFT loss over the epoch's samples ----
     state["step"], totals = optimise_epoch(run.transformer, run.optimizer, run.params, x0, cond, r,
                                            keep, run.sigmas, run.geo, args, gen, run.ema,
@@ -1238,10 +1114,11 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
 
 
 def evaluate(run: Run, epoch: int) -> float:
-    """The eval grid eval/epoch_NNNN.png and its mean reward. The sources evaluate the EMA weights
-    with the first-order deterministic solver at eval_num_steps."""
-    its, prompts = run.eval_items, [it["prompt"] for it in run.eval_items]
-    seeds = [run.args.seed * 100003 + i for i in range(len(its))]
+    """eval/epoch_NNNN.png and its mean reward: the EMA weights, the first-order deterministic
+    solver at eval_num_steps (as the sources evaluate), one fixed seed per prompt."""
+    its = run.items[:run.args.num_eval_prompts]
+    prompts, seeds = [it["prompt"] for it in its], [run.args.seed * 100003 + i
+                                                    for i in range(len(its))]
     with ema_weights(run.transformer, run.ema):
         cond = collate(run.conds, [it["key"] for it in its], "cpu", torch.float32)
         x0 = sample_latents(run.pipe, cond, seeds, run.eval_sigmas, run.geo, "default", "euler",
@@ -1249,49 +1126,49 @@ def evaluate(run: Run, epoch: int) -> float:
     images = decode(run.pipe, x0, run.geo)
     res = reward_images(run.scorer, images, prompts, run.weights, run.sources(its))
     which = " (base model)" if epoch == 0 else " (EMA weights)" if run.ema is not None else ""
-    eval_grid(images, prompts, res["rewards"], res["scores"],
-              run.out / "eval" / f"epoch_{epoch:04d}.png", run.sources(its),
-              title=f"{run.out.name}: epoch {epoch}{which}", not_applicable=res["not_applicable"])
+    cells = []
+    for i, (im, p, R, s) in enumerate(zip(images, prompts, res["rewards"], res["scores"])):
+        caption = [*common.wrap_text(p, 40)[:2], f"R = {R:.3f}",
+                   *(rr.score_label(k, v, res["not_applicable"][i]) for k, v in s.items())]
+        cells.append(([its[i]["source"], im] if run.args.task == "edit" else [im], caption))
+    common.caption_grid(cells, run.out / "eval" / f"epoch_{epoch:04d}.png", lines=8,
+                        title=f"{run.out.name}: epoch {epoch}{which}")
     return sum(res["rewards"]) / len(res["rewards"])
 
 
 def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) -> str:
-    """Everything an epoch leaves behind: the eval grid (every --eval-every), its metrics row, LoRA
-    snapshots, the checkpoint, metrics.csv and the reward curve. Returns the line to print."""
+    """What an epoch leaves: the eval grid (every --eval-every), its metrics row, LoRA snapshots,
+    the checkpoint, metrics.csv and the reward curve. Returns the line to print."""
     args, out, dims = run.args, run.out, rr.dimensions(run.args.task)
-    R, res, keep = stats["R"], stats["res"], stats["keep"]
-    totals, eta = stats["totals"], stats["eta"]
+    R, res, keep, totals = stats["R"], stats["res"], stats["keep"], stats["totals"]
     last = epoch + 1 == args.epochs
     eval_reward = evaluate(run, epoch + 1) if last or (epoch + 1) % args.eval_every == 0 else None
-    row = {
-        "epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
-        "reward_std": float(R.std(unbiased=False)),
-        **dimension_means(res["scores"], dims), "unreadable": res["unreadable"],
-        "truncated": res["truncated"], "masked_samples": int((~keep).sum()),
-        "trained_samples": int(keep.sum()), "banned_prompts": len(state["banned"]),
-        "loss": totals.get("loss"), "policy_loss": totals.get("policy"), "kl": totals.get("kl"),
-        "eta": eta, "eval_reward": eval_reward, "seconds": round(seconds, 2)
-    }
+    row = {"epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
+           "reward_std": float(R.std(unbiased=False)), **rr.dimension_means(res["scores"], dims),
+           "unreadable": res["unreadable"], "truncated": res["truncated"],
+           "masked_samples": int((~keep).sum()), "trained_samples": int(keep.sum()),
+           "banned_prompts": len(state["banned"]), "loss": totals.get("loss"),
+           "policy_loss": totals.get("policy"), "kl": totals.get("kl"), "eta": stats["eta"],
+           "eval_reward": eval_reward, "seconds": round(seconds, 2)}
     state["rows"].append(row)
     state["epoch"] = epoch + 1
     if last or (epoch + 1) % args.save_every == 0:
         with ema_weights(run.transformer, run.ema):
             save_lora(run.pipe, out / "lora" / f"epoch_{epoch + 1:04d}")
-    save_checkpoint(run.pipe, run.optimizer, run.ema, out, state)
+    save_checkpoint(run, state)
     write_metrics(out, state["rows"], args.task)
     plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
     shown = " ".join(f"{k}={fmt(row[k], '.2f')}" for k in dims)
-    return (
-        f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
-        f"unreadable={row['unreadable']} masked={row['masked_samples']} "
-        f"banned={row['banned_prompts']} loss={fmt(row['loss'], '.4f')} kl={fmt(row['kl'], '.2e')} "
-        f"eta={eta:.3f}")
+    return (f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
+            f"unreadable={row['unreadable']} masked={row['masked_samples']} "
+            f"banned={row['banned_prompts']} loss={fmt(row['loss'], '.4f')} "
+            f"kl={fmt(row['kl'], '.2e')} eta={stats['eta']:.3f}")
 
 
 def cli() -> None:
     """The `rl-nft` command (pyproject.toml)."""
-    rr.cli_entry(main, errors=(FloatingPointError,), rerun="run the same command with --resume")
+    common.run(main, rerun="run the same command with --resume")
 
 
 if __name__ == "__main__":

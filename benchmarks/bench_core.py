@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 import rationalrewards as rr  # noqa: E402
 
 # Qwen3-VL-8B-Instruct shapes (config.json of the hub checkpoint).
@@ -75,7 +76,7 @@ def memory(layers):
         small.save_pretrained(tmp)
         del small
         from transformers import AutoProcessor  # load_vlm loads a processor too; the tiny one does
-        AutoProcessor.from_pretrained(rr.tiny_vlm_dir()).save_pretrained(tmp)
+        AutoProcessor.from_pretrained(common.tiny_vlm_dir()).save_pretrained(tmp)
         bf16, _ = rr_load(tmp, "none")
         p16, b16 = decoder_linear_bytes(bf16)
         del bf16
@@ -115,18 +116,19 @@ def memory(layers):
 
 
 def rr_load(path, quant):
-    return rr.load_vlm(path, quantization=quant, device="cpu", dtype=torch.bfloat16)  # as on a GPU
+    # bf16, as on a GPU
+    return common.load_vlm(path, quantization=quant, device="cpu", dtype=torch.bfloat16)
 
 
 def throughput(new_tokens, n_prompts=8):
     from PIL import Image
-    model, processor = rr.load_vlm("tiny-random")
+    model, processor = common.load_vlm("tiny-random")
     msgs = [rr.render_messages("pointwise_t2i", [Image.new("RGB", (64, 64), c)],
                                request=f"a {c} square number {i}")
             for i, c in enumerate(["red", "blue", "green", "white"] * (n_prompts // 4))]
     times = {}
     for bs in (1, 8):
-        backend = rr.TransformersBackend(model, processor, batch_size=bs)
+        backend = common.TransformersBackend(model, processor, batch_size=bs)
         backend.generate(msgs[:bs], max_new_tokens=4, temperature=0.0)  # warm-up
         start = time.perf_counter()
         backend.generate(msgs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,

@@ -18,10 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gcr_loop  # noqa: E402
+import common
 import rationalrewards as rr  # noqa: E402
 
-PROMPTS = rr.read_prompt_list(
-    Path(__file__).resolve().parents[1] / "prompts" / "gcr_demo_prompts.txt") * 2
+PROMPTS = [r["prompt"] for r in common.read_prompt_records(
+    Path(__file__).resolve().parents[1] / "prompts" / "gcr_demo_prompts.txt")] * 2
 ALWAYS_LOW = ("1. Text Faithfulness:\n## Score: 2\n2. Physical and Visual Quality:\n## Score: 2\n"
               "3. Text Rendering:\n## Score: N/A\n# User Request Refinement:\n"
               "## Refined Request: a clearer version of the request\n")
@@ -84,9 +85,9 @@ def run_plain(pipe):
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pipe = rr.load_generator("tiny-random")
-    model, processor = rr.load_vlm("tiny-random")
-    tiny = rr.TransformersBackend(model, processor, batch_size=8)
+    pipe = common.load_generator("tiny-random")
+    model, processor = common.load_vlm("tiny-random")
+    tiny = common.TransformersBackend(model, processor, batch_size=8)
     run_plain(pipe)  # warm-up
     plain = run_plain(pipe)
     print(f"{len(PROMPTS)} prompts, batches of 4, tiny-random generator (4 steps, 64 px)\n")

@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import parrot  # noqa: E402
+import common
 import rationalrewards as rr  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def random_100m():
     """A Qwen3-VL of ~100M parameters with the tiny tokenizer (same vocabulary and special
     tokens)."""
     from transformers import Qwen3VLForConditionalGeneration
-    tiny, processor = rr.build_tiny_vlm(0)
+    tiny, processor = common.build_tiny_vlm(0)
     config = tiny.config
     config.text_config.update(dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                                    num_attention_heads=12, num_key_value_heads=4, head_dim=64))
@@ -58,7 +59,7 @@ def consistency(name, model, processor, n=16, repeats=3):
         return [rr.render_messages("consistency_t2i", im, request=p["prompt"], rationale=z)
                 for p, im in zip(pairs, imgs)]
 
-    backend = rr.TransformersBackend(model, processor, batch_size=8, max_pixels=256 * 256)
+    backend = common.TransformersBackend(model, processor, batch_size=8, max_pixels=256 * 256)
     backend.answer_logprobs(msgs()[:2])  # warm-up
     methods = {"forward": lambda: backend.answer_logprobs(msgs()),
                "generate 1": lambda: backend.generate(msgs(), max_new_tokens=1, temperature=0.0),
@@ -78,14 +79,14 @@ def consistency(name, model, processor, n=16, repeats=3):
 
 
 def phase1_throughput(new_tokens, n=8):
-    model, processor = rr.load_vlm("tiny-random")
+    model, processor = common.load_vlm("tiny-random")
     pairs, imgs = demo_records(n)
     msgs = [rr.render_messages("anchored_pairwise_t2i", im, request=p["prompt"],
                                preferred=f"Image {p['label']}")
             for p, im in zip(pairs, imgs)]
     t = {}
     for bs in (1, 8):
-        backend = rr.TransformersBackend(model, processor, batch_size=bs)
+        backend = common.TransformersBackend(model, processor, batch_size=bs)
         backend.generate(msgs[:bs], max_new_tokens=2)  # warm-up
         start = time.perf_counter()
         backend.generate(msgs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -115,7 +116,7 @@ if __name__ == "__main__":
     ap.add_argument("--skip-100m", action="store_true", help="only tiny-random in (a)")
     a = ap.parse_args()
     print("(a) Phase 2 consistency, 16 pairs, batch 8: one forward pass vs generating the answer")
-    consistency("tiny-random", *rr.load_vlm("tiny-random"))
+    consistency("tiny-random", *common.load_vlm("tiny-random"))
     if not a.skip_100m:
         consistency("random Qwen3-VL ~100M", *random_100m())
     phase1_throughput(a.new_tokens)

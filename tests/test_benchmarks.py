@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import common
 import rationalrewards as rr
 from conftest import dominant_colour, images_in, run_cli, solid
 
@@ -86,11 +87,11 @@ def test_labels_follow_each_benchmarks_protocol(tmp_path):
     # both-bad counts as a tie, as officially
     assert [p["label"] for p in pairs] == ["A", "B", "tie", "tie"]
     assert skipped == {"unlabelled": 0, "missing_image": 0, "unreadable_image": 1}
-    assert rr.load_image(pairs[0]["image_a"]).getpixel((0, 0)) == (255, 0, 0)  # left is A
+    assert common.load_image(pairs[0]["image_a"]).getpixel((0, 0)) == (255, 0, 0)  # left is A
     pairs, _ = rr.benchmark_pairs("genai-bench-edit", str(tmp_path / "genai-bench-edit"), None,
                                   tmp_path / "img")
     assert [p["label"] for p in pairs] == ["B", "B"] and pairs[0]["prompt"] == "make it red"
-    assert rr.load_image(pairs[0]["source_image"]).getpixel((0, 0)) == (0, 128, 0)
+    assert common.load_image(pairs[0]["source_image"]).getpixel((0, 0)) == (0, 128, 0)
     pairs, _ = rr.benchmark_pairs("editreward-bench", str(tmp_path / "editreward-bench"), None,
                                   tmp_path / "img")
     # "C>A" in comparison AvsC: candidate_2 (C) wins -> B; "B=C" -> tie
@@ -100,7 +101,7 @@ def test_labels_follow_each_benchmarks_protocol(tmp_path):
                                   tmp_path / "img")
     assert [(p["id"], p["label"]) for p in pairs] == [("p1", "A"), ("p2", "B")]
     assert [len(p["source_images"]) for p in pairs] == [1, 3]  # every prompt_images entry, in order
-    colours = [rr.load_image(f).getpixel((0, 0)) for f in pairs[1]["source_images"]]
+    colours = [common.load_image(f).getpixel((0, 0)) for f in pairs[1]["source_images"]]
     assert colours == [(0, 128, 0), (255, 0, 0), (0, 0, 255)]
     # --limit touches only what it needs
     pairs, _ = rr.benchmark_pairs("genai-bench-t2i", str(tmp_path / "genai-bench-t2i"), 1,
@@ -251,16 +252,17 @@ def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scrip
         assert "## Score A:" in rr.fill_prompt("pairwise_t2i", request="x")
         # HTTP: the system turn is the first message of the request
         server = scripted_server(lambda p: "ok")
-        rr.OpenAIBackend(server.url, "m", timeout=5, max_retries=0).generate([msgs])
+        common.OpenAIBackend(server.url, "m", timeout=5, max_retries=0).generate([msgs])
         sent = server.requests[0]["payload"]["messages"]
         assert sent[0] == {"role": "system", "content": msgs[0]["content"]}
         assert sent[1]["role"] == "user"
         # transformers: the chat template renders a system turn before the user turn
-        model, processor = rr.load_vlm("tiny-random")
+        model, processor = common.load_vlm("tiny-random")
         text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         assert text.index("<|im_start|>system\nYou are RationalRewards") < text.index(
             "<|im_start|>user")
-        assert len(rr.TransformersBackend(model, processor).generate([msgs], max_new_tokens=2)) == 1
+        backend = common.TransformersBackend(model, processor)
+        assert len(backend.generate([msgs], max_new_tokens=2)) == 1
         (tmp_path / "official" / "pairwise_t2i.txt").write_text("[system]\nno end marker\n")
         with pytest.raises(ValueError, match="no \\[user\\] line"):
             rr.fill_prompt("pairwise_t2i", request="x")
@@ -279,7 +281,7 @@ def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, sc
         from conftest import text_in
         return 500 if down["on"] and "a red dog" in text_in(payload) else red_judge(payload)
     server = scripted_server(flaky)
-    argv = ["eval", "--model", "served", "--api-base", server.url, "--max-retries", "0",
+    argv = ["eval", "--model", "served", "--api-base", server.url,
             "--benchmark", "genai-bench-t2i", "--data-dir", str(tmp_path / "genai-bench-t2i"),
             "--out", str(tmp_path / "run")]
     assert rr.main(argv) == 0
@@ -287,8 +289,10 @@ def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, sc
     # the failed A/B pair is out
     assert (m["failed"], m["labelled"], m["correct"], m["pairs"]) == (1, 1, 1, 3)
     assert m["skipped_rows"]["failed_requests"] == 1
-    failed = [r for r in rr.read_jsonl(tmp_path / "run" / "predictions.jsonl") if r.get("failed")]
-    assert len(failed) == 1 and "HTTP 500" in failed[0]["error"] and "predicted" not in failed[0]
+    records = common.read_jsonl(tmp_path / "run" / "predictions.jsonl")
+    failed = [r for r in records if r.get("failed")]
+    assert len(failed) == 1 and "Error code: 500" in failed[0]["error"]
+    assert "predicted" not in failed[0]
     assert "retried by the next run" in capsys.readouterr().err
     # the next run into the same --out retries only the failed pair, and its record supersedes
     # the failure
@@ -321,11 +325,11 @@ def test_truncated_replies_are_counted_and_warned(tmp_path, scripted_server, cap
 
 
 def test_in_process_truncation_is_a_reply_without_an_end_token():
-    model, processor = rr.load_vlm("tiny-random")
-    backend = rr.TransformersBackend(model, processor)
+    model, processor = common.load_vlm("tiny-random")
+    backend = common.TransformersBackend(model, processor)
     msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")]
     # no end token allowed
-    [out] = backend.generate_detailed(msgs, max_new_tokens=3, temperature=0, min_new_tokens=3)
+    [out] = backend.generate(msgs, max_new_tokens=3, temperature=0, min_new_tokens=3)
     assert out.truncated and out.error is None
 
 
@@ -408,7 +412,8 @@ def test_empty_replies_are_failures_on_every_benchmark(tmp_path, scripted_server
     m = run_benchmark(scripted_server(judge), "genai-bench-t2i", tmp_path)
     # the red/blue A vote and the red/blue tie vote both got ""
     assert m["failed"] == 2 and (m["labelled"], m["correct"]) == (1, 1)
-    failed = [r for r in rr.read_jsonl(tmp_path / "run" / "predictions.jsonl") if r.get("failed")]
+    records = common.read_jsonl(tmp_path / "run" / "predictions.jsonl")
+    failed = [r for r in records if r.get("failed")]
     assert {r["error"] for r in failed} == {"empty reply"}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from conftest import ROOT, run_cli
 
+import common
 import rationalrewards as rr
 
 
@@ -50,14 +51,14 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     if report["kept"] == 0:
         assert "untrained adapter" in results[0].stderr
     # 2. eval of the student on the held-out pairs, which share no prompt with the SFT data
-    held = rr.read_jsonl(parrot_out / "heldout_pairs.jsonl")
+    held = common.read_jsonl(parrot_out / "heldout_pairs.jsonl")
     # relative to the file, as the format says
     assert all(not Path(r["image_a"]).is_absolute() for r in held)
     # demo: the attribution accuracy is always reported, None ("none kept") when no rationale
     # survived
     assert "attribution_accuracy" in report
     assert (report["kept"] > 0) == (report["attribution_accuracy"] is not None)
-    sft_ids = {s["id"] for s in rr.read_jsonl(parrot_out / "sft.jsonl")}
+    sft_ids = {s["id"] for s in common.read_jsonl(parrot_out / "sft.jsonl")}
     assert held and not {p["id"] for p in held} & sft_ids
     metrics = json.loads((runs / "chain" / "eval" / "metrics.json").read_text())
     assert metrics["pairs"] == len(held) and metrics["mode"] == "pairwise"
@@ -70,7 +71,7 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     assert all(int(r["unreadable"]) == 16 for r in rows)
     nft = runs / "chain" / "nft"
     assert json.loads((nft / "args.json").read_text())["scorer_adapter"].endswith("student")
-    assert (nft / "checkpoint" / "ema.safetensors").is_file()
+    assert (nft / "checkpoint.pt").is_file()
     assert (nft / "lora" / "epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
     assert "Loading weights" not in results[2].stderr  # library loading bars are kept quiet
     # 3b. editing RL on the tiny FLUX.1-Kontext: four dimensions logged, the official mask
@@ -82,5 +83,5 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     assert all(r["masked_samples"] == "16" and r["banned_prompts"] == "0" for r in rows)
     assert (runs / "chain" / "nft-edit" / "eval" / "epoch_0002.png").is_file()
     # 4. GCR with the student as the critic
-    recs = rr.read_jsonl(runs / "chain" / "gcr" / "gcr.jsonl")
+    recs = common.read_jsonl(runs / "chain" / "gcr" / "gcr.jsonl")
     assert len(recs) == 4 and "GCR over 4 prompts" in results[4].stdout

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import common
 import rationalrewards as rr
 
 from conftest import dominant_colour, images_in, run_cli, text_in
@@ -40,7 +41,7 @@ def test_score_json_reports_scores_reward_and_critique_per_image(image_dir):
 def test_score_edit_tiny_random_two_images(image_dir):
     res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit",
                   "--prompt", "make it blue", "--image", image_dir / "blue.png",
-                  image_dir / "green.png", "--source-image", image_dir / "red.png",
+                  "--image", image_dir / "green.png", "--source-image", image_dir / "red.png",
                   "--max-new-tokens", "16", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -206,7 +207,7 @@ def test_decompression_bomb_is_a_counted_skip_not_an_abort(image_dir, tmp_path, 
     Image.new("RGB", (300, 300), "red").save(image_dir / "huge.png")
     # > 2x the limit: an error, not a warning
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 4)
-    assert "too large to decode" in rr.read_image(image_dir / "huge.png")[1]
+    assert "too large to decode" in common.read_image(image_dir / "huge.png")[1]
 
     class Judge:  # pairwise, always prefers A
         batch_size = 8

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import gcr_loop
+import common
 import rationalrewards as rr
 from conftest import run_cli, solid, text_in
 
@@ -204,12 +205,12 @@ def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_
             "--prompts", str(prompts), "--out", str(tmp_path / "run")]
     assert gcr_loop.main(argv) == 0
     out = tmp_path / "run"
-    recs = rr.read_jsonl(out / "gcr.jsonl")
+    recs = common.read_jsonl(out / "gcr.jsonl")
     assert [r["stop_reason"] for r in recs] == ["max_rounds", "passed"]
     assert len(server.requests) == 3  # at most one critique per round
     for r in recs:
         # a prompt slug, then the id
-        assert (out / "sheets" / f"{rr.slug(r['prompt'])}-{r['id']}.png").is_file()
+        assert (out / "sheets" / f"{common.slug(r['prompt'])}-{r['id']}.png").is_file()
         assert all((out / rnd["image"]).is_file() for rnd in r["rounds"])
     first_sheet = next((out / "sheets").glob(f"*-{recs[0]['id']}.png"))
     assert Image.open(out / "contact_sheet.png").height > Image.open(first_sheet).height
@@ -218,7 +219,7 @@ def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_
     # a new prompt added to the file: the rerun does only that one
     prompts.write_text("three apples\na blue sky\na red door\n")
     assert gcr_loop.main(argv) == 0
-    assert len(server.requests) == 4 and len(rr.read_jsonl(out / "gcr.jsonl")) == 3
+    assert len(server.requests) == 4 and len(common.read_jsonl(out / "gcr.jsonl")) == 3
     with pytest.raises(ValueError, match="--threshold"):  # other settings into the same --out
         gcr_loop.main(argv + ["--threshold", "3.5"])
 
@@ -231,7 +232,7 @@ def test_bad_arguments_are_clear(tmp_path):
                           (["--prompt", "x", "--rounds", "0"], "--rounds must be a positive")):
         with pytest.raises(SystemExit, match=message):
             gcr_loop.main(["--out", str(tmp_path / "o"), *argv])
-    with pytest.raises(rr.ModelLoadError, match="needs a CUDA GPU"):
+    with pytest.raises(common.ModelLoadError, match="needs a CUDA GPU"):
         gcr_loop.main(["--out", str(tmp_path / "q"), "--prompt", "x", "--generator", "tiny-random",
                        "--generator-quantization", "4bit", "--scorer", "tiny-random"])
 
@@ -243,7 +244,7 @@ def test_edit_smoke_command_writes_records_and_sheets(tmp_path):
                   "--prompt", "make the sky stormy", "--generator", "tiny-random", "--scorer",
                   "tiny-random", "--out", tmp_path / "edit")
     assert res.returncode == 0, res.stderr[-3000:]
-    [rec] = rr.read_jsonl(tmp_path / "edit" / "gcr.jsonl")
+    [rec] = common.read_jsonl(tmp_path / "edit" / "gcr.jsonl")
     assert rec["task"] == "edit" and set(rec["rounds"][0]["scores"]) == set(rr.EDIT_DIMENSIONS)
     assert Image.open(tmp_path / "edit" / rec["final_image"]).size == (64, 64)
 
@@ -255,9 +256,9 @@ def test_edit_smoke_command_writes_records_and_sheets(tmp_path):
      r"p.jsonl:1: 'seed' must be a non-negative integer, got 1.9"),
     ('{"prompt": "a cat", "seed": "abc"}\n', "'seed' must be a non-negative integer, got 'abc'"),
     ('{"prompt": "a cat", "seed": 1e23}\n', "'seed' must be a non-negative integer"),
-    ('{"prompt": null}\n', r"p.jsonl:1: 'prompt' must be a non-empty string, got None"),
-    ('{"prompt": ["a", "b"]}\n', "'prompt' must be a non-empty string"),
-    ('{"prompt": "  "}\n', "'prompt' must be a non-empty string"),
+    ('{"prompt": null}\n', r"p.jsonl:1: expected a JSON object with a non-empty 'prompt' string"),
+    ('{"prompt": ["a", "b"]}\n', "non-empty 'prompt' string, got '{\"prompt\": \\[\"a\""),
+    ('{"prompt": "  "}\n', "non-empty 'prompt' string"),
     ('{"prompt": "x", "source_image": 5}\n', r"p.jsonl:1: 'source_image' must be a path"),
     ('{"prompt": "x"}\n{"prompt": \n', r"p.jsonl:2: not valid JSON"),
 ])
@@ -307,7 +308,7 @@ def test_the_same_command_writes_the_same_critiques(tmp_path):
     for name in ("a", "b"):
         gcr_loop.main(["--prompts", str(prompts), "--generator", "tiny-random", "--scorer",
                        "tiny-random", "--out", str(tmp_path / name)])
-        records = rr.read_jsonl(tmp_path / name / "gcr.jsonl")
+        records = common.read_jsonl(tmp_path / name / "gcr.jsonl")
         runs.append({r["id"]: [(rd["critique"], rd["refined_request"]) for rd in r["rounds"]]
                      for r in records})
     assert len(runs[0]) == 2 and runs[0] == runs[1]

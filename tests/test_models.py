@@ -5,23 +5,25 @@ import math
 import pytest
 import torch
 
+import common
 import rationalrewards as rr
 from conftest import solid
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return rr.load_vlm("tiny-random")
+    return common.load_vlm("tiny-random")
 
 
 def greedy(backend, msgs, n=12):
-    return backend.generate(msgs, max_new_tokens=n, temperature=0.0, min_new_tokens=n)
+    return [g.text for g in backend.generate(msgs, max_new_tokens=n, temperature=0.0,
+                                             min_new_tokens=n)]
 
 
 def test_tiny_random_is_deterministic_per_seed():
-    m0, _ = rr.build_tiny_vlm(0)
-    m0b, _ = rr.build_tiny_vlm(0)
-    m1, _ = rr.build_tiny_vlm(1)
+    m0, _ = common.build_tiny_vlm(0)
+    m0b, _ = common.build_tiny_vlm(0)
+    m1, _ = common.build_tiny_vlm(1)
     w = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(m0.state_dict()[w], m0b.state_dict()[w])
     assert not torch.equal(m0.state_dict()[w], m1.state_dict()[w])
@@ -31,18 +33,19 @@ def test_tiny_random_is_deterministic_per_seed():
 
 
 def test_tiny_saves_and_reloads_through_from_pretrained(tmp_path):
-    model, processor = rr.build_tiny_vlm(0)
+    model, processor = common.build_tiny_vlm(0)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     processor.tokenizer.padding_side = "left"
-    reloaded, rproc = rr.load_vlm(str(tmp_path))
+    reloaded, rproc = common.load_vlm(str(tmp_path))
     assert type(reloaded).__name__ == "Qwen3VLForConditionalGeneration"
     msgs = [rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")]
-    a = greedy(rr.TransformersBackend(model.eval(), processor), msgs)
-    b = greedy(rr.TransformersBackend(reloaded, rproc), msgs)
+    a = greedy(common.TransformersBackend(model.eval(), processor), msgs)
+    b = greedy(common.TransformersBackend(reloaded, rproc), msgs)
     assert a == b
     # and the reloaded model scores through the scorer
-    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(reloaded, rproc), max_new_tokens=16,
+    backend = common.TransformersBackend(reloaded, rproc)
+    scorer = rr.RationalRewardsScorer(backend, max_new_tokens=16,
                                       temperature=0.0)
     [c] = scorer.critique([solid("red")], ["a red cat"])
     assert scorer.rewards([solid("red")], ["a red cat"]) == [rr.reward_from_scores(c.scores)]
@@ -68,8 +71,8 @@ def test_batched_generation_matches_one_by_one(tiny):
     ]
     msgs = [rr.render_messages("pointwise_t2i", [solid(c, s)], request=r)
             for c, s, r in zip(("red", "blue", "green"), ((64, 64), (96, 48), (40, 80)), reqs)]
-    batched = greedy(rr.TransformersBackend(model, processor, batch_size=3), msgs)
-    single = greedy(rr.TransformersBackend(model, processor, batch_size=1), msgs)
+    batched = greedy(common.TransformersBackend(model, processor, batch_size=3), msgs)
+    single = greedy(common.TransformersBackend(model, processor, batch_size=1), msgs)
     assert batched == single and len(batched) == 3
 
 
@@ -78,8 +81,8 @@ def test_answer_logprobs_is_a_distribution_and_batch_invariant(tiny):
     msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r,
                                rationale="A is better.")
             for r in ("x", "a longer request here")]
-    batched = rr.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
-    single = rr.TransformersBackend(model, processor, batch_size=1).answer_logprobs(msgs)
+    batched = common.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
+    single = common.TransformersBackend(model, processor, batch_size=1).answer_logprobs(msgs)
     for lb, ls in zip(batched, single):
         assert math.exp(lb["A"]) + math.exp(lb["B"]) == pytest.approx(1.0)
         assert lb["A"] == pytest.approx(ls["A"], abs=1e-4)
@@ -87,15 +90,16 @@ def test_answer_logprobs_is_a_distribution_and_batch_invariant(tiny):
 
 def test_right_padded_processor_still_gives_batch_invariant_logprobs():
     # issue 7.6: a processor loaded elsewhere with right padding; the backend must pad left itself
-    model, processor = rr.load_vlm("tiny-random")
+    model, processor = common.load_vlm("tiny-random")
     msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r,
                                rationale="A is better.")
             for r in ("x", "a much longer request with many more words in it")]
     single = [
-        rr.TransformersBackend(model, processor, batch_size=1).answer_logprobs([m])[0] for m in msgs
+        common.TransformersBackend(model, processor, batch_size=1).answer_logprobs([m])[0]
+        for m in msgs
     ]
     processor.tokenizer.padding_side = "right"
-    batched = rr.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
+    batched = common.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
     for lb, ls in zip(batched, single):
         assert lb["A"] == pytest.approx(ls["A"], abs=1e-4)
         assert lb["B"] == pytest.approx(ls["B"], abs=1e-4)
@@ -103,49 +107,50 @@ def test_right_padded_processor_still_gives_batch_invariant_logprobs():
 
 def test_4bit_loads_and_generates_on_cpu():
     import bitsandbytes as bnb
-    model, processor = rr.load_vlm("tiny-random", quantization="4bit", device="cpu")
+    model, processor = common.load_vlm("tiny-random", quantization="4bit", device="cpu")
     assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert isinstance(model.model.language_model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     assert type(model.model.visual.blocks[0].attn.qkv) is torch.nn.Linear  # vision tower left alone
     assert type(model.lm_head) is torch.nn.Linear
-    out = greedy(rr.TransformersBackend(model, processor),
+    out = greedy(common.TransformersBackend(model, processor),
                  [rr.render_messages("pointwise_t2i", [solid("red")], request="x")] * 2, n=8)
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
 def test_8bit_loads_and_generates_on_cpu():
     import bitsandbytes as bnb
-    model, processor = rr.load_vlm("tiny-random", quantization="8bit", device="cpu")
+    model, processor = common.load_vlm("tiny-random", quantization="8bit", device="cpu")
     assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
     assert type(model.model.visual.blocks[0].attn.qkv) is torch.nn.Linear
-    out = greedy(rr.TransformersBackend(model, processor),
+    out = greedy(common.TransformersBackend(model, processor),
                  [rr.render_messages("pointwise_t2i", [solid("red")], request="x")], n=4)
     assert len(out) == 1
 
 
 def test_adapter_is_applied_and_bad_adapter_is_clear(tmp_path, tiny):
     from peft import LoraConfig, PeftModel, get_peft_model
-    base, _ = rr.build_tiny_vlm(0)
+    base, _ = common.build_tiny_vlm(0)
     config = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
                         init_lora_weights=False)
     peft = get_peft_model(base, config)
     peft.save_pretrained(tmp_path / "adapter")
-    model, _ = rr.load_vlm("tiny-random", adapter=str(tmp_path / "adapter"))
+    model, _ = common.load_vlm("tiny-random", adapter=str(tmp_path / "adapter"))
     assert isinstance(model, PeftModel)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(rr.ModelLoadError, match="adapter_config.json"):
-        rr.load_vlm("tiny-random", adapter=str(tmp_path / "empty"))
+    with pytest.raises(common.ModelLoadError, match="adapter_config.json"):
+        common.load_vlm("tiny-random", adapter=str(tmp_path / "empty"))
 
 
 def test_offline_hub_id_is_a_clear_error():
-    with pytest.raises(rr.ModelLoadError) as err:
-        rr.load_vlm("no-such-org/no-such-model")
+    with pytest.raises(common.ModelLoadError) as err:
+        common.load_vlm("no-such-org/no-such-model")
     msg = str(err.value)
     assert "no-such-org/no-such-model" in msg and "hf download" in msg and "tiny-random" in msg
 
 
 def test_edit_scorer_needs_source_images(tiny):
-    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(*tiny), task="edit", max_new_tokens=4)
+    backend = common.TransformersBackend(*tiny)
+    scorer = rr.RationalRewardsScorer(backend, task="edit", max_new_tokens=4)
     with pytest.raises(ValueError, match="source image"):
         scorer.critique([solid("red")], ["x"])
     [c] = scorer.critique([solid("red")], ["x"], [solid("blue")])

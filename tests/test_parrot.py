@@ -7,6 +7,7 @@ import re
 import pytest
 
 import parrot
+import common
 import rationalrewards as rr
 from conftest import solid
 
@@ -144,7 +145,7 @@ def test_build_sft_keeps_pairs_of_one_prompt_on_one_side(tmp_path):
              "source_image": None, "label": "A", "kept": True, "rationale": rationale(4, 2)}
             for p in (f"prompt {i}" for i in range(40)) for k in range(2)]
     for r in kept:
-        rr.append_jsonl(tmp_path / "phase2.jsonl", r)
+        common.append_jsonl(tmp_path / "phase2.jsonl", r)
     train, held = parrot.build_sft(tmp_path, parrot.Args(out=str(tmp_path), eval_fraction=0.3))
     side = {}
     for name, samples in (("train", train), ("held", held)):
@@ -271,7 +272,7 @@ def test_demo_pairs_have_one_known_defect(tmp_path):
     for p in pairs:
         if p["defect_dimension"] == "text_rendering":
             assert '"' in p["prompt"]  # only word prompts get spelling defects
-        a, b = rr.load_image(p["image_a"]), rr.load_image(p["image_b"])
+        a, b = common.load_image(p["image_a"]), common.load_image(p["image_b"])
         assert a.tobytes() != b.tobytes()
     again, _ = parrot.load_dataset_pairs(
         parrot.Args(dataset="demo", limit=30, out=str(tmp_path / "2")))
@@ -298,7 +299,7 @@ def run_phases_12(tmp_path, teacher, out_name="run", **kw):
 
 def test_phases_put_each_rationale_in_the_right_bucket(tmp_path):
     out, report = run_phases_12(tmp_path, ScriptedTeacher())
-    by_prompt = {r["prompt"]: r for r in rr.read_jsonl(out / "phase2.jsonl")}
+    by_prompt = {r["prompt"]: r for r in common.read_jsonl(out / "phase2.jsonl")}
     assert by_prompt["consistent one"]["kept"] and by_prompt["consistent one"]["reason"] is None
     assert by_prompt["contradict two"]["reason"] == "scores_contradict_label"
     assert by_prompt["unparseable three"]["reason"] == "unparseable"
@@ -347,10 +348,11 @@ def test_candidates_first_passing_is_kept(tmp_path):
             return [rationale(2, 4) if i % 2 == 0 and "preferred Image A" in self._text(m) else o
                     for i, (m, o) in enumerate(zip(mb, out))]
     out, _ = run_phases_12(tmp_path, SecondTime(), num_candidates=2, batch_size=4)
-    rec = next(r for r in rr.read_jsonl(out / "phase2.jsonl") if r["prompt"] == "consistent one")
+    phase2 = common.read_jsonl(out / "phase2.jsonl")
+    rec = next(r for r in phase2 if r["prompt"] == "consistent one")
     assert rec["kept"]
     assert [c["reason"] for c in rec["candidates"]][-1] is None
-    assert len(rr.read_jsonl(out / "phase1.jsonl")) == 12
+    assert len(common.read_jsonl(out / "phase1.jsonl")) == 12
 
 
 def test_more_candidates_later_judges_exactly_the_new_ones(tmp_path):
@@ -391,18 +393,18 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_phases_12(tmp_path, ScriptedTeacher(fail_after=3), "cut", batch_size=1)
     cut = tmp_path / "cut"
-    assert len(rr.read_jsonl(cut / "phase1.jsonl")) == 3
+    assert len(common.read_jsonl(cut / "phase1.jsonl")) == 3
     run_phases_12(tmp_path, ScriptedTeacher(), "cut", batch_size=1)
     for name in ("phase1.jsonl", "phase2.jsonl"):
         got = (cut / name).read_text()
         assert got == (ref_out / name).read_text()  # same records, same order, nothing twice
-        ids = [(r["id"], r.get("candidate")) for r in rr.read_jsonl(cut / name)]
+        ids = [(r["id"], r.get("candidate")) for r in common.read_jsonl(cut / name)]
         assert len(ids) == len(set(ids)) == 6
 
 
 # ---- Phase 3 ----
 def test_sft_sample_has_no_label_and_masks_the_prompt(tmp_path):
-    model, processor = rr.load_vlm("tiny-random")
+    model, processor = common.load_vlm("tiny-random")
     solid("red").save(tmp_path / "a.png")
     solid("blue").save(tmp_path / "b.png")
     rec = {"id": "x", "task": "t2i", "prompt": "a red cat", "image_a": str(tmp_path / "a.png"),
@@ -430,7 +432,7 @@ def test_foresight_distillation_lowers_loss_and_adapter_loads(tmp_path):
     args = parrot.Args(out=str(tmp_path), epochs=6, lr=3e-3, grad_accum=1, lora_r=8,
                        warmup_ratio=0.0)
     torch.manual_seed(0)
-    model, processor = rr.load_vlm("tiny-random", trainable=True)
+    model, processor = common.load_vlm("tiny-random", trainable=True)
     model = parrot.add_lora(model, args, quantized=False)
     before = parrot.answer_nll(model, processor, train, args.max_pixels)
     losses = parrot.foresight_distillation(model, processor, train, tmp_path, args)
@@ -438,9 +440,9 @@ def test_foresight_distillation_lowers_loss_and_adapter_loads(tmp_path):
     assert len(losses) == 12 and after < before - 0.5
     assert sum(losses[-2:]) < sum(losses[:2])
     assert json.loads((tmp_path / "student" / "train_state.json").read_text())["epochs_done"] == 6
-    loaded, proc = rr.load_vlm("tiny-random", adapter=str(tmp_path / "student"))
+    loaded, proc = common.load_vlm("tiny-random", adapter=str(tmp_path / "student"))
     assert parrot.answer_nll(loaded, proc, train, args.max_pixels) == pytest.approx(after, rel=1e-3)
-    scorer = rr.RationalRewardsScorer(rr.TransformersBackend(loaded, proc), max_new_tokens=8)
+    scorer = rr.RationalRewardsScorer(common.TransformersBackend(loaded, proc), max_new_tokens=8)
     assert len(scorer.critique([solid("red")], ["a red cat"])) == 1
 
 
@@ -451,7 +453,8 @@ def test_qlora_student_trains_on_cpu(tmp_path):
     train = [parrot.sft_sample("pointwise", rec, "## Score: 4", "A")]
     args = parrot.Args(out=str(tmp_path), epochs=3, lr=3e-3, grad_accum=1, lora_r=8,
                        warmup_ratio=0.0)
-    model, processor = rr.load_vlm("tiny-random", quantization="4bit", device="cpu", trainable=True)
+    model, processor = common.load_vlm("tiny-random", quantization="4bit", device="cpu",
+                                       trainable=True)
     model = parrot.add_lora(model, args, quantized=True)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     # LoRA starts as a no-op
@@ -490,10 +493,10 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     for r in kept:
-        rr.append_jsonl(out / "phase2.jsonl", r)
+        common.append_jsonl(out / "phase2.jsonl", r)
     args = parrot.Args(out=str(out), eval_fraction=0.0)
     parrot.project_pointwise(Projector(), kept, out, args)
-    proj = rr.read_jsonl(out / "projections.jsonl")
+    proj = common.read_jsonl(out / "projections.jsonl")
     kept = sorted((p["id"], p["side"], p["kept"]) for p in proj)
     assert kept == [("p0", "A", True), ("p0", "B", False), ("p1", "A", True), ("p1", "B", False)]
     train, held = parrot.build_sft(out, args)
@@ -532,16 +535,16 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
             ] * len(mb)
     parrot.phase3(Copier(), out, args)
     finish(out)
-    first = len(rr.read_jsonl(out / "sft.jsonl"))
+    first = len(common.read_jsonl(out / "sft.jsonl"))
     # 2 kept pairs: 2 pairwise samples + the projections kept
     assert trained == [first] and first >= 2
     parrot.phase3(Copier(), out, args)
     assert trained == [first]  # same data: nothing redone
     third = {**parrot.read_phase2(out)[2], "kept": True, "reason": None,
              "rationale": rationale(4, 2), "scores_a": {}, "scores_b": {}}
-    rr.append_jsonl(out / "phase2.jsonl", third)
+    common.append_jsonl(out / "phase2.jsonl", third)
     parrot.phase3(Copier(), out, args)
-    second = len(rr.read_jsonl(out / "sft.jsonl"))
+    second = len(common.read_jsonl(out / "sft.jsonl"))
     # a third kept pair: trained again, on all of it
     assert second > first and trained == [first, second]
 
@@ -553,15 +556,16 @@ def test_truncated_cached_images_are_rewritten_not_trusted(tmp_path):
     victim = pairs[0]["image_a"]
     good = open(victim, "rb").read()
     open(victim, "wb").write(good[:40])  # what a kill mid-write leaves
-    assert rr.load_image(victim) is None
+    assert common.load_image(victim) is None
     again, stats = parrot.load_dataset_pairs(args)
-    assert rr.load_image(victim) is not None and open(victim, "rb").read() == good
+    assert common.load_image(victim) is not None and open(victim, "rb").read() == good
     assert [p["id"] for p in again] == [p["id"] for p in pairs]
     assert stats["skipped_corrupt_image"] == 0
     assert not list(tmp_path.glob("images/.*.tmp*"))  # no temporary files left behind
     # the same for an image cached from a parquet cell
     path = tmp_path / "cell.png"
     path.write_bytes(b"\x89PNG\r\n truncated")
-    assert rr.save_embedded_image({"bytes": good}, path) is None and rr.load_image(path) is not None
-    assert rr.save_embedded_image({"bytes": b"junk"}, tmp_path / "x.png").startswith("corrupt")
-    assert rr.save_embedded_image({"bytes": None}, tmp_path / "y.png") == "missing"
+    assert common.save_embedded_image({"bytes": good}, path) is None
+    assert common.load_image(path) is not None
+    assert common.save_embedded_image({"bytes": b"junk"}, tmp_path / "x.png").startswith("corrupt")
+    assert common.save_embedded_image({"bytes": None}, tmp_path / "y.png") == "missing"

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import common
 import rationalrewards as rr
 from conftest import ROOT, run_cli, text_in
 
@@ -48,24 +49,24 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
     server = scripted_server(teacher_reply)
     out = tmp_path / "run"
     http_teacher = ["--teacher", "served", "--teacher-api-base", server.url]
-    common = http_teacher + [
+    flags = http_teacher + [
         "--dataset", "demo", "--limit", "12", "--student", "tiny-random", "--out", out,
         "--max-new-tokens", "16", "--epochs", "2", "--grad-accum", "2", "--eval-fraction", "0.25"
     ]
-    res = run_cli("parrot.py", *common, "--phases", "1")
+    res = run_cli("parrot.py", *flags, "--phases", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (out / "phase2.jsonl").exists()
-    res = run_cli("parrot.py", *common, "--phases", "23")
+    res = run_cli("parrot.py", *flags, "--phases", "23")
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    phase2 = rr.read_jsonl(out / "phase2.jsonl")
+    phase2 = common.read_jsonl(out / "phase2.jsonl")
     assert report["kept"] == 12 and report["retention_rate"] == 1.0
     assert report["elbo_term1_all_candidates"] == pytest.approx(math.log(0.8))
     assert report["mean_log_p_y_given_xz_kept"] == pytest.approx(math.log(0.8))
     # the scripted teacher always separates the images on text faithfulness
     share = sum(r["defect_dimension"] == "text_faithfulness" for r in phase2) / 12
     assert report["attribution_accuracy"] == pytest.approx(share)
-    sft, held = rr.read_jsonl(out / "sft.jsonl"), rr.read_jsonl(out / "heldout.jsonl")
+    sft, held = common.read_jsonl(out / "sft.jsonl"), common.read_jsonl(out / "heldout.jsonl")
     assert len(sft) + len(held) == 36  # one pairwise + two pointwise per kept pair
     assert report["phase3_projections"] == {"kept": 24, "dropped_score_stray": 0}
     assert report["sft_samples"] == {"train": len(sft), "heldout": len(held)}
@@ -93,11 +94,11 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
                                                      "text_rendering"}
     # the same command again redoes nothing: no teacher request, same report
     n = len(server.requests)
-    res = run_cli("parrot.py", *common)
+    res = run_cli("parrot.py", *flags)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(server.requests) == n
     # ... and loads no teacher at all: a teacher that cannot be loaded is never touched
-    res = run_cli("parrot.py", *common[len(http_teacher):], "--teacher", "nobody/not-a-model")
+    res = run_cli("parrot.py", *flags[len(http_teacher):], "--teacher", "nobody/not-a-model")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["student"] == st
 
@@ -139,7 +140,8 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
     assert "phase 2: consistency: resumed, 10 of 10 already done" in again.stderr
     assert "0/0" not in again.stderr and "0pair" not in again.stderr
     for name in ("phase1.jsonl", "phase2.jsonl"):
-        got, want = rr.read_jsonl(tmp_path / "cut" / name), rr.read_jsonl(tmp_path / "ref" / name)
+        got = common.read_jsonl(tmp_path / "cut" / name)
+        want = common.read_jsonl(tmp_path / "ref" / name)
         assert len(got) == len({r["id"] for r in got}) == 10
         key = lambda r: json.dumps(
             {k: v

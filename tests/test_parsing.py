@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import common
 import rationalrewards as rr
 from conftest import solid
 
@@ -209,28 +210,29 @@ def test_each_template_keeps_its_own_paper_headers(task, template, headers, per_
         assert all(rr.DIMENSION_TITLES[d] in text for d in rr.dimensions(task))
 
 
-def test_parse_args_reads_docstrings_and_types(capsys):
-    args = rr.parse_args(rr.Args, ["eval", "--pairs", "p.jsonl", "--limit", "3"])
-    assert (args.command, args.pairs, args.limit, args.json, args.image) == ("eval", "p.jsonl", 3,
-                                                                             False, [])
-    args = rr.parse_args(rr.Args, ["score", "--json", "--image", "a.png", "b.png"])
-    assert (args.command, args.json, args.image, args.pairs) == ("score", True, ["a.png",
-                                                                                 "b.png"], None)
+def test_flags_come_from_the_dataclasses_with_their_docstrings(capsys):
+    commands = {"score": rr.ScoreArgs, "eval": rr.EvalArgs}
+    args = common.parse(commands, ["eval", "--pairs", "p.jsonl", "--limit", "3"])
+    assert isinstance(args, rr.EvalArgs) and (args.pairs, args.limit) == ("p.jsonl", 3)
+    args = common.parse(commands, ["score", "--json", "--image", "a.png", "--image", "b.png"])
+    assert isinstance(args, rr.ScoreArgs) and (args.json, args.image) == (True, ["a.png", "b.png"])
     with pytest.raises(SystemExit):
-        rr.parse_args(rr.Args, ["score", "--quantization", "3bit"])
+        common.parse(commands, ["score", "--quantization", "3bit"])
     with pytest.raises(SystemExit):
-        rr.parse_args(rr.Args, ["--help"])
-    assert "LoRA adapter directory" in capsys.readouterr().out
+        common.parse(commands, ["score", "--pairs", "p.jsonl"])  # an eval flag given to score
+    with pytest.raises(SystemExit):
+        common.parse(commands, ["score", "--help"])
+    assert "LoRA adapter folder applied on top" in capsys.readouterr().out
 
 
 def test_read_jsonl_cuts_a_torn_last_line(tmp_path):
     p = tmp_path / "x.jsonl"
-    rr.append_jsonl(p, {"id": "a"})
-    rr.append_jsonl(p, {"id": "b"})
+    common.append_jsonl(p, {"id": "a"})
+    common.append_jsonl(p, {"id": "b"})
     with open(p, "a") as f:
         f.write('{"id": "c", "val')  # killed mid-write
-    assert [r["id"] for r in rr.read_jsonl(p)] == ["a", "b"]
-    rr.append_jsonl(p, {"id": "c"})
+    assert [r["id"] for r in common.read_jsonl(p)] == ["a", "b"]
+    common.append_jsonl(p, {"id": "c"})
     assert [json.loads(l)["id"] for l in p.read_text().splitlines()] == ["a", "b", "c"]
 
 
@@ -359,18 +361,22 @@ def test_quoted_word_at_the_end_of_a_refined_request_survives():
     assert c.refined_request == "a calm lake at dawn"
 
 
+def prompt_list(path):
+    return [r["prompt"] for r in common.read_prompt_records(path)]
+
+
 def test_prompt_lists_from_txt_and_jsonl(tmp_path):
     (tmp_path / "p.txt").write_text("# a comment\na red cat\n\n  two dogs  \n")
-    assert rr.read_prompt_list(tmp_path / "p.txt") == ["a red cat", "two dogs"]
+    assert prompt_list(tmp_path / "p.txt") == ["a red cat", "two dogs"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "seed": 3}\n\n'
                                       '{"prompt": "#not a comment"}\n')
-    assert rr.read_prompt_list(tmp_path / "p.jsonl") == ["a red cat", "#not a comment"]
+    assert prompt_list(tmp_path / "p.jsonl") == ["a red cat", "#not a comment"]
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt field"}\n')
     with pytest.raises(ValueError,
-                       match="bad.jsonl:1: expected a JSON object with a 'prompt' field"):
-        rr.read_prompt_list(tmp_path / "bad.jsonl")
+                       match="bad.jsonl:1: expected a JSON object with a non-empty 'prompt'"):
+        prompt_list(tmp_path / "bad.jsonl")
     (tmp_path / "empty.txt").write_text("# only a comment\n")
     with pytest.raises(ValueError, match="holds no prompts"):
-        rr.read_prompt_list(tmp_path / "empty.txt")
+        prompt_list(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError, match="prompt file"):
-        rr.read_prompt_list(tmp_path / "none.txt")
+        prompt_list(tmp_path / "none.txt")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import rationalrewards as rr
 import rl_nft
 from conftest import images_in, text_in
@@ -179,7 +180,7 @@ def tiny_policy():
     torch.manual_seed(0)
     args = rl_nft.Args(generator="tiny-random", resolution=64, lora_r=8, lora_alpha=16,
                        sample_steps=4, grad_clip=1e9)
-    pipe = rr.load_generator("tiny-random")
+    pipe = common.load_generator("tiny-random")
     geo = rl_nft.latent_geometry(pipe, 64, 1.0)
     conds = rl_nft.encode_conditions(pipe, [{"key": "a", "prompt": "a red square", "source": None}],
                                      geo)
@@ -259,7 +260,7 @@ def test_policies_route_forward_passes(tiny_policy):
 @pytest.mark.parametrize("task", ["t2i", "edit"])
 def test_fused_old_and_reference_pass_equals_two_passes(task):
     torch.manual_seed(0)
-    pipe = rr.load_generator("tiny-random", task)
+    pipe = common.load_generator("tiny-random", task)
     geo = rl_nft.latent_geometry(pipe, 64, 2.5)
     src = Image.new("RGB", (64, 64), (200, 40, 40)) if task == "edit" else None
     conds = rl_nft.encode_conditions(pipe, [{"key": "a", "prompt": "a red square", "source": src}],
@@ -380,7 +381,7 @@ def test_reward_images_keeps_per_dimension_scores_and_counts_unreadable():
     res = rl_nft.reward_images(scorer, [img] * 4, ["p"] * 4, None)
     assert res["rewards"] == pytest.approx([(2.5 - 1) / 3, 0.0] * 2)  # unreadable -> reward 0
     assert res["unreadable"] == 2 and res["truncated"] == 0
-    assert rl_nft.dimension_means(res["scores"]) == {
+    assert rr.dimension_means(res["scores"]) == {
         "text_faithfulness": 3.0, "physical_quality": 2.0, "text_rendering": None
     }
     weighted = rl_nft.reward_images(scorer, [img] * 2, ["p"] * 2, {"physical_quality": 0.0})
@@ -438,8 +439,8 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     # a second run into the same --out without --resume is refused
     with pytest.raises(SystemExit, match="--resume"):
         nft_main(server, out, "--epochs", "3")
-    # as if killed while writing the next checkpoint: a stray temp dir and a stray metrics row
-    (out / "checkpoint.tmp").mkdir()
+    # as if killed while writing the next checkpoint: a torn temp file and a stray metrics row
+    (out / "checkpoint.pt.tmp").write_bytes(b"torn")
     with open(out / "metrics.csv", "a") as f:
         f.write("3,99,0.5,,,,,,,,,,,,,\n")
     assert nft_main(server, out, "--epochs", "3", "--resume") == 0
@@ -455,11 +456,11 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     for a, b in zip(rows, ref):
         assert without_time(a) == without_time(b)
     from safetensors.torch import load_file
-    wa = load_file(out / "checkpoint" / "theta.safetensors")
-    wb = load_file(whole / "checkpoint" / "theta.safetensors")
+    wa = torch.load(out / "checkpoint.pt")["theta"]
+    wb = torch.load(whole / "checkpoint.pt")["theta"]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     # the saved LoRA is the EMA of theta, not theta
-    ema = load_file(out / "checkpoint" / "ema.safetensors")
+    ema = torch.load(out / "checkpoint.pt")["ema"]
     lora = load_file(out / "lora" / "epoch_0003" / "pytorch_lora_weights.safetensors")
     key = next(k for k in ema if "lora_A" in k)
     match = [v for k, v in lora.items() if k.endswith(key.replace(".weight", "") + ".weight")]
@@ -471,7 +472,7 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
         assert (out / name).is_file(), name
     assert json.loads((out / "args.json").read_text())["group_size"] == 3
     # the LoRA loads with diffusers' own load_lora_weights and changes the output
-    pipe = rr.load_generator("tiny-random")
+    pipe = common.load_generator("tiny-random")
     gen = lambda: pipe("a red square", num_inference_steps=4, guidance_scale=1.0, height=64,
                        width=64,
                        generator=torch.Generator().manual_seed(0), output_type="np").images[0]
@@ -492,7 +493,7 @@ def test_bad_arguments_are_clear(tmp_path):
              (["--gradient-steps-per-epoch", "9"], SystemExit, "more than the epoch's 8"),
              (["--reward-weights", "text_faithfulness=-1"], ValueError, "finite numbers >= 0"),
              (["--prompts", tmp_path / "none.txt"], FileNotFoundError, "prompt file"),
-             (["--generator", "someone/not-downloaded"], rr.ModelLoadError, "hf download"))
+             (["--generator", "someone/not-downloaded"], common.ModelLoadError, "hf download"))
     for argv, error, message in cases:
         with pytest.raises(error, match=message):
             rl_nft.main(["--scorer", "tiny-random", "--out", str(tmp_path / "o"), *map(str, argv)])
@@ -542,10 +543,11 @@ def test_edit_rl_on_tiny_kontext(tmp_path, scripted_server, capsys):
     assert rl_nft.main(argv + ["--epochs", "3", "--resume"]) == 0
     assert [r["epoch"] for r in rows_of(out / "metrics.csv")] == ["1", "2", "3"]
     grid = Image.open(out / "eval" / "epoch_0003.png")
-    assert grid.size == (2 * 256 * 2, 24 + 256 + 110)   # two eval prompts, each source | edited
+    # two eval prompts, each source | edited (256 px and a 6 px gap), title and captions
+    assert grid.size == (2 * 2 * 262, 24 + 256 + 120)
     # the LoRA loads into the Kontext pipeline with diffusers' own loader and changes the edit
-    pipe = rr.load_generator("tiny-random", "edit")
-    src = Image.open(rr.PROMPTS_DIR / "rl_edit_images" / "house.png").convert("RGB")
+    pipe = common.load_generator("tiny-random", "edit")
+    src = Image.open(common.PROMPTS_DIR / "rl_edit_images" / "house.png").convert("RGB")
     gen = lambda: pipe(
         image=src, prompt="make the house blue", num_inference_steps=3, guidance_scale
         =2.5, height=64, width=64, max_area=64 * 64, _auto_resize=False, generator=torch.Generator(
@@ -580,21 +582,21 @@ def test_a_non_finite_loss_stops_the_run_with_the_checkpoint_intact(tiny_policy)
 
 
 def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
-    """Killed between the two checkpoint renames: only checkpoint.old and metrics.csv are left.
-    Starting again without --resume must be refused (it used to start over and delete the
-    checkpoint); with other settings the refusal says what to do, never --resume; errors are one
-    `error:` line, exit 2."""
+    """Killed while writing its first checkpoint: only checkpoint.pt.tmp is left. Starting again
+    without --resume must be refused (never started over); with other settings the refusal says
+    what to do, never --resume; errors are one `error:` line, exit 2."""
     from conftest import run_cli
     out = tmp_path / "run"
-    (out / "checkpoint.old").mkdir(parents=True)
-    (out / "checkpoint.old" / "state.json").write_text("{}")
+    out.mkdir()
+    (out / "checkpoint.pt.tmp").write_bytes(b"torn")
     base = ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out", out]
-    # resuming it is fine
-    resuming = rl_nft.Args(generator="tiny-random", out=str(out), resume=True)
-    rl_nft.check_out_dir(out, rl_nft.resolve_defaults(resuming))
     args = rl_nft.resolve_defaults(
         rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out)))
-    rr.save_args(args, out, extra={"prompts_sha1": rl_nft.prompts_digest(args)})
+    digest = rl_nft.prompts_digest(args, rl_nft.read_items(args.prompts, "t2i", 64))
+    import dataclasses  # args.json as the run that was killed wrote it
+    (out / "args.json").write_text(json.dumps({**dataclasses.asdict(args), "prompts_sha1": digest}))
+    args.resume = True
+    rl_nft.check_out_dir(out, args, digest)  # resuming it is fine
     res = run_cli(*base)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "already holds a run with these settings: pass --resume" in res.stderr
@@ -603,7 +605,7 @@ def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
     assert "--lora-r" in res.stderr
     assert "Use another --out, or delete" in res.stderr
     assert "pass --resume" not in res.stderr
-    assert (out / "checkpoint.old" / "state.json").is_file()          # nothing was deleted
+    assert (out / "checkpoint.pt.tmp").is_file()          # nothing was deleted
     (tmp_path / "file").write_text("x")
     res = run_cli("rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out",
                   tmp_path / "file")
@@ -713,7 +715,7 @@ def test_optimise_epoch_drops_a_random_timestep_per_sample_and_averages_over_kep
 
 
 def test_kontext_source_tokens_get_position_id_one():
-    pipe = rr.load_generator("tiny-random", "edit")
+    pipe = common.load_generator("tiny-random", "edit")
     geo = rl_nft.latent_geometry(pipe, 64, 2.5)
     L = (geo["h"] // 2) * (geo["w"] // 2)
     ids = geo["img_ids"]
@@ -726,7 +728,7 @@ def test_kontext_source_tokens_get_position_id_one():
 def test_lora_counts_per_policy_on_the_real_configs(which, modules, millions):
     """On meta weights (no memory, no download): the README's LoRA sizes per policy."""
     import sys
-    sys.path.insert(0, str(rr._HERE / "benchmarks"))
+    sys.path.insert(0, str(common.HERE / "benchmarks"))
     import bench_nft
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     cls, config = ((SD3Transformer2DModel, bench_nft.SD35_MEDIUM) if which == "sd35"

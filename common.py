@@ -1,0 +1,906 @@
+"""Plumbing shared by rationalrewards.py, parrot.py, rl_nft.py and gcr_loop.py. Nothing here is
+the paper: read the four modules for the method.
+
+    command line     ``parse`` (flags from the Args dataclasses, by tyro), ``run`` (one
+                     `error:` line instead of a traceback, Ctrl-C), checks of numbers and devices
+    run folders      ``check_writable_dir``, ``start_run`` (a lock, args.json, resume refused
+                     with other settings)
+    files            JSONL records appended one by one, images written atomically, prompt files,
+                     parquet streamed with `datasets`
+    models           ``load_vlm``, ``load_generator`` (hub id, local folder or `tiny-random`),
+                     ``from_pretrained`` (hub errors -> the download command)
+    backends         ``TransformersBackend`` (in-process) and ``OpenAIBackend`` (the `openai`
+                     client): generate(messages, ...) -> [Generation], answer_logprobs(...)
+    pictures         ``caption_grid``: images with their captions, for every picture we draw
+
+This module imports none of the four.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import textwrap
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+# torch, transformers, diffusers and datasets are imported where they are used: at the top they
+# would make `--help` and every argument error take seconds instead of a fraction of one.
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+# bitsandbytes warns on every CPU import that an optional kernel from the hub is missing; the CPU
+# path it falls back to is what runs here. peft still calls transformers' old
+# gradient-checkpointing names: a deprecation between two libraries that no user can act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                        category=FutureWarning)
+
+# next to the modules (a checkout, `pip install -e .`), else where a regular install put them
+HERE = Path(__file__).resolve().parent
+PROMPTS_DIR = next((d for d in (HERE / "prompts", HERE / "share" / "rationalrewards" / "prompts",
+                                Path(sys.prefix) / "share" / "rationalrewards" / "prompts")
+                    if d.is_dir()), HERE / "prompts")
+
+
+class ModelLoadError(RuntimeError):
+    """A model, adapter or dataset could not be found or loaded; the message says how to get it."""
+
+
+class BackendError(RuntimeError):
+    """The model server failed or did not answer."""
+
+
+# ---------------------------------------------------------------------------------------
+# Command line and run folders
+# ---------------------------------------------------------------------------------------
+def parse(cls, argv=None, description: Optional[str] = None):
+    """An instance of the dataclass `cls` from the command line (a dict {name: dataclass} gives
+    subcommands); flags and --help come from the fields and the docstring under each (tyro)."""
+    import tyro
+    if isinstance(cls, dict):
+        return tyro.extras.subcommand_cli_from_dict(cls, args=argv, description=description)
+    return tyro.cli(cls, args=argv, description=description)
+
+
+def run(main, rerun: str = "run the same command again") -> None:
+    """Run a command's main(): a problem the user can fix is one line `error: ...` and exit 2,
+    never a traceback; Ctrl-C is one line and exit 130. Every file is written whole or not at all
+    (atomic renames, whole JSONL lines), so the rerun continues where this one stopped."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {rerun} to continue", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(130)  # not sys.exit: it would wait for HTTP worker threads inside a request
+    except SystemExit as err:
+        if not isinstance(err.code, str):
+            raise
+        print(f"error: {err.code}", file=sys.stderr)
+        sys.exit(2)
+    except (ModelLoadError, BackendError, FileNotFoundError, ValueError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # disk full, read-only folder: what was written before is whole
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}. Everything written before this is kept: fix "
+              f"the cause and {rerun} to continue", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
+
+
+def require(ok: bool, message: str) -> None:
+    """One check of the command line: `error: message` when it fails."""
+    if not ok:
+        raise SystemExit(message)
+
+
+def require_positive(args, *names) -> None:
+    """Counts must be >= 1 (None means "no limit" where a flag allows it)."""
+    for name in names:
+        value = getattr(args, name)
+        require(value is None or value >= 1,
+                f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def check_device(device: Optional[str]) -> None:
+    """--device names a device torch knows and this machine has, checked before anything loads."""
+    if device is None:
+        return
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    require(dev.type != "cuda" or count > 0, f"--device {device}: no CUDA GPU is visible here; "
+            "use --device cpu (or leave --device out to pick a GPU when there is one)")
+    require(dev.type != "cuda" or dev.index is None or dev.index < count,
+            f"--device {device}: only {count} GPU(s) visible")
+
+
+def check_writable_dir(path, flag: str = "--out") -> None:
+    """The output folder is a folder we can write, or can be made (nothing is created here)."""
+    path = Path(path)
+    require(not path.exists() or path.is_dir(), f"{flag} {path} is a file, not a directory")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    require(existing.is_dir(), f"{flag} {path}: {existing} is a file, not a directory")
+    require(os.access(existing, os.W_OK | os.X_OK),
+            f"cannot write to {flag} {path}: {existing} is not writable")
+
+
+def check_same_run(out, args, keys, paths=(), extra=None) -> None:
+    """Refuse to continue `out` when it was written with other settings for any of `keys`
+    (`paths`: compared as resolved paths; `extra`: digests of input files, kept in args.json):
+    a rerun with another model would otherwise report the old outputs under the new settings."""
+    saved_path = Path(out) / "args.json"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{saved_path} is damaged (not JSON): delete {out} to start over") \
+            from None
+    now = {**asdict(args), **(extra or {})}
+
+    def norm(k, v):
+        return str(Path(v).resolve()) if k in paths and v else v
+
+    def say(k):  # a flag by its name; a digest by the file it stands for
+        if k in (extra or {}):
+            return f"the content of the file(s) behind --{k.split('_')[0]} changed since then"
+        return f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now"
+    diff = [say(k) for k in (*keys, *(extra or ())) if norm(k, saved.get(k)) != norm(k, now[k])]
+    if diff:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}). "
+                         f"Use another --out, or delete {out} to start over.")
+
+
+_held_locks = {}  # run folder -> its open lock file, held until the process ends
+
+
+def start_run(out, args, extra=None) -> None:
+    """Take the run folder: an exclusive lock (fcntl.flock on out/.lock, released by the OS however
+    the process ends), so a second run into it stops at once instead of writing the same files;
+    then args.json, the settings of the run."""
+    import fcntl
+    key = str(Path(out).resolve())
+    if key not in _held_locks:  # this process may hold it already (the Python API, twice)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        handle = open(Path(out) / ".lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise SystemExit(f"{out} is in use by another run (the same command started twice?): "
+                             "wait for it to end, or use another --out") from None
+        _held_locks[key] = handle
+    write_atomic(Path(out) / "args.json", json.dumps({**asdict(args), **(extra or {})}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------
+# Files: text, JSONL records, images (atomic writes), prompt lists, parquet streams
+# ---------------------------------------------------------------------------------------
+def digest(*parts) -> str:
+    """A short stable id from strings (pair ids, cache names)."""
+    return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def warn(message: str) -> None:
+    """`warning: message` on stderr, above any progress bar instead of inside it."""
+    from tqdm import tqdm
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def read_text_file(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it "
+                         "as UTF-8") from None
+
+
+def write_atomic(path, text: str) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_jsonl(path) -> list:
+    """Records of a JSONL file written by `append_jsonl`; a torn last line (a killed write) is cut
+    off, a damaged line elsewhere is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[:raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    records = []
+    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n} is not a JSON record ({line[:60]!r}); the file was "
+                             "damaged outside this program: fix or delete that line") from None
+    return records
+
+
+def append_jsonl(path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _decode(source) -> tuple:
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB"), None
+    except Image.DecompressionBombError as err:
+        return None, f"too large to decode ({err})"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        return None, f"corrupt or not an image ({type(err).__name__})"
+
+
+def read_image(path) -> tuple:
+    """(RGB image, None) or (None, what is wrong); never raises: callers skip and count."""
+    if Path(path).is_dir():
+        return None, "a folder, not an image file"
+    return (None, "missing") if not Path(path).is_file() else _decode(path)
+
+
+def load_image(path) -> Optional[Image.Image]:
+    return read_image(path)[0]
+
+
+def as_images(items) -> list:
+    """PIL images, or paths to open; anything else is a TypeError that says what is accepted."""
+    out = []
+    for x in items:
+        if isinstance(x, (str, os.PathLike)):
+            image, problem = read_image(x)
+            if image is None:
+                raise FileNotFoundError(f"image {x}: {problem}")
+            x = image
+        if not isinstance(x, Image.Image):
+            raise TypeError("images are PIL.Image.Image objects or paths (str or pathlib.Path), "
+                            f"got {type(x).__name__}")
+        out.append(x.convert("RGB") if x.mode != "RGB" else x)
+    return out
+
+
+def save_image_atomic(image: Image.Image, path) -> None:
+    """Written under a temporary name, then renamed: a killed run leaves no truncated image."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_embedded_image(cell, path) -> Optional[str]:
+    """A parquet image cell ({"bytes": ...} or bytes) as an RGB PNG at `path`, reusing a whole
+    earlier copy; returns what is wrong ('missing', 'corrupt ...') or None."""
+    if load_image(path) is not None:
+        return None
+    raw = cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
+    if not raw:
+        return "missing"
+    image, problem = _decode(io.BytesIO(raw))
+    if image is not None:
+        save_image_atomic(image, path)
+    return problem
+
+
+def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    s = math.sqrt(max_pixels / (w * h))
+    return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
+
+
+def read_prompt_records(path) -> list:
+    """Prompts as records ({"prompt", "_line", other fields}) from a .txt (one per line, blank lines
+    and # comments skipped) or a .jsonl (a `prompt` field per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found (expected .txt, one prompt per "
+                                "line, or .jsonl with 'prompt')")
+    records = []
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
+            continue
+        if path.suffix != ".jsonl":
+            records.append({"prompt": line.strip(), "_line": n})
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") \
+                from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
+                or not rec["prompt"].strip():
+            raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty 'prompt' "
+                             f"string, got {line[:80]!r}")
+        records.append({**rec, "prompt": rec["prompt"].strip(), "_line": n})
+    if not records:
+        raise ValueError(f"{path} holds no prompts")
+    return records
+
+
+def dataset_download_hint(hub_id: str, local: str, flag: str, use: Optional[str] = None) -> str:
+    return (f"On a machine with network run\n  hf download {hub_id} --repo-type dataset "
+            f"--local-dir {local}\nand pass {flag} {use or local}.")
+
+
+def open_parquet_stream(source: str, split: str, image_columns, config: Optional[str] = None,
+                        hint: str = ""):
+    """A `datasets` stream over a hub dataset or local parquet file(s), so a limit of N reads about
+    N rows; image columns stay undecoded (one corrupt image is a skip, not a crash)."""
+    import datasets
+    try:
+        if Path(source).exists():
+            files = sorted(map(str, Path(source).rglob("*.parquet"))) \
+                if Path(source).is_dir() else [source]
+            if not files:
+                raise FileNotFoundError(f"no .parquet files under {source}")
+            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split,
+                                       streaming=True)
+        else:
+            ds = datasets.load_dataset(source, config, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types for a missing repo/config/split/file
+        raise ModelLoadError(f"could not open {source} ({config or 'default'}, split {split!r}): "
+                             f"{type(err).__name__}: {str(err)[:300]}. {hint}".strip()) from None
+    # a column the data lacks is left alone: cast_column would add it as all-None, and the
+    # caller's check for the columns it needs would see "no image" instead of an error
+    for c in image_columns:
+        if ds.column_names is None or c in ds.column_names:
+            ds = ds.cast_column(c, datasets.Image(decode=False))
+    return ds
+
+
+# ---------------------------------------------------------------------------------------
+# Model loading: hub id, local folder or tiny-random; hub errors become the download command
+# ---------------------------------------------------------------------------------------
+DOWNLOAD_SIZES = {  # said next to the download command (bf16 safetensors)
+    "Qwen/Qwen3-VL-2B-Instruct": "about 4.3 GB", "Qwen/Qwen3-VL-8B-Instruct": "about 17.5 GB",
+    "TIGER-Lab/RationalRewards-8B-T2I": "about 17.5 GB",
+    "TIGER-Lab/RationalRewards-8B-Edit": "about 17.5 GB",
+    "stabilityai/stable-diffusion-3.5-medium": "about 16 GB with T5",
+    "black-forest-labs/FLUX.1-Kontext-dev": "about 34 GB with T5",
+}
+
+
+def download_advice(name: str, what: str, why: str) -> str:
+    local = f"models/{name.split('/')[-1]}"
+    size = f" ({DOWNLOAD_SIZES[name]})" if name in DOWNLOAD_SIZES else ""
+    return (f"Could not load {what} '{name}': {why}.\nOn a machine with network access run `hf "
+            f"download {name} --local-dir {local}`{size} and pass {local} instead, or set HF_HOME "
+            "to a cache that holds it. For an offline smoke run use tiny-random.")
+
+
+def check_model_available(name: str, what: str = "model") -> None:
+    """Fail before any work when `name` is neither a saved model folder nor on the hub (or in its
+    cache): huggingface_hub's own error, with the download command added."""
+    if name == "tiny-random":
+        return
+    folder = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or folder.exists():
+        if not folder.is_dir():
+            raise ModelLoadError(f"{what} path '{name}' does not exist (or is not a folder)")
+        if not any((folder / f).is_file() for f in ("config.json", "model_index.json")):
+            raise ModelLoadError(f"{what} folder '{name}' holds no config.json or "
+                                 "model_index.json: not a saved model")
+        return
+    import huggingface_hub
+    try:
+        huggingface_hub.hf_hub_download(name, "model_index.json" if what == "generator"
+                                        else "config.json")
+    except OSError as err:  # offline, not found, no access: all OSError in huggingface_hub
+        raise ModelLoadError(download_advice(name, what, f"{type(err).__name__}: "
+                                             f"{str(err).splitlines()[0][:200]}")) from None
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-shard bars or info logs while a model already on disk is loaded or saved."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    levels = tlog.get_verbosity(), dlog.get_verbosity()
+    for lib in (tlog, dlog):
+        lib.disable_progress_bar(), lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, level in zip((tlog, dlog), levels):
+            lib.enable_progress_bar(), lib.set_verbosity(level)
+
+
+def from_pretrained(load, name: str, path: str, what: str, **kwargs):
+    """`load(path, **kwargs)` (a library's from_pretrained); a failure is one ModelLoadError that
+    says what is missing and how to get it."""
+    local = Path(path).is_dir()
+    try:
+        with quiet_loading() if local else contextlib.nullcontext():
+            return load(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if local:
+            raise ModelLoadError(f"'{path}' does not hold a loadable {what}: {err}") from err
+        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        raise ModelLoadError(download_advice(name, what, why)) from None
+
+
+def default_device(device: Optional[str]) -> str:
+    import torch
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_NOT_QUANTIZED = ["model.visual", "lm_head"]  # kept in bf16 under 4/8-bit (module-name prefixes)
+
+
+def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None,
+             device: Optional[str] = None, trainable: bool = False, seed: int = 0, dtype=None):
+    """(model, processor) for a hub id, a local folder or `tiny-random`. quantization: auto (4-bit
+    nf4 on a GPU, none on CPU), 4bit, 8bit, none; the vision tower and lm_head stay unquantized.
+    `adapter`: a peft LoRA folder (e.g. the PARROT student)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    check_model_available(name)
+    device = default_device(device)
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if quantization == "auto":
+        quantization = "4bit" if device.startswith("cuda") else "none"
+    kwargs = {"dtype": dtype}
+    if quantization in ("4bit", "8bit"):
+        kwargs["device_map"] = {"": device}
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+            bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED)
+    path = str(tiny_vlm_dir(seed)) if name == "tiny-random" else name
+    processor = from_pretrained(AutoProcessor.from_pretrained, name, path, "model")
+    model = from_pretrained(AutoModelForImageTextToText.from_pretrained, name, path, "model",
+                            **kwargs)
+    if quantization == "none":
+        model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_config.json (expected "
+                                 "a peft LoRA saved by parrot.py or PeftModel.save_pretrained)")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    return model if trainable else model.eval(), processor
+
+
+def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
+                   no_t5: bool = False, quantization: str = "none", seed: int = 0):
+    """A diffusers pipeline (hub id, local folder or `tiny-random`) on `device`. t2i: text-to-image
+    (SD3.5-Medium; tiny: SD3); edit: image-conditioned (FLUX.1-Kontext-dev; tiny: Kontext).
+    no_t5: leave SD3's T5 out. quantization "4bit": transformer and T5 in nf4 (needs a GPU)."""
+    import torch
+    from diffusers import DiffusionPipeline
+    check_model_available(name, "generator")
+    device = default_device(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    kwargs = {"dtype": dtype}
+    if quantization == "4bit":
+        if not device.startswith("cuda"):
+            raise ModelLoadError("4-bit generator quantization needs a CUDA GPU (diffusers' "
+                                 "bitsandbytes quantizer refuses CPU); use none here")
+        from diffusers import PipelineQuantizationConfig
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_4bit",  # T5 is text_encoder_2 in FLUX, _3 in SD3
+            components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
+            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                          "bnb_4bit_compute_dtype": dtype})
+    path = name
+    if name == "tiny-random":
+        build = build_tiny_kontext if task == "edit" else build_tiny_sd3
+        path = str(_tiny_dir(f"tiny-random-{task}-v{TINY_VERSION}", build, seed))
+    folder = Path(path)
+    if no_t5 or (folder.is_dir() and (folder / "model_index.json").is_file()
+                 and "text_encoder_3" in folder.joinpath("model_index.json").read_text()
+                 and not (folder / "text_encoder_3").is_dir()):
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)  # a folder saved without SD3's T5
+    pipe = from_pretrained(DiffusionPipeline.from_pretrained, name, path, "generator", **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if quantization == "4bit" else pipe.to(device)
+
+
+# ---- tiny-random: the real architectures, randomly initialised, built offline from configs ----
+# Every VLM width is a multiple of 64, so that bitsandbytes 4-bit works on CPU as well.
+TINY_VERSION = 3  # bump when a tiny architecture changes, so cached copies are rebuilt
+_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|image_pad|>", "<|video_pad|>"]
+_CHAT_TEMPLATE = (  # the structure of Qwen's: role turns; an image as vision_start/pad/end
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def template_files() -> list:
+    """The rubric templates in prompts/ (the *_prompts.txt lists are not templates)."""
+    return sorted(p for p in PROMPTS_DIR.glob("*.txt") if not p.name.endswith("_prompts.txt"))
+
+
+def build_tiny_vlm(seed: int = 0):
+    """(model, processor): a randomly initialised Qwen3-VL (~0.5M parameters), its byte-level BPE
+    tokenizer trained on the templates, deterministic for `seed`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                              Qwen3VLVideoProcessor)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), \
+        decoders.ByteLevel()
+    bpe.train_from_iterator(sorted(p.read_text() for p in template_files()), trainers.BpeTrainer(
+        vocab_size=448, special_tokens=_SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>",
+                                        additional_special_tokens=_SPECIAL[1:],
+                                        chat_template=_CHAT_TEMPLATE)
+    patches = dict(patch_size=16, merge_size=2, temporal_patch_size=2,
+                   size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64})  # <= 4 tokens/image
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**patches),
+                                 video_processor=Qwen3VLVideoProcessor(**patches),
+                                 tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIAL}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=64, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model, processor
+
+
+def _tiny_dir(kind: str, build, seed: int) -> Path:
+    """The folder of a saved tiny model, built on first use; atomic, so parallel runs are safe."""
+    root = Path(os.environ.get("RATIONALREWARDS_CACHE", Path.home() / ".cache" / "rationalrewards"))
+    path = root / f"{kind}-seed{seed}"
+    if not any(path.glob("*.json")):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+        with quiet_loading():
+            for part in build(seed):
+                part.save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def tiny_vlm_dir(seed: int = 0) -> Path:
+    # the tokenizer is trained on the templates: editing one rebuilds the model
+    corpus = digest("".join(sorted(p.read_text() for p in template_files())))[:8]
+    return _tiny_dir(f"tiny-random-qwen3vl-v{TINY_VERSION}-{corpus}", build_tiny_vlm, seed)
+
+
+def _tiny_clip_tokenizer(max_length: int):
+    """A character-level CLIP tokenizer (characters and their `</w>` forms), offline."""
+    from transformers import CLIPTokenizer
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *chars,
+                                         *(c + "</w>" for c in chars)])}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                             model_max_length=max_length)
+
+
+def _tiny_vae(scaling_factor: float, shift_factor: float):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                         sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
+def build_tiny_sd3(seed: int = 0):
+    """A StableDiffusion3Pipeline, ~0.3M parameters, 64x64 images: two CLIP encoders (no T5: the
+    pipeline pads with zeros, as SD3 does without it), an SD3 transformer, a small VAE with SD3's
+    latent normalisation, the flow-matching Euler scheduler with SD3's shift of 3."""
+    import torch
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    tokenizer = _tiny_clip_tokenizer(77)
+    torch.manual_seed(seed)
+    clip = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                          max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1)
+    encoders = [CLIPTextModelWithProjection(clip).eval() for _ in range(2)]
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4,
+                                        num_layers=2, attention_head_dim=16, num_attention_heads=4,
+                                        joint_attention_dim=64, caption_projection_dim=64,
+                                        pooled_projection_dim=64, pos_embed_max_size=64)
+    return [StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(1.5305, 0.0609), text_encoder=encoders[0], tokenizer=tokenizer,
+        text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)]
+
+
+def build_tiny_kontext(seed: int = 0):
+    """A FluxKontextPipeline of FLUX.1-Kontext-dev's structure, ~0.3M parameters, 64x64: CLIP and
+    T5 encoders, one double- and one single-stream block with the guidance embedding of the -dev
+    models, a small VAE with FLUX's normalisation, FLUX's resolution-dependent shift."""
+    import torch
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxKontextPipeline,
+                           FluxTransformer2DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    tokenizer = _tiny_clip_tokenizer(77)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128,
+                                 num_layers=2, num_heads=4, pad_token_id=1,
+                                 eos_token_id=1)).eval()
+    # 4 latent channels packed 2x2 -> 16 features a token; rope axes 4 + 6 + 6 = head dim 16
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=4, joint_attention_dim=64,
+                                         pooled_projection_dim=32, guidance_embeds=True,
+                                         axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5,
+                                                max_image_seq_len=4096, max_shift=1.15,
+                                                use_dynamic_shifting=True, shift=3.0)
+    return [FluxKontextPipeline(scheduler=scheduler, vae=_tiny_vae(0.3611, 0.1159),
+                                text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                                tokenizer_2=_tiny_clip_tokenizer(512), transformer=transformer)]
+
+
+# ---------------------------------------------------------------------------------------
+# Backends: generate(messages, max_new_tokens, temperature) -> [Generation];
+# answer_logprobs(messages, answers) -> [{answer: log p} or None]
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Generation:
+    """One reply: its text, whether the token limit cut it, and the error when the request failed
+    (then the text is "")."""
+    text: str
+    truncated: bool = False
+    error: Optional[str] = None
+
+
+class TransformersBackend:
+    """In-process generation with real batching (left padding, KV cache)."""
+
+    def __init__(self, model, processor, batch_size: int = 8, max_pixels: int = 768 * 768,
+                 name: str = ""):
+        self.model, self.processor, self.name = model, processor, name
+        self.batch_size, self.max_pixels = batch_size, max_pixels
+        # left padding whoever loaded the processor: generation appends on the right, and
+        # answer_logprobs reads the last position, which right padding would fill with pads
+        processor.tokenizer.padding_side = "left"
+
+    def _inputs(self, convs):
+        def bound(part):
+            return {**part, "image": bound_pixels(part["image"], self.max_pixels)} \
+                if part["type"] == "image" else part
+        convs = [[{**t, "content": [bound(p) for p in t["content"]]}
+                  if isinstance(t["content"], list) else t for t in conv] for conv in convs]
+        return self.processor.apply_chat_template(
+            convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt", processor_kwargs={"padding": True}).to(self.model.device)
+
+    def generate(self, convs, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+        import torch
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []))
+        outs = []
+        for i in range(0, len(convs), self.batch_size):
+            inputs = self._inputs(convs[i:i + self.batch_size])
+            with torch.no_grad():
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                          min_new_tokens=min_new_tokens,
+                                          do_sample=temperature > 0,
+                                          temperature=temperature if temperature > 0 else None,
+                                          top_p=None, top_k=None)
+            new = out[:, inputs["input_ids"].shape[1]:]  # (B, T_new)
+            ended = torch.isin(new.cpu(), eos).any(dim=1) if len(eos) else [False] * len(new)
+            texts = self.processor.batch_decode(new, skip_special_tokens=True)
+            outs += [Generation(t, truncated=not bool(e)) for t, e in zip(texts, ended)]
+        return outs
+
+    def answer_logprobs(self, convs, answers=("A", "B")) -> list:
+        """log P(answer | prompt), normalised over `answers`, from one forward pass: each answer's
+        first token, read at the position after the generation prompt."""
+        import torch
+        ids = [self.processor.tokenizer.encode(a, add_special_tokens=False)[0] for a in answers]
+        results = []
+        for i in range(0, len(convs), self.batch_size):
+            inputs = self._inputs(convs[i:i + self.batch_size])
+            with torch.no_grad():  # the last position's logits only: (B, 1, V), not (B, T, V)
+                logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
+            logp = torch.log_softmax(logits.float()[:, ids], dim=-1)  # (B, len(answers))
+            results += [dict(zip(answers, row.tolist())) for row in logp]
+        return results
+
+
+class OpenAIBackend:
+    """Chat completions over HTTP (vLLM, SGLang, hosted APIs) with the `openai` client, which does
+    the timeouts and the retries with backoff; we add images as data URLs, the checks of a reply
+    and the top-k answer log-probabilities."""
+
+    def __init__(self, api_base: str, model: str, max_concurrency: int = 8,
+                 max_pixels: int = 768 * 768, timeout: float = 600.0, max_retries: int = 3):
+        import openai
+        self.url, self.name, self.max_pixels = api_base, model, max_pixels
+        self.max_concurrency = max_concurrency
+        self.client = openai.OpenAI(base_url=api_base, timeout=timeout, max_retries=max_retries,
+                                    api_key=os.environ.get("OPENAI_API_KEY") or "none")
+
+    def _messages(self, conv) -> list:
+        def part(p):
+            if p["type"] != "image":
+                return {"type": "text", "text": p["text"]}
+            buf = io.BytesIO()
+            bound_pixels(p["image"], self.max_pixels).save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            return {"type": "image_url", "image_url": {"url": url}}
+        return [t if isinstance(t["content"], str) else
+                {"role": t["role"], "content": [part(p) for p in t["content"]]} for t in conv]
+
+    def _create(self, conv, **kw):
+        """The first choice of one request; BackendError when it failed after the retries or the
+        answer is not a chat completion."""
+        import openai
+        try:
+            resp = self.client.chat.completions.create(model=self.name,
+                                                       messages=self._messages(conv), **kw)
+        except openai.APIError as err:
+            raise BackendError(f"chat-completions request to {self.url} failed: "
+                               f"{type(err).__name__}: {str(err)[:300]}") from None
+        choices = getattr(resp, "choices", None)  # the client does not check the reply's shape
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise BackendError(f"{self.url} answered with something that is not a chat "
+                               f"completion: {str(resp)[:300]}")
+        return choices[0]
+
+    def _map(self, fn, items) -> list:
+        import concurrent.futures
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency)
+        try:
+            return list(pool.map(fn, items))
+        finally:  # on Ctrl-C, do not wait for requests in flight
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def generate(self, convs, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
+        """[Generation]; a failed request is a Generation with its error, so the rest of the batch
+        is kept (the caller decides whether a failure stops the run)."""
+        def one(conv):
+            try:
+                choice = self._create(conv, max_tokens=max_new_tokens, temperature=temperature)
+            except BackendError as err:
+                return Generation("", error=str(err))
+            text = choice.message.content
+            if not isinstance(text, str) or not text.strip():
+                warn(f"{self.url} returned no text content ({str(text)[:80]!r})")
+            return Generation(text or "", truncated=choice.finish_reason == "length")
+        return self._map(one, convs)
+
+    def answer_logprobs(self, convs, answers=("A", "B")) -> list:
+        """log P(answer), normalised over `answers`, from the server's top-20 logprobs. An answer
+        missing from the list gets the smallest logprob listed (an upper bound), not zero mass; a
+        server without logprobs: the answer named in the text gets all the mass; neither: None,
+        never a uniform guess."""
+        def one(conv):
+            choice = self._create(conv, max_tokens=1, temperature=0.0, logprobs=True,
+                                  top_logprobs=20)
+            content = getattr(choice.logprobs, "content", None) or []
+            top = [(str(e.token).strip(), float(e.logprob))
+                   for e in (content[0].top_logprobs or [] if content else [])]
+            found = {}
+            for token, lp in top:
+                found.setdefault(token, lp)
+            if any(a in found for a in answers):
+                logp = {a: found.get(a, min(lp for _, lp in top)) for a in answers}
+                total = math.log(sum(math.exp(v) for v in logp.values()))
+                return {a: v - total for a, v in logp.items()}
+            m = re.search(r"\b(" + "|".join(map(re.escape, answers)) + r")\b",
+                          choice.message.content or "")
+            if not m:
+                warn(f"teacher answer not readable as one of {answers}: "
+                     f"{(choice.message.content or '')[:80]!r}")
+                return None
+            return {a: (0.0 if a == m.group(1) else -math.inf) for a in answers}
+        return self._map(one, convs)
+
+
+def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[str] = None,
+                 quantization: str = "auto", batch_size: int = 8, max_pixels: int = 768 * 768,
+                 device: Optional[str] = None):
+    """The OpenAI-compatible server at `api_base` serving `model`, or `model` loaded in-process."""
+    if api_base:
+        if adapter:
+            raise ValueError("--adapter applies to a local model; serve the adapter with your "
+                             "server instead (vLLM: --lora-modules)")
+        return OpenAIBackend(api_base, model, max_concurrency=batch_size, max_pixels=max_pixels)
+    vlm, processor = load_vlm(model, quantization, adapter, device=device)
+    return TransformersBackend(vlm, processor, batch_size, max_pixels, name=model)
+
+
+# ---------------------------------------------------------------------------------------
+# Pictures: every grid of captioned images (RL eval grids, GCR contact sheets) is caption_grid
+# ---------------------------------------------------------------------------------------
+def font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def wrap_text(text: str, width: int) -> list:
+    """Lines of at most `width` characters, broken between words."""
+    return textwrap.wrap(" ".join((text or "").split()), width, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def slug(text: str, words: int = 5) -> str:
+    """A short file-name-safe form of a prompt: 'three-red-apples-and-the'."""
+    return "-".join(re.findall(r"[a-z0-9]+", (text or "").lower())[:words]) or "prompt"
+
+
+def fit_image(image: Image.Image, side: int) -> Image.Image:
+    """`image` with its longer side `side`: small ones scaled up without smoothing, so their pixels
+    stay visible."""
+    scale = side / max(image.size)
+    size = (round(image.width * scale), round(image.height * scale))
+    return image.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
+
+
+def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int = 10,
+                 columns: Optional[int] = None) -> Image.Image:
+    """One picture of `cells`, each ([images side by side], [caption lines]), `columns` cells a row
+    (default: all in one row), the title on top; written atomically to `path`."""
+    columns = columns or len(cells)
+    widths = [len(ims) * (side + 6) for ims, _ in cells]
+    cell_w, head, text_h = max(widths), 24 if title else 0, 14 * lines + 8
+    rows = math.ceil(len(cells) / columns)
+    grid = Image.new("RGB", (columns * cell_w, head + rows * (side + text_h)), "white")
+    draw, small = ImageDraw.Draw(grid), font(11)
+    draw.text((4, 5), title, fill="black", font=font(13))
+    for n, (images, caption) in enumerate(cells):
+        x, y = (n % columns) * cell_w, head + (n // columns) * (side + text_h)
+        for k, im in enumerate(images):
+            grid.paste(fit_image(im, side), (x + k * (side + 6), y))
+        for j, line in enumerate(caption[:lines]):
+            draw.text((x + 3, y + side + 3 + 14 * j), line, fill="black", font=small)
+    save_image_atomic(grid, path)
+    return grid
