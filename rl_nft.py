@@ -51,7 +51,7 @@ Real runs (one 24 GB GPU)::
     python rl_nft.py ... --scorer-api-base http://localhost:8000/v1     # a served scorer (vLLM)
 
 Outputs in --out: metrics.csv, reward_curve.png, eval/epoch_NNNN.png, lora/epoch_NNNN/ (each
-loadable with diffusers `pipe.load_lora_weights`), checkpoint/ (resume), args.json.
+loadable with diffusers `pipe.load_lora_weights`), checkpoint.pt (for --resume), args.json.
 
 Deviations from the sources:
 1. Scale: 512 px, K=4 images per prompt and 4 prompts per epoch by default (DiffusionNFT:

@@ -40,7 +40,7 @@ def image_dir(tmp_path):
     return tmp_path
 
 
-def run_cli(*argv, env=None, timeout=300):
+def run_cli(*argv, env=None, timeout=3600):
     """Run one of our scripts in a subprocess, the way a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,

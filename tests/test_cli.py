@@ -230,6 +230,6 @@ def test_stderr_holds_what_a_user_needs(image_dir):
                   "--prompt", "x", "--image", image_dir / "red.png", "--max-new-tokens", "4")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [l for l in res.stderr.splitlines() if l.strip()]
-    # the resolved arguments go to args.json only; at most the warning that 4 tokens cut the
-    # critique
-    assert len(lines) <= 1 and all("cut by the token limit" in l for l in lines), lines
+    # the resolved arguments go to args.json only; and no truncation warning for tiny-random,
+    # whose noise always runs to the limit (issue 22, 3.6)
+    assert lines == [], lines

@@ -95,7 +95,7 @@ def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
                                                  "__pycache__"))
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                           "--no-build-isolation", "--target", str(target),
-                          str(src)], capture_output=True, text=True, timeout=600)
+                          str(src)], capture_output=True, text=True, timeout=3600)
     assert res.returncode == 0, res.stderr[-2000:]
     env = {"PYTHONPATH": str(target), "PATH": ""}
     code = ("import common, rationalrewards, rl_nft, gcr_loop, parrot; "

@@ -113,7 +113,7 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
                         "--phases", "12", "--batch-size", "1"]
     env = {**os.environ}
     ref = subprocess.run(args(tmp_path / "ref"), cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=300)
+                         timeout=3600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     proc = subprocess.Popen(args(tmp_path / "cut"), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
@@ -129,12 +129,12 @@ def test_sigkill_mid_phase1_then_rerun_matches_uninterrupted_run(tmp_path, scrip
     written = len(phase1.read_text().splitlines())
     assert 4 <= written < 10
     res = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=300)
+                         timeout=3600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"phase 1: anchored generation: resumed, {written} of 10 already done" in res.stderr
     # a rerun with nothing left says so and shows no empty progress bar (issue 17.7)
     again = subprocess.run(args(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True,
-                           env=env, timeout=300)
+                           env=env, timeout=3600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "phase 1: anchored generation: resumed, 10 of 10 already done" in again.stderr
     assert "phase 2: consistency: resumed, 10 of 10 already done" in again.stderr
