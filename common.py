@@ -91,6 +91,8 @@ def run(main, rerun: str = "run the same command again") -> None:
     except (ModelLoadError, BackendError, FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the reader went away (`... --help | head`): nothing to report
+        os._exit(0)
     except OSError as err:  # disk full, read-only folder: what was written before is whole
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: {err.strerror or err}{where}. Everything written before this is kept: fix "
