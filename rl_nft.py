@@ -908,6 +908,7 @@ def plot_reward_curve(rows: list, path: Path, dims: tuple, title: str = "") -> l
         ax.plot(epochs, [float("nan") if v is None else v for v in vals], "o-", label=label)
     ax.set(title=f"{title}: reward per epoch" if title else "reward per epoch", xlabel="epoch",
            ylabel="R, and (s - 1) / 3 per dimension", ylim=(-0.02, 1.02))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
