@@ -49,7 +49,6 @@ Deviations from the paper:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math

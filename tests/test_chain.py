@@ -10,7 +10,6 @@ from pathlib import Path
 from conftest import ROOT, run_cli
 
 import common
-import rationalrewards as rr
 
 
 def chain_commands():
