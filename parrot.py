@@ -358,27 +358,17 @@ def add_lora(model, args: Args, quantized: bool):
 # P_theta(z|x) on samples z ~ q (the kept rationales) minimises the KL term up to that constant.
 def foresight_distillation(model, processor, train: list, out: Path, args: Args) -> list:
     """LoRA SFT of the student on the kept rationales, label absent. Returns the loss per optimizer
-    step.
-
-    Checkpoints the adapter and optimizer after every epoch; a rerun continues from there.
-    """
+    step. The adapter is saved after every epoch; an interrupted SFT starts again from the base
+    model (minutes at this scale: the teacher's phases are what resume record by record)."""
     import torch
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
-    ckpt = out / "student"
-    state_path = ckpt / "train_state.json"
-    state = {"epochs_done": 0, "losses": []}
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps = math.ceil(len(train) / args.grad_accum) * args.epochs
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
-    if state["epochs_done"]:
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    use_bf16 = model.device.type == "cuda"
-    for epoch in range(state["epochs_done"], args.epochs):
+    use_bf16, losses = model.device.type == "cuda", []
+    for epoch in range(args.epochs):
         model.train()
         order = list(range(len(train)))
         random.Random(f"{args.seed}:epoch{epoch}").shuffle(order)
@@ -396,16 +386,11 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                state["losses"].append(running * args.grad_accum / ((i % args.grad_accum) + 1))
-                bar.set_postfix(loss=f"{state['losses'][-1]:.4f}",
-                                lr=f"{sched.get_last_lr()[0]:.2e}")
+                losses.append(running * args.grad_accum / ((i % args.grad_accum) + 1))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 running = 0.0
-        model.save_pretrained(ckpt)
-        torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-        torch.save(sched.state_dict(), ckpt / "scheduler.pt")
-        state["epochs_done"] = epoch + 1
-        common.write_atomic(state_path, json.dumps(state))
-    return state["losses"]
+        model.save_pretrained(out / "student")
+    return losses
 
 
 def student_accuracy(model, processor, heldout_pairs: list, task: str, args: Args) -> dict:
@@ -467,15 +452,16 @@ def write_heldout_pairs(out: Path, heldout_pairs: list) -> None:
     common.write_atomic(out / "heldout_pairs.jsonl", "".join(lines))
 
 
-def student_metrics_for(out: Path, train: list) -> dict:
-    """student_metrics.json of an earlier run on exactly this SFT data, else a fresh start: new SFT
-    data means a new student (its folder is removed)."""
+def student_metrics_for(out: Path, train: list, args: Args) -> dict:
+    """student_metrics.json of an earlier run on exactly this SFT data and these SFT settings, else
+    a fresh start: new data or settings mean a new student (its folder is removed)."""
     ckpt, metrics_path = out / "student", out / "student_metrics.json"
-    fingerprint = hashlib.sha1(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]
+    setup = [train, args.student, args.epochs, args.lr, args.lora_r, args.lora_alpha]
+    fingerprint = hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if metrics and metrics.get("sft_fingerprint") != fingerprint:
-        common.warn("sft.jsonl changed since the student was trained: training it again from the "
-                "base model")
+        common.warn("sft.jsonl or the SFT settings changed since the student was trained: "
+                    "training it again from the base model")
         metrics = {}
         shutil.rmtree(ckpt, ignore_errors=True)
     metrics["sft_fingerprint"] = fingerprint
@@ -484,15 +470,13 @@ def student_metrics_for(out: Path, train: list) -> dict:
 
 def train_student(out: Path, train: list, held: list, heldout_pairs: list, task: str,
                   args: Args) -> dict:
-    """LoRA SFT of the student on `train` (resumable per epoch), measured before and after on the
-    held-out samples and pairs; returns (and writes) student_metrics.json."""
+    """LoRA SFT of the student on `train`, measured before and after on the held-out samples and
+    pairs; returns (and writes) student_metrics.json."""
     import torch
     ckpt, metrics_path = out / "student", out / "student_metrics.json"
-    state_path = ckpt / "train_state.json"
-    metrics = student_metrics_for(out, train)
-    if "after" in metrics and state_path.is_file():
-        if json.loads(state_path.read_text())["epochs_done"] >= args.epochs:
-            return metrics  # a finished run, started again on the same data: nothing to redo
+    metrics = student_metrics_for(out, train, args)
+    if "after" in metrics:
+        return metrics  # a finished run, started again on the same data: nothing to redo
     torch.manual_seed(args.seed)
     model, processor = common.load_vlm(args.student, args.student_quantization, trainable=True,
                                    device=args.device)
@@ -510,10 +494,6 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
         metrics["after"], metrics["train_losses"] = metrics["before"], []
         common.write_atomic(metrics_path, json.dumps(metrics))
         return metrics
-    if state_path.is_file():  # resume from the last finished epoch
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
     metrics["train_losses"] = foresight_distillation(model, processor, train, out, args)
     metrics["after"] = student_report(model, processor, held, heldout_pairs, task, args)
     metrics.update(sft_samples=len(train), heldout_samples=len(held),

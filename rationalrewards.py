@@ -478,49 +478,36 @@ class RationalRewardsScorer:
         self.backend, self.task, self.weights = backend, task, weights
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
 
-    def _images(self, images, source_images, *others):
-        images, others = common.as_images(images), [common.as_images(o) for o in others]
-        if source_images is not None:
-            def one_or_many(s):  # an edit's source: one image, or a list of them (MMRB2)
-                many = isinstance(s, (list, tuple))
-                return common.as_images(s) if many else common.as_images([s])[0]
-            source_images = [one_or_many(s) for s in source_images]
-        return self._groups(images, source_images, *others)
-
-    def _groups(self, images, source_images, *others):
-        """[(images of one request in order, number of source images)]. An edit's source may be a
-        list of images (MMRB2 edits with 2-3 inputs): all of them come first, in order."""
-        if self.task == "edit":
-            if source_images is None or len(source_images) != len(images):
-                raise ValueError("task 'edit' needs one source image (or a list of them) "
-                                 "per edited image")
-            out = []
-            for s, group in zip(source_images, zip(images, *others)):
-                srcs = list(s) if isinstance(s, (list, tuple)) else [s]
-                if not srcs:
-                    raise ValueError("an edit needs at least one source image")
-                out.append(([*srcs, *group], len(srcs)))
-            return out
-        return [(list(group), 0) for group in zip(images, *others)]
-
-    def _generate(self, msgs: list, allow_failures: bool) -> list:
-        """[Generation] for each conversation. A failed request raises BackendError unless
+    def _ask(self, kind: str, parse, requests, sources, allow_failures: bool, *images) -> list:
+        """One reply per request to the `kind` template (pointwise or pairwise), parsed. Request i
+        shows images[0][i], images[1][i], ...; an edit's source image comes first, or all of its
+        sources in order (MMRB2 edits have 2-3). A failed request raises BackendError unless
         allow_failures (eval: the official scripts leave failed requests out and count them)."""
-        outs = self.backend.generate(msgs, self.max_new_tokens, self.temperature)
-        # any backend with generate(messages, max_new_tokens, temperature) -> texts also works
-        outs = [common.Generation(o) if isinstance(o, str) else o for o in outs]
+        groups = list(zip(*[common.as_images(im) for im in images]))
+        if self.task == "edit":
+            if sources is None or len(sources) != len(groups):
+                raise ValueError("task 'edit' needs one source image (or a list of them) per "
+                                 "edited image")
+            sources = [common.as_images(s if isinstance(s, (list, tuple)) else [s])
+                       for s in sources]
+            if not all(sources):
+                raise ValueError("an edit needs at least one source image")
+        else:
+            sources = [[] for _ in groups]
+        msgs = [render_messages(f"{kind}_{self.task}", [*src, *g], request=r, sources=len(src))
+                for g, src, r in zip(groups, sources, requests)]
+        # any backend whose generate(messages, max_new_tokens, temperature) gives texts works too
+        outs = [common.Generation(o) if isinstance(o, str) else o
+                for o in self.backend.generate(msgs, self.max_new_tokens, self.temperature)]
         failed = [o.error for o in outs if o.error]
         if failed and not allow_failures:
             raise common.BackendError(failed[0])
-        return outs
+        return [dataclasses.replace(parse(o.text, self.task), truncated=o.truncated,
+                                    error=o.error) for o in outs]
 
     def critique(self, images, requests, source_images=None, allow_failures: bool = False) -> list:
-        groups = self._images(images, source_images)
-        msgs = [render_messages(f"pointwise_{self.task}", g, request=r, sources=n)
-                for (g, n), r in zip(groups, requests)]
-        outs = self._generate(msgs, allow_failures)
-        return [dataclasses.replace(parse_pointwise(o.text, self.task), truncated=o.truncated,
-                                    error=o.error) for o in outs]
+        return self._ask("pointwise", parse_pointwise, requests, source_images, allow_failures,
+                         images)
 
     def rewards(self, images, requests, source_images=None) -> list:
         critiques = self.critique(images, requests, source_images)
@@ -528,12 +515,8 @@ class RationalRewardsScorer:
 
     def compare(self, images_a, images_b, requests, source_images=None,
                 allow_failures: bool = False) -> list:
-        groups = self._images(images_a, source_images, images_b)
-        msgs = [render_messages(f"pairwise_{self.task}", g, request=r, sources=n)
-                for (g, n), r in zip(groups, requests)]
-        outs = self._generate(msgs, allow_failures)
-        return [dataclasses.replace(parse_pairwise(o.text, self.task), truncated=o.truncated,
-                                    error=o.error) for o in outs]
+        return self._ask("pairwise", parse_pairwise, requests, source_images, allow_failures,
+                         images_a, images_b)
 
 # ---------------------------------------------------------------------------------------
 # Preference evaluation (paper Sec. 3): a batch of pairs -> predictions -> accuracy.
