@@ -700,6 +700,12 @@ class Generation:
     error: Optional[str] = None
 
 
+def generations(outs) -> list:
+    """[Generation] from a backend's generate(): ours return Generations; any object whose
+    generate(messages, max_new_tokens, temperature) returns texts works too."""
+    return [Generation(o) if isinstance(o, str) else o for o in outs]
+
+
 class TransformersBackend:
     """In-process generation with real batching (left padding, KV cache)."""
 

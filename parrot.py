@@ -995,8 +995,7 @@ class LazyTeacher:
 
     def generate(self, *args, **kwargs) -> list:
         """The replies' texts; a failed request stops the phase (what was written is kept)."""
-        outs = [common.Generation(o) if isinstance(o, str) else o
-                for o in self._get().generate(*args, **kwargs)]
+        outs = common.generations(self._get().generate(*args, **kwargs))
         failed = [o.error for o in outs if o.error]
         if failed:
             raise self._explained(failed[0])

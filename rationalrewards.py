@@ -496,9 +496,8 @@ class RationalRewardsScorer:
             sources = [[] for _ in groups]
         msgs = [render_messages(f"{kind}_{self.task}", [*src, *g], request=r, sources=len(src))
                 for g, src, r in zip(groups, sources, requests)]
-        # any backend whose generate(messages, max_new_tokens, temperature) gives texts works too
-        outs = [common.Generation(o) if isinstance(o, str) else o
-                for o in self.backend.generate(msgs, self.max_new_tokens, self.temperature)]
+        outs = common.generations(self.backend.generate(msgs, self.max_new_tokens,
+                                                        self.temperature))
         failed = [o.error for o in outs if o.error]
         if failed and not allow_failures:
             raise common.BackendError(failed[0])
@@ -1034,9 +1033,7 @@ def run_benchmark(name: str, args: EvalArgs) -> dict:
     common.start_run(out, sub)
     key = (sub.model, sub.adapter, sub.api_base, sub.quantization)
     if key not in _backends:
-        _backends[key] = common.load_backend(sub.model, sub.api_base, sub.adapter,
-                                             sub.quantization, sub.batch_size, sub.max_pixels,
-                                             sub.device)
+        _backends[key] = load_scorer(sub).backend
     scorer = RationalRewardsScorer(_backends[key], sub.task, sub.max_new_tokens, sub.temperature)
     metrics = evaluate_preferences(scorer, pairs, sub.mode, str(out), sub.batch_size)
     latest = {r["id"]: r for r in common.read_jsonl(out / "predictions.jsonl")}
