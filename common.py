@@ -101,10 +101,10 @@ def run(main, rerun: str = "run the same command again") -> None:
     sys.exit(code)
 
 
-def require(ok: bool, message: str) -> None:
-    """One check of the command line: `error: message` when it fails."""
+def require(ok: bool, message: str, error=SystemExit) -> None:
+    """One check of the input: `error: message` when it fails (`run` prints either kind)."""
     if not ok:
-        raise SystemExit(message)
+        raise error(message)
 
 
 def require_positive(args, *names) -> None:

@@ -14,9 +14,6 @@ and any RationalRewards scorer.
 The scorer always judges against the user's original request; the refined request is only the
 generator's input. The seed stays fixed, so what changes between rounds is the request.
 
-Where is: the gate ``gate_decision``, ``next_step``, ``select_round``; one batched round
-``run_batch`` (``generate`` -> ``critique`` -> refined request); then ``Args``, ``main``.
-
 Smoke run (CPU, offline, about 10 s on 2 cores)::
 
     python gcr_loop.py --generator tiny-random --scorer tiny-random \\
@@ -51,36 +48,24 @@ from typing import Literal, Optional
 import common
 import rationalrewards as rr
 
-
 STOP_REASONS = ("passed", "max_rounds", "unreadable_critique", "no_refined_request")
 
 
-# ---------------------------------------------------------------------------------------
-# The decision of one round (pure; unit-tested on hand-written critiques)
-# ---------------------------------------------------------------------------------------
 def gate_decision(critique: rr.Critique, gate: tuple, threshold: float) -> str:
-    """'passed', 'refine' or 'unreadable' for one critique.
-
-    Refine when any readable gating dimension is below the threshold (the image needs a fix,
-    whatever the others say); passed when every gating dimension is readable and at least the
-    threshold; unreadable otherwise (the gate cannot be decided).
-    """
+    """'refine' when any readable gating dimension is below the threshold (whatever the others
+    say), 'passed' when every one is readable and at least the threshold, else 'unreadable'."""
     scores = [critique.scores.get(d) for d in gate]
     if any(s is not None and s < threshold for s in scores):
         return "refine"
-    if all(s is not None for s in scores):
-        return "passed"
-    return "unreadable"
+    return "passed" if all(s is not None for s in scores) else "unreadable"
 
 
 def next_step(critique: rr.Critique, gate: tuple, threshold: float, refinements_done: int,
               max_rounds: int):
     """(stop_reason or None, request for the next round or None)."""
     decision = gate_decision(critique, gate, threshold)
-    if decision == "passed":
-        return "passed", None
-    if decision == "unreadable":
-        return "unreadable_critique", None
+    if decision != "refine":
+        return ("passed" if decision == "passed" else "unreadable_critique"), None
     if not critique.refined_request:
         return "no_refined_request", None
     if refinements_done >= max_rounds:
@@ -99,90 +84,69 @@ def summarize(records: list) -> dict:
     n = len(records)
     first = [r["rounds"][0]["reward"] for r in records]
     final = [r["rounds"][r["selected_round"]]["reward"] for r in records]
-    share = lambda k: sum(k) / n if n else None
+    share = lambda flags: sum(flags) / n if n else None
     return {
-        "prompts": n,
-        "share_refined": share([len(r["rounds"]) > 1 for r in records]),
-        "mean_reward_first": sum(first) / n if n else None,
-        "mean_reward_final": sum(final) / n if n else None,
+        "prompts": n, "share_refined": share([len(r["rounds"]) > 1 for r in records]),
+        "mean_reward_first": share(first), "mean_reward_final": share(final),
         "share_improved": share([b > a + 1e-9 for a, b in zip(first, final)]),
         "share_worse": share([b < a - 1e-9 for a, b in zip(first, final)]),
         # critiques cut by the token limit lose their later dimensions or their refined request
-        "truncated_critiques": sum(
-            bool(rd.get("truncated")) for r in records for rd in r["rounds"]),
+        "truncated_critiques": sum(bool(x.get("truncated")) for r in records for x in r["rounds"]),
         "critiques": sum(len(r["rounds"]) for r in records),
-        "stop_reasons": {k: sum(r["stop_reason"] == k for r in records)
-                         for k in STOP_REASONS}
-    }
+        "stop_reasons": {k: sum(r["stop_reason"] == k for r in records) for k in STOP_REASONS}}
 
 
-# ---------------------------------------------------------------------------------------
-# Generation and critique, batched across prompts
-# ---------------------------------------------------------------------------------------
 def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> list:
     """One pipeline call for a batch; every image from its own seeded generator."""
     import torch
     device = getattr(pipe, "_execution_device", None) or "cpu"
     kw = {"prompt": requests, "generator": [torch.Generator(device).manual_seed(s) for s in seeds]}
-    if args.steps:
-        kw["num_inference_steps"] = args.steps
-    if args.guidance_scale is not None:
-        kw["guidance_scale"] = args.guidance_scale
-    if args.resolution:
-        kw["height"] = kw["width"] = args.resolution
+    for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale),
+                       ("height", args.resolution), ("width", args.resolution)):
+        if value is not None:
+            kw[key] = value
     if args.task == "edit":  # FLUX.1-Kontext: edit at this size, not at its preferred ~1 MP
         kw.update(image=sources, **({"max_area": args.resolution ** 2, "_auto_resize": False}
                                     if args.resolution else {}))
     return pipe(**kw).images
 
 
-def critique(scorer, images: list, request: list, sources: list, seed: int) -> list:
-    """The scorer's critiques of a batch. The scorer samples (temperature > 0), so its random
-    state is seeded from the batch: the same command writes the same critiques again."""
-    import torch
-    torch.manual_seed(seed)
-    return scorer.critique(images, request, sources if scorer.task == "edit" else None)
-
-
 def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: Path) -> list:
     """GCR for a batch of prompts: every round generates and critiques all prompts still
     refining."""
-    sources = {
-        it["id"]: common.load_image(it["source_image"]) if it["source_image"] else None
-        for it in items
-    }
+    import torch
+    sources = {it["id"]: common.load_image(it["source_image"]) if it["source_image"] else None
+               for it in items}
     bad = [it["source_image"] for it in items if it["source_image"] and sources[it["id"]] is None]
     if bad:
         raise FileNotFoundError(f"cannot read source image(s): {', '.join(bad)}")
     state = {it["id"]: {"request": it["prompt"], "rounds": [], "stop": None} for it in items}
     active = list(items)
     for round_ in range(args.rounds + 1):
+        if not active:
+            break
         ids = [it["id"] for it in active]
         src = [sources[i] for i in ids]
         images = generate(pipe, [state[i]["request"] for i in ids], [it["seed"] for it in active],
                           src, args)
-        batch_seed = int(hashlib.sha1(f"{round_}:{','.join(ids)}".encode()).hexdigest()[:8], 16)
-        crits = critique(scorer, images, [it["prompt"] for it in active], src, batch_seed)
+        # the scorer samples: its random state comes from the batch, so a rerun writes the same
+        batch = f"{round_}:{','.join(ids)}"
+        torch.manual_seed(int(hashlib.sha1(batch.encode()).hexdigest()[:8], 16))
+        crits = scorer.critique(images, [it["prompt"] for it in active],
+                                src if scorer.task == "edit" else None)
         still = []
         for it, image, c in zip(active, images, crits):
-            st = state[it["id"]]
-            path = out / "images" / f"{it['id']}_r{round_}.png"
+            st, path = state[it["id"]], out / "images" / f"{it['id']}_r{round_}.png"
             common.save_image_atomic(image, path)
             stop, refined = next_step(c, gate, args.threshold, round_, args.rounds)
             st["rounds"].append({
                 "round": round_, "request": st["request"], "image": str(path.relative_to(out)),
                 "scores": c.scores, "not_applicable": c.not_applicable,
                 "reward": rr.reward_from_scores(c.scores, weights), "summary": c.summary,
-                "refined_request": c.refined_request, "truncated": c.truncated, "critique": c.text
-            })
-            if stop:
-                st["stop"] = stop
-            else:
-                st["request"] = refined
-                still.append(it)
+                "refined_request": c.refined_request, "truncated": c.truncated, "critique": c.text})
+            st["stop"], st["request"] = stop, refined or st["request"]
+            still += [] if stop else [it]
         active = still
-        if not active:
-            break
     records = []
     for it in items:
         st = state[it["id"]]
@@ -255,27 +219,28 @@ def read_items(args: Args) -> list:
     raw = common.read_prompt_records(args.prompts) if args.prompts else \
         [{"prompt": args.prompt, "_line": None}]
     items, by_id = [], {}
+    check = lambda ok, message: common.require(ok, message, ValueError)
     for rec in raw:
         where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
         given, seed, rid = rec.get("source_image"), rec.get("seed"), rec.get("id")
-        if given is not None and not (isinstance(given, str) and given.strip()):
-            raise ValueError(f"{where}: 'source_image' must be a path (a string), got {given!r}")
+        check(given is None or (isinstance(given, str) and given.strip()),
+              f"{where}: 'source_image' must be a path (a string), got {given!r}")
         source = str(Path(args.prompts).parent / given) if given else args.source_image
         common.require(args.task != "edit" or source,
                        f"--task edit needs a source image: --source-image, or a source_image "
                        f"field ({where}: {rec['prompt'][:60]!r})")
-        if seed is not None and not (type(seed) is int and 0 <= seed < 2 ** 63):
-            raise ValueError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
-        if rid is not None and not isinstance(rid, (str, int)):
-            raise ValueError(f"{where}: 'id' must be a string, got {rid!r}")
+        check(seed is None or (type(seed) is int and 0 <= seed < 2 ** 63),
+              f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+        check(rid is None or isinstance(rid, (str, int)), f"{where}: 'id' must be a string, got "
+              f"{rid!r}")
         if seed is None:
-            seed = int(hashlib.sha1(f"{args.seed}:{rec['prompt']}".encode()).hexdigest()[:8], 16)
+            seed = f"{args.seed}:{rec['prompt']}"
+            seed = int(hashlib.sha1(seed.encode()).hexdigest()[:8], 16)
         key = str(rid or common.digest(rec["prompt"], given or args.source_image or "", seed))
         item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
         if key in by_id:
-            if by_id[key][0] != item:
-                raise ValueError(f"{where}: id {key!r} is already used by {by_id[key][1]} for "
-                                 "another prompt, source image or seed; ids must be unique")
+            check(by_id[key][0] == item, f"{where}: id {key!r} is already used by "
+                  f"{by_id[key][1]} for another prompt, source image or seed; ids must be unique")
             common.warn(f"{where} repeats {by_id[key][1]} (same prompt, source image and seed): "
                         "run once")
             continue
@@ -284,26 +249,21 @@ def read_items(args: Args) -> list:
     return items
 
 
-def sheet_cell(record: dict, out: Path, which: str) -> tuple:
-    """([image], caption lines) of the first or the final round of one prompt."""
-    n = 0 if which == "first" else record["selected_round"]
-    rnd = record["rounds"][n]
-    label = "first" if which == "first" else f"final (round {n}, {record['stop_reason']})"
-    return ([common.load_image(out / rnd["image"])],
-            [label, f"R = {rnd['reward']:.3f}",
-             *(rr.score_label(d, s, rnd.get("not_applicable", []))
-               for d, s in rnd["scores"].items()),
-             *common.wrap_text(rnd["request"], 36)[:4]])
-
-
 def contact_sheet(records: list, out: Path, path: Path) -> None:
     """First vs final image of each prompt (editing: the source first), one prompt per row."""
     cells = []
     for r in records:
-        source = common.load_image(r["source_image"]) if r.get("source_image") else None
-        if source is not None:
-            cells.append(([source], ["source image", *common.wrap_text(r["prompt"], 36)[:4]]))
-        cells += [sheet_cell(r, out, "first"), sheet_cell(r, out, "final")]
+        if r.get("source_image"):
+            cells.append(([common.load_image(r["source_image"])],
+                          ["source image", *common.wrap_text(r["prompt"], 36)[:4]]))
+        n = r["selected_round"]
+        for label, rnd in (("first", r["rounds"][0]),
+                           (f"final (round {n}, {r['stop_reason']})", r["rounds"][n])):
+            cells.append(([common.load_image(out / rnd["image"])], [
+                label, f"R = {rnd['reward']:.3f}",
+                *(rr.score_label(d, s, rnd.get("not_applicable", []))
+                  for d, s in rnd["scores"].items()),
+                *common.wrap_text(rnd["request"], 36)[:4]]))
     common.caption_grid(cells, path, columns=len(cells) // max(1, len(records)))
 
 
@@ -337,8 +297,7 @@ def main(argv=None) -> int:
         scorer = rr.build_scorer(args, args.task, weights)
         (out / "images").mkdir(exist_ok=True)
         (out / "sheets").mkdir(exist_ok=True)
-        bar = tqdm(total=len(todo), desc="GCR", unit="prompt")
-        for i in range(0, len(todo), args.batch_size):
+        for i in tqdm(range(0, len(todo), args.batch_size), desc="GCR", unit="batch"):
             t0, batch = time.time(), todo[i:i + args.batch_size]
             for rec in run_batch(pipe, scorer, batch, args, gate, weights, out):
                 rec["seconds"] = round((time.time() - t0) / len(batch), 2)
@@ -346,8 +305,6 @@ def main(argv=None) -> int:
                                                            f"{rec['id']}.png")
                 common.append_jsonl(out / "gcr.jsonl", rec)
                 done[rec["id"]] = rec
-                bar.update(1)
-        bar.close()
     records = [done[it["id"]] for it in items]
     contact_sheet(records, out, out / "contact_sheet.png")
     summary = summarize(records)

@@ -40,11 +40,34 @@ def image_dir(tmp_path):
     return tmp_path
 
 
-def run_cli(*argv, env=None, timeout=3600):
-    """Run one of our scripts in a subprocess, the way a user would."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,
-                          text=True, env=full_env, timeout=timeout)
+def run_cli(*argv, env=None, timeout=3600, fresh=False):
+    """Run one of our commands the way a user would: `python SCRIPT ARGS` in the checkout, its exit
+    code, stdout and stderr. In this process by default (the libraries are imported once per test
+    session, not once per command); fresh=True starts a new Python (signals, environment
+    variables read at import, installed commands)."""
+    script = Path(str(argv[0])).stem
+    if fresh or env or script not in ("rationalrewards", "parrot", "rl_nft", "gcr_loop"):
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,
+                              text=True, env=full_env, timeout=timeout)
+    import contextlib
+    import importlib
+    module = importlib.import_module(script)
+    out, err, cwd, old_argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
+    code = 0
+    try:
+        os.chdir(ROOT)
+        sys.argv = [str(a) for a in argv]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            sys.modules["rationalrewards"]._backends.clear()  # as a new process would start
+            try:
+                module.cli()
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(cwd)
+        sys.argv = old_argv
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def dominant_colour(data_url: str) -> str:
