@@ -193,6 +193,16 @@ def start_run(out, args, extra=None) -> None:
 # ---------------------------------------------------------------------------------------
 # Files: text, JSONL records, images (atomic writes), prompt lists, parquet streams
 # ---------------------------------------------------------------------------------------
+def print_dict(d: dict, indent: str = "  ") -> None:
+    """A report on stdout, one `name value` line each, nested dicts indented below their name."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            print_dict(v, indent + "  ")
+        else:
+            print(f"{indent}{k:<36} {v:.4f}" if isinstance(v, float) else f"{indent}{k:<36} {v}")
+
+
 def digest(*parts) -> str:
     """A short stable id from strings (pair ids, cache names)."""
     return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]

@@ -14,20 +14,7 @@ and any RationalRewards scorer.
 The scorer always judges against the user's original request; the refined request is only the
 generator's input. The seed stays fixed, so what changes between rounds is the request.
 
-Smoke run (CPU, offline, about 10 s on 2 cores)::
-
-    python gcr_loop.py --generator tiny-random --scorer tiny-random \\
-        --prompts prompts/gcr_demo_prompts.txt --out runs/gcr-smoke
-
-Real runs (one 24 GB GPU: SD3.5-Medium and the released scorer in 4-bit)::
-
-    python gcr_loop.py --prompt "three red apples and the word FRESH on a crate" --out runs/gcr
-    python gcr_loop.py --task edit --source-image in.png --prompt "make the sky stormy" \\
-        --generator-quantization 4bit --out runs/gcr-edit
-
-Outputs in --out: gcr.jsonl (every round of every prompt, one line per prompt), images/,
-sheets/SLUG-ID.png (first vs final; editing: the source too), contact_sheet.png, summary.json,
-args.json. Rerunning into the same --out skips the prompts already finished.
+Commands and outputs: README.md, "Generate-Critique-Refine".
 
 Deviations from the paper:
 1. `--rounds` (default 1, the paper's and the official script's) allows more refinements;
@@ -312,8 +299,7 @@ def main(argv=None) -> int:
                       "--scorer-max-new-tokens", args.scorer)
     common.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):")
-    for k, v in summary.items():
-        print(f"  {k:<20} {v:.3f}" if isinstance(v, float) else f"  {k:<20} {v}")
+    common.print_dict(summary)
     return 0
 
 

@@ -21,20 +21,9 @@ Where is (the method is one block from the top; the harness comes after it):
     the ELBO report     ``elbo_report``
     the command line    ``Args``, the datasets (``load_dataset_pairs``), ``LazyTeacher``, ``main``
 
-Smoke run (CPU, offline, about 11 s on 2 cores)::
-
-    python parrot.py --dataset demo --limit 16 --teacher tiny-random --student tiny-random
-
-Real run (one 24 GB GPU; teacher Qwen3-VL-8B in 4-bit, student Qwen3-VL-2B with LoRA)::
-
-    python parrot.py --dataset hpdv3 --data-dir data/hpdv3 --limit 1000 --out runs/hpdv3-1k
-    # the paper's 32B teacher, served elsewhere:
-    python parrot.py ... --teacher-api-base http://HOST:8000/v1 --teacher Qwen/Qwen3-VL-32B-Instruct
-
-Outputs in --out: inputs.json, phase1.jsonl, phase2.jsonl, projections.jsonl, sft.jsonl,
-heldout.jsonl, student/ (a LoRA adapter for `rationalrewards.py --adapter`), report.json,
-args.json. Every .jsonl is appended and flushed per record, so a killed run started again
-with the same command resumes without redoing or duplicating anything.
+Commands and outputs: README.md, "PARROT". Every .jsonl is appended and flushed per record,
+so a killed run started again with the same command resumes without redoing or duplicating
+anything.
 
 Deviations from the paper:
 1. Scale: teacher Qwen3-VL-8B (4-bit) instead of 32B; student Qwen3-VL-2B with LoRA (QLoRA
@@ -62,7 +51,7 @@ from typing import Literal, Optional
 
 # torch is imported inside the functions that need it: at the top it would make `--help` and
 # every argument error take about 3 s instead of 0.3 s (2 CPU cores).
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter
 
 import common
 import rationalrewards as rr
@@ -567,35 +556,6 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
     return report
 
 
-def print_report(report: dict) -> None:
-    rows = [("raw pairs read", report["raw_pairs"]), ("valid pairs", report["pairs"])]
-    rows += [(f"  {k}", v) for k, v in report["skipped_inputs"].items()]
-    rows += [("Phase 1 rationales", report["phase1_rationales"]),
-             ("Phase 1 parse failures", report["phase1_parse_failures"]),
-             ("Phase 2 pairs judged", report["phase2_pairs"]), ("kept", report["kept"])]
-    rows += [(f"  dropped: {k}", v) for k, v in report["drops_by_reason"].items()]
-    rows += [("retention rate (paper ~0.72)", report["retention_rate"]),
-             (f"ELBO term 1, E_q log P(y|x,z), {report['elbo_term1_candidates_scored']} z",
-              report["elbo_term1_all_candidates"]),
-             ("  unreadable teacher answers", report["unreadable_teacher_answers"]),
-             ("mean log P(y|x,z), kept z only", report["mean_log_p_y_given_xz_kept"])]
-    if "phase3_projections" in report:
-        rows += [(f"Phase 3 projections {k}", v) for k, v in report["phase3_projections"].items()]
-        rows += [(f"SFT samples {k}", v) for k, v in report["sft_samples"].items()]
-    if "attribution_accuracy" in report:
-        value = report["attribution_accuracy"]
-        rows.append(("attribution accuracy (demo)", "none kept" if value is None else value))
-    st = report.get("student")
-    if st:
-        for when in ("before", "after"):
-            rows.append((f"student {when}: held-out NLL/token", st[when]["heldout_nll"]))
-            for mode, acc in st[when]["accuracy"].items():
-                rows.append((f"student {when}: {mode} accuracy", acc))
-    for name, value in rows:
-        print(f"  {name:<40} {value:.4f}" if isinstance(value, float) else f"  {name:<40} {value}")
-
-
-
 # =======================================================================================
 # The method ends here. Below: the harness of the `parrot` command (its flags, the dataset
 # loaders and the demo pairs, helpers the phases share, the preflight checks, `main`).
@@ -620,11 +580,9 @@ class Args:
     phases: str = "123"
     """which phases to run, e.g. 1, 2, 3 or 12; each reads the outputs of the ones before"""
     teacher: str = "Qwen/Qwen3-VL-8B-Instruct"
-    """teacher VLM (hub id, local path, tiny-random); with --teacher-api-base, the served model
-    name"""
+    """teacher VLM (hub id, local path, tiny-random); with --teacher-api-base, the served name"""
     teacher_api_base: Optional[str] = None
-    """OpenAI-compatible endpoint serving the teacher (vLLM, SGLang): how to use a 32B teacher or
-    many GPUs"""
+    """OpenAI-compatible endpoint serving the teacher (vLLM, SGLang): a 32B teacher, many GPUs"""
     teacher_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
     """auto = 4-bit on a GPU, none on CPU"""
     student: str = "Qwen/Qwen3-VL-2B-Instruct"
@@ -636,8 +594,8 @@ class Args:
     min_consistency: float = 0.5
     """Phase 2 keeps z only if the teacher's P(y|x,z) is at least this"""
     max_new_tokens: Optional[int] = None
-    """longest rationale the teacher (and the student in evaluation) may write (default 2048; 64
-    for a tiny-random teacher, whose text is noise)"""
+    """longest rationale of the teacher (and of the student in evaluation) (default 2048; 64 for a
+    tiny-random teacher, whose text is noise)"""
     temperature: float = 0.7
     """teacher sampling temperature in Phase 1"""
     batch_size: int = 8
@@ -661,13 +619,11 @@ class Args:
     eval_limit: int = 100
     """at most this many held-out pairs are used for the student's accuracy"""
     prompts_dir: Optional[str] = None
-    """templates with the same file names read from this folder first (see rationalrewards.py
-    --help)"""
+    """templates read from this folder first (see rationalrewards.py score --help)"""
     seed: int = 0
     """seed for the A/B shuffle, the held-out split, sampling and training"""
     device: Optional[str] = None
-    """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda when there is a
-    GPU)"""
+    """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda if any)"""
 
 
 DEFAULT_HUB = {"rapidata": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3",
@@ -681,7 +637,7 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Datasets. Every loader returns pair records
 #   {id, dataset, task, prompt, image_a, image_b, source_image, label, defect_dimension}
-# with image paths on disk, plus counts of what was skipped and why.
+# with image paths on disk, and counts what it skipped and why in `stats`.
 # ---------------------------------------------------------------------------------------
 def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None,
               defect=None) -> dict:
@@ -689,21 +645,22 @@ def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key
     pid = key or common.digest(prompt, preferred, rejected, source or "")
     swap = random.Random(f"{seed}:{pid}").random() < 0.5
     a, b = (rejected, preferred) if swap else (preferred, rejected)
-    return {
-        "id": pid, "dataset": dataset, "task": task, "prompt": prompt, "image_a": str(a),
-        "image_b": str(b), "source_image": str(source) if source else None,
-        "label": "B" if swap else "A", "defect_dimension": defect
-    }
+    return {"id": pid, "dataset": dataset, "task": task, "prompt": prompt, "image_a": str(a),
+            "image_b": str(b), "source_image": str(source) if source else None,
+            "label": "B" if swap else "A", "defect_dimension": defect}
+
+
+def _skip(problem: str, what: str, stats: dict) -> None:
+    """Count and warn about a pair left out for a missing or unreadable image."""
+    stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
+    common.warn(f"{what}: {problem}: pair skipped")
 
 
 def _readable(paths, stats) -> bool:
-    for p in paths:
-        if p is None:
-            continue
-        _, problem = common.read_image(p)
+    for p in [p for p in paths if p is not None]:
+        problem = common.read_image(p)[1]
         if problem:
-            stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
-            common.warn(f"image {p}: {problem}: pair skipped")
+            _skip(problem, f"image {p}", stats)
             return False
     return True
 
@@ -718,33 +675,27 @@ def hpdv3_missing(index: Path) -> DataError:
 
 
 def load_hpdv3(root, split, limit, seed, stats) -> list:
-    root = Path(root or "data/hpdv3")
-    index = root / f"{split}.json"
+    index = Path(root or "data/hpdv3") / f"{split}.json"
     if not index.is_file():
         raise hpdv3_missing(index)
     try:
         rows = json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(
-            f"{index} is not valid JSON ({err}); expected a list of records with prompt, path1, "
-            "path2"
-        ) from None
+        raise DataError(f"{index} is not valid JSON ({err}); expected a list of records with "
+                        "prompt, path1, path2") from None
     if not isinstance(rows, list):
         raise DataError(f"{index}: expected a JSON list of records, got {type(rows).__name__}")
     pairs = []
     for n, rec in enumerate(rows):
         if limit is not None and len(pairs) >= limit:
             break
-        fields_ok = isinstance(rec, dict) and all(isinstance(rec.get(k), str)
-                                                  for k in ("prompt", "path1", "path2"))
-        if not fields_ok:
-            raise DataError(
-                f"{index}, row {n}: expected string fields prompt, path1 (preferred), path2 "
-                f"(rejected), got {str(rec)[:200]}")
+        if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str)
+                                              for k in ("prompt", "path1", "path2"))):
+            raise DataError(f"{index}, row {n}: expected string fields prompt, path1 (preferred), "
+                            f"path2 (rejected), got {str(rec)[:200]}")
         stats["rows_read"] += 1
-        good, bad = root / rec["path1"], root / rec["path2"]  # path1 is the preferred image
-        if _readable([good, bad], stats):
-            # the id from the row itself, however --data-dir is spelled
+        good, bad = index.parent / rec["path1"], index.parent / rec["path2"]  # path1 preferred
+        if _readable([good, bad], stats):  # the id from the row, however --data-dir is spelled
             key = common.digest(rec["prompt"], rec["path1"], rec["path2"])
             pairs.append(make_pair("hpdv3", "t2i", rec["prompt"], good, bad, seed, key=key))
     return pairs
@@ -762,13 +713,12 @@ def load_jsonl(path, limit, seed, stats) -> list:
             stats["dropped_ties"] += 1
             continue
         good, bad = rec["image_a"], rec["image_b"]
-        if rec["label"] != "A":
+        if rec["label"] == "B":
             good, bad = bad, good
-        if _readable([good, bad, rec.get("source_image")], stats):
-            task = "edit" if rec.get("source_image") else "t2i"
-            pairs.append(
-                make_pair("jsonl", task, rec["prompt"], good, bad, seed, rec.get("source_image"),
-                          rec["id"]))
+        src = rec.get("source_image")
+        if _readable([good, bad, src], stats):
+            pairs.append(make_pair("jsonl", "edit" if src else "t2i", rec["prompt"], good, bad,
+                                   seed, src, rec["id"]))
     return pairs
 
 
@@ -779,9 +729,8 @@ def _vote_label(row, dataset, margin):
         gap = (row.get("left_overall_score") or 0) - (row.get("right_overall_score") or 0)
         if "tie" in vote or vote not in ("leftvote", "rightvote"):
             return "tie"
-        if abs(gap) < 4 * margin:
-            return "near_tie"
-        return "first" if vote == "leftvote" else "second"
+        return "near_tie" if abs(gap) < 4 * margin else \
+            ("first" if vote == "leftvote" else "second")
     for k1, k2 in (("weighted_results_image1_preference", "weighted_results_image2_preference"),
                    ("votes_image1", "votes_image2"), ("image1_votes", "image2_votes")):
         if row.get(k1) is not None and row.get(k2) is not None:
@@ -795,19 +744,19 @@ def _vote_label(row, dataset, margin):
         "votes_image1/votes_image2 or weighted_results_image1_preference/..._image2_preference")
 
 
+HUB_COLUMNS = {"editreward": {"prompt": "instruction", "a": "left_output_image",
+                              "b": "right_output_image", "src": "source_img"},
+               "rapidata": {"prompt": "prompt", "a": "image1", "b": "image2", "src": None}}
+
+
 def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> list:
     """Rapidata (t2i) or EditReward (edit) parquet, streamed so --limit N reads about N rows."""
-    hf_id = hf_id or DEFAULT_HUB[dataset]
-    if dataset == "editreward":
-        cols = {"prompt": "instruction", "a": "left_output_image", "b": "right_output_image",
-                "src": "source_img"}
-    else:
-        cols = {"prompt": "prompt", "a": "image1", "b": "image2", "src": None}
+    hf_id, cols = hf_id or DEFAULT_HUB[dataset], HUB_COLUMNS[dataset]
     hint = common.dataset_download_hint(hf_id, f"data/{dataset}", "--hf-dataset",
-                                    f"data/{dataset}/data (a parquet file or a directory of them)")
+                                        f"data/{dataset}/data (a parquet file or a directory)")
     try:
-        image_columns = [c for c in (cols["a"], cols["b"], cols["src"]) if c]
-        ds = common.open_parquet_stream(hf_id, split, image_columns, hint=hint)
+        ds = common.open_parquet_stream(hf_id, split, [c for c in (cols["a"], cols["b"],
+                                                                   cols["src"]) if c], hint=hint)
     except common.ModelLoadError as err:
         raise DataError(str(err)) from None
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -820,35 +769,27 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
         if verdict in ("tie", "near_tie"):
             stats["dropped_ties" if verdict == "tie" else "dropped_near_ties"] += 1
             continue
-        default_id = common.digest(row[cols["prompt"]], dataset, split, i)
-        key = str(row.get("unique_key") or row.get("id") or default_id)
+        key = str(row.get("unique_key") or row.get("id")
+                  or common.digest(row[cols["prompt"]], dataset, split, i))
         paths, problem = {}, None
-        for part in ("a", "b", "src"):
-            if not cols[part]:
-                continue
+        for part in [p for p in ("a", "b", "src") if cols[p]]:
             paths[part] = image_dir / f"{key}-{part}.png"
-            bad = common.save_embedded_image(row.get(cols[part]), paths[part])
-            if bad:
-                problem = "skipped_missing_image" if bad == "missing" else "skipped_corrupt_image"
+            problem = common.save_embedded_image(row.get(cols[part]), paths[part])
+            if problem:
                 break
         if problem:
-            stats[problem] += 1
-            what = problem.replace("skipped_", "").replace("_", " ")
-            common.warn(f"row {i} of {hf_id} ({key}): {what}: pair skipped")
+            _skip(problem, f"row {i} of {hf_id} ({key}): image", stats)
             continue
         good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
-        pairs.append(
-            make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]], good, bad,
-                      seed, paths.get("src"), key))
+        pairs.append(make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]],
+                               good, bad, seed, paths.get("src"), key))
     return pairs
 
 
 # demo: shapes, colours, counts and rendered words, drawn with PIL. The preferred image is right;
 # the rejected one has exactly one defect, in a known dimension.
-COLOURS = {
-    "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
-    "purple": (135, 60, 175), "orange": (240, 135, 30)
-}
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
+           "yellow": (235, 200, 30), "purple": (135, 60, 175), "orange": (240, 135, 30)}
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("CAT", "SUN", "TREE", "BOOK", "MOON", "FISH", "STAR", "BIKE")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
@@ -859,9 +800,9 @@ def draw_scene(colour, shape, count, word=None, size=256) -> Image.Image:
     d = ImageDraw.Draw(img)
     if word is not None:  # a coloured sign with black lettering
         d.rectangle([20, 70, size - 20, size - 70], fill=COLOURS[colour], outline="black", width=3)
-        font = ImageFont.load_default(size=48)
-        w = d.textlength(word, font=font)
-        d.text(((size - w) / 2, size / 2 - 28), word, fill="black", font=font)
+        font = common.font(48)
+        d.text(((size - d.textlength(word, font=font)) / 2, size / 2 - 28), word, fill="black",
+               font=font)
         return img
     cell = size // count
     for i in range(count):
@@ -878,9 +819,8 @@ def draw_scene(colour, shape, count, word=None, size=256) -> Image.Image:
 
 def degrade(img: Image.Image, rng: random.Random) -> Image.Image:
     """A physical/visual-quality defect: blur, heavy noise and blocky artifacts."""
-    img = img.filter(ImageFilter.GaussianBlur(3))
-    noise = Image.effect_noise(img.size, 90).convert("RGB")
-    img = Image.blend(img, noise, 0.45)
+    img = Image.blend(img.filter(ImageFilter.GaussianBlur(3)),
+                      Image.effect_noise(img.size, 90).convert("RGB"), 0.45)
     d = ImageDraw.Draw(img)
     for _ in range(6):
         x, y = rng.randrange(0, img.width - 40), rng.randrange(0, img.height - 40)
@@ -897,19 +837,12 @@ def misspell(word: str, rng: random.Random) -> str:
 def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
     rng = random.Random(f"demo:{seed}:{index}")
     colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
-    kind = index % 3
-    if kind == 0:    # one object of a colour and shape
-        count, word = 1, None
-    elif kind == 1:  # a counted number of them
-        count, word = rng.randint(2, 4), None
-    else:            # one object under a written word
-        count, word = 1, rng.choice(WORDS)
-    if kind == 0:
-        prompt = f"a {colour} {shape} on a white background"
-    elif kind == 1:
-        prompt = f"{NUMBER_WORDS[count]} {colour} {shape}s in a row on a white background"
-    else:
-        prompt = f'a {colour} sign with the word "{word}" written on it in black letters'
+    kind = index % 3  # one object of a colour and shape; a counted number; one under a word
+    count = rng.randint(2, 4) if kind == 1 else 1
+    word = rng.choice(WORDS) if kind == 2 else None
+    prompt = [f"a {colour} {shape} on a white background",
+              f"{NUMBER_WORDS[count]} {colour} {shape}s in a row on a white background",
+              f'a {colour} sign with the word "{word}" written on it in black letters'][kind]
     defect = rng.choice(["text_faithfulness", "physical_quality"] +
                         (["text_rendering"] if word else []))
     good = draw_scene(colour, shape, count, word)
@@ -925,14 +858,14 @@ def demo_pair(index: int, seed: int, image_dir: Path) -> dict:
     key = f"demo-{seed}-{index:05d}"
     paths = [image_dir / f"{key}-good.png", image_dir / f"{key}-bad.png"]
     for p, im in zip(paths, (good, bad)):
-        if not p.is_file() or common.load_image(p) is None:  # missing, or truncated by a killed run
+        if common.load_image(p) is None:  # missing, or truncated by a killed run
             common.save_image_atomic(im, p)
     return make_pair("demo", "t2i", prompt, paths[0], paths[1], seed, key=key, defect=defect)
 
 
 def load_dataset_pairs(args: Args) -> tuple:
-    stats = {k: 0 for k in ("rows_read", "skipped_missing_image", "skipped_corrupt_image",
-                            "dropped_ties", "dropped_near_ties")}
+    stats = dict.fromkeys(("rows_read", "skipped_missing_image", "skipped_corrupt_image",
+                           "dropped_ties", "dropped_near_ties"), 0)
     image_dir = Path(args.out) / "images"
     if args.dataset == "demo":
         image_dir.mkdir(parents=True, exist_ok=True)
@@ -952,14 +885,13 @@ def load_dataset_pairs(args: Args) -> tuple:
 # ---------------------------------------------------------------------------------------
 # Helpers shared by the phases
 # ---------------------------------------------------------------------------------------
-def images_of(rec: dict, *parts) -> list:
-    """The pair's images in prompt order (source first for editing)."""
-    keys = (["source_image"] if rec["task"] == "edit" else []) + list(parts)
-    return [common.load_image(rec[k]) for k in keys]
-
-
 def paths_of(rec: dict, *parts) -> list:
+    """The pair's image paths in prompt order (source first for editing)."""
     return [rec[k] for k in (["source_image"] if rec["task"] == "edit" else []) + list(parts)]
+
+
+def images_of(rec: dict, *parts) -> list:
+    return [common.load_image(p) for p in paths_of(rec, *parts)]
 
 
 def batches(items: list, size: int, desc: str, total: int, unit: str):
@@ -968,13 +900,10 @@ def batches(items: list, size: int, desc: str, total: int, unit: str):
     from tqdm import tqdm
     if len(items) < total:
         print(f"{desc}: resumed, {total - len(items)} of {total} already done", file=sys.stderr)
-    if not items:
-        return
-    bar = tqdm(total=len(items), desc=desc, unit=unit)
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-        bar.update(len(items[i:i + size]))
-    bar.close()
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not items) as bar:
+        for i in range(0, len(items), size):
+            yield items[i:i + size]
+            bar.update(len(items[i:i + size]))
 
 
 class LazyTeacher:
@@ -984,37 +913,33 @@ class LazyTeacher:
     def __init__(self, args: Args):
         self.args, self.backend = args, None
 
-    def _get(self):
+    def _call(self, method: str, *args, **kwargs):
+        """backend.method(...); a failed request stops the phase (what was written is kept), with
+        the most common cause of a failing server, none started, said with how to start one."""
+        a = self.args
         if self.backend is None:
-            a = self.args
-            self.backend = common.load_backend(a.teacher, api_base=a.teacher_api_base,
-                                               quantization=a.teacher_quantization,
-                                               batch_size=a.batch_size, max_pixels=a.max_pixels,
-                                               device=a.device)
-        return self.backend
+            self.backend = common.load_backend(a.teacher, a.teacher_api_base, None,
+                                               a.teacher_quantization, a.batch_size,
+                                               a.max_pixels, a.device)
+        try:
+            outs = getattr(self.backend, method)(*args, **kwargs)
+            failed = [o.error for o in common.generations(outs) if o.error] \
+                if method == "generate" else []
+            if failed:
+                raise common.BackendError(failed[0])
+            return outs
+        except common.BackendError as err:
+            hint = (f"\nIs the teacher served at {a.teacher_api_base}? Start it with\n  vllm "
+                    f"serve {a.teacher} --port 8000\nand pass --teacher-api-base http://localhost:"
+                    "8000/v1 (everything done so far is kept: rerun to continue)"
+                    if a.teacher_api_base else "")
+            raise common.BackendError(f"{err}{hint}") from None
 
     def generate(self, *args, **kwargs) -> list:
-        """The replies' texts; a failed request stops the phase (what was written is kept)."""
-        outs = common.generations(self._get().generate(*args, **kwargs))
-        failed = [o.error for o in outs if o.error]
-        if failed:
-            raise self._explained(failed[0])
-        return [o.text for o in outs]
+        return [o.text for o in common.generations(self._call("generate", *args, **kwargs))]
 
     def answer_logprobs(self, *args, **kwargs):
-        try:
-            return self._get().answer_logprobs(*args, **kwargs)
-        except common.BackendError as err:
-            raise self._explained(str(err)) from None
-
-    def _explained(self, error: str) -> common.BackendError:
-        """The most common cause of a failing teacher server is none started: say how."""
-        if self.args.teacher_api_base:
-            error += (f"\nIs the teacher served at {self.args.teacher_api_base}? Start it with\n  "
-                      f"vllm serve {self.args.teacher} --port 8000\nand pass --teacher-api-base "
-                      "http://localhost:8000/v1 (everything done so far is kept: rerun to "
-                      "continue)")
-        return common.BackendError(error)
+        return self._call("answer_logprobs", *args, **kwargs)
 
     def release(self):
         import torch
@@ -1030,51 +955,49 @@ def preflight(args: Args, out: Path) -> None:
     """Every input the run will need, checked before any work: the student (before hours of Phases
     1-2, not after them), the dataset and, for a fresh Phase 1, the teacher. Everything missing is
     said in one message, each piece with its download command and size."""
+    checks = []
+    if "3" in args.phases:
+        checks.append(lambda: common.check_model_available(args.student, "student"))
+    if "1" in args.phases:
+        checks.append(lambda: check_dataset(args))
+        if not args.teacher_api_base and not (out / "phase1.jsonl").is_file():
+            checks.append(lambda: common.check_model_available(args.teacher, "teacher"))
     problems = []
-
-    def check(fn, *a):
+    for check in checks:
         try:
-            fn(*a)
+            check()
         except (common.ModelLoadError, DataError) as err:
             problems.append(str(err))
-    if "3" in args.phases:
-        check(common.check_model_available, args.student, "student")
-    if "1" in args.phases:
-        check(check_dataset, args)
-        if not args.teacher_api_base and not (out / "phase1.jsonl").is_file():
-            check(common.check_model_available, args.teacher, "teacher")
-    if len(problems) == 1:
-        raise common.ModelLoadError(problems[0])
+    if len(problems) > 1:
+        problems = [f"{len(problems)} inputs of this run are missing:\n" +
+                    "\n".join(f"{n}. {p}" for n, p in enumerate(problems, 1))]
     if problems:
-        raise common.ModelLoadError(f"{len(problems)} inputs of this run are missing:\n" +
-                                "\n".join(f"{n}. {p}" for n, p in enumerate(problems, 1)))
+        raise common.ModelLoadError(problems[0])
 
 
 def check_dataset(args: Args) -> None:
-    """Is the dataset where the loader will look? (the loaders give the same advice when they read
-    it)"""
+    """Is the dataset where the loader will look? (the loaders say the same when they read it)"""
     if args.dataset == "hpdv3":
         index = Path(args.data_dir or "data/hpdv3") / f"{args.split}.json"
         if not index.is_file():
             raise hpdv3_missing(index)
-    elif args.dataset == "jsonl":
-        if not args.data_dir or not Path(args.data_dir).is_file():
-            raise DataError(
-                f"--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl (got {args.data_dir!r})")
-    elif args.hf_dataset and args.hf_dataset.startswith(("/", ".", "~")):
-        if not Path(args.hf_dataset).exists():
-            raise DataError(f"--hf-dataset {args.hf_dataset} does not exist")
+    elif args.dataset == "jsonl" and not (args.data_dir and Path(args.data_dir).is_file()):
+        raise DataError(
+            f"--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl (got {args.data_dir!r})")
+    elif args.dataset in DEFAULT_HUB and args.hf_dataset and \
+            args.hf_dataset.startswith(("/", ".", "~")) and not Path(args.hf_dataset).exists():
+        raise DataError(f"--hf-dataset {args.hf_dataset} does not exist")
 
 
 def main(argv=None) -> int:
     args = common.parse(Args, argv, description=__doc__.split("\n\n")[0])
-    if not set(args.phases) <= set("123") or not args.phases:
-        raise SystemExit(f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
+    common.require(args.phases and set(args.phases) <= set("123"),
+                   f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
     rr.set_prompts_dir(args.prompts_dir)
     if args.max_new_tokens is None:
         args.max_new_tokens = rr.TINY_MAX_NEW_TOKENS if args.teacher == "tiny-random" else 2048
     common.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens",
-                        "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
+                            "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
     common.check_device(args.device)
     common.check_writable_dir(out)
@@ -1082,8 +1005,7 @@ def main(argv=None) -> int:
     common.start_run(out, args)
     import torch
     torch.manual_seed(args.seed)
-    teacher = LazyTeacher(args)
-    inputs_path = out / "inputs.json"
+    teacher, inputs_path = LazyTeacher(args), out / "inputs.json"
     if "1" in args.phases:
         pairs, inputs = load_dataset_pairs(args)
         common.write_atomic(inputs_path, json.dumps(inputs))
@@ -1100,7 +1022,7 @@ def main(argv=None) -> int:
     report = elbo_report(out, inputs, student)
     common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"PARROT report ({out / 'report.json'}):")
-    print_report(report)
+    common.print_dict(report)
     return 0
 
 

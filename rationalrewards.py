@@ -16,16 +16,7 @@ Where is:
     Table 1             ``BENCHMARKS``, ``benchmark_pairs``, ``run_benchmark``
     plumbing            common.py (flags, files, model loading, the two backends)
 
-Smoke run (CPU, no network, about 8 s on 2 cores)::
-
-    python rationalrewards.py score --model tiny-random --prompt "a red bicycle" \\
-        --image prompts/rl_edit_images/house.png
-
-Real runs (one consumer GPU, the released checkpoint in 4-bit, about 6 GB)::
-
-    python rationalrewards.py score --model TIGER-Lab/RationalRewards-8B-T2I \\
-        --prompt "a red bicycle leaning on a wall" --image bike.png
-    python rationalrewards.py eval --benchmark genai-bench-t2i --out runs/genai-bench-t2i
+Commands and outputs: README.md, "The reward model".
 
 Deviations from the paper and the official code:
 1. The released scorers run in 4-bit nf4 by default (the paper serves them in bf16);

@@ -36,22 +36,7 @@ Where is (the method is one block from the top; the harness comes after it):
     one epoch           ``train_epoch`` (the four steps), called by ``main``
     the command line    ``Args``, ``TASK_DEFAULTS``, prompt files, checkpoints, pictures, ``main``
 
-Smoke runs (CPU, offline, about 26 s and 20 s on 2 cores)::
-
-    python rl_nft.py --generator tiny-random --scorer tiny-random --epochs 2 --out runs/nft-smoke
-    python rl_nft.py --task edit --generator tiny-random --scorer tiny-random --epochs 2 \\
-        --out runs/nft-edit-smoke
-
-Real runs (one 24 GB GPU)::
-
-    python rl_nft.py --prompts prompts/rl_prompts.txt --out runs/nft
-    python rl_nft.py --task edit --prompts prompts/rl_edits.jsonl --generator-quantization 4bit \\
-        --out runs/nft-edit
-    python rl_nft.py ... --scorer Qwen/Qwen3-VL-2B-Instruct --scorer-adapter runs/parrot/student
-    python rl_nft.py ... --scorer-api-base http://localhost:8000/v1     # a served scorer (vLLM)
-
-Outputs in --out: metrics.csv, reward_curve.png, eval/epoch_NNNN.png, lora/epoch_NNNN/ (each
-loadable with diffusers `pipe.load_lora_weights`), checkpoint.pt (for --resume), args.json.
+Commands, outputs and the settings table against the sources: README.md, "DiffusionNFT".
 
 Deviations from the sources:
 1. Scale: 512 px, K=4 images per prompt and 4 prompts per epoch by default (DiffusionNFT:
@@ -92,17 +77,22 @@ import rationalrewards as rr
 # ---------------------------------------------------------------------------------------
 # ---- The algorithm: pure functions (unit-tested with hand-computed numbers) ----
 # ---------------------------------------------------------------------------------------
+def _with_group_means(rewards, group_ids) -> tuple:
+    """(R, the mean reward of each sample's group), both (N,) float64."""
+    R, g = torch.as_tensor(rewards, dtype=torch.float64), torch.as_tensor(group_ids)
+    means = torch.zeros_like(R)
+    for gid in g.unique():
+        means[g == gid] = R[g == gid].mean()
+    return R, means
+
+
 def optimality_from_rewards(rewards, group_ids, adv_clip: float = 5.0):
     """r in [0, 1] for each sample from its reward and its prompt group
     (sources: global_std = True).
 
     A = (R - mean_of_prompt_group) / (std_global + 1e-4),  A <- clip(A, -c, c),  r = 0.5 + 0.5 A / c
     """
-    R = torch.as_tensor(rewards, dtype=torch.float64)          # (N,)
-    g = torch.as_tensor(group_ids)                              # (N,)
-    group_mean = torch.zeros_like(R)
-    for gid in g.unique():
-        group_mean[g == gid] = R[g == gid].mean()
+    R, group_mean = _with_group_means(rewards, group_ids)        # (N,), (N,)
     A = (R - group_mean) / (R.std(unbiased=False) + 1e-4)      # global std (population)
     A = A.clamp(-adv_clip, adv_clip)
     return (0.5 + 0.5 * A / adv_clip).float()                  # (N,)
@@ -116,14 +106,11 @@ def train_mask(rewards, group_ids, rule: str = "none", min_std: float = 0.05,
     when the epoch's GLOBAL reward std (+ 1e-4, as the stat tracker returns it) exceeds min_std and
     its prompt group's mean is below max_mean.
     """
-    R, g = torch.as_tensor(rewards, dtype=torch.float64), torch.as_tensor(group_ids)
+    if rule not in ("none", "official"):
+        raise ValueError(f"mask must be none or official, got {rule!r}")
+    R, group_mean = _with_group_means(rewards, group_ids)
     if rule == "none":
         return torch.ones(len(R), dtype=torch.bool)
-    if rule != "official":
-        raise ValueError(f"mask must be none or official, got {rule!r}")
-    group_mean = torch.zeros_like(R)
-    for gid in g.unique():
-        group_mean[g == gid] = R[g == gid].mean()
     return (R.std(unbiased=False) + 1e-4 > min_std) & (group_mean < max_mean)
 
 
@@ -132,12 +119,8 @@ def groups_to_ban(rewards, group_ids, min_std: float = 0.05, max_mean: float = 0
     later epochs under the official rule (stat_tracking.py: prompt_std < ban_std_thres and
     prompt_mean > ban_mean_thres)."""
     R, g = torch.as_tensor(rewards, dtype=torch.float64), torch.as_tensor(group_ids)
-    out = []
-    for gid in g.unique().tolist():
-        sel = R[g == gid]
-        if sel.std(unbiased=False) < min_std and sel.mean() > max_mean:
-            out.append(gid)
-    return out
+    return [gid for gid in g.unique().tolist()
+            if R[g == gid].std(unbiased=False) < min_std and R[g == gid].mean() > max_mean]
 
 
 def nft_loss(v_theta, v_old, v_ref, x_t, x0, t, r, beta: float = 1.0, kl_weight: float = 1e-4,
@@ -665,29 +648,22 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
 @dataclass
 class Args(rr.ScorerArgs):
     task: Literal["t2i", "edit"] = "t2i"
-    """t2i: text-to-image (SD3.5-Medium, as DiffusionNFT); edit: image editing (FLUX.1-Kontext-dev,
-    as the official RationalRewards RL), rewarded by the editing scorer"""
+    """t2i: SD3.5-Medium, as DiffusionNFT; edit: FLUX.1-Kontext-dev, as the official RL"""
     prompts: Optional[str] = None
-    """training prompts: .txt (one per line) or .jsonl (`prompt`; for edit also `source_image`,
-    relative to the file) (default: prompts/rl_prompts.txt for t2i, prompts/rl_edits.jsonl for
-    edit)"""
+    """.txt (one per line) or .jsonl (`prompt`; edit: `source_image`, relative to the file)
+    (default: prompts/rl_prompts.txt, or prompts/rl_edits.jsonl for edit)"""
     num_eval_prompts: int = 4
     """images in the eval grid: the first N training prompts, one fixed seed each"""
     out: str = "runs/nft"
     """run folder (resumable with --resume)"""
     generator: Optional[str] = None
-    """flow-matching pipeline: hub id, local directory or tiny-random (default:
-    stabilityai/stable-diffusion-3.5-medium for t2i, black-forest-labs/FLUX.1-Kontext-dev for
-    edit)"""
+    """hub id, local folder or tiny-random (default: SD3.5-Medium t2i, FLUX.1-Kontext-dev edit)"""
     generator_quantization: Literal["none", "4bit"] = "none"
-    """4bit: the generator's transformer and T5 in nf4 with LoRA in fp32 on top (QLoRA; needs a GPU;
-    how FLUX.1-Kontext-dev fits on 24 GB)"""
+    """4bit: transformer and T5 in nf4, LoRA in fp32 on top (QLoRA; a GPU; Kontext on 24 GB)"""
     t5: bool = True
-    """SD3: load the T5 text encoder (--no-t5 saves its memory while prompts are encoded, at some
-    prompt fidelity)"""
+    """SD3: load the T5 text encoder (--no-t5 saves its memory, at some prompt fidelity)"""
     resolution: Optional[int] = None
-    """image side in pixels (default 512 as both sources; 64 for tiny-random); edit sources are
-    center-cropped to it"""
+    """image side (default 512 as both sources; 64 tiny-random); edit sources center-cropped"""
     epochs: int = 50
     """collect -> reward -> optimise -> update rounds"""
     prompts_per_epoch: int = 4
@@ -695,39 +671,31 @@ class Args(rr.ScorerArgs):
     group_size: int = 4
     """K: images per prompt, the group whose mean is the baseline (sources: 24 t2i, 8 edit)"""
     sampler: Literal["dpm2", "euler"] = "dpm2"
-    """deterministic ODE solver while collecting: second-order multistep DPM-Solver (sources:
-    sample.solver = "dpm2") or first-order Euler; eval grids always use Euler (the sources' "flow"
-    solver)"""
+    """ODE solver while collecting: multistep DPM-Solver++(2M) (sources: "dpm2") or Euler; eval
+    grids always use Euler (the sources' "flow")"""
     sample_steps: Optional[int] = None
-    """solver steps while collecting (default: 10 t2i as DiffusionNFT, 15 edit as the official
-    Kontext config)"""
+    """solver steps while collecting (default: 10 t2i as DiffusionNFT, 15 edit as official)"""
     eval_steps: Optional[int] = None
-    """Euler steps of the eval grid (default: 40 t2i, 20 edit: the sources'
-    sample.eval_num_steps)"""
+    """Euler steps of the eval grid (default: 40 t2i, 20 edit: sample.eval_num_steps)"""
     guidance_scale: Optional[float] = None
     """t2i: classifier-free guidance (default 1.0, none, as DiffusionNFT); edit: FLUX's distilled
-    guidance strength (default 2.5 as the official Kontext config)"""
+    guidance (default 2.5, the official Kontext config)"""
     timestep_fraction: float = 0.99
-    """each sample trains at the first int(fraction * steps) of a random permutation of the
-    sampler's timesteps"""
+    """each sample trains at the first int(fraction * steps) of its permutation of the timesteps"""
     train_batch_size: int = 2
-    """samples per forward pass while optimising (gradients are accumulated across mini-batches)"""
+    """samples per forward pass while optimising (gradients accumulate across mini-batches)"""
     gradient_steps_per_epoch: int = 1
-    """optimiser steps per epoch; the epoch's mini-batches are split into this many accumulation
-    groups (sources: gradient_step_per_epoch = 1)"""
+    """optimiser steps per epoch, each over its share of the mini-batches (sources: 1)"""
     beta: float = 1.0
     """NFT guidance strength beta (sources: config.beta = 1.0)"""
     kl_weight: float = 1e-4
-    """weight of the velocity KL ||v_theta - v_ref||^2 to the base model (sources: train.beta =
-    1e-4)"""
+    """weight of the velocity KL ||v_theta - v_ref||^2 to the base model (sources: 1e-4)"""
     adv_clip: float = 5.0
-    """advantages are clipped to [-adv_clip, adv_clip]; the policy term is also multiplied by it
-    (sources: 5)"""
+    """advantages clipped to [-adv_clip, adv_clip]; the policy term is scaled by it (sources: 5)"""
     mask: Optional[Literal["none", "official"]] = None
-    """which samples are trained on: none (DiffusionNFT: every sample) or official (RationalRewards
-    with ban_prompt: global reward std > --mask-std and prompt-group mean < --mask-mean; prompts
-    whose own group std < --mask-std and mean > --mask-mean are banned from later epochs) (default:
-    none t2i, official edit)"""
+    """none (DiffusionNFT: every sample) or official (ban_prompt: global std > --mask-std and group
+    mean < --mask-mean; groups with std < --mask-std and mean > --mask-mean banned later)
+    (default: none t2i, official edit)"""
     mask_std: float = 0.05
     """official mask: reward std threshold (ban_std_thres)"""
     mask_mean: float = 0.9
@@ -737,8 +705,7 @@ class Args(rr.ScorerArgs):
     lora_alpha: int = 64
     """LoRA alpha (sources: 64)"""
     lr: Optional[float] = None
-    """AdamW learning rate (default: 3e-4 t2i as DiffusionNFT, 2e-4 edit as the official Kontext
-    config)"""
+    """AdamW learning rate (default: 3e-4 t2i as DiffusionNFT, 2e-4 edit as official)"""
     weight_decay: float = 1e-4
     """AdamW weight decay (sources: 1e-4)"""
     grad_clip: float = 1.0
@@ -748,20 +715,16 @@ class Args(rr.ScorerArgs):
     eta_max: float = 0.5
     """upper bound of eta"""
     ema: bool = True
-    """keep an EMA of theta (decay --ema-decay, one update per optimiser step) and use it for the
-    eval grid and the saved LoRAs (DiffusionNFT: train.ema = True)"""
+    """an EMA of theta for the eval grid and the saved LoRAs (DiffusionNFT: train.ema = True)"""
     ema_decay: float = 0.9
-    """EMA decay ceiling; step s uses min((1 + s) / (10 + s), ema_decay) (DiffusionNFT's
-    EMAModuleWrapper)"""
+    """EMA decay ceiling: step s uses min((1 + s) / (10 + s), ema_decay) (DiffusionNFT)"""
     reward_weights: Optional[str] = None
-    """per-dimension reward weights, e.g. 'text_rendering=2,physical_quality=1' (unnamed: 1; 0 drops
-    one) (default for edit: image_faithfulness=0, the official edit reward; image faithfulness is
-    still logged)"""
+    """e.g. 'text_rendering=2' (unnamed: 1; 0 drops one) (default edit: image_faithfulness=0, the
+    official edit reward; it is still logged)"""
     eval_every: int = 5
     """epochs between eval grids (the last epoch always gets one)"""
     save_every: int = 10
-    """epochs between LoRA snapshots in lora/ (the checkpoint for --resume is written every
-    epoch)"""
+    """epochs between LoRA snapshots in lora/ (checkpoint.pt is written every epoch)"""
     resume: bool = False
     """continue from --out/checkpoint"""
     seed: int = 0
@@ -864,17 +827,13 @@ def load_checkpoint(run: Run) -> Optional[dict]:
     tr = run.transformer
     for name, params in (("theta", adapter_params(tr, "default")),
                          ("old", adapter_params(tr, "old")), ("ema", run.ema)):
-        saved = ckpt[name]
-        if params is None or saved is None:
-            continue
-        wrong = [k for k in params if k not in saved or saved[k].shape != params[k].shape]
-        if wrong:
-            got = tuple(saved[wrong[0]].shape) if wrong[0] in saved else "nothing"
-            raise ValueError(f"{path} holds LoRA weights of shape {got} where this model has "
-                             f"{tuple(params[wrong[0]].shape)}: another --lora-r or --generator "
-                             "than the run's?")
-        with torch.no_grad():
-            for k, p in params.items():
+        saved = ckpt[name] or {}
+        for k, p in (params or {}).items():
+            got = tuple(saved[k].shape) if k in saved else "nothing"
+            common.require(got == tuple(p.shape), f"{path} holds LoRA weights of shape {got} "
+                           f"where this model has {tuple(p.shape)}: another --lora-r or "
+                           "--generator than the run's?", ValueError)
+            with torch.no_grad():
                 p.copy_(saved[k])
     return ckpt["state"]
 
@@ -934,27 +893,28 @@ def validate(args: Args) -> None:
     common.require_positive(args, "epochs", "prompts_per_epoch", "sample_steps", "eval_steps",
                             "train_batch_size", "gradient_steps_per_epoch", "num_eval_prompts",
                             "eval_every", "save_every", "lora_r", "resolution")
-    req = common.require
-    req(args.group_size >= 2, "--group-size must be at least 2: the group mean is each sample's "
-                              "baseline")
-    # ranges outside which the loss is undefined (it divides by beta and by the clip), or the run
-    # is no longer NFT
-    for name, ok, what in (("beta", args.beta > 0, "> 0"), ("adv_clip", args.adv_clip > 0, "> 0"),
-                           ("kl_weight", args.kl_weight >= 0, ">= 0"), ("lr", args.lr > 0, "> 0"),
-                           ("weight_decay", args.weight_decay >= 0, ">= 0"),
-                           ("grad_clip", args.grad_clip > 0, "> 0"),
-                           ("eta_rate", args.eta_rate >= 0, ">= 0"),
-                           ("eta_max", 0 <= args.eta_max < 1, "in [0, 1)"),
-                           ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)"),
-                           ("timestep_fraction", 0 < args.timestep_fraction <= 1, "in (0, 1]"),
-                           ("mask_std", args.mask_std >= 0, ">= 0")):
-        value = getattr(args, name)
-        req(math.isfinite(value) and ok, f"--{name.replace('_', '-')} must be {what}, got {value}")
-    samples = args.prompts_per_epoch * args.group_size
-    batches = math.ceil(samples / args.train_batch_size)
-    req(args.gradient_steps_per_epoch <= batches,
-        f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} is more than the epoch's "
-        f"{batches} mini-batches ({samples} samples / --train-batch-size {args.train_batch_size})")
+    common.require(args.group_size >= 2, "--group-size must be at least 2: the group mean is each "
+                   "sample's baseline")
+    # outside these the loss is undefined (it divides by beta and the clip) or no longer NFT
+    a = args
+    for name, ok, what in (("beta", a.beta > 0, "> 0"), ("adv_clip", a.adv_clip > 0, "> 0"),
+                           ("kl_weight", a.kl_weight >= 0, ">= 0"), ("lr", a.lr > 0, "> 0"),
+                           ("weight_decay", a.weight_decay >= 0, ">= 0"),
+                           ("grad_clip", a.grad_clip > 0, "> 0"),
+                           ("eta_rate", a.eta_rate >= 0, ">= 0"),
+                           ("eta_max", 0 <= a.eta_max < 1, "in [0, 1)"),
+                           ("ema_decay", 0 <= a.ema_decay < 1, "in [0, 1)"),
+                           ("timestep_fraction", 0 < a.timestep_fraction <= 1, "in (0, 1]"),
+                           ("mask_std", a.mask_std >= 0, ">= 0")):
+        value = getattr(a, name)
+        common.require(math.isfinite(value) and ok,
+                       f"--{name.replace('_', '-')} must be {what}, got {value}")
+    samples = a.prompts_per_epoch * a.group_size
+    batches = math.ceil(samples / a.train_batch_size)
+    common.require(a.gradient_steps_per_epoch <= batches,
+                   f"--gradient-steps-per-epoch {a.gradient_steps_per_epoch} is more than the "
+                   f"epoch's {batches} mini-batches ({samples} samples / --train-batch-size "
+                   f"{a.train_batch_size})")
 
 
 def prompts_digest(args: Args, items: list) -> str:
@@ -988,20 +948,22 @@ def check_out_dir(out: Path, args: Args, digest: str) -> None:
 
 @dataclass
 class Run:
-    """What an RL run holds from epoch to epoch: settings, models, the scorer, cached conditions."""
+    """What an RL run holds from epoch to epoch. pipe: its transformer carries the two policies;
+    params: theta's LoRA weights; ema: their EMA or None; conds: the prompts' (and sources')
+    conditions, encoded once; sigmas / eval_sigmas: noise levels of collection and eval grids."""
     args: Args
     out: Path
-    pipe: object              # the diffusers pipeline; its transformer carries the two policies
-    params: list              # theta's trainable LoRA parameters ("default" adapter)
+    pipe: object
+    params: list
     optimizer: object
-    ema: Optional[dict]       # EMA of theta (evaluated and saved), or None
-    scorer: object            # rr.RationalRewardsScorer
-    weights: Optional[dict]   # --reward-weights
-    items: list               # training prompts (and, for editing, source images)
-    conds: dict               # text (and source-image) conditions, encoded once
-    geo: dict                 # latent geometry of the generator
-    sigmas: object            # the sampler's noise levels for collection ...
-    eval_sigmas: object       # ... and for the eval grid
+    ema: Optional[dict]
+    scorer: object
+    weights: Optional[dict]
+    items: list
+    conds: dict
+    geo: dict
+    sigmas: object
+    eval_sigmas: object
 
     @property
     def transformer(self):
