@@ -145,7 +145,7 @@ def check_same_run(out, args, keys, paths=(), extra=None) -> None:
     """Refuse to continue `out` when it was written with other settings for any of `keys`
     (`paths`: compared as resolved paths; `extra`: digests of input files, kept in args.json):
     a rerun with another model would otherwise report the old outputs under the new settings."""
-    saved_path = Path(out) / "args.json"
+    saved_path, extra = Path(out) / "args.json", extra or {}
     if not saved_path.is_file():
         return
     try:
@@ -153,16 +153,11 @@ def check_same_run(out, args, keys, paths=(), extra=None) -> None:
     except json.JSONDecodeError:
         raise ValueError(f"{saved_path} is damaged (not JSON): delete {out} to start over") \
             from None
-    now = {**asdict(args), **(extra or {})}
-
-    def norm(k, v):
-        return str(Path(v).resolve()) if k in paths and v else v
-
-    def say(k):  # a flag by its name; a digest by the file it stands for
-        if k in (extra or {}):
-            return f"the content of the file(s) behind --{k.split('_')[0]} changed since then"
-        return f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now"
-    diff = [say(k) for k in (*keys, *(extra or ())) if norm(k, saved.get(k)) != norm(k, now[k])]
+    now = {**asdict(args), **extra}
+    norm = lambda k, v: str(Path(v).resolve()) if k in paths and v else v
+    diff = [f"the content of the file(s) behind --{k.split('_')[0]} changed since then"
+            if k in extra else f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now"
+            for k in (*keys, *extra) if norm(k, saved.get(k)) != norm(k, now[k])]
     if diff:
         raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}). "
                          f"Use another --out, or delete {out} to start over.")
@@ -273,6 +268,7 @@ def read_image(path) -> tuple:
 
 
 def load_image(path) -> Optional[Image.Image]:
+    """The RGB image at `path`, or None when it is missing or unreadable."""
     return read_image(path)[0]
 
 
@@ -844,9 +840,7 @@ class OpenAIBackend:
             content = getattr(choice.logprobs, "content", None) or []
             top = [(str(e.token).strip(), float(e.logprob))
                    for e in (content[0].top_logprobs or [] if content else [])]
-            found = {}
-            for token, lp in top:
-                found.setdefault(token, lp)
+            found = dict(reversed(top))  # a token listed twice keeps its first (highest) entry
             if any(a in found for a in answers):
                 logp = {a: found.get(a, min(lp for _, lp in top)) for a in answers}
                 total = math.log(sum(math.exp(v) for v in logp.values()))

@@ -70,44 +70,42 @@ def dimensions(task: str) -> tuple:
     return T2I_DIMENSIONS if task == "t2i" else EDIT_DIMENSIONS
 
 # ---------------------------------------------------------------------------------------
-# Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field.
+# Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field. A
+# template may open with a line `[system]`, the system turn, then a line `[user]` and the user
+# turn; without `[system]` it is all user turn (every template in prompts/).
 # ---------------------------------------------------------------------------------------
 _prompts_override: Optional[Path] = None  # set by --prompts-dir
+_fields = lambda text: set(re.findall(r"\{([a-z_]+)\}", text))
 
 
 def set_prompts_dir(path: Optional[str]) -> None:
-    """Read templates from `path` first (same file names as prompts/), e.g. the official wording."""
+    """Read templates from `path` first (same file names as prompts/), e.g. the official wording.
+    Each must keep our template's fields ({request}, ...) and its number of <image> slots: one
+    without {request} would silently never show the model the user's request."""
     global _prompts_override
     if path and not Path(path).is_dir():
         raise FileNotFoundError(f"--prompts-dir {path} is not a directory")
     _prompts_override = Path(path) if path else None
-    if _prompts_override:
-        mine = {p.name for p in common.template_files()}
-        found = sorted(p.name for p in _prompts_override.glob("*.txt") if p.name in mine)
-        for name in found:
-            check_template(_prompts_override / name, PROMPTS_DIR / name)
-        print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); "
-              f"the rest from {PROMPTS_DIR}", file=sys.stderr)
-
-
-def check_template(path: Path, reference: Path) -> None:
-    """A --prompts-dir template must keep our template's fields ({request}, ...) and its number of
-    <image> slots: one without {request} would silently never show the model the user's request."""
-    text, ref = common.read_text_file(path), common.read_text_file(reference)
-    fields = lambda t: set(re.findall(r"\{([a-z_]+)\}", t))
-    missing, extra = sorted(fields(ref) - fields(text)), sorted(fields(text) - fields(ref))
-    braced = lambda names: ", ".join("{" + f + "}" for f in names)
-    problems = []
-    if missing:
-        problems.append(f"it lacks {braced(missing)}")
-    if extra:
-        problems.append(f"{braced(extra)} is not a field we fill")
-    if text.count("<image>") != ref.count("<image>"):
-        problems.append(f"it has {text.count('<image>')} <image> slot(s) where {reference.name} "
-                        f"has {ref.count('<image>')}")
-    if problems:
-        raise ValueError(f"--prompts-dir template {path}: {'; '.join(problems)} "
-                         f"(see {reference} for the fields and image slots each template needs)")
+    if not path:
+        return
+    found = sorted(p.name for p in Path(path).glob("*.txt")
+                   if p.name in {t.name for t in common.template_files()})
+    for name in found:
+        file, ref = Path(path) / name, PROMPTS_DIR / name
+        text, mine = common.read_text_file(file), common.read_text_file(ref)
+        braced = lambda names: ", ".join("{" + f + "}" for f in sorted(names))
+        problems = [f"it lacks {braced(_fields(mine) - _fields(text))}"] \
+            if _fields(mine) - _fields(text) else []
+        problems += [f"{braced(_fields(text) - _fields(mine))} is not a field we fill"] \
+            if _fields(text) - _fields(mine) else []
+        if text.count("<image>") != mine.count("<image>"):
+            problems.append(f"it has {text.count('<image>')} <image> slot(s) where {name} has "
+                            f"{mine.count('<image>')}")
+        if problems:
+            raise ValueError(f"--prompts-dir template {file}: {'; '.join(problems)} (see {ref} "
+                             "for the fields and image slots each template needs)")
+    print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); the "
+          f"rest from {PROMPTS_DIR}", file=sys.stderr)
 
 
 def load_prompt(name: str) -> str:
@@ -121,16 +119,32 @@ def load_prompt(name: str) -> str:
     return path.read_text()
 
 
-def split_system(text: str, what: str = "template") -> tuple:
-    """(system text or None, user text). A template may open with a line `[system]`, then the
-    system turn, then a line `[user]` and the user turn; without `[system]` it is all user turn."""
-    if not text.lstrip().startswith("[system]"):
-        return None, text
-    body = text.lstrip()[len("[system]"):]
-    m = re.search(r"^\[user\][ \t]*$", body, re.M)
-    if not m:
-        raise ValueError(f"{what} opens with [system] but has no [user] line to end it")
-    return body[:m.start()].strip("\n"), body[m.end():].lstrip("\n")
+def _turns(name: str, fields: dict) -> tuple:
+    """(system turn or None, user turn) of a template, fields filled, `<image>` markers kept."""
+    text, system = load_prompt(name), None
+    if text.lstrip().startswith("[system]"):
+        body = text.lstrip()[len("[system]"):]
+        m = re.search(r"^\[user\][ \t]*$", body, re.M)
+        if not m:
+            raise ValueError(f"{name} opens with [system] but has no [user] line to end it")
+        system, text = body[:m.start()].strip("\n"), body[m.end():].lstrip("\n")
+    missing = _fields((system or "") + text) - set(fields)
+    if missing:
+        raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
+    for key, value in fields.items():
+        text = text.replace("{" + key + "}", str(value))
+        system = system and system.replace("{" + key + "}", str(value))
+    return system, text
+
+
+def fill_prompt(name: str, **fields) -> str:
+    """The template's user turn with its `{name}` fields filled and its `<image>` markers kept."""
+    return _turns(name, fields)[1]
+
+
+def system_prompt(name: str, **fields) -> Optional[str]:
+    """The template's system turn, filled, or None when it has none."""
+    return _turns(name, fields)[0]
 
 
 def render_messages(name: str, images: list, sources: int = 0, **fields) -> list:
@@ -140,34 +154,13 @@ def render_messages(name: str, images: list, sources: int = 0, **fields) -> list
     template's first `<image>` (the source image's slot) holds that many source images, and the
     text says how many there are and in which order.
     """
-    system = system_prompt(name, **fields)
-    text = fill_prompt(name, **fields)
+    system, text = _turns(name, fields)
     if sources > 1:
         slots = "\n".join(f"Source image {i + 1} of {sources}: <image>" for i in range(sources))
         note = f"({sources} source images, in order; the instruction refers to them by position)"
         text = text.replace("<image>", f"{note}\n{slots}", 1)
     user = [{"role": "user", "content": to_content(text, images, name)}]
     return ([{"role": "system", "content": system}] if system else []) + user
-
-
-def _fill(text: str, name: str, fields: dict) -> str:
-    missing = set(re.findall(r"\{([a-z_]+)\}", text)) - set(fields)
-    if missing:
-        raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
-    for key, value in fields.items():
-        text = text.replace("{" + key + "}", str(value))
-    return text
-
-
-def fill_prompt(name: str, **fields) -> str:
-    """The template's user turn with its `{name}` fields filled and its `<image>` markers kept."""
-    return _fill(split_system(load_prompt(name), name)[1], name, fields)
-
-
-def system_prompt(name: str, **fields) -> Optional[str]:
-    """The template's system turn, filled, or None when it has none (every template in prompts/)."""
-    system = split_system(load_prompt(name), name)[0]
-    return _fill(system, name, fields) if system else None
 
 
 def to_content(text: str, images: list, what: str = "text") -> list:
@@ -177,10 +170,8 @@ def to_content(text: str, images: list, what: str = "text") -> list:
         raise ValueError(f"{what!r} has {len(pieces) - 1} image slots, got {len(images)} images")
     content = []
     for i, piece in enumerate(pieces):
-        if piece.strip():
-            content.append({"type": "text", "text": piece})
-        if i < len(images):
-            content.append({"type": "image", "image": images[i]})
+        content += [{"type": "text", "text": piece}] if piece.strip() else []
+        content += [{"type": "image", "image": images[i]}] if i < len(images) else []
     return content
 
 # ---------------------------------------------------------------------------------------
@@ -599,14 +590,14 @@ def preference_metrics(records: list, task: str) -> dict:
 class ScorerFlags:
     model: Optional[str] = None
     """hub id, local folder or tiny-random (default: the released checkpoint for --task); with
-    --api-base, the model name the server serves"""
+    --api-base, the name the server serves"""
     adapter: Optional[str] = None
-    """LoRA adapter folder applied on top of --model (e.g. the student written by parrot.py)"""
+    """LoRA adapter folder on top of --model (e.g. the student written by parrot.py)"""
     task: Literal["t2i", "edit"] = "t2i"
     """t2i: three dimensions; edit: four (adds image faithfulness), needs a source image"""
     api_base: Optional[str] = None
-    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang; the key is read
-    from OPENAI_API_KEY); skips local loading"""
+    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang; key from
+    OPENAI_API_KEY) instead of loading the model"""
     quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
     """auto = 4-bit nf4 on a GPU, none on CPU"""
     max_new_tokens: Optional[int] = None
@@ -619,7 +610,7 @@ class ScorerFlags:
     max_pixels: int = 768 * 768
     """images are downscaled to at most this many pixels before the model sees them"""
     prompts_dir: Optional[str] = None
-    """templates with the same file names read from this folder first (e.g. the official wording; a
+    """templates of the same file names read from this folder first (e.g. the official wording; a
     file may open with [system] ... [user] to add a system turn)"""
     device: Optional[str] = None
     """cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
@@ -649,8 +640,7 @@ class EvalArgs(ScorerFlags):
                                 "mmrb2-t2i", "mmrb2-edit", "all"]] = None
     """a benchmark of Table 1 instead of --pairs (its task, labels and protocol follow it)"""
     data_dir: Optional[str] = None
-    """--benchmark: a local copy (parquet file or folder; with `all`, a folder holding one per
-    name)"""
+    """--benchmark: a local copy (parquet file or folder; `all`: a folder with one per name)"""
     mode: Optional[Literal["pointwise", "pairwise"]] = None
     """pointwise scores each image and compares sums; pairwise reads both at once (default:
     pointwise for --pairs, pairwise for --benchmark, as the paper evaluates)"""
@@ -664,12 +654,11 @@ class EvalArgs(ScorerFlags):
 class ScorerArgs:
     """The scorer's flags as rl_nft.py and gcr_loop.py take them (their Args inherit these)."""
     scorer: Optional[str] = None
-    """scorer VLM: hub id, local folder or tiny-random (default: the released checkpoint for the
-    task); with --scorer-api-base, the model name the server serves"""
+    """scorer VLM: --model of rationalrewards.py score (default: the released one for the task)"""
     scorer_adapter: Optional[str] = None
     """LoRA adapter on top of --scorer, e.g. the PARROT student (runs/X/student)"""
     scorer_api_base: Optional[str] = None
-    """OpenAI-compatible endpoint serving the scorer (vLLM, SGLang); skips local loading"""
+    """OpenAI-compatible endpoint serving the scorer (vLLM, SGLang) instead of loading it"""
     scorer_quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
     """auto = 4-bit nf4 on a GPU, none on CPU"""
     scorer_batch_size: int = 8
@@ -683,7 +672,7 @@ class ScorerArgs:
     prompts_dir: Optional[str] = None
     """templates read from this folder first (see rationalrewards.py score --help)"""
     device: Optional[str] = None
-    """where the generator and the scorer run: cuda, cuda:1, cpu (default: cuda if there is one)"""
+    """where the generator and the scorer run: cuda, cuda:1, cpu (default: cuda if any)"""
 
 
 OFFICIAL_MAX_TOKENS = 20480  # the official evaluation scripts' max_tokens
@@ -702,13 +691,10 @@ def build_scorer(args: ScorerArgs, task: str = "t2i",
                  weights: Optional[dict] = None) -> RationalRewardsScorer:
     """The scorer of the --scorer-* flags (rl_nft.py, gcr_loop.py)."""
     model = args.scorer or RELEASED[task]
-    tiny = model == "tiny-random"
-    tokens = args.scorer_max_new_tokens or (TINY_MAX_NEW_TOKENS if tiny else 2048)
-    backend = common.load_backend(model, api_base=args.scorer_api_base,
-                                  adapter=args.scorer_adapter,
-                                  quantization=args.scorer_quantization,
-                                  batch_size=args.scorer_batch_size, max_pixels=args.max_pixels,
-                                  device=args.device)
+    tokens = args.scorer_max_new_tokens or (TINY_MAX_NEW_TOKENS if model == "tiny-random" else 2048)
+    backend = common.load_backend(model, args.scorer_api_base, args.scorer_adapter,
+                                  args.scorer_quantization, args.scorer_batch_size,
+                                  args.max_pixels, args.device)
     return RationalRewardsScorer(backend, task, tokens, args.scorer_temperature, weights)
 
 

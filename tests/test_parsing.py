@@ -222,7 +222,7 @@ def test_flags_come_from_the_dataclasses_with_their_docstrings(capsys):
         common.parse(commands, ["score", "--pairs", "p.jsonl"])  # an eval flag given to score
     with pytest.raises(SystemExit):
         common.parse(commands, ["score", "--help"])
-    assert "LoRA adapter folder applied on top" in capsys.readouterr().out
+    assert "LoRA adapter folder on top of --model" in capsys.readouterr().out
 
 
 def test_read_jsonl_cuts_a_torn_last_line(tmp_path):
