@@ -14,7 +14,15 @@ and any RationalRewards scorer.
 The scorer always judges against the user's original request; the refined request is only the
 generator's input. The seed stays fixed, so what changes between rounds is the request.
 
-Commands and outputs: README.md, "Generate-Critique-Refine".
+Smoke run (CPU, offline, about 10 s on 2 cores; every command and output: README.md,
+"Generate-Critique-Refine")::
+
+    python gcr_loop.py --generator tiny-random --scorer tiny-random \\
+        --prompts prompts/gcr_demo_prompts.txt --out runs/gcr-smoke
+
+Real run (one 24 GB GPU: SD3.5-Medium and the released scorer in 4-bit)::
+
+    python gcr_loop.py --prompt "three red apples and the word FRESH on a crate" --out runs/gcr
 
 Deviations from the paper:
 1. `--rounds` (default 1, the paper's and the official script's) allows more refinements;

@@ -21,7 +21,15 @@ Where is (the method is one block from the top; the harness comes after it):
     the ELBO report     ``elbo_report``
     the command line    ``Args``, the datasets (``load_dataset_pairs``), ``LazyTeacher``, ``main``
 
-Commands and outputs: README.md, "PARROT". Every .jsonl is appended and flushed per record,
+Smoke run (CPU, offline, about 11 s on 2 cores; every command and output: README.md, "PARROT")::
+
+    python parrot.py --dataset demo --limit 16 --teacher tiny-random --student tiny-random
+
+Real run (one 24 GB GPU; teacher Qwen3-VL-8B in 4-bit, student Qwen3-VL-2B with LoRA)::
+
+    python parrot.py --dataset hpdv3 --data-dir data/hpdv3 --limit 1000 --out runs/hpdv3-1k
+
+Every .jsonl is appended and flushed per record,
 so a killed run started again with the same command resumes without redoing or duplicating
 anything.
 

@@ -16,7 +16,16 @@ Where is:
     Table 1             ``BENCHMARKS``, ``benchmark_pairs``, ``run_benchmark``
     plumbing            common.py (flags, files, model loading, the two backends)
 
-Commands and outputs: README.md, "The reward model".
+Smoke run (CPU, no network, about 8 s on 2 cores; every command and output: README.md, "The
+reward model")::
+
+    python rationalrewards.py score --model tiny-random --prompt "a red bicycle" \\
+        --image prompts/rl_edit_images/house.png
+
+Real run (one consumer GPU, the released checkpoint in 4-bit, about 6 GB)::
+
+    python rationalrewards.py score --model TIGER-Lab/RationalRewards-8B-T2I \\
+        --prompt "a red bicycle leaning on a wall" --image bike.png
 
 Deviations from the paper and the official code:
 1. The released scorers run in 4-bit nf4 by default (the paper serves them in bf16);
@@ -820,21 +829,31 @@ BENCHMARKS = {
     "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test",
                             task="t2i", prompt="prompt", a="left_image", b="right_image", src=None,
                             label="vote_type", paper=69.8,
-                            baselines={"Qwen3-VL-8B (base)": 55.1, "Gemini 2.5 Pro": 66.2}),
+                            baselines={"Qwen3-VL-8B (base)": 55.1, "Gemini 2.5 Pro": 66.2},
+                            protocol="A/B votes only (tie and both-bad votes skipped), a predicted "
+                            "tie is wrong (rm_inference/inference_genaibench_imggen.py, "
+                            "compute_pairwise_accuracy.py)"),
     "genai-bench-edit": dict(hub="TIGER-Lab/GenAI-Bench", config="image_edition", split="test",
                              task="edit", prompt="instruct_prompt", a="left_output_image",
                              b="right_output_image", src="source_image", label="vote_type",
-                             paper=80.1, baselines={}),
+                             paper=80.1, baselines={},
+                             protocol="A/B votes only, a predicted tie is wrong, unparsed replies "
+                             "left out (rm_inference/inference_genaibench_imgedit.py)"),
     "editreward-bench": dict(hub="TIGER-Lab/EditReward-Bench", config=None, split="train",
                              task="edit", prompt="instruction", a="candidate_1", b="candidate_2",
-                             src="source_image", label="ranking", paper=66.2, baselines={}),
+                             src="source_image", label="ranking", paper=66.2, baselines={},
+                             protocol="every comparison, ties A=B included; strict group accuracy "
+                             "per subset (EditReward/evaluate/eval_bench.py)"),
     # MMRB2's pairs are built by facebookresearch/MMRB2 from facebook/MMRB2_image; read locally
     "mmrb2-t2i": dict(hub=None, config=None, split="train", task="t2i", prompt="prompt_text",
                       a="response_a_images", b="response_b_images", src=None, label="chosen",
-                      paper=64.2, baselines={}),
+                      paper=64.2, baselines={},
+                      protocol="every labelled pair (rm_inference/inference_mmrb2_imggen.py)"),
     "mmrb2-edit": dict(hub=None, config=None, split="train", task="edit", prompt="prompt_text",
                        a="response_a_images", b="response_b_images", src="prompt_images",
-                       label="chosen", paper=70.3, baselines={}),
+                       label="chosen", paper=70.3, baselines={},
+                       protocol="every labelled pair, all source images sent, unparsed replies "
+                       "left out (rm_inference/inference_mmrb2_imgedit.py)"),
 }
 MMRB2_HINT = ("needs pairs built with facebookresearch/MMRB2 (images from facebook/MMRB2_image): "
               "parquet with pair_id, prompt_text, prompt_images, response_a_images, "
@@ -975,18 +994,6 @@ def group_accuracy(records: list, pairs: list) -> Optional[float]:
     return sum(right(s, recs) for (_, s), recs in groups.items()) / len(groups) if groups else None
 
 
-PROTOCOLS = {
-    "genai-bench-t2i": "A/B votes only (tie and both-bad votes skipped), a predicted tie is wrong "
-                       "(rm_inference/inference_genaibench_imggen.py, "
-                       "compute_pairwise_accuracy.py)",
-    "genai-bench-edit": "A/B votes only, a predicted tie is wrong, unparsed replies left out "
-                        "(rm_inference/inference_genaibench_imgedit.py)",
-    "editreward-bench": "every comparison, ties A=B included; strict group accuracy per subset "
-                        "(EditReward/evaluate/eval_bench.py)",
-    "mmrb2-t2i": "every labelled pair (rm_inference/inference_mmrb2_imggen.py)",
-    "mmrb2-edit": "every labelled pair, all source images sent, unparsed replies left out "
-                  "(rm_inference/inference_mmrb2_imgedit.py)",
-}
 _backends = {}  # one loaded model serves every benchmark of an `all` run
 
 
@@ -1023,7 +1030,7 @@ def run_benchmark(name: str, args: EvalArgs) -> dict:
         correct, n = metrics["correct_with_ties"], metrics["pairs"]
     skipped["failed_requests"], skipped["unparsed_replies"] = metrics["failed"], metrics["unparsed"]
     acc = correct / n if n else None
-    metrics.update(benchmark=name, protocol=PROTOCOLS[name], skipped_rows=skipped, accuracy=acc,
+    metrics.update(benchmark=name, protocol=spec["protocol"], skipped_rows=skipped, accuracy=acc,
                    correct=correct, labelled=n, ci95=list(wilson_interval(correct, n)),
                    paper=spec["paper"], baselines=spec["baselines"],
                    difference=None if acc is None else 100 * acc - spec["paper"])
@@ -1038,15 +1045,14 @@ def run_benchmark(name: str, args: EvalArgs) -> dict:
 
 def print_benchmark_table(rows: list) -> None:
     """Ours (paper protocol, with its 95% interval) beside the paper's RationalRewards-8B."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     print(f"{'benchmark':<17} {'paper':>6} {'ours':>6} {'w/ ties':>7} {'n':>6} {'95% CI':>11} "
           f"{'skipped':>7} {'failed':>6} {'unpars':>6} {'cut':>5}  note")
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     for r in rows:
         if "error" in r:
-            print(f"{r['benchmark']:<17} {r['paper']:>6.1f}   not run:")
-            print(textwrap.indent(textwrap.fill(r["error"], 96, break_on_hyphens=False), " " * 4))
+            print(f"{r['benchmark']:<17} {r['paper']:>6.1f}   not run:\n" +
+                  textwrap.indent(textwrap.fill(r["error"], 96, break_on_hyphens=False), "    "))
             continue
-        ci = f"{pct(r['ci95'][0])}-{pct(r['ci95'][1])}" if r["ci95"][0] is not None else "-"
         skipped = sum(v for k, v in r["skipped_rows"].items()
                       if k not in ("failed_requests", "unparsed_replies"))
         note = [f"diff {r['difference']:+.1f}"] if r["difference"] is not None else []
@@ -1056,14 +1062,14 @@ def print_benchmark_table(rows: list) -> None:
         note += [f"{k} {v}" for k, v in r["baselines"].items()]
         note += [f"{r['unreadable_outputs']} unreadable"] if r["unreadable_outputs"] else []
         print(f"{r['benchmark']:<17} {r['paper']:>6.1f} {pct(r['accuracy']):>6} "
-              f"{pct(r['accuracy_with_ties']):>7} {r['labelled']:>6} {ci:>11} {skipped:>7} "
-              f"{r['failed']:>6} {r['unparsed']:>6} {r['truncated_outputs']:>5}  "
-              f"{'; '.join(note)}")
-    print("paper: RationalRewards-8B in Table 1; ours: the official protocol (rationalrewards.py, "
-          "BENCHMARKS); w/ ties: tie labels kept; skipped: unlabelled rows, tie votes, unreadable "
-          "images; failed: no or an empty reply (rerun to retry); unpars: edit replies missing a "
-          "dimension's scores, left out as the official edit parsers do; cut: stopped by the "
-          "token limit. A gap inside the 95% interval is noise.")
+              f"{pct(r['accuracy_with_ties']):>7} {r['labelled']:>6} "
+              f"{pct(r['ci95'][0]) + '-' + pct(r['ci95'][1]):>11} {skipped:>7} {r['failed']:>6} "
+              f"{r['unparsed']:>6} {r['truncated_outputs']:>5}  {'; '.join(note)}")
+    print("paper: RationalRewards-8B in Table 1; ours: the official protocol (BENCHMARKS); w/ ties: "
+          "tie labels kept; skipped: unlabelled rows, tie votes, unreadable images; failed: no or "
+          "an empty reply (rerun to retry); unpars: edit replies missing a dimension's scores, "
+          "left out as the official edit parsers do; cut: stopped by the token limit. A gap "
+          "inside the 95% interval is noise.")
 
 
 # ---------------------------------------------------------------------------------------

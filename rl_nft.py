@@ -36,7 +36,14 @@ Where is (the method is one block from the top; the harness comes after it):
     one epoch           ``train_epoch`` (the four steps), called by ``main``
     the command line    ``Args``, ``TASK_DEFAULTS``, prompt files, checkpoints, pictures, ``main``
 
-Commands, outputs and the settings table against the sources: README.md, "DiffusionNFT".
+Smoke run (CPU, offline, about 26 s on 2 cores; every command, the outputs and the settings
+table against the sources: README.md, "DiffusionNFT")::
+
+    python rl_nft.py --generator tiny-random --scorer tiny-random --epochs 2 --out runs/nft-smoke
+
+Real run (one 24 GB GPU: SD3.5-Medium and the 8B scorer in 4-bit)::
+
+    python rl_nft.py --prompts prompts/rl_prompts.txt --out runs/nft
 
 Deviations from the sources:
 1. Scale: 512 px, K=4 images per prompt and 4 prompts per epoch by default (DiffusionNFT:

@@ -28,7 +28,7 @@ def test_readme_chain_runs_end_to_end(tmp_path):
     for argv in commands:
         assert argv[0] == "python"
         argv = [a.replace("runs/chain", str(runs / "chain")) for a in argv[1:]]
-        res = run_cli(*argv)
+        res = run_cli(*argv, fresh=True)  # each command in its own Python, as a user runs it
         assert res.returncode == 0, (argv[0], res.stderr[-3000:])
         assert "Traceback" not in res.stderr
         results.append(res)
