@@ -390,6 +390,10 @@ DOWNLOAD_SIZES = {  # said next to the download command (bf16 safetensors)
 }
 
 
+GENERATORS = {"t2i": "stabilityai/stable-diffusion-3.5-medium",  # the default per task
+              "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
+
+
 def download_advice(name: str, what: str, why: str) -> str:
     local = f"models/{name.split('/')[-1]}"
     size = f" ({DOWNLOAD_SIZES[name]})" if name in DOWNLOAD_SIZES else ""

@@ -91,6 +91,12 @@ def summarize(records: list) -> dict:
         "stop_reasons": {k: sum(r["stop_reason"] == k for r in records) for k in STOP_REASONS}}
 
 
+def prompt_seed(base_seed: int, prompt: str) -> int:
+    """The generator seed of a prompt, the same in every round: what changes between rounds is the
+    request alone, so a better image comes from a better request, not from another noise draw."""
+    return int(hashlib.sha1(f"{base_seed}:{prompt}".encode()).hexdigest()[:8], 16)
+
+
 def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> list:
     """One pipeline call for a batch; every image from its own seeded generator."""
     import torch
@@ -159,8 +165,7 @@ class Args(rr.ScorerArgs):
     prompt: Optional[str] = None
     """one request (or editing instruction)"""
     prompts: Optional[str] = None
-    """many: .txt (one per line) or .jsonl (`prompt`, optional `source_image` relative to the
-    file, `seed`, `id`)"""
+    """many: .txt or .jsonl (`prompt`; optional `source_image` relative to it, `seed`, `id`)"""
     task: Literal["t2i", "edit"] = "t2i"
     """t2i: text-to-image, three dimensions; edit: image editing, four, needs a source image"""
     source_image: Optional[str] = None
@@ -168,8 +173,7 @@ class Args(rr.ScorerArgs):
     out: str = "runs/gcr"
     """run folder; rerunning into it skips the prompts already finished"""
     generator: Optional[str] = None
-    """diffusers pipeline: hub id, local folder or tiny-random (default: SD3.5-Medium for t2i,
-    FLUX.1-Kontext-dev for edit)"""
+    """hub id, local folder or tiny-random (default: SD3.5-Medium t2i, FLUX.1-Kontext-dev edit)"""
     generator_quantization: Literal["none", "4bit"] = "none"
     """4bit: transformer and T5 in nf4 (needs a GPU; how FLUX.1-Kontext-dev fits in 24 GB)"""
     t5: bool = True
@@ -183,8 +187,7 @@ class Args(rr.ScorerArgs):
     threshold: float = 3.0
     """refine while any gating dimension scores below this (paper: 3.0)"""
     gate: str = "text_faithfulness,physical_quality"
-    """comma-separated gating dimensions (the official script: text faithfulness and physical
-    quality)"""
+    """comma-separated gating dimensions (the official script's two)"""
     rounds: int = 1
     """at most this many refinements per prompt (paper: 1)"""
     select: Literal["last", "best"] = "last"
@@ -197,8 +200,6 @@ class Args(rr.ScorerArgs):
     """base seed; each prompt's seed comes from it and the prompt (or from the .jsonl)"""
 
 
-DEFAULT_GENERATOR = {"t2i": "stabilityai/stable-diffusion-3.5-medium",
-                     "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
 # what the records of a run folder depend on: resuming with any of these changed is refused
 RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base",
             "scorer_quantization", "scorer_max_new_tokens", "scorer_temperature", "max_pixels",
@@ -221,16 +222,13 @@ def read_items(args: Args) -> list:
         check(given is None or (isinstance(given, str) and given.strip()),
               f"{where}: 'source_image' must be a path (a string), got {given!r}")
         source = str(Path(args.prompts).parent / given) if given else args.source_image
-        common.require(args.task != "edit" or source,
-                       f"--task edit needs a source image: --source-image, or a source_image "
-                       f"field ({where}: {rec['prompt'][:60]!r})")
+        common.require(args.task != "edit" or source, f"--task edit needs a source image: "
+                       f"--source-image, or a source_image field ({where}: {rec['prompt'][:60]!r})")
         check(seed is None or (type(seed) is int and 0 <= seed < 2 ** 63),
               f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
         check(rid is None or isinstance(rid, (str, int)), f"{where}: 'id' must be a string, got "
               f"{rid!r}")
-        if seed is None:
-            seed = f"{args.seed}:{rec['prompt']}"
-            seed = int(hashlib.sha1(seed.encode()).hexdigest()[:8], 16)
+        seed = prompt_seed(args.seed, rec["prompt"]) if seed is None else seed
         key = str(rid or common.digest(rec["prompt"], given or args.source_image or "", seed))
         item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
         if key in by_id:
@@ -273,7 +271,7 @@ def main(argv=None) -> int:
                    f"{', '.join(rr.dimensions(args.task))} (got {args.gate!r})")
     common.require(1.0 <= args.threshold <= 4.0, "--threshold is a score in [1, 4]")
     weights = rr.parse_weights(args.reward_weights)
-    args.generator = args.generator or DEFAULT_GENERATOR[args.task]
+    args.generator = args.generator or common.GENERATORS[args.task]
     if args.generator == "tiny-random":
         args.steps, args.resolution = args.steps or 4, args.resolution or 64
     items, out = read_items(args), Path(args.out)
@@ -290,8 +288,8 @@ def main(argv=None) -> int:
         pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
                                      args.generator_quantization)
         scorer = rr.build_scorer(args, args.task, weights)
-        (out / "images").mkdir(exist_ok=True)
-        (out / "sheets").mkdir(exist_ok=True)
+        for sub in ("images", "sheets"):
+            (out / sub).mkdir(exist_ok=True)
         for i in tqdm(range(0, len(todo), args.batch_size), desc="GCR", unit="batch"):
             t0, batch = time.time(), todo[i:i + args.batch_size]
             for rec in run_batch(pipe, scorer, batch, args, gate, weights, out):

@@ -1065,11 +1065,11 @@ def print_benchmark_table(rows: list) -> None:
               f"{pct(r['accuracy_with_ties']):>7} {r['labelled']:>6} "
               f"{pct(r['ci95'][0]) + '-' + pct(r['ci95'][1]):>11} {skipped:>7} {r['failed']:>6} "
               f"{r['unparsed']:>6} {r['truncated_outputs']:>5}  {'; '.join(note)}")
-    print("paper: RationalRewards-8B in Table 1; ours: the official protocol (BENCHMARKS); w/ ties: "
-          "tie labels kept; skipped: unlabelled rows, tie votes, unreadable images; failed: no or "
-          "an empty reply (rerun to retry); unpars: edit replies missing a dimension's scores, "
-          "left out as the official edit parsers do; cut: stopped by the token limit. A gap "
-          "inside the 95% interval is noise.")
+    print("paper: RationalRewards-8B in Table 1; ours: the official protocol (BENCHMARKS); "
+          "w/ ties: tie labels kept; skipped: unlabelled rows, tie votes, unreadable images; "
+          "failed: no or an empty reply (rerun to retry); unpars: edit replies missing a "
+          "dimension's scores, left out as the official edit parsers do; cut: stopped by the "
+          "token limit. A gap inside the 95% interval is noise.")
 
 
 # ---------------------------------------------------------------------------------------

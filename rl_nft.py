@@ -741,11 +741,11 @@ class Args(rr.ScorerArgs):
 # Per-task defaults: t2i follows DiffusionNFT's SD3 config (config/nft.py), edit follows the
 # official RationalRewards Kontext config (diffusion_rl_training/config/flux_kontext_nft.py).
 TASK_DEFAULTS = {
-    "t2i": {"generator": "stabilityai/stable-diffusion-3.5-medium",
+    "t2i": {"generator": common.GENERATORS["t2i"],
             "prompts": str(common.PROMPTS_DIR / "rl_prompts.txt"),
             "sample_steps": 10, "eval_steps": 40, "guidance_scale": 1.0, "lr": 3e-4,
             "mask": "none", "reward_weights": None},
-    "edit": {"generator": "black-forest-labs/FLUX.1-Kontext-dev",
+    "edit": {"generator": common.GENERATORS["edit"],
              "prompts": str(common.PROMPTS_DIR / "rl_edits.jsonl"),
              "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4,
              "mask": "official",
