@@ -86,10 +86,10 @@ def run(main, rerun: str = "run the same command again") -> None:
     except SystemExit as err:
         if not isinstance(err.code, str):
             raise
-        print(f"error: {err.code}", file=sys.stderr)
+        print(f"{_who()}error: {err.code}", file=sys.stderr)
         sys.exit(2)
     except (ModelLoadError, BackendError, FileNotFoundError, ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{_who()}error: {err}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # the reader went away (`... --help | head`): nothing to report
         os._exit(0)
@@ -99,6 +99,10 @@ def run(main, rerun: str = "run the same command again") -> None:
               f"the cause and {rerun} to continue", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)
+
+
+def _who() -> str:
+    return f"[rank {RANK}] " if RANK else ""  # an error of one rank among several says which
 
 
 def require(ok: bool, message: str, error=SystemExit) -> None:
@@ -169,7 +173,20 @@ _held_locks = {}  # run folder -> its open lock file, held until the process end
 def start_run(out, args, extra=None) -> None:
     """Take the run folder: an exclusive lock (fcntl.flock on out/.lock, released by the OS however
     the process ends), so a second run into it stops at once instead of writing the same files;
-    then args.json, the settings of the run."""
+    then args.json, the settings of the run. Several processes: rank 0 takes it, and every rank
+    stops when it could not."""
+    problem = None
+    if RANK == 0:
+        try:
+            _take_run_folder(out, args, extra)
+        except SystemExit as err:
+            problem = str(err.code)
+    problem = broadcast(problem)
+    if problem:
+        raise SystemExit(problem if RANK == 0 else 2)  # one error line, from rank 0
+
+
+def _take_run_folder(out, args, extra) -> None:
     import fcntl
     key = str(Path(out).resolve())
     if key not in _held_locks:  # this process may hold it already (the Python API, twice)
@@ -183,6 +200,81 @@ def start_run(out, args, extra=None) -> None:
                              "wait for it to end, or use another --out") from None
         _held_locks[key] = handle
     write_atomic(Path(out) / "args.json", json.dumps({**asdict(args), **(extra or {})}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun, accelerate launch): every rank computes, rank 0 writes
+# ---------------------------------------------------------------------------------------
+RANK, WORLD = 0, 1  # this process's rank and the number of processes; set by init_distributed
+
+
+def init_distributed(device: Optional[str]) -> Optional[str]:
+    """Join the process group when a launcher started several processes (WORLD_SIZE > 1): gloo on
+    CPU, nccl on GPUs with one GPU per rank (LOCAL_RANK). Returns the device this rank uses.
+    `accelerate launch` on a machine without GPUs starts ONE process whatever --num_processes says
+    (with or without --cpu): that is refused, with the torchrun command that does start N."""
+    global RANK, WORLD
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        asked = _accelerate_num_processes()
+        require(asked <= 1, f"accelerate launch asked for {asked} processes but started one (it "
+                "does on a machine without GPUs); use torchrun --nproc-per-node "
+                f"{asked} {' '.join(sys.argv)}")
+        return device
+    import torch
+    import torch.distributed as dist
+    gpu = torch.cuda.is_available() and not str(device or "").startswith("cpu")
+    if gpu:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if gpu else "gloo")
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    return device or "cpu"
+
+
+def _accelerate_num_processes() -> int:
+    """--num_processes of the `accelerate launch` that started this process (1 otherwise)."""
+    if not any(k.startswith("ACCELERATE_") for k in os.environ):
+        return 1
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return 1
+    for i, a in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            if a == flag and i + 1 < len(argv) and argv[i + 1].isdigit():
+                return int(argv[i + 1])
+            if a.startswith(flag + "=") and a.split("=", 1)[1].isdigit():
+                return int(a.split("=", 1)[1])
+    return 1
+
+
+def gather(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if WORLD == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * WORLD
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj):
+    """Rank 0's `obj`, on every rank."""
+    return obj if WORLD == 1 else gather(obj)[0]
+
+
+def sum_gradients(params) -> None:
+    """p.grad <- sum over ranks of p.grad, for every parameter, in one all-reduce."""
+    if WORLD == 1:
+        return
+    import torch
+    import torch.distributed as dist
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,9 +296,10 @@ def digest(*parts) -> str:
 
 
 def warn(message: str) -> None:
-    """`warning: message` on stderr, above any progress bar instead of inside it."""
+    """`warning: message` on stderr, above any progress bar instead of inside it (rank 0 only)."""
     from tqdm import tqdm
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    if RANK == 0:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def read_text_file(path) -> str:

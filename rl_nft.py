@@ -555,7 +555,8 @@ def reward_images(scorer, images: list, prompts: list, weights,
     critiques = []
     # HTTP backends have no batch size: 8 per bar step
     step = max(1, getattr(scorer.backend, "batch_size", 8))
-    for i in tqdm(range(0, len(images), step), desc="reward: critiques", unit="batch", leave=False):
+    for i in tqdm(range(0, len(images), step), desc="reward: critiques", unit="batch", leave=False,
+                  disable=common.RANK > 0):
         src = sources[i:i + step] if sources is not None else None
         critiques += scorer.critique(images[i:i + step], prompts[i:i + step], src)
     truncated = sum(c.truncated for c in critiques)
@@ -591,14 +592,18 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
     sums, count = {"loss": 0.0, "policy": 0.0, "kl": 0.0}, 0
     for group in accumulation_groups(len(batches), args.gradient_steps_per_epoch):
         denom = len(group) * steps_t.shape[1]        # accumulation steps x training timesteps
-        for b in (batches[i] for i in group):
+        bad = None                                   # a non-finite loss, on this rank
+        for i in group:
+            b = batches[i]
             kept, sel = b[keep[b]], keep[b]
-            # noise for every sample and timestep of the batch, drawn before masking so that the
-            # mask never changes what later samples draw
+            # noise for every sample and timestep of the batch, drawn before masking (and by
+            # every rank) so that neither the mask nor the rank changes what later samples draw
             # eps_all: (B, k, ...)
             eps_all = torch.randn((len(b), steps_t.shape[1], *x0.shape[1:]), generator=gen)
-            if not len(kept):
-                continue  # the official mean_by_mask gives this mini-batch a zero loss
+            # rank r computes mini-batches r, r + N, ...; the official mean_by_mask gives a
+            # mini-batch with no kept sample a zero loss
+            if i % common.WORLD != common.RANK or not len(kept) or bad is not None:
+                continue
             xb, rb = x0[kept].to(device), r[kept].to(device)
             cb = {k: v[kept].to(device, dtype) for k, v in cond.items()}
             for j in range(steps_t.shape[1]):
@@ -619,20 +624,26 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
                 loss, stats = nft_loss(v_theta, v_old, v_ref, x_t, xb, t, rb, args.beta,
                                        args.kl_weight, policy_scale=args.adv_clip)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the NFT loss became {float(loss.detach())} (optimiser step {step + 1}); "
-                        "nothing of this epoch is saved and the last checkpoint is intact: rerun "
-                        "with --resume and a lower --lr")
+                    bad = float(loss.detach())
+                    break
                 (loss / denom).backward()
                 sums["loss"] += float(loss.detach())
                 sums["policy"] += stats["policy"]
                 sums["kl"] += stats["kl"]
                 count += 1
+        # a non-finite loss on any rank stops every rank, with one error (from rank 0)
+        bad = next((v for v in common.gather(bad) if v is not None), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"the NFT loss became {bad} (optimiser step {step + 1}); nothing of this epoch is "
+                "saved and the last checkpoint is intact: rerun with --resume and a lower --lr") \
+                if common.RANK == 0 else SystemExit(2)
         # a step whose samples were all masked still steps, on zero gradients, as the sources do:
         # AdamW's weight decay and moment estimates move the weights even then
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        common.sum_gradients(params)  # several ranks: the gradient of the whole group
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -644,6 +655,9 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
         step += 1
         if ema is not None:
             ema_update(ema, transformer, step, args.ema_decay)
+    parts = common.gather((sums, count))
+    count = sum(c for _, c in parts)
+    sums = {k: sum(part[k] for part, _ in parts) for k in sums}
     return step, ({k: v / count for k, v in sums.items()} if count else None)
 
 
@@ -984,6 +998,10 @@ def main(argv=None) -> int:
     """Set up, then per epoch: `train_epoch` (the method's four steps) and `log_epoch` (outputs)."""
     args = resolve_defaults(common.parse(Args, argv, description=__doc__.split("\n\n")[0]))
     validate(args)
+    args.device = common.init_distributed(args.device)  # several processes: see the README
+    common.require(args.prompts_per_epoch >= common.WORLD,
+                   f"--prompts-per-epoch {args.prompts_per_epoch} is less than the {common.WORLD} "
+                   "processes: each collects whole prompt groups, at least one")
     weights = rr.parse_weights(args.reward_weights)
     items = read_items(args.prompts, args.task, args.resolution)
     out = Path(args.out)
@@ -994,24 +1012,29 @@ def main(argv=None) -> int:
     run = setup_run(args, out, items, weights)
     state = load_checkpoint(run) if args.resume else None
     state = state or {"epoch": 0, "step": 0, "rows": [], "banned": []}
-    if args.resume:
-        print(f"resuming after epoch {state['epoch']} (step {state['step']})", file=sys.stderr)
-    write_metrics(out, state["rows"], args.task)
-    (out / "eval").mkdir(exist_ok=True)
-    if state["epoch"] == 0 and not (out / "eval" / "epoch_0000.png").exists():
-        evaluate(run, 0)  # the base model, before any update
+    lead = common.RANK == 0  # rank 0 alone writes and prints; every rank computes
+    if lead:
+        if args.resume:
+            print(f"resuming after epoch {state['epoch']} (step {state['step']})", file=sys.stderr)
+        write_metrics(out, state["rows"], args.task)
+        (out / "eval").mkdir(exist_ok=True)
+        if state["epoch"] == 0 and not (out / "eval" / "epoch_0000.png").exists():
+            evaluate(run, 0)  # the base model, before any update
     bar = tqdm(range(state["epoch"], args.epochs), desc="epochs", unit="epoch",
-               initial=state["epoch"], total=args.epochs)
+               initial=state["epoch"], total=args.epochs, disable=not lead)
     for epoch in bar:
         t0 = time.time()
         stats = train_epoch(run, state, epoch)
+        line = log_epoch(run, state, epoch, stats, time.time() - t0) if stats else \
+            (f"every prompt is banned (its group std < {args.mask_std} and mean > "
+             f"{args.mask_mean}): stopping after epoch {epoch}")
+        if lead:
+            bar.write(line)
         if stats is None:
-            bar.write(f"every prompt is banned (its group std < {args.mask_std} and mean > "
-                      f"{args.mask_mean}): stopping after epoch {epoch}")
             break
-        bar.write(log_epoch(run, state, epoch, stats, time.time() - t0))
-    print(f"done: {state['epoch']} epochs, {state['step']} optimiser steps; metrics in "
-          f"{out / 'metrics.csv'}")
+    if lead:
+        print(f"done: {state['epoch']} epochs, {state['step']} optimiser steps; metrics in "
+              f"{out / 'metrics.csv'}")
     return 0
 
 
@@ -1058,14 +1081,19 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
     seeds = [rng.randrange(2 ** 31) for _ in group]
     cond = collate(run.conds, [it["key"] for it in group], "cpu", torch.float32)
     K = args.group_size
-    x0 = torch.cat([sample_latents(run.pipe, {k: v[i:i + K] for k, v in cond.items()},
-                                   seeds[i:i + K], run.sigmas, run.geo, "old", args.sampler,
-                                   run.conds.get(""))
-                    for i in range(0, len(group), K)])                                # (N, ...)
+    # several processes: rank r collects and scores prompt groups r, r + N, ... (every rank knows
+    # the whole plan above); then everything is gathered, and every rank goes on with all of it
+    mine = list(range(len(chosen)))[common.RANK::common.WORLD]
+    idx = [g * K + k for g in mine for k in range(K)]                               # its samples
+    x0 = torch.cat([sample_latents(run.pipe, {k: v[g * K:g * K + K] for k, v in cond.items()},
+                                   seeds[g * K:g * K + K], run.sigmas, run.geo, "old",
+                                   args.sampler, run.conds.get(""))
+                    for g in mine])                                                   # (n, ...)
     # ---- 2. reward: decode, critique, R from the scores ----
     images = decode(run.pipe, x0, run.geo)
-    res = reward_images(run.scorer, images, [it["prompt"] for it in group], run.weights,
-                        run.sources(group))
+    res = reward_images(run.scorer, images, [group[i]["prompt"] for i in idx], run.weights,
+                        run.sources([group[i] for i in idx]))
+    x0, res = gather_samples(idx, x0.cpu(), res)                                      # (N, ...)
     R = torch.tensor(res["rewards"])
     r = optimality_from_rewards(R, group_ids, args.adv_clip)                            # (N,)
     keep = train_mask(R, group_ids, args.mask, args.mask_std, args.mask_mean)          # (N,)
@@ -1081,6 +1109,18 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
     eta = old_policy_decay(state["step"], args.eta_rate, args.eta_max)
     soft_update(run.transformer, eta)
     return {"R": R, "res": res, "keep": keep, "totals": totals or {}, "eta": eta}
+
+
+def gather_samples(idx: list, x0, res: dict) -> tuple:
+    """Every rank's samples (`idx`: their places in the epoch, x0 and reward results), put
+    together in the epoch's order on every rank."""
+    parts = common.gather((idx, x0, res))
+    where = [i for part in parts for i in part[0]]
+    order = sorted(range(len(where)), key=where.__getitem__)
+    joined = {k: ([v for part in parts for v in part[2][k]] if isinstance(val, list)
+                  else sum(part[2][k] for part in parts)) for k, val in res.items()}
+    return (torch.cat([part[1] for part in parts])[order],
+            {k: [v[i] for i in order] if isinstance(v, list) else v for k, v in joined.items()})
 
 
 def evaluate(run: Run, epoch: int) -> float:
@@ -1111,8 +1151,9 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
     the checkpoint, metrics.csv and the reward curve. Returns the line to print."""
     args, out, dims = run.args, run.out, rr.dimensions(run.args.task)
     R, res, keep, totals = stats["R"], stats["res"], stats["keep"], stats["totals"]
-    last = epoch + 1 == args.epochs
-    eval_reward = evaluate(run, epoch + 1) if last or (epoch + 1) % args.eval_every == 0 else None
+    last, lead = epoch + 1 == args.epochs, common.RANK == 0
+    due = last or (epoch + 1) % args.eval_every == 0
+    eval_reward = evaluate(run, epoch + 1) if lead and due else None
     row = {"epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
            "reward_std": float(R.std(unbiased=False)), **rr.dimension_means(res["scores"], dims),
            "unreadable": res["unreadable"], "truncated": res["truncated"],
@@ -1122,12 +1163,13 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
            "eval_reward": eval_reward, "seconds": round(seconds, 2)}
     state["rows"].append(row)
     state["epoch"] = epoch + 1
-    if last or (epoch + 1) % args.save_every == 0:
+    if lead and (last or (epoch + 1) % args.save_every == 0):
         with ema_weights(run.transformer, run.ema):
             save_lora(run.pipe, out / "lora" / f"epoch_{epoch + 1:04d}")
-    save_checkpoint(run, state)
-    write_metrics(out, state["rows"], args.task)
-    plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
+    if lead:
+        save_checkpoint(run, state)
+        write_metrics(out, state["rows"], args.task)
+        plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
     shown = " ".join(f"{k}={fmt(row[k], '.2f')}" for k in dims)
     return (f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
