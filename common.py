@@ -208,13 +208,17 @@ def _take_run_folder(out, args, extra) -> None:
 RANK, WORLD = 0, 1  # this process's rank and the number of processes; set by init_distributed
 
 
-def init_distributed(device: Optional[str]) -> Optional[str]:
+def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
     """Join the process group when a launcher started several processes (WORLD_SIZE > 1): gloo on
     CPU, nccl on GPUs with one GPU per rank (LOCAL_RANK). Returns the device this rank uses.
     `accelerate launch` on a machine without GPUs starts ONE process whatever --num_processes says
-    (with or without --cpu): that is refused, with the torchrun command that does start N."""
+    (with or without --cpu): that is refused, with the torchrun command that does start N.
+    `tiny`: the tiny-random models the run loads ("vlm", "t2i", "edit"), built before the group
+    exists, since transformers saves on rank 0 alone once it does."""
     global RANK, WORLD
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    for kind in tiny if world > 1 else ():
+        tiny_vlm_dir() if kind == "vlm" else tiny_generator_dir(kind)
     if world == 1:
         asked = _accelerate_num_processes()
         require(asked <= 1, f"accelerate launch asked for {asked} processes but started one (it "
@@ -266,11 +270,14 @@ def broadcast(obj):
 
 
 def sum_gradients(params) -> None:
-    """p.grad <- sum over ranks of p.grad, for every parameter, in one all-reduce."""
+    """p.grad <- sum over ranks of p.grad, for every parameter, in one all-reduce (a rank that
+    computed nothing since the last step adds zeros)."""
     if WORLD == 1:
         return
     import torch
     import torch.distributed as dist
+    for p in params:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -610,10 +617,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
             components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
             quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                           "bnb_4bit_compute_dtype": dtype})
-    path = name
-    if name == "tiny-random":
-        build = build_tiny_kontext if task == "edit" else build_tiny_sd3
-        path = str(_tiny_dir(f"tiny-random-{task}-v{TINY_VERSION}", build, seed))
+    path = str(tiny_generator_dir(task, seed)) if name == "tiny-random" else name
     folder = Path(path)
     if no_t5 or (folder.is_dir() and (folder / "model_index.json").is_file()
                  and "text_encoder_3" in folder.joinpath("model_index.json").read_text()
@@ -699,6 +703,10 @@ def _tiny_dir(kind: str, build, seed: int) -> Path:
         with quiet_loading():
             for part in build(seed):
                 part.save_pretrained(tmp)
+        if not any((tmp / f).is_file() for f in ("config.json", "model_index.json")):
+            shutil.rmtree(tmp, ignore_errors=True)  # transformers saves on rank 0 alone
+            raise ModelLoadError(f"{kind} was built on rank {RANK}, which the libraries do not "
+                                 "save on: build it in one process first")
         try:
             tmp.rename(path)
         except OSError:  # another process finished first
@@ -710,6 +718,11 @@ def tiny_vlm_dir(seed: int = 0) -> Path:
     # the tokenizer is trained on the templates: editing one rebuilds the model
     corpus = digest("".join(sorted(p.read_text() for p in template_files())))[:8]
     return _tiny_dir(f"tiny-random-qwen3vl-v{TINY_VERSION}-{corpus}", build_tiny_vlm, seed)
+
+
+def tiny_generator_dir(task: str, seed: int = 0) -> Path:
+    build = build_tiny_kontext if task == "edit" else build_tiny_sd3
+    return _tiny_dir(f"tiny-random-{task}-v{TINY_VERSION}", build, seed)
 
 
 def _tiny_clip_tokenizer(max_length: int):

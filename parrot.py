@@ -283,8 +283,9 @@ def build_sft(out: Path, args: Args) -> tuple:
             if (r["id"], s) in proj and proj[(r["id"], s)]["kept"]
         ]
         (held if is_heldout(r["prompt"], args.eval_fraction, args.seed) else train).extend(samples)
-    common.write_atomic(out / "sft.jsonl", "".join(json.dumps(s) + "\n" for s in train))
-    common.write_atomic(out / "heldout.jsonl", "".join(json.dumps(s) + "\n" for s in held))
+    if common.RANK == 0:
+        common.write_atomic(out / "sft.jsonl", "".join(json.dumps(s) + "\n" for s in train))
+        common.write_atomic(out / "heldout.jsonl", "".join(json.dumps(s) + "\n" for s in held))
     return train, held
 
 
@@ -369,16 +370,23 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
         model.train()
         order = list(range(len(train)))
         random.Random(f"{args.seed}:epoch{epoch}").shuffle(order)
-        bar = tqdm(order, desc=f"phase 3: SFT epoch {epoch + 1}/{args.epochs}", unit="sample")
+        bar = tqdm(order, desc=f"phase 3: SFT epoch {epoch + 1}/{args.epochs}", unit="sample",
+                   disable=common.RANK > 0)
         running = 0.0
         for i, idx in enumerate(bar):
-            feats = sample_features(processor, train[idx], args.max_pixels)
-            feats = {k: v.to(model.device) for k, v in feats.items()}
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**feats).loss / args.grad_accum
-            loss.backward()
-            running += loss.item()
+            # several processes: rank r takes samples r, r + N, ... of each accumulation window;
+            # LoRA dropout is seeded per sample, so that N processes train as one does
+            if (i % args.grad_accum) % common.WORLD == common.RANK:
+                torch.manual_seed(args.seed * 1000003 + epoch * 100003 + i)
+                feats = sample_features(processor, train[idx], args.max_pixels)
+                feats = {k: v.to(model.device) for k, v in feats.items()}
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = model(**feats).loss / args.grad_accum
+                loss.backward()
+                running += loss.item()
             if (i + 1) % args.grad_accum == 0 or i + 1 == len(order):
+                common.sum_gradients(params)
+                running = sum(common.gather(running))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
@@ -386,7 +394,8 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
                 losses.append(running * args.grad_accum / ((i % args.grad_accum) + 1))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 running = 0.0
-        model.save_pretrained(out / "student")
+        if common.RANK == 0:
+            model.save_pretrained(out / "student")
     return losses
 
 
@@ -423,11 +432,14 @@ def phase3(teacher, out: Path, args: Args) -> dict:
     if not phase2:
         raise DataError(f"{out / 'phase2.jsonl'} is missing or empty: run --phases 2 first")
     # 1. pointwise projections of every kept rationale (teacher), 2. sft.jsonl / heldout.jsonl
-    project_pointwise(teacher, [r for r in phase2 if r["kept"]], out, args)
+    if common.RANK == 0:  # several processes: rank 0 asks the teacher, the others wait
+        project_pointwise(teacher, [r for r in phase2 if r["kept"]], out, args)
+    common.broadcast(None)
     train, held = build_sft(out, args)
     teacher.release()  # free the teacher's memory before the student trains
     heldout_pairs = heldout_pairs_of(phase2, args)
-    write_heldout_pairs(out, heldout_pairs)
+    if common.RANK == 0:
+        write_heldout_pairs(out, heldout_pairs)
     # 3. foresight distillation (resumed when the SFT data is the same), 4. the student before/after
     return train_student(out, train, held, heldout_pairs, phase2[0]["task"], args)
 
@@ -470,15 +482,16 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
     """LoRA SFT of the student on `train`, measured before and after on the held-out samples and
     pairs; returns (and writes) student_metrics.json."""
     import torch
-    ckpt, metrics_path = out / "student", out / "student_metrics.json"
-    metrics = student_metrics_for(out, train, args)
+    ckpt, metrics_path, lead = out / "student", out / "student_metrics.json", common.RANK == 0
+    metrics = common.broadcast(student_metrics_for(out, train, args) if lead else None)
     if "after" in metrics:
         return metrics  # a finished run, started again on the same data: nothing to redo
     torch.manual_seed(args.seed)
     model, processor = common.load_vlm(args.student, args.student_quantization, trainable=True,
-                                   device=args.device)
+                                       device=args.device)
     model = add_lora(model, args, args.student_quantization == "4bit")
-    if "before" not in metrics:  # LoRA starts at zero: the student is still the base model
+    # several processes: every rank trains, rank 0 alone measures and writes
+    if "before" not in metrics and lead:  # LoRA starts at zero: the student is the base model
         metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
         common.write_atomic(metrics_path, json.dumps(metrics))
     if not train:
@@ -486,16 +499,18 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
         # of the chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says
         # what it is
         common.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the "
-                "base model)")
-        model.save_pretrained(ckpt)
+                    "base model)")
+        if lead:
+            model.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
         common.write_atomic(metrics_path, json.dumps(metrics))
         return metrics
     metrics["train_losses"] = foresight_distillation(model, processor, train, out, args)
-    metrics["after"] = student_report(model, processor, held, heldout_pairs, task, args)
-    metrics.update(sft_samples=len(train), heldout_samples=len(held),
-                   heldout_pairs=len(heldout_pairs))
-    common.write_atomic(metrics_path, json.dumps(metrics))
+    if lead:
+        metrics["after"] = student_report(model, processor, held, heldout_pairs, task, args)
+        metrics.update(sft_samples=len(train), heldout_samples=len(held),
+                       heldout_pairs=len(heldout_pairs))
+        common.write_atomic(metrics_path, json.dumps(metrics))
     return metrics
 
 
@@ -1008,6 +1023,11 @@ def main(argv=None) -> int:
                             "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
     common.check_device(args.device)
+    tiny = ["vlm"] if "tiny-random" in (args.student, args.teacher) else []
+    args.device = common.init_distributed(args.device, tiny)  # several processes: the README
+    common.require(common.WORLD == 1 or args.phases == "3", "several processes run Phase 3 (the "
+                   "SFT) only: run --phases 12 in one process first (a served teacher, "
+                   "--teacher-api-base, is how the teacher uses many GPUs)")
     common.check_writable_dir(out)
     preflight(args, out)
     common.start_run(out, args)
@@ -1027,10 +1047,11 @@ def main(argv=None) -> int:
     elif (out / "student_metrics.json").is_file():
         student = json.loads((out / "student_metrics.json").read_text())
     inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}
-    report = elbo_report(out, inputs, student)
-    common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    print(f"PARROT report ({out / 'report.json'}):")
-    common.print_dict(report)
+    if common.RANK == 0:
+        report = elbo_report(out, inputs, student)
+        common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+        print(f"PARROT report ({out / 'report.json'}):")
+        common.print_dict(report)
     return 0
 
 

@@ -998,7 +998,9 @@ def main(argv=None) -> int:
     """Set up, then per epoch: `train_epoch` (the method's four steps) and `log_epoch` (outputs)."""
     args = resolve_defaults(common.parse(Args, argv, description=__doc__.split("\n\n")[0]))
     validate(args)
-    args.device = common.init_distributed(args.device)  # several processes: see the README
+    tiny = [k for k, name in (("vlm", args.scorer), (args.task, args.generator))
+            if name == "tiny-random"]
+    args.device = common.init_distributed(args.device, tiny)  # several processes: see the README
     common.require(args.prompts_per_epoch >= common.WORLD,
                    f"--prompts-per-epoch {args.prompts_per_epoch} is less than the {common.WORLD} "
                    "processes: each collects whole prompt groups, at least one")

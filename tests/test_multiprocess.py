@@ -5,6 +5,7 @@ are all masked does not hang the others, and a non-finite loss on one rank stops
 Marked `multiprocess` (about a minute and a half): `python -m pytest -q -m multiprocess`; CI runs
 them after the default suite."""
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import common
+import parrot
 import rl_nft
 from conftest import ROOT
 from test_rl_nft import brightness_judge
@@ -135,3 +137,34 @@ def test_accelerate_starting_one_process_of_two_is_refused(tmp_path):
     assert res.returncode != 0
     assert "error: accelerate launch asked for 2 processes but started one" in res.stderr
     assert "torchrun --nproc-per-node 2" in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_phase3_on_two_processes_trains_the_student_of_one(tmp_path, scripted_server):
+    """The SFT of Phase 3: each rank takes its share of every accumulation window, gradients are
+    summed, rank 0 saves; the adapter equals the one-process adapter."""
+    import shutil
+    from safetensors.torch import load_file
+    from test_parrot_cli import teacher_reply
+    server = scripted_server(teacher_reply)
+    flags = ["--teacher", "served", "--teacher-api-base", server.url, "--dataset", "demo",
+             "--limit", "8", "--student", "tiny-random", "--max-new-tokens", "16", "--epochs", "2",
+             "--grad-accum", "3", "--eval-fraction", "0.25", "--eval-limit", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert parrot.main([*flags, "--out", str(one), "--phases", "12"]) == 0
+    shutil.copytree(one, two)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "parrot.py", *flags, "--out", str(two),
+                          "--phases", "3"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("PARROT report") == 1
+    assert parrot.main([*flags, "--out", str(one), "--phases", "3"]) == 0
+    la, lb = (json.loads((d / "student_metrics.json").read_text())["train_losses"]
+              for d in (one, two))
+    assert len(la) == len(lb) > 0 and la == pytest.approx(lb, rel=1e-5)
+    wa, wb = (load_file(d / "student" / "adapter_model.safetensors") for d in (one, two))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # the teacher phases stay in one process
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "parrot.py", *flags, "--out", str(two),
+                          "--phases", "23"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert res.returncode != 0 and "error: several processes run Phase 3 (the SFT) only" in res.stderr
