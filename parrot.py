@@ -28,6 +28,7 @@ Smoke run (CPU, offline, about 11 s on 2 cores; every command and output: README
 Real run (one 24 GB GPU; teacher Qwen3-VL-8B in 4-bit, student Qwen3-VL-2B with LoRA)::
 
     python parrot.py --dataset hpdv3 --data-dir data/hpdv3 --limit 1000 --out runs/hpdv3-1k
+    torchrun --nproc-per-node 8 parrot.py ... --phases 3   # the SFT on several GPUs
 
 Every .jsonl is appended and flushed per record,
 so a killed run started again with the same command resumes without redoing or duplicating

@@ -44,6 +44,7 @@ table against the sources: README.md, "DiffusionNFT")::
 Real run (one 24 GB GPU: SD3.5-Medium and the 8B scorer in 4-bit)::
 
     python rl_nft.py --prompts prompts/rl_prompts.txt --out runs/nft
+    torchrun --nproc-per-node 8 rl_nft.py ...   # several GPUs, the run of one process
 
 Deviations from the sources:
 1. Scale: 512 px, K=4 images per prompt and 4 prompts per epoch by default (DiffusionNFT:
