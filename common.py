@@ -205,7 +205,9 @@ def _take_run_folder(out, args, extra) -> None:
 # ---------------------------------------------------------------------------------------
 # Several processes (torchrun, accelerate launch): every rank computes, rank 0 writes
 # ---------------------------------------------------------------------------------------
-RANK, WORLD = 0, 1  # this process's rank and the number of processes; set by init_distributed
+# this process's rank (from the launcher's environment, for who prints) and the number of
+# processes, set by init_distributed
+RANK, WORLD = int(os.environ.get("RANK", "0")), 1
 
 
 def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:

@@ -113,8 +113,9 @@ def set_prompts_dir(path: Optional[str]) -> None:
         if problems:
             raise ValueError(f"--prompts-dir template {file}: {'; '.join(problems)} (see {ref} "
                              "for the fields and image slots each template needs)")
-    print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); the "
-          f"rest from {PROMPTS_DIR}", file=sys.stderr)
+    if common.RANK == 0:
+        print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); "
+              f"the rest from {PROMPTS_DIR}", file=sys.stderr)
 
 
 def load_prompt(name: str) -> str:
