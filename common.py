@@ -632,7 +632,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
 
 # ---- tiny-random: the real architectures, randomly initialised, built offline from configs ----
 # Every VLM width is a multiple of 64, so that bitsandbytes 4-bit works on CPU as well.
-TINY_VERSION = 3  # bump when a tiny architecture changes, so cached copies are rebuilt
+TINY_VERSION = 4  # bump when a tiny architecture changes, so cached copies are rebuilt
 _SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
 _CHAT_TEMPLATE = (  # the structure of Qwen's: role turns; an image as vision_start/pad/end
@@ -740,13 +740,35 @@ def _tiny_clip_tokenizer(max_length: int):
                              model_max_length=max_length)
 
 
+TINY_DECODER_GAIN = 0.15  # pixel value (0-1) per unit of a decoded latent channel
+
+
 def _tiny_vae(scaling_factor: float, shift_factor: float):
-    from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-                         sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-                         scaling_factor=scaling_factor, shift_factor=shift_factor)
+    """An AutoencoderTiny whose decoder is set by hand to RGB = 0.5 + g * 3 tanh(z[0:3] / 3) per
+    pixel (g = TINY_DECODER_GAIN; tanh is the decoder's own clamp): the image's colour follows the
+    latent, so an RL run can visibly move it (a randomly initialised AutoencoderKL ends in a
+    GroupNorm, which removes a uniform change of the latent). The encoder stays random."""
+    import torch
+    from diffusers import AutoencoderTiny
+    vae = AutoencoderTiny(latent_channels=4, encoder_block_out_channels=(8, 8),
+                          decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                          num_decoder_blocks=(1, 1), scaling_factor=scaling_factor,
+                          shift_factor=shift_factor)
+    chain = [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)]  # blocks between
+    first, middle, last = chain[0], chain[1:-1], chain[-1]
+    with torch.no_grad():
+        for m in vae.decoder.modules():  # every residual branch off: each block is ReLU(x) = x
+            if not isinstance(m, torch.nn.Conv2d):
+                continue
+            m.weight.zero_()
+            if m.bias is not None:
+                m.bias.zero_()
+        for c in range(3):  # channel c through the centre taps, lifted by 3 to stay >= 0
+            first.weight[c, c, 1, 1], first.bias[c] = 1.0, 3.0
+            for m in middle:
+                m.weight[c, c, 1, 1] = 1.0
+            last.weight[c, c, 1, 1], last.bias[c] = TINY_DECODER_GAIN, 0.5 - 3 * TINY_DECODER_GAIN
+    return vae
 
 
 def build_tiny_sd3(seed: int = 0):

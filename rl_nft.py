@@ -441,7 +441,9 @@ def encode_source(pipe, image: Image.Image, geo: dict):
     vae = pipe.vae
     pixels = pipe.image_processor.preprocess(image, height=geo["resolution"],
                                              width=geo["resolution"])
-    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()  # (1, C, h, w)
+    enc = vae.encode(pixels.to(vae.device, vae.dtype))
+    # the distribution's mode (AutoencoderKL), or the latent itself (AutoencoderTiny)
+    z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents        # (1, C, h, w)
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor
     return pack(z.float())  # (1, L, 4C)
 
