@@ -630,6 +630,20 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
     return pipe if quantization == "4bit" else pipe.to(device)
 
 
+def generator_resolution(name: str, default: int) -> int:
+    """The image side to train at: 64 for tiny-random; for a saved SD3 folder its own size
+    (transformer sample_size x the VAE's scale) when smaller than `default`; else `default`."""
+    if name == "tiny-random":
+        return 64
+    try:
+        read = lambda part: json.loads((Path(name) / part / "config.json").read_text())
+        scale = 2 ** (len(read("vae")["block_out_channels"]) - 1)
+        side = read("transformer")["sample_size"] * scale
+    except (OSError, KeyError, TypeError, ValueError):  # a hub id, or a model without the keys
+        return default
+    return min(default, side)
+
+
 # ---- tiny-random: the real architectures, randomly initialised, built offline from configs ----
 # Every VLM width is a multiple of 64, so that bitsandbytes 4-bit works on CPU as well.
 TINY_VERSION = 4  # bump when a tiny architecture changes, so cached copies are rebuilt
@@ -989,10 +1003,51 @@ class OpenAIBackend:
         return self._map(one, convs)
 
 
+class ToyCritic:
+    """A demonstration critic, NOT a reward model: `toy-redness` writes critiques in the rubric's
+    format whose text faithfulness and physical quality are clip(2.5 + 6 (mean R - mean B) / 255,
+    1, 4) of the judged (last) image, text rendering N/A; `toy-blueness` flips the sign. The
+    parser, the reward, the mask and the loss then run as with a real scorer, and a working RL
+    run visibly makes the images redder (or bluer)."""
+
+    def __init__(self, name: str):
+        if name not in ("toy-redness", "toy-blueness"):
+            raise ModelLoadError(f"unknown toy critic {name!r}: toy-redness or toy-blueness")
+        self.name, self.sign = name, 1 if name == "toy-redness" else -1
+
+    def generate(self, convs, *args, **kwargs) -> list:
+        from PIL import ImageStat
+        outs = []
+        for conv in convs:
+            images = [p["image"] for t in conv if isinstance(t["content"], list)
+                      for p in t["content"] if p["type"] == "image"]
+            red, _, blue = ImageStat.Stat(images[-1].convert("RGB")).mean
+            s = f"{min(4.0, max(1.0, 2.5 + self.sign * 6 * (red - blue) / 255)):.3f}"
+            titles = ["Text Faithfulness", "Physical and Visual Quality"]
+            if len(images) > 1:  # an edit: the source image, then the edited one
+                titles.insert(1, "Image Faithfulness")
+            text = "".join(f"{n}. {title}\n## Justification: mean R - mean B is "
+                           f"{red - blue:.1f}.\n## Score: {s}\n"
+                           for n, title in enumerate(titles, 1))
+            colour = "red" if self.sign > 0 else "blue"
+            text += (f"{len(titles) + 1}. Text Rendering\n## Justification: no text.\n## Score: "
+                     f"N/A\n# Summary: a toy critique ({self.name}).\n# User Request Refinement:"
+                     f"\n## Refinement Comments: more {colour}.\n## Refined Request: the same "
+                     f"picture, more {colour}")
+            outs.append(Generation(text))
+        return outs
+
+    def answer_logprobs(self, convs, answers=("A", "B")) -> list:
+        raise BackendError(f"{self.name} writes critiques only; it cannot be a PARROT teacher")
+
+
 def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[str] = None,
                  quantization: str = "auto", batch_size: int = 8, max_pixels: int = 768 * 768,
                  device: Optional[str] = None):
-    """The OpenAI-compatible server at `api_base` serving `model`, or `model` loaded in-process."""
+    """The OpenAI-compatible server at `api_base` serving `model`, `model` loaded in-process, or a
+    toy critic (toy-redness, toy-blueness)."""
+    if model.startswith("toy-") and not api_base:
+        return ToyCritic(model)
     if api_base:
         if adapter:
             raise ValueError("--adapter applies to a local model; serve the adapter with your "

@@ -664,7 +664,8 @@ class EvalArgs(ScorerFlags):
 class ScorerArgs:
     """The scorer's flags as rl_nft.py and gcr_loop.py take them (their Args inherit these)."""
     scorer: Optional[str] = None
-    """scorer VLM: --model of rationalrewards.py score (default: the released one for the task)"""
+    """scorer VLM: --model of rationalrewards.py score (default: the released one for the task);
+    toy-redness / toy-blueness: a demonstration critic (common.ToyCritic), not a reward model"""
     scorer_adapter: Optional[str] = None
     """LoRA adapter on top of --scorer, e.g. the PARROT student (runs/X/student)"""
     scorer_api_base: Optional[str] = None

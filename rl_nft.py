@@ -687,7 +687,8 @@ class Args(rr.ScorerArgs):
     t5: bool = True
     """SD3: load the T5 text encoder (--no-t5 saves its memory, at some prompt fidelity)"""
     resolution: Optional[int] = None
-    """image side (default 512 as both sources; 64 tiny-random); edit sources center-cropped"""
+    """image side (default 512 as both sources; tiny-random, or a saved SD3 folder made for less:
+    its own size); edit sources center-cropped"""
     epochs: int = 50
     """collect -> reward -> optimise -> update rounds"""
     prompts_per_epoch: int = 4
@@ -908,7 +909,7 @@ def resolve_defaults(args: Args) -> Args:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.resolution is None:
-        args.resolution = 64 if args.generator == "tiny-random" else 512
+        args.resolution = common.generator_resolution(args.generator, 512)
     return args
 
 

@@ -155,3 +155,34 @@ def test_edit_scorer_needs_source_images(tiny):
         scorer.critique([solid("red")], ["x"])
     [c] = scorer.critique([solid("red")], ["x"], [solid("blue")])
     assert set(c.scores) == set(rr.EDIT_DIMENSIONS)
+
+
+def test_the_tiny_generators_colour_follows_the_latent():
+    """A unit shift of one latent channel, in the units the transformer works in, moves that
+    colour channel of every pixel by 0.15 x 3 tanh(.) of the decoded shift (about 24 of 255 for
+    SD3's scaling 1.5305 around zero), and no other channel."""
+    pipe = common.load_generator("tiny-random")
+    vae = pipe.vae
+    decode = lambda x: vae.decode(x / vae.config.scaling_factor + vae.config.shift_factor).sample
+    with torch.no_grad():
+        x = torch.zeros(1, 4, 8, 8)
+        base = (decode(x) + 1) / 2 * 255                                 # (1, 3, 16, 16)
+        x[:, 0] = 1.0
+        moved = (decode(x) + 1) / 2 * 255
+    z0, z1 = vae.config.shift_factor, 1 / vae.config.scaling_factor + vae.config.shift_factor
+    expected = 0.15 * 3 * (math.tanh(z1 / 3) - math.tanh(z0 / 3)) * 255
+    diff = (moved - base).mean(dim=(0, 2, 3))
+    assert diff[0].item() == pytest.approx(expected, rel=1e-4) and 23 < expected < 25
+    assert diff[1:].abs().max().item() < 1e-4
+
+
+def test_a_saved_generator_folder_needs_no_extra_flags(tmp_path):
+    """A pipeline saved without T5 (as tiny-random is) loads as it is, and RL trains at its own
+    size, not at the 512 px of the real models."""
+    import rl_nft
+    common.load_generator("tiny-random").save_pretrained(tmp_path / "gen")
+    pipe = common.load_generator(str(tmp_path / "gen"))
+    assert pipe.text_encoder_3 is None
+    args = rl_nft.resolve_defaults(rl_nft.Args(generator=str(tmp_path / "gen")))
+    assert args.resolution == 64
+    assert rl_nft.resolve_defaults(rl_nft.Args()).resolution == 512  # SD3.5-Medium: the sources'
