@@ -1,19 +1,10 @@
-"""Plumbing shared by rationalrewards.py, parrot.py, rl_nft.py and gcr_loop.py. Nothing here is
-the paper: read the four modules for the method.
-
-    command line     ``parse`` (flags from the Args dataclasses, by tyro), ``run`` (one
-                     `error:` line instead of a traceback, Ctrl-C), checks of numbers and devices
-    run folders      ``check_writable_dir``, ``start_run`` (a lock, args.json, resume refused
-                     with other settings)
-    files            JSONL records appended one by one, images written atomically, prompt files,
-                     parquet streamed with `datasets`
-    models           ``load_vlm``, ``load_generator`` (hub id, local folder or `tiny-random`),
-                     ``from_pretrained`` (hub errors -> the download command)
-    backends         ``TransformersBackend`` (in-process) and ``OpenAIBackend`` (the `openai`
-                     client): generate(messages, ...) -> [Generation], answer_logprobs(...)
-    pictures         ``caption_grid``: images with their captions, for every picture we draw
-
-This module imports none of the four.
+"""Plumbing shared by rationalrewards.py, parrot.py, rl_nft.py and gcr_loop.py; nothing here is
+the paper. In order: the command line (flags by tyro, one `error:` line, run folders with a lock
+and args.json), several processes (torchrun: rank 0 writes), files (JSONL appended record by
+record, images written atomically, prompt files, parquet streams), model loading (hub id, local
+folder or tiny-random; hub errors -> the download command), the backends (in-process
+transformers, the `openai` client, toy critics) and pictures (``caption_grid``). It imports none
+of the four modules.
 """
 from __future__ import annotations
 
@@ -61,9 +52,7 @@ class BackendError(RuntimeError):
     """The model server failed or did not answer."""
 
 
-# ---------------------------------------------------------------------------------------
-# Command line and run folders
-# ---------------------------------------------------------------------------------------
+# ---- Command line and run folders ----
 def parse(cls, argv=None, description: Optional[str] = None):
     """An instance of the dataclass `cls` from the command line (a dict {name: dataclass} gives
     subcommands); flags and --help come from the fields and the docstring under each (tyro)."""
@@ -202,9 +191,7 @@ def _take_run_folder(out, args, extra) -> None:
     write_atomic(Path(out) / "args.json", json.dumps({**asdict(args), **(extra or {})}, indent=2))
 
 
-# ---------------------------------------------------------------------------------------
-# Several processes (torchrun, accelerate launch): every rank computes, rank 0 writes
-# ---------------------------------------------------------------------------------------
+# ---- Several processes (torchrun, accelerate launch): every rank computes, rank 0 writes ----
 # this process's rank (from the launcher's environment, for who prints) and the number of
 # processes, set by init_distributed
 RANK, WORLD = int(os.environ.get("RANK", "0")), 1
@@ -244,16 +231,11 @@ def _accelerate_num_processes() -> int:
     if not any(k.startswith("ACCELERATE_") for k in os.environ):
         return 1
     try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().replace("\0", " ")
     except OSError:
         return 1
-    for i, a in enumerate(argv):
-        for flag in ("--num_processes", "--num-processes"):
-            if a == flag and i + 1 < len(argv) and argv[i + 1].isdigit():
-                return int(argv[i + 1])
-            if a.startswith(flag + "=") and a.split("=", 1)[1].isdigit():
-                return int(a.split("=", 1)[1])
-    return 1
+    asked = re.search(r"--num[_-]processes[= ](\d+)", parent)
+    return int(asked.group(1)) if asked else 1
 
 
 def gather(obj) -> list:
@@ -286,9 +268,7 @@ def sum_gradients(params) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
-# ---------------------------------------------------------------------------------------
-# Files: text, JSONL records, images (atomic writes), prompt lists, parquet streams
-# ---------------------------------------------------------------------------------------
+# ---- Files: text, JSONL records, images (atomic writes), prompt lists, parquet streams ----
 def print_dict(d: dict, indent: str = "  ") -> None:
     """A report on stdout, one `name value` line each, nested dicts indented below their name."""
     for k, v in d.items():
@@ -480,9 +460,7 @@ def open_parquet_stream(source: str, split: str, image_columns, config: Optional
     return ds
 
 
-# ---------------------------------------------------------------------------------------
-# Model loading: hub id, local folder or tiny-random; hub errors become the download command
-# ---------------------------------------------------------------------------------------
+# ---- Model loading: hub id, local folder or tiny-random; hub errors -> the download command
 DOWNLOAD_SIZES = {  # said next to the download command (bf16 safetensors)
     "Qwen/Qwen3-VL-2B-Instruct": "about 4.3 GB", "Qwen/Qwen3-VL-8B-Instruct": "about 17.5 GB",
     "TIGER-Lab/RationalRewards-8B-T2I": "about 17.5 GB",
@@ -841,10 +819,7 @@ def build_tiny_kontext(seed: int = 0):
                                 tokenizer_2=_tiny_clip_tokenizer(512), transformer=transformer)]
 
 
-# ---------------------------------------------------------------------------------------
-# Backends: generate(messages, max_new_tokens, temperature) -> [Generation];
-# answer_logprobs(messages, answers) -> [{answer: log p} or None]
-# ---------------------------------------------------------------------------------------
+# ---- Backends: generate(messages, ...) -> [Generation]; answer_logprobs -> [{answer: log p}]
 @dataclass
 class Generation:
     """One reply: its text, whether the token limit cut it, and the error when the request failed
@@ -1057,9 +1032,7 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
     return TransformersBackend(vlm, processor, batch_size, max_pixels, name=model)
 
 
-# ---------------------------------------------------------------------------------------
-# Pictures: every grid of captioned images (RL eval grids, GCR contact sheets) is caption_grid
-# ---------------------------------------------------------------------------------------
+# ---- Pictures: every grid of captioned images (eval grids, contact sheets): caption_grid ----
 def font(size: int):
     try:
         return ImageFont.load_default(size=size)
