@@ -226,8 +226,11 @@ def test_decompression_bomb_is_a_counted_skip_not_an_abort(image_dir, tmp_path, 
 
 def test_stderr_holds_what_a_user_needs(image_dir):
     # issue 7.16: no bitsandbytes kernel warning, no library loading bars, no deprecation noise
+    # a fresh Python: library warnings print once per process, and logging handlers keep the
+    # stderr they were made with
     res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--quantization", "4bit",
-                  "--prompt", "x", "--image", image_dir / "red.png", "--max-new-tokens", "4")
+                  "--prompt", "x", "--image", image_dir / "red.png", "--max-new-tokens", "4",
+                  fresh=True)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     # the resolved arguments go to args.json only; and no truncation warning for tiny-random,
