@@ -636,11 +636,12 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
                 count += 1
         # a non-finite loss on any rank stops every rank, with one error (from rank 0)
         bad = next((v for v in common.gather(bad) if v is not None), None)
+        if bad is not None and common.RANK > 0:
+            raise SystemExit(2)  # quietly: rank 0 says why
         if bad is not None:
             raise FloatingPointError(
                 f"the NFT loss became {bad} (optimiser step {step + 1}); nothing of this epoch is "
-                "saved and the last checkpoint is intact: rerun with --resume and a lower --lr") \
-                if common.RANK == 0 else SystemExit(2)
+                "saved and the last checkpoint is intact: rerun with --resume and a lower --lr")
         # a step whose samples were all masked still steps, on zero gradients, as the sources do:
         # AdamW's weight decay and moment estimates move the weights even then
         for p in params:
