@@ -148,9 +148,12 @@ def check_same_run(out, args, keys, paths=(), extra=None) -> None:
             from None
     now = {**asdict(args), **extra}
     norm = lambda k, v: str(Path(v).resolve()) if k in paths and v else v
-    diff = [f"the content of the file(s) behind --{k.split('_')[0]} changed since then"
-            if k in extra else f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now"
-            for k in (*keys, *extra) if norm(k, saved.get(k)) != norm(k, now[k])]
+
+    def say(k):  # a flag by its name; a digest by the file it stands for
+        if k in extra:
+            return f"the content of the file(s) behind --{k.split('_')[0]} changed since then"
+        return f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {now[k]!r} now"
+    diff = [say(k) for k in (*keys, *extra) if norm(k, saved.get(k)) != norm(k, now[k])]
     if diff:
         raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}). "
                          f"Use another --out, or delete {out} to start over.")
@@ -207,7 +210,10 @@ def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
     global RANK, WORLD
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for kind in tiny if world > 1 else ():
-        tiny_vlm_dir() if kind == "vlm" else tiny_generator_dir(kind)
+        if kind == "vlm":
+            tiny_vlm_dir()
+        else:
+            tiny_generator_dir(kind)
     if world == 1:
         asked = _accelerate_num_processes()
         require(asked <= 1, f"accelerate launch asked for {asked} processes but started one (it "

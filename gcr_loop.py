@@ -146,7 +146,8 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
                 "reward": rr.reward_from_scores(c.scores, weights), "summary": c.summary,
                 "refined_request": c.refined_request, "truncated": c.truncated, "critique": c.text})
             st["stop"], st["request"] = stop, refined or st["request"]
-            still += [] if stop else [it]
+            if not stop:
+                still.append(it)
         active = still
     records = []
     for it in items:

@@ -103,10 +103,11 @@ def set_prompts_dir(path: Optional[str]) -> None:
         file, ref = Path(path) / name, PROMPTS_DIR / name
         text, mine = common.read_text_file(file), common.read_text_file(ref)
         braced = lambda names: ", ".join("{" + f + "}" for f in sorted(names))
-        problems = [f"it lacks {braced(_fields(mine) - _fields(text))}"] \
-            if _fields(mine) - _fields(text) else []
-        problems += [f"{braced(_fields(text) - _fields(mine))} is not a field we fill"] \
-            if _fields(text) - _fields(mine) else []
+        missing, extra, problems = _fields(mine) - _fields(text), _fields(text) - _fields(mine), []
+        if missing:
+            problems.append(f"it lacks {braced(missing)}")
+        if extra:
+            problems.append(f"{braced(extra)} is not a field we fill")
         if text.count("<image>") != mine.count("<image>"):
             problems.append(f"it has {text.count('<image>')} <image> slot(s) where {name} has "
                             f"{mine.count('<image>')}")
