@@ -72,9 +72,7 @@ PROJECTION_TOLERANCE = 0.5   # a pointwise projection may stray this far from it
 PROJECTION_TEMPERATURE = 0.1  # projections copy scores: decode like the scorer does
 
 
-# ---------------------------------------------------------------------------------------
-# Pure logic of the phases (unit-tested on hand-written rationales)
-# ---------------------------------------------------------------------------------------
+# ---- Pure logic of the phases (unit-tested on hand-written rationales) ----
 def consistency_verdict(judgement: rr.PairwiseJudgement, label: str, p_label: Optional[float],
                         min_consistency: float) -> Optional[str]:
     """Phase 2: None if z is kept, else the reason it is dropped.
@@ -126,9 +124,7 @@ def format_anchor_scores(scores: dict) -> str:
                      for d, s in scores.items())
 
 
-# ---------------------------------------------------------------------------------------
 # ---- Phase 1: anchored generation, q(z | x, y) ----
-# ---------------------------------------------------------------------------------------
 # what Phase 1 copies from a pair record into each of its rationales
 PAIR_FIELDS = ("id", "dataset", "task", "prompt", "image_a", "image_b", "source_image", "label",
                "defect_dimension")
@@ -151,9 +147,7 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
             common.append_jsonl(path, {**rec, "candidate": k, "rationale": text})
 
 
-# ---------------------------------------------------------------------------------------
 # ---- Phase 2: predictive consistency filtering, ELBO term 1: E_q[log P(y | x, z)] ----
-# ---------------------------------------------------------------------------------------
 def read_phase2(out: Path) -> list:
     """One record per pair: the latest written (a rerun with more candidates supersedes the old
     one)."""
@@ -235,9 +229,7 @@ def phase2_record(candidates: dict, verdicts: list) -> dict:
     return rec
 
 
-# ---------------------------------------------------------------------------------------
 # ---- Phase 3: foresight distillation, ELBO term 2: min KL(q(z|x,y) || P_theta(z|x)) ----
-# ---------------------------------------------------------------------------------------
 def project_pointwise(teacher, kept: list, out: Path, args: Args) -> None:
     """Two pointwise critiques per kept pair, each anchored on that image's pairwise scores."""
     path = out / "projections.jsonl"
@@ -515,9 +507,7 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
     return metrics
 
 
-# ---------------------------------------------------------------------------------------
-# The ELBO report
-# ---------------------------------------------------------------------------------------
+# ---- The ELBO report ----
 def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
     phase1, phase2 = common.read_jsonl(out / "phase1.jsonl"), read_phase2(out)
     kept = [r for r in phase2 if r["kept"]]
@@ -658,11 +648,9 @@ class DataError(ValueError):
     """A dataset is missing or malformed; the message says how to get or fix it."""
 
 
-# ---------------------------------------------------------------------------------------
-# Datasets. Every loader returns pair records
-#   {id, dataset, task, prompt, image_a, image_b, source_image, label, defect_dimension}
+# ---- Datasets. Every loader returns pair records
+# {id, dataset, task, prompt, image_a, image_b, source_image, label, defect_dimension}
 # with image paths on disk, and counts what it skipped and why in `stats`.
-# ---------------------------------------------------------------------------------------
 def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None,
               defect=None) -> dict:
     """Seeded shuffle of which image is shown as A, so the student cannot learn "A wins"."""
@@ -906,9 +894,7 @@ def load_dataset_pairs(args: Args) -> tuple:
     return pairs, stats
 
 
-# ---------------------------------------------------------------------------------------
-# Helpers shared by the phases
-# ---------------------------------------------------------------------------------------
+# ---- Helpers shared by the phases ----
 def paths_of(rec: dict, *parts) -> list:
     """The pair's image paths in prompt order (source first for editing)."""
     return [rec[k] for k in (["source_image"] if rec["task"] == "edit" else []) + list(parts)]
@@ -972,9 +958,7 @@ class LazyTeacher:
             torch.cuda.empty_cache()
 
 
-# ---------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------
+# ---- main ----
 def preflight(args: Args, out: Path) -> None:
     """Every input the run will need, checked before any work: the student (before hours of Phases
     1-2, not after them), the dataset and, for a fresh Phase 1, the teacher. Everything missing is

@@ -78,11 +78,9 @@ def dimensions(task: str) -> tuple:
         raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
     return T2I_DIMENSIONS if task == "t2i" else EDIT_DIMENSIONS
 
-# ---------------------------------------------------------------------------------------
-# Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field. A
+# ---- Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field. A
 # template may open with a line `[system]`, the system turn, then a line `[user]` and the user
 # turn; without `[system]` it is all user turn (every template in prompts/).
-# ---------------------------------------------------------------------------------------
 _prompts_override: Optional[Path] = None  # set by --prompts-dir
 _fields = lambda text: set(re.findall(r"\{([a-z_]+)\}", text))
 
@@ -92,29 +90,20 @@ def set_prompts_dir(path: Optional[str]) -> None:
     Each must keep our template's fields ({request}, ...) and its number of <image> slots: one
     without {request} would silently never show the model the user's request."""
     global _prompts_override
-    if path and not Path(path).is_dir():
-        raise FileNotFoundError(f"--prompts-dir {path} is not a directory")
+    common.require(not path or Path(path).is_dir(), f"--prompts-dir {path} is not a directory",
+                   FileNotFoundError)
     _prompts_override = Path(path) if path else None
-    if not path:
-        return
-    found = sorted(p.name for p in Path(path).glob("*.txt")
-                   if p.name in {t.name for t in common.template_files()})
+    found = [p.name for p in common.template_files() if path and (Path(path) / p.name).is_file()]
     for name in found:
         file, ref = Path(path) / name, PROMPTS_DIR / name
         text, mine = common.read_text_file(file), common.read_text_file(ref)
-        braced = lambda names: ", ".join("{" + f + "}" for f in sorted(names))
-        missing, extra, problems = _fields(mine) - _fields(text), _fields(text) - _fields(mine), []
-        if missing:
-            problems.append(f"it lacks {braced(missing)}")
-        if extra:
-            problems.append(f"{braced(extra)} is not a field we fill")
-        if text.count("<image>") != mine.count("<image>"):
-            problems.append(f"it has {text.count('<image>')} <image> slot(s) where {name} has "
-                            f"{mine.count('<image>')}")
-        if problems:
-            raise ValueError(f"--prompts-dir template {file}: {'; '.join(problems)} (see {ref} "
-                             "for the fields and image slots each template needs)")
-    if common.RANK == 0:
+        missing = ", ".join("{" + f + "}" for f in sorted(_fields(mine) - _fields(text)))
+        common.require(not missing, f"--prompts-dir template {file}: it lacks {missing} (see {ref})",
+                       ValueError)
+        common.require(text.count("<image>") == mine.count("<image>"), f"--prompts-dir template "
+                       f"{file}: it has {text.count('<image>')} <image> slot(s) where {ref} has "
+                       f"{mine.count('<image>')}", ValueError)
+    if path and common.RANK == 0:
         print(f"prompts: {len(found)} template(s) from {path} ({', '.join(found) or 'none'}); "
               f"the rest from {PROMPTS_DIR}", file=sys.stderr)
 
@@ -185,10 +174,8 @@ def to_content(text: str, images: list, what: str = "text") -> list:
         content += [{"type": "image", "image": images[i]}] if i < len(images) else []
     return content
 
-# ---------------------------------------------------------------------------------------
-# Parsing. The model writes markdown; we read it back tolerantly: bold markers, `3.5/4`,
+# ---- Parsing. The model writes markdown; we read it back tolerantly: bold markers, `3.5/4`,
 # `[3.5]`, N/A, sections missing or out of order, a reasoning preamble. Unreadable -> None.
-# ---------------------------------------------------------------------------------------
 _S = r"[\s_/&-]*"  # what may stand between the words of a dimension's name
 # First key wins, so the specific names come before "quality"; within a key the long names
 # come first, so that a header line holding only "Physical and Visual Quality" is read as
@@ -385,9 +372,7 @@ def parse_pairwise(text: str, task: str = "t2i") -> PairwiseJudgement:
     return PairwiseJudgement(scores_a, scores_b, winners, justs, summary, preferred, text,
                              complete=complete)
 
-# ---------------------------------------------------------------------------------------
-# The reward (paper Sec. 2.2) and the pairwise preference (Sec. 3), from parsed scores.
-# ---------------------------------------------------------------------------------------
+# ---- The reward (paper Sec. 2.2) and the pairwise preference (Sec. 3), from parsed scores. ----
 def reward_from_scores(scores: dict, weights: Optional[dict] = None) -> float:
     """The reward R in [0, 1] of one critique, from its per-dimension scores s_d in [1, 4].
 
@@ -405,16 +390,10 @@ def reward_from_scores(scores: dict, weights: Optional[dict] = None) -> float:
     return (mean - 1.0) / 3.0
 
 
-aggregate = reward_from_scores  # the name of earlier releases, kept for the Python API
-
-
 def check_weights(weights: Optional[dict], scores: Optional[dict] = None) -> dict:
-    """Per-dimension reward weights, validated so that the reward stays in [0, 1].
-
-    Known dimension names only, each weight finite and >= 0, and (given `scores`) not zero on
-    every dimension scored. Dimensions not named keep weight 1; weight 0 leaves a dimension out
-    (e.g. image_faithfulness=0 gives the official edit-RL reward, which averages the other three).
-    """
+    """Per-dimension reward weights, checked: known names, finite and >= 0, not zero on every
+    dimension of `scores`. Unnamed dimensions weigh 1; 0 leaves one out (image_faithfulness=0 is
+    the official edit-RL reward, the mean of the other three)."""
     if not weights:
         return {}
     unknown = sorted(set(weights) - set(DIMENSION_TITLES))
@@ -436,16 +415,11 @@ def parse_weights(spec: Optional[str]) -> Optional[dict]:
     -> {'text_faithfulness': 2.0, 'image_faithfulness': 0.0}."""
     if not spec:
         return None
-    weights = {}
-    for item in spec.split(","):
-        name, sep, value = item.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError("reward weights look like 'text_faithfulness=1,physical_quality=0.5', "
-                             f"got {spec!r}")
+    try:
+        weights = {k.strip(): float(v) for k, v in (item.split("=") for item in spec.split(","))}
+    except ValueError:  # no "=", two of them, or not a number
+        raise ValueError("reward weights look like 'text_faithfulness=1,physical_quality=0.5', "
+                         f"got {spec!r}") from None
     return check_weights(weights)
 
 
@@ -458,9 +432,7 @@ def preference_from_scores(scores_a: dict, scores_b: dict) -> str:
         return "tie"
     return "A" if sum_a > sum_b else "B"
 
-# ---------------------------------------------------------------------------------------
-# The scorer (paper Sec. 2.2): critique -> scores -> reward, and the pairwise judge.
-# ---------------------------------------------------------------------------------------
+# ---- The scorer (paper Sec. 2.2): critique -> scores -> reward, and the pairwise judge. ----
 class RationalRewardsScorer:
     """Pointwise critique-and-refine scorer: `rewards()` is the RL reward, `critique()` feeds GCR,
     `compare()` is the pairwise judge."""
@@ -510,9 +482,7 @@ class RationalRewardsScorer:
         return self._ask("pairwise", parse_pairwise, requests, source_images, allow_failures,
                          images_a, images_b)
 
-# ---------------------------------------------------------------------------------------
-# Preference evaluation (paper Sec. 3): a batch of pairs -> predictions -> accuracy.
-# ---------------------------------------------------------------------------------------
+# ---- Preference evaluation (paper Sec. 3): a batch of pairs -> predictions -> accuracy. ----
 def predict_pairs(scorer: RationalRewardsScorer, batch: list, mode: str) -> list:
     """One prediction record per (pair, images) in `batch`; a failed request gives a `failed`
     record."""
@@ -770,13 +740,11 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
         batch = []
         for p in todo[i:i + batch_size]:
             # an edit has one source image, or several (MMRB2 `source_images`), sent in order
-            sources = p.get("source_images") or ([p["source_image"]] if p.get("source_image")
-                                                 else [])
-            files = [("image_a", p["image_a"]), ("image_b", p["image_b"])]
-            read = [(key, f, *common.read_image(f)) for key, f in
-                    files + [("source", f) for f in sources]]
-            bad = {f: problem for _, f, _, problem in read if problem}
-            if scorer.task == "edit" and not sources:
+            files = [p["image_a"], p["image_b"],
+                     *(p.get("source_images") or [p[k] for k in ["source_image"] if p.get(k)])]
+            read = [common.read_image(f) for f in files]
+            bad = {f: problem for f, (_, problem) in zip(files, read) if problem}
+            if scorer.task == "edit" and len(files) < 3:
                 bad["source_image"] = "missing (an edit pair needs one)"
             if bad:
                 missing = all(v.startswith("missing") for v in bad.values())
@@ -784,11 +752,8 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
                 common.warn(f"skipping pair {p['id']}: "
                             + "; ".join(f"{f}: {v}" for f, v in bad.items()))
                 continue
-            images = {key: im for key, _, im, _ in read if key != "source"}
-            if sources:
-                loaded = [im for key, _, im, _ in read if key == "source"]
-                images["source_image"] = loaded if p.get("source_images") else loaded[0]
-            batch.append((p, images))
+            ims = [im for im, _ in read]
+            batch.append((p, {"image_a": ims[0], "image_b": ims[1], "source_image": ims[2:]}))
         for rec in predict_pairs(scorer, batch, mode) if batch else []:
             latest[rec["id"]] = rec
             if pred_path:
@@ -812,22 +777,13 @@ def evaluate_preferences(scorer: RationalRewardsScorer, pairs: list, mode: str =
     return metrics
 
 
-# ---------------------------------------------------------------------------------------
-# The paper's Table 1: each benchmark with its official labels and protocol
-# ---------------------------------------------------------------------------------------
+# ---- The paper's Table 1: each benchmark with its official labels and protocol ----
 # Each row streams from the hub (or --data-dir) and becomes one of our pairs, A = left /
-# candidate_1. The "paper protocol" accuracy follows the official code behind the paper's figure:
-# - GenAI-Bench, MMRB2: TIGER-AI-Lab/RationalRewards reward_model_evaluation/rm_inference/
-#   inference_{genaibench,mmrb2}_*.py + compute_pairwise_accuracy.py. GenAI-Bench's leftvote ->
-#   A, rightvote -> B, every other vote (tie, both bad) no label: skipped. A predicted tie is
-#   wrong. (modular_rm_eval/ maps those votes to "tie", but its parser looks for "2. Physical
-#   Quality", which never matches the rubric: it cannot have produced the paper's figures.) Tie
-#   votes are kept as "tie" for the with-ties column. MMRB2 edits send all `prompt_images`.
-# - EditReward-Bench: TIGER-AI-Lab/EditReward EditReward/evaluate/eval_bench.py: pairwise
-#   comparisons of 2-, 3- and 4-way samples with A=B ties, and the strict accuracy per subset.
-# A request with no or an empty reply is left out and counted (the scripts' `success = False`).
-# An unreadable t2i reply scores 2.5 per missing dimension; an edit reply missing any
-# dimension's Score A/B line is left out as `unparsed` (the official edit parsers raise on it).
+# candidate_1, its accuracy computed as the official code behind the paper's figure does
+# (`protocol`; files in TIGER-AI-Lab/RationalRewards reward_model_evaluation/rm_inference/ and
+# TIGER-AI-Lab/EditReward EditReward/evaluate/). GenAI-Bench tie votes are kept as "tie" for the
+# with-ties column only (modular_rm_eval/ maps them to "tie" too, but its parser looks for "2.
+# Physical Quality", which never matches the rubric: it cannot have made the paper's figures).
 BENCHMARKS = {
     "genai-bench-t2i": dict(hub="TIGER-Lab/GenAI-Bench", config="image_generation", split="test",
                             task="t2i", prompt="prompt", a="left_image", b="right_image", src=None,
@@ -1075,9 +1031,7 @@ def print_benchmark_table(rows: list) -> None:
           "token limit. A gap inside the 95% interval is noise.")
 
 
-# ---------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------
+# ---- main ----
 # what an eval's predictions depend on: resuming --out with any of these changed is refused
 EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization",
                  "max_new_tokens", "temperature", "max_pixels", "prompts_dir")

@@ -82,9 +82,7 @@ import common
 import rationalrewards as rr
 
 
-# ---------------------------------------------------------------------------------------
 # ---- The algorithm: pure functions (unit-tested with hand-computed numbers) ----
-# ---------------------------------------------------------------------------------------
 def _with_group_means(rewards, group_ids) -> tuple:
     """(R, the mean reward of each sample's group), both (N,) float64."""
     R, g = torch.as_tensor(rewards, dtype=torch.float64), torch.as_tensor(group_ids)
@@ -243,9 +241,7 @@ def solve_flow_ode(velocity_fn, x, sigmas, solver: str = "dpm2"):
     return x
 
 
-# ---------------------------------------------------------------------------------------
 # ---- Models: two LoRA policies on one transformer, and where SD3 and FLUX.1-Kontext differ ----
-# ---------------------------------------------------------------------------------------
 # The sources' LoRA targets. The `attn.` prefix matters: peft matches names by suffix, so a bare
 # `to_q` would also adapt `attn2` of SD3.5-Medium's dual-attention blocks.
 TARGET_MODULES = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -547,9 +543,7 @@ def free_text_encoders(pipe) -> None:
         torch.cuda.empty_cache()
 
 
-# ---------------------------------------------------------------------------------------
 # ---- Step 2: rewards from critiques ----
-# ---------------------------------------------------------------------------------------
 def reward_images(scorer, images: list, prompts: list, weights,
                   sources: Optional[list] = None) -> dict:
     """Critique every image (batched; editing: the source image first); R per image, per-dimension
@@ -572,9 +566,7 @@ def reward_images(scorer, images: list, prompts: list, weights,
             "truncated": truncated}
 
 
-# ---------------------------------------------------------------------------------------
 # ---- Step 3: optimise, one epoch of collected samples ----
-# ---------------------------------------------------------------------------------------
 def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigmas, geo: dict,
                    args: Args, gen, ema: Optional[dict], step: int) -> tuple:
     """The NFT loss over every mini-batch and training timestep of the epoch; gradients accumulate
@@ -779,9 +771,7 @@ RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "prompts_d
             "mask", "ema", "scorer", "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
 
 
-# ---------------------------------------------------------------------------------------
-# Inputs: prompts (t2i) or instruction + source image (edit)
-# ---------------------------------------------------------------------------------------
+# ---- Inputs: prompts (t2i) or instruction + source image (edit) ----
 def square_source(image: Image.Image, side: int) -> Image.Image:
     """Center-crop to a square and resize (the official Kontext dataset's preprocessing)."""
     w, h = image.size
@@ -815,9 +805,7 @@ def read_items(path: str, task: str, resolution: int) -> list:
     return items
 
 
-# ---------------------------------------------------------------------------------------
-# Outputs: LoRA files, the checkpoint, metrics, pictures
-# ---------------------------------------------------------------------------------------
+# ---- Outputs: LoRA files, the checkpoint, metrics, pictures ----
 def save_lora(pipe, folder: Path) -> None:
     """theta (inside `ema_weights`: its EMA) as a diffusers LoRA, for
     `pipe.load_lora_weights(folder)`."""
@@ -901,9 +889,7 @@ def plot_reward_curve(rows: list, path: Path, dims: tuple, title: str = "") -> l
     return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
-# ---------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------
+# ---- main ----
 def resolve_defaults(args: Args) -> Args:
     """The task-dependent defaults filled in, so that args.json records what ran."""
     for name, value in TASK_DEFAULTS[args.task].items():

@@ -351,7 +351,6 @@ def test_reward_rejects_weights_that_leave_zero_to_one():
     assert rr.reward_from_scores(edit) == pytest.approx((3.0 - 1) / 3)  # mean(4, 1, 4) = 3
     with pytest.raises(ValueError, match="look like"):
         rr.parse_weights("text_faithfulness:2")
-    assert rr.aggregate is rr.reward_from_scores  # the older name still works in the Python API
 
 
 def test_quoted_word_at_the_end_of_a_refined_request_survives():
