@@ -98,8 +98,8 @@ def set_prompts_dir(path: Optional[str]) -> None:
         file, ref = Path(path) / name, PROMPTS_DIR / name
         text, mine = common.read_text_file(file), common.read_text_file(ref)
         missing = ", ".join("{" + f + "}" for f in sorted(_fields(mine) - _fields(text)))
-        common.require(not missing, f"--prompts-dir template {file}: it lacks {missing} (see {ref})",
-                       ValueError)
+        common.require(not missing, f"--prompts-dir template {file}: it lacks {missing} (see "
+                       f"{ref})", ValueError)
         common.require(text.count("<image>") == mine.count("<image>"), f"--prompts-dir template "
                        f"{file}: it has {text.count('<image>')} <image> slot(s) where {ref} has "
                        f"{mine.count('<image>')}", ValueError)

@@ -534,15 +534,6 @@ def decode(pipe, x0, geo: dict) -> list:
     return pipe.image_processor.postprocess(images.float(), output_type="pil")
 
 
-def free_text_encoders(pipe) -> None:
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if getattr(pipe, name, None) is not None:
-            setattr(pipe, name, None)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ---- Step 2: rewards from critiques ----
 def reward_images(scorer, images: list, prompts: list, weights,
                   sources: Optional[list] = None) -> dict:
@@ -688,9 +679,6 @@ class Args(rr.ScorerArgs):
     """prompts drawn per epoch"""
     group_size: int = 4
     """K: images per prompt, the group whose mean is the baseline (sources: 24 t2i, 8 edit)"""
-    sampler: Literal["dpm2", "euler"] = "dpm2"
-    """ODE solver while collecting: multistep DPM-Solver++(2M) (sources: "dpm2") or Euler; eval
-    grids always use Euler (the sources' "flow")"""
     sample_steps: Optional[int] = None
     """solver steps while collecting (default: 10 t2i as DiffusionNFT, 15 edit as official)"""
     eval_steps: Optional[int] = None
@@ -767,7 +755,7 @@ TASK_DEFAULTS = {
 }
 # what the checkpoint depends on: resuming with any of these changed is refused
 RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "prompts_dir", "resolution",
-            "group_size", "sampler", "sample_steps", "guidance_scale", "lora_r", "lora_alpha",
+            "group_size", "sample_steps", "guidance_scale", "lora_r", "lora_alpha",
             "mask", "ema", "scorer", "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
 
 
@@ -901,26 +889,21 @@ def resolve_defaults(args: Args) -> Args:
 
 
 def validate(args: Args) -> None:
-    rr.check_scorer_flags(args)
-    common.require_positive(args, "epochs", "prompts_per_epoch", "sample_steps", "eval_steps",
+    a = args
+    rr.check_scorer_flags(a)
+    common.require_positive(a, "epochs", "prompts_per_epoch", "sample_steps", "eval_steps",
                             "train_batch_size", "gradient_steps_per_epoch", "num_eval_prompts",
                             "eval_every", "save_every", "lora_r", "resolution")
-    common.require(args.group_size >= 2, "--group-size must be at least 2: the group mean is each "
+    common.require(a.group_size >= 2, "--group-size must be at least 2: the group mean is each "
                    "sample's baseline")
-    # outside these the loss is undefined (it divides by beta and the clip) or no longer NFT
-    a = args
+    # outside these the loss is undefined (it divides by beta and the clip) or no longer NFT;
+    # AdamW names a negative --weight-decay itself
     for name, ok, what in (("beta", a.beta > 0, "> 0"), ("adv_clip", a.adv_clip > 0, "> 0"),
-                           ("kl_weight", a.kl_weight >= 0, ">= 0"), ("lr", a.lr > 0, "> 0"),
-                           ("weight_decay", a.weight_decay >= 0, ">= 0"),
-                           ("grad_clip", a.grad_clip > 0, "> 0"),
-                           ("eta_rate", a.eta_rate >= 0, ">= 0"),
+                           ("lr", a.lr > 0, "> 0"), ("grad_clip", a.grad_clip > 0, "> 0"),
                            ("eta_max", 0 <= a.eta_max < 1, "in [0, 1)"),
-                           ("ema_decay", 0 <= a.ema_decay < 1, "in [0, 1)"),
-                           ("timestep_fraction", 0 < a.timestep_fraction <= 1, "in (0, 1]"),
-                           ("mask_std", a.mask_std >= 0, ">= 0")):
-        value = getattr(a, name)
-        common.require(math.isfinite(value) and ok,
-                       f"--{name.replace('_', '-')} must be {what}, got {value}")
+                           ("ema_decay", 0 <= a.ema_decay < 1, "in [0, 1)")):
+        common.require(ok and math.isfinite(getattr(a, name)),
+                       f"--{name.replace('_', '-')} must be {what}, got {getattr(a, name)}")
     samples = a.prompts_per_epoch * a.group_size
     batches = math.ceil(samples / a.train_batch_size)
     common.require(a.gradient_steps_per_epoch <= batches,
@@ -933,29 +916,21 @@ def prompts_digest(args: Args, items: list) -> str:
     """The training prompts' content (and edit source images'), so that a resume after the file
     changed is refused even when its path did not."""
     h = hashlib.sha1(Path(args.prompts).read_bytes())
-    for it in items:
-        if it["source"] is not None:
-            h.update(it["source"].tobytes())
+    for source in [it["source"] for it in items if it["source"] is not None]:
+        h.update(source.tobytes())
     return h.hexdigest()
-
-
-RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv")  # any of them: a run exists
 
 
 def check_out_dir(out: Path, args: Args, digest: str) -> None:
     """A folder holding any trace of a run is continued only with --resume and the same settings;
     never started over."""
     common.check_writable_dir(out)
-    same = dict(keys=RUN_KEYS, paths=("prompts", "scorer_adapter"), extra={"prompts_sha1": digest})
-    if any((out / name).exists() for name in RUN_FILES) and not args.resume:
-        try:
-            common.check_same_run(out, args, **same)
-        except ValueError as err:  # other settings: --resume would be refused too
-            raise SystemExit(str(err)) from None
-        raise SystemExit(f"{out} already holds a run with these settings: pass --resume to "
-                         "continue it, or choose another --out")
-    if args.resume:
-        common.check_same_run(out, args, **same)
+    found = any((out / n).exists() for n in ("checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv"))
+    if found or args.resume:
+        common.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
+                              extra={"prompts_sha1": digest})
+    common.require(args.resume or not found, f"{out} already holds a run with these settings: "
+                   "pass --resume to continue it, or choose another --out")
 
 
 @dataclass
@@ -1043,7 +1018,10 @@ def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Ru
     geo = latent_geometry(pipe, args.resolution, args.guidance_scale)
     null = [] if geo["kontext"] else [{"key": "", "prompt": "", "source": None}]
     conds = encode_conditions(pipe, items + null, geo)
-    free_text_encoders(pipe)
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # encoded: freed
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     torch.manual_seed(args.seed)  # the LoRA init draws from here, whatever loading consumed
     params = add_policies(pipe.transformer, args)
     pipe.transformer.enable_gradient_checkpointing()  # activations recomputed: memory for time
@@ -1080,7 +1058,7 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
     idx = [g * K + k for g in mine for k in range(K)]                               # its samples
     x0 = torch.cat([sample_latents(run.pipe, {k: v[g * K:g * K + K] for k, v in cond.items()},
                                    seeds[g * K:g * K + K], run.sigmas, run.geo, "old",
-                                   args.sampler, run.conds.get(""))
+                                   "dpm2", run.conds.get(""))
                     for g in mine])                                                   # (n, ...)
     # ---- 2. reward: decode, critique, R from the scores ----
     images = decode(run.pipe, x0, run.geo)

@@ -431,8 +431,7 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     # t2i masks nothing
     assert all(r["masked_samples"] == "0" and r["trained_samples"] == "6" for r in rows)
     saved = json.loads((out / "args.json").read_text())
-    collection = (saved["sampler"], saved["sample_steps"], saved["eval_steps"], saved["mask"])
-    assert collection == ("dpm2", 4, 40, "none")
+    assert (saved["sample_steps"], saved["eval_steps"], saved["mask"]) == (4, 40, "none")
     captured = capsys.readouterr()
     # one line per epoch, and the bar
     assert "epoch 2: R=" in captured.out and "epochs" in captured.err
@@ -668,7 +667,7 @@ def test_step_defaults_per_task(task, sample_steps, eval_steps):
     """DiffusionNFT config/nft.py (SD3: 10 sampling, 40 eval steps); the official
     flux_kontext_nft.py (15 and 20)."""
     args = rl_nft.resolve_defaults(rl_nft.Args(task=task))
-    assert (args.sample_steps, args.eval_steps, args.sampler) == (sample_steps, eval_steps, "dpm2")
+    assert (args.sample_steps, args.eval_steps) == (sample_steps, eval_steps)
 
 
 def test_optimise_epoch_drops_a_random_timestep_per_sample_and_averages_over_kept(
