@@ -203,8 +203,6 @@ RANK, WORLD = int(os.environ.get("RANK", "0")), 1
 def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
     """Join the process group when a launcher started several processes (WORLD_SIZE > 1): gloo on
     CPU, nccl on GPUs with one GPU per rank (LOCAL_RANK). Returns the device this rank uses.
-    `accelerate launch` on a machine without GPUs starts ONE process whatever --num_processes says
-    (with or without --cpu): that is refused, with the torchrun command that does start N.
     `tiny`: the tiny-random models the run loads ("vlm", "t2i", "edit"), built before the group
     exists, since transformers saves on rank 0 alone once it does."""
     global RANK, WORLD
@@ -215,10 +213,6 @@ def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
         else:
             tiny_generator_dir(kind)
     if world == 1:
-        asked = _accelerate_num_processes()
-        require(asked <= 1, f"accelerate launch asked for {asked} processes but started one (it "
-                "does on a machine without GPUs); use torchrun --nproc-per-node "
-                f"{asked} {' '.join(sys.argv)}")
         return device
     import torch
     import torch.distributed as dist
@@ -230,18 +224,6 @@ def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
         dist.init_process_group("nccl" if gpu else "gloo")
     RANK, WORLD = dist.get_rank(), dist.get_world_size()
     return device or "cpu"
-
-
-def _accelerate_num_processes() -> int:
-    """--num_processes of the `accelerate launch` that started this process (1 otherwise)."""
-    if not any(k.startswith("ACCELERATE_") for k in os.environ):
-        return 1
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().replace("\0", " ")
-    except OSError:
-        return 1
-    asked = re.search(r"--num[_-]processes[= ](\d+)", parent)
-    return int(asked.group(1)) if asked else 1
 
 
 def gather(obj) -> list:
@@ -467,25 +449,15 @@ def open_parquet_stream(source: str, split: str, image_columns, config: Optional
 
 
 # ---- Model loading: hub id, local folder or tiny-random; hub errors -> the download command
-DOWNLOAD_SIZES = {  # said next to the download command (bf16 safetensors)
-    "Qwen/Qwen3-VL-2B-Instruct": "about 4.3 GB", "Qwen/Qwen3-VL-8B-Instruct": "about 17.5 GB",
-    "TIGER-Lab/RationalRewards-8B-T2I": "about 17.5 GB",
-    "TIGER-Lab/RationalRewards-8B-Edit": "about 17.5 GB",
-    "stabilityai/stable-diffusion-3.5-medium": "about 16 GB with T5",
-    "black-forest-labs/FLUX.1-Kontext-dev": "about 34 GB with T5",
-}
-
-
 GENERATORS = {"t2i": "stabilityai/stable-diffusion-3.5-medium",  # the default per task
               "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
 
 
 def download_advice(name: str, what: str, why: str) -> str:
     local = f"models/{name.split('/')[-1]}"
-    size = f" ({DOWNLOAD_SIZES[name]})" if name in DOWNLOAD_SIZES else ""
     return (f"Could not load {what} '{name}': {why}.\nOn a machine with network access run `hf "
-            f"download {name} --local-dir {local}`{size} and pass {local} instead, or set HF_HOME "
-            "to a cache that holds it. For an offline smoke run use tiny-random.")
+            f"download {name} --local-dir {local}` and pass {local} instead, or set HF_HOME to a "
+            "cache that holds it. For an offline smoke run use tiny-random.")
 
 
 def check_model_available(name: str, what: str = "model") -> None:
@@ -994,7 +966,8 @@ class ToyCritic:
     def __init__(self, name: str):
         if name not in ("toy-redness", "toy-blueness"):
             raise ModelLoadError(f"unknown toy critic {name!r}: toy-redness or toy-blueness")
-        self.name, self.sign = name, 1 if name == "toy-redness" else -1
+        self.name, self.colour = name, name[4:-4]  # red or blue
+        self.sign = 1 if name == "toy-redness" else -1
 
     def generate(self, convs, *args, **kwargs) -> list:
         from PIL import ImageStat
@@ -1003,19 +976,14 @@ class ToyCritic:
             images = [p["image"] for t in conv if isinstance(t["content"], list)
                       for p in t["content"] if p["type"] == "image"]
             red, _, blue = ImageStat.Stat(images[-1].convert("RGB")).mean
-            s = f"{min(4.0, max(1.0, 2.5 + self.sign * 6 * (red - blue) / 255)):.3f}"
-            titles = ["Text Faithfulness", "Physical and Visual Quality"]
-            if len(images) > 1:  # an edit: the source image, then the edited one
-                titles.insert(1, "Image Faithfulness")
-            text = "".join(f"{n}. {title}\n## Justification: mean R - mean B is "
-                           f"{red - blue:.1f}.\n## Score: {s}\n"
-                           for n, title in enumerate(titles, 1))
-            colour = "red" if self.sign > 0 else "blue"
-            text += (f"{len(titles) + 1}. Text Rendering\n## Justification: no text.\n## Score: "
-                     f"N/A\n# Summary: a toy critique ({self.name}).\n# User Request Refinement:"
-                     f"\n## Refinement Comments: more {colour}.\n## Refined Request: the same "
-                     f"picture, more {colour}")
-            outs.append(Generation(text))
+            s = min(4.0, max(1.0, 2.5 + self.sign * 6 * (red - blue) / 255))
+            titles = ["Text Faithfulness", "Image Faithfulness"][:len(images)]  # an edit: two
+            titles += ["Physical and Visual Quality"]
+            text = "".join(f"{n}. {title}\n## Justification: mean R - mean B is {red - blue:.1f}."
+                           f"\n## Score: {s:.3f}\n" for n, title in enumerate(titles, 1))
+            outs.append(Generation(text + f"{len(titles) + 1}. Text Rendering\n## Justification: "
+                                   f"no text.\n## Score: N/A\n# Summary: a toy critique.\n## "
+                                   f"Refined Request: the same picture, more {self.colour}"))
         return outs
 
     def answer_logprobs(self, convs, answers=("A", "B")) -> list:
