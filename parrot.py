@@ -136,11 +136,9 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
     todo = [(p, k) for p in pairs for k in range(args.num_candidates) if (p["id"], k) not in done]
     for batch in batches(todo, args.batch_size, "phase 1: anchored generation",
                          total=len(pairs) * args.num_candidates, unit="rationale"):
-        msgs = [
-            rr.render_messages(f"anchored_pairwise_{p['task']}", images_of(p, "image_a", "image_b"),
-                               request=p["prompt"], preferred=f"Image {p['label']}")
-            for p, _ in batch
-        ]
+        msgs = [rr.render_messages(f"anchored_pairwise_{p['task']}",
+                                   images_of(p, "image_a", "image_b"), request=p["prompt"],
+                                   preferred=f"Image {p['label']}") for p, _ in batch]
         texts = teacher.generate(msgs, args.max_new_tokens, args.temperature)
         for (p, k), text in zip(batch, texts):
             rec = {f: p[f] for f in PAIR_FIELDS}
@@ -172,10 +170,9 @@ def judge_candidates(teacher, candidates: list, min_consistency: float) -> list:
         lp = None if answer is None else max(LOGP_FLOOR, answer[r["label"]])
         p = None if lp is None else math.exp(lp)
         judgement = rr.parse_pairwise(r["rationale"], r["task"])
-        verdicts.append({
-            "candidate": r["candidate"], "p_label": p, "log_p_label": lp, "judgement": judgement,
-            "reason": consistency_verdict(judgement, r["label"], p, min_consistency)
-        })
+        verdicts.append({"candidate": r["candidate"], "p_label": p, "log_p_label": lp,
+                         "judgement": judgement,
+                         "reason": consistency_verdict(judgement, r["label"], p, min_consistency)})
     return verdicts
 
 
@@ -251,12 +248,9 @@ def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) ->
     """One sample in the messages + images form read by LLaMA-Factory and TRL; the label is never in
     it."""
     name = f"{kind}_{rec['task']}"
-    if kind == "pairwise":
-        images = paths_of(rec, "image_a", "image_b")
-    else:
-        images = paths_of(rec, f"image_{side.lower()}")
-    # only with a --prompts-dir template that has one
-    system = rr.system_prompt(name, request=rec["prompt"])
+    images = paths_of(rec, *(["image_a", "image_b"] if kind == "pairwise" else
+                             [f"image_{side.lower()}"]))
+    system = rr.system_prompt(name, request=rec["prompt"])  # a --prompts-dir template's
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user", "content": rr.fill_prompt(name, request=rec["prompt"])},
                  {"role": "assistant", "content": answer}]
@@ -271,10 +265,8 @@ def build_sft(out: Path, args: Args) -> tuple:
     train, held = [], []
     for r in kept:
         samples = [sft_sample("pairwise", r, r["rationale"])]
-        samples += [
-            sft_sample("pointwise", r, proj[(r["id"], s)]["critique"], s) for s in ("A", "B")
-            if (r["id"], s) in proj and proj[(r["id"], s)]["kept"]
-        ]
+        samples += [sft_sample("pointwise", r, proj[(r["id"], s)]["critique"], s)
+                    for s in ("A", "B") if proj.get((r["id"], s), {}).get("kept")]
         (held if is_heldout(r["prompt"], args.eval_fraction, args.seed) else train).extend(samples)
     if common.RANK == 0:
         common.write_atomic(out / "sft.jsonl", "".join(json.dumps(s) + "\n" for s in train))
@@ -392,31 +384,18 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
     return losses
 
 
-def student_accuracy(model, processor, heldout_pairs: list, task: str, args: Args) -> dict:
+def student_report(model, processor, held: list, heldout_pairs: list, task: str,
+                   args: Args) -> dict:
+    """The student on held-out data: its NLL of the kept rationales (ELBO term 2 up to the entropy
+    of q) and its preference accuracy, pointwise and pairwise, on the held-out pairs."""
+    nll = answer_nll(model, processor, held, args.max_pixels)
     model.eval()  # no LoRA dropout while the student writes critiques
     backend = common.TransformersBackend(model, processor, args.batch_size, args.max_pixels)
     scorer = rr.RationalRewardsScorer(backend, task, args.max_new_tokens, temperature=0.1)
-    accuracy = {}
-    for mode in ("pointwise", "pairwise"):
-        metrics = rr.evaluate_preferences(scorer, heldout_pairs, mode, None, args.batch_size)
-        accuracy[mode] = metrics["accuracy_with_ties"]
-    return accuracy
-
-
-def heldout_pairs_of(phase2: list, args: Args) -> list:
-    """Every labelled held-out pair, kept or not, is fair evaluation data (never in sft.jsonl)."""
-    seen, pairs = set(), []
-    for r in phase2:
-        if is_heldout(r["prompt"], args.eval_fraction, args.seed) and r["id"] not in seen:
-            seen.add(r["id"])
-            pairs.append(r)
-    return pairs[:args.eval_limit]
-
-
-def student_report(model, processor, held: list, heldout_pairs: list, task: str,
-                   args: Args) -> dict:
-    return {"heldout_nll": answer_nll(model, processor, held, args.max_pixels),
-            "accuracy": student_accuracy(model, processor, heldout_pairs, task, args)}
+    return {"heldout_nll": nll, "accuracy": {
+        mode: rr.evaluate_preferences(scorer, heldout_pairs, mode, None,
+                                      args.batch_size)["accuracy_with_ties"]
+        for mode in ("pointwise", "pairwise")}}
 
 
 def phase3(teacher, out: Path, args: Args) -> dict:
@@ -430,7 +409,9 @@ def phase3(teacher, out: Path, args: Args) -> dict:
     common.broadcast(None)
     train, held = build_sft(out, args)
     teacher.release()  # free the teacher's memory before the student trains
-    heldout_pairs = heldout_pairs_of(phase2, args)
+    # every labelled held-out pair, kept or not, is fair evaluation data (never in sft.jsonl)
+    heldout_pairs = [r for r in phase2 if is_heldout(r["prompt"], args.eval_fraction,
+                                                     args.seed)][:args.eval_limit]
     if common.RANK == 0:
         write_heldout_pairs(out, heldout_pairs)
     # 3. foresight distillation (resumed when the SFT data is the same), 4. the student before/after
@@ -442,16 +423,10 @@ def write_heldout_pairs(out: Path, heldout_pairs: list) -> None:
     later; image paths are relative to the file itself, as the format says, so the folder can
     move."""
     rel = lambda f: os.path.relpath(Path(f).resolve(), out.resolve())
-    lines = []
-    for r in heldout_pairs:
-        rec = {
-            "id": r["id"], "prompt": r["prompt"], "image_a": rel(r["image_a"]),
-            "image_b": rel(r["image_b"]), "label": r["label"]
-        }
-        if r.get("source_image"):
-            rec["source_image"] = rel(r["source_image"])
-        lines.append(json.dumps(rec) + "\n")
-    common.write_atomic(out / "heldout_pairs.jsonl", "".join(lines))
+    recs = [{"id": r["id"], "prompt": r["prompt"], "label": r["label"],
+             **{k: rel(r[k]) for k in ("image_a", "image_b", "source_image") if r.get(k)}}
+            for r in heldout_pairs]
+    common.write_atomic(out / "heldout_pairs.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
 
 
 def student_metrics_for(out: Path, train: list, args: Args) -> dict:
@@ -487,10 +462,7 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
     if "before" not in metrics and lead:  # LoRA starts at zero: the student is the base model
         metrics["before"] = student_report(model, processor, held, heldout_pairs, task, args)
         common.write_atomic(metrics_path, json.dumps(metrics))
-    if not train:
-        # still leave a loadable student/ (zero-initialised LoRA = the base model), so the rest
-        # of the chain (eval, rl_nft.py, gcr_loop.py --scorer-adapter) runs; the warning says
-        # what it is
+    if not train:  # still a loadable student/ (LoRA at zero), so the rest of the chain runs
         common.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the "
                     "base model)")
         if lead:
