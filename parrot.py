@@ -523,21 +523,16 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
     }
     proj = common.read_jsonl(out / "projections.jsonl")
     if proj:  # Phase 3's own filter: pointwise projections that kept their anchor scores
-        report["phase3_projections"] = {
-            "kept": sum(p["kept"] for p in proj),
-            "dropped_score_stray": sum(not p["kept"] for p in proj)
-        }
-        report["sft_samples"] = {
-            "train": len(common.read_jsonl(out / "sft.jsonl")),
-            "heldout": len(common.read_jsonl(out / "heldout.jsonl"))
-        }
+        report["phase3_projections"] = {"kept": sum(p["kept"] for p in proj),
+                                        "dropped_score_stray": sum(not p["kept"] for p in proj)}
+        report["sft_samples"] = {k: len(common.read_jsonl(out / f"{f}.jsonl"))
+                                 for k, f in (("train", "sft"), ("heldout", "heldout"))}
     if any(r.get("defect_dimension") for r in phase2):  # demo: each pair's defect is known
         hits = [largest_gap_dimension(r["scores_a"], r["scores_b"]) == r["defect_dimension"]
                 for r in kept]
         # None, said so in the table, when no rationale was kept to attribute anything
         report["attribution_accuracy"] = sum(hits) / len(hits) if hits else None
-    if student:
-        # ELBO term 2 up to the entropy of q: the student's NLL of held-out kept rationales
+    if student:  # ELBO term 2 up to the entropy of q: its NLL of held-out kept rationales
         report["student"] = student
     return report
 
@@ -559,8 +554,7 @@ class Args:
     limit: Optional[int] = None
     """use at most this many valid pairs"""
     min_vote_margin: float = 0.1
-    """rapidata/editreward: drop near-ties whose winning vote share is below 0.5 + this (editreward:
-    score gap below 4x this)"""
+    """drop near-ties: rapidata, winning vote share below 0.5 + this; editreward, score gap 4x"""
     out: str = "runs/parrot"
     """run directory: every output, resumable"""
     phases: str = "123"
@@ -580,8 +574,7 @@ class Args:
     min_consistency: float = 0.5
     """Phase 2 keeps z only if the teacher's P(y|x,z) is at least this"""
     max_new_tokens: Optional[int] = None
-    """longest rationale of the teacher (and of the student in evaluation) (default 2048; 64 for a
-    tiny-random teacher, whose text is noise)"""
+    """longest rationale of the teacher and the student (default 2048; tiny-random teacher: 64)"""
     temperature: float = 0.7
     """teacher sampling temperature in Phase 1"""
     batch_size: int = 8
@@ -620,9 +613,8 @@ class DataError(ValueError):
     """A dataset is missing or malformed; the message says how to get or fix it."""
 
 
-# ---- Datasets. Every loader returns pair records
-# {id, dataset, task, prompt, image_a, image_b, source_image, label, defect_dimension}
-# with image paths on disk, and counts what it skipped and why in `stats`.
+# ---- Datasets: each loader returns pair records (PAIR_FIELDS, image paths on disk) and counts
+# what it skipped and why in `stats`.
 def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None,
               defect=None) -> dict:
     """Seeded shuffle of which image is shown as A, so the student cannot learn "A wins"."""
@@ -634,19 +626,16 @@ def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key
             "label": "B" if swap else "A", "defect_dimension": defect}
 
 
-def _skip(problem: str, what: str, stats: dict) -> None:
-    """Count and warn about a pair left out for a missing or unreadable image."""
-    stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
-    common.warn(f"{what}: {problem}: pair skipped")
+def _skip(problem: Optional[str], what: str, stats: dict) -> bool:
+    """Count and warn about a pair left out for a missing or unreadable image (True: skipped)."""
+    if problem:
+        stats["skipped_missing_image" if problem == "missing" else "skipped_corrupt_image"] += 1
+        common.warn(f"{what}: {problem}: pair skipped")
+    return bool(problem)
 
 
 def _readable(paths, stats) -> bool:
-    for p in [p for p in paths if p is not None]:
-        problem = common.read_image(p)[1]
-        if problem:
-            _skip(problem, f"image {p}", stats)
-            return False
-    return True
+    return not any(_skip(common.read_image(p)[1], f"image {p}", stats) for p in paths if p)
 
 
 def hpdv3_missing(index: Path) -> DataError:
@@ -665,18 +654,15 @@ def load_hpdv3(root, split, limit, seed, stats) -> list:
     try:
         rows = json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{index} is not valid JSON ({err}); expected a list of records with "
-                        "prompt, path1, path2") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{index}: expected a JSON list of records, got {type(rows).__name__}")
+        raise DataError(f"{index} is not valid JSON ({err})") from None
     pairs = []
-    for n, rec in enumerate(rows):
+    for n, rec in enumerate(rows if isinstance(rows, list) else [rows]):
         if limit is not None and len(pairs) >= limit:
             break
-        if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str)
-                                              for k in ("prompt", "path1", "path2"))):
-            raise DataError(f"{index}, row {n}: expected string fields prompt, path1 (preferred), "
-                            f"path2 (rejected), got {str(rec)[:200]}")
+        common.require(isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in (
+            "prompt", "path1", "path2")), f"{index}, row {n}: expected string fields prompt, "
+            f"path1 (preferred), path2 (rejected) in a list of records, got {str(rec)[:200]}",
+            DataError)
         stats["rows_read"] += 1
         good, bad = index.parent / rec["path1"], index.parent / rec["path2"]  # path1 preferred
         if _readable([good, bad], stats):  # the id from the row, however --data-dir is spelled
@@ -743,7 +729,6 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
                                                                    cols["src"]) if c], hint=hint)
     except common.ModelLoadError as err:
         raise DataError(str(err)) from None
-    image_dir.mkdir(parents=True, exist_ok=True)
     pairs = []
     for i, row in enumerate(ds):
         if limit is not None and len(pairs) >= limit:
@@ -755,14 +740,10 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
             continue
         key = str(row.get("unique_key") or row.get("id")
                   or common.digest(row[cols["prompt"]], dataset, split, i))
-        paths, problem = {}, None
-        for part in [p for p in ("a", "b", "src") if cols[p]]:
-            paths[part] = image_dir / f"{key}-{part}.png"
-            problem = common.save_embedded_image(row.get(cols[part]), paths[part])
-            if problem:
-                break
-        if problem:
-            _skip(problem, f"row {i} of {hf_id} ({key}): image", stats)
+        paths = {p: image_dir / f"{key}-{p}.png" for p in ("a", "b", "src") if cols[p]}
+        problem = next(filter(None, (common.save_embedded_image(row.get(cols[p]), path)
+                                     for p, path in paths.items())), None)  # the first problem
+        if _skip(problem, f"row {i} of {hf_id} ({key}): image", stats):
             continue
         good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
         pairs.append(make_pair(dataset, "edit" if cols["src"] else "t2i", row[cols["prompt"]],
@@ -851,8 +832,8 @@ def load_dataset_pairs(args: Args) -> tuple:
     stats = dict.fromkeys(("rows_read", "skipped_missing_image", "skipped_corrupt_image",
                            "dropped_ties", "dropped_near_ties"), 0)
     image_dir = Path(args.out) / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
     if args.dataset == "demo":
-        image_dir.mkdir(parents=True, exist_ok=True)
         pairs = [demo_pair(i, args.seed, image_dir) for i in range(args.limit or 64)]
         stats["rows_read"] = len(pairs)
     elif args.dataset == "hpdv3":
@@ -948,11 +929,10 @@ def preflight(args: Args, out: Path) -> None:
             check()
         except (common.ModelLoadError, DataError) as err:
             problems.append(str(err))
-    if len(problems) > 1:
-        problems = [f"{len(problems)} inputs of this run are missing:\n" +
-                    "\n".join(f"{n}. {p}" for n, p in enumerate(problems, 1))]
     if problems:
-        raise common.ModelLoadError(problems[0])
+        raise common.ModelLoadError(problems[0] if len(problems) == 1 else
+                                    f"{len(problems)} inputs of this run are missing:\n" +
+                                    "\n".join(f"{n}. {p}" for n, p in enumerate(problems, 1)))
 
 
 def check_dataset(args: Args) -> None:
@@ -998,10 +978,8 @@ def main(argv=None) -> int:
         anchored_generation(teacher, pairs, out, args)
     if "2" in args.phases:
         consistency_filter(teacher, out, args)
-    student = None
-    if "3" in args.phases:
-        student = phase3(teacher, out, args)
-    elif (out / "student_metrics.json").is_file():
+    student = phase3(teacher, out, args) if "3" in args.phases else None
+    if student is None and (out / "student_metrics.json").is_file():
         student = json.loads((out / "student_metrics.json").read_text())
     inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}
     if common.RANK == 0:
