@@ -167,31 +167,23 @@ def start_run(out, args, extra=None) -> None:
     the process ends), so a second run into it stops at once instead of writing the same files;
     then args.json, the settings of the run. Several processes: rank 0 takes it, and every rank
     stops when it could not."""
-    problem = None
-    if RANK == 0:
-        try:
-            _take_run_folder(out, args, extra)
-        except SystemExit as err:
-            problem = str(err.code)
-    problem = broadcast(problem)
-    if problem:
-        raise SystemExit(problem if RANK == 0 else 2)  # one error line, from rank 0
-
-
-def _take_run_folder(out, args, extra) -> None:
     import fcntl
-    key = str(Path(out).resolve())
-    if key not in _held_locks:  # this process may hold it already (the Python API, twice)
+    key, busy = str(Path(out).resolve()), False
+    if RANK == 0 and key not in _held_locks:  # this process may hold it already (the Python API)
         Path(out).mkdir(parents=True, exist_ok=True)
         handle = open(Path(out) / ".lock", "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _held_locks[key] = handle
         except OSError:
             handle.close()
-            raise SystemExit(f"{out} is in use by another run (the same command started twice?): "
-                             "wait for it to end, or use another --out") from None
-        _held_locks[key] = handle
-    write_atomic(Path(out) / "args.json", json.dumps({**asdict(args), **(extra or {})}, indent=2))
+            busy = True
+    if broadcast(busy):  # one error line, from rank 0
+        raise SystemExit(2 if RANK else f"{out} is in use by another run (the same command started "
+                         "twice?): wait for it to end, or use another --out")
+    if RANK == 0:
+        write_atomic(Path(out) / "args.json", json.dumps({**asdict(args), **(extra or {})},
+                                                         indent=2))
 
 
 # ---- Several processes (torchrun, accelerate launch): every rank computes, rank 0 writes ----
@@ -1007,13 +999,6 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
 
 
 # ---- Pictures: every grid of captioned images (eval grids, contact sheets): caption_grid ----
-def font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def wrap_text(text: str, width: int) -> list:
     """Lines of at most `width` characters, broken between words."""
     return textwrap.wrap(" ".join((text or "").split()), width, break_long_words=False,
@@ -1042,8 +1027,8 @@ def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int
     cell_w, head, text_h = max(widths), 24 if title else 0, 14 * lines + 8
     rows = math.ceil(len(cells) / columns)
     grid = Image.new("RGB", (columns * cell_w, head + rows * (side + text_h)), "white")
-    draw, small = ImageDraw.Draw(grid), font(11)
-    draw.text((4, 5), title, fill="black", font=font(13))
+    draw, small = ImageDraw.Draw(grid), ImageFont.load_default(size=11)
+    draw.text((4, 5), title, fill="black", font=ImageFont.load_default(size=13))
     for n, (images, caption) in enumerate(cells):
         x, y = (n % columns) * cell_w, head + (n // columns) * (side + text_h)
         for k, im in enumerate(images):

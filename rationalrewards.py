@@ -570,20 +570,17 @@ def preference_metrics(records: list, task: str) -> dict:
 @dataclass
 class ScorerFlags:
     model: Optional[str] = None
-    """hub id, local folder or tiny-random (default: the released checkpoint for --task); with
-    --api-base, the name the server serves"""
+    """hub id, local folder or tiny-random (default: the released one for --task); served name"""
     adapter: Optional[str] = None
     """LoRA adapter folder on top of --model (e.g. the student written by parrot.py)"""
     task: Literal["t2i", "edit"] = "t2i"
     """t2i: three dimensions; edit: four (adds image faithfulness), needs a source image"""
     api_base: Optional[str] = None
-    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, SGLang; key from
-    OPENAI_API_KEY) instead of loading the model"""
+    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM; key: OPENAI_API_KEY)"""
     quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
     """auto = 4-bit nf4 on a GPU, none on CPU"""
     max_new_tokens: Optional[int] = None
-    """longest critique (default 2048, the paper's; eval --benchmark over HTTP: 20480, the official
-    scripts'; tiny-random: 64)"""
+    """longest critique (default 2048, the paper's; --benchmark over HTTP 20480; tiny-random 64)"""
     temperature: float = 0.1
     """sampling temperature (paper: 0.1); 0 means greedy"""
     batch_size: int = 8
@@ -591,8 +588,7 @@ class ScorerFlags:
     max_pixels: int = 768 * 768
     """images are downscaled to at most this many pixels before the model sees them"""
     prompts_dir: Optional[str] = None
-    """templates of the same file names read from this folder first (e.g. the official wording; a
-    file may open with [system] ... [user] to add a system turn)"""
+    """templates read from this folder first (a file may open with [system] ... [user])"""
     device: Optional[str] = None
     """cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
     seed: int = 0
@@ -623,8 +619,8 @@ class EvalArgs(ScorerFlags):
     data_dir: Optional[str] = None
     """--benchmark: a local copy (parquet file or folder; `all`: a folder with one per name)"""
     mode: Optional[Literal["pointwise", "pairwise"]] = None
-    """pointwise scores each image and compares sums; pairwise reads both at once (default:
-    pointwise for --pairs, pairwise for --benchmark, as the paper evaluates)"""
+    """pointwise: each image alone; pairwise: both at once (default: --pairs pointwise, --benchmark
+    pairwise, as the paper evaluates)"""
     limit: Optional[int] = None
     """use only the first N pairs"""
     out: Optional[str] = None
@@ -635,8 +631,8 @@ class EvalArgs(ScorerFlags):
 class ScorerArgs:
     """The scorer's flags as rl_nft.py and gcr_loop.py take them (their Args inherit these)."""
     scorer: Optional[str] = None
-    """scorer VLM: --model of rationalrewards.py score (default: the released one for the task);
-    toy-redness / toy-blueness: a demonstration critic (common.ToyCritic), not a reward model"""
+    """scorer VLM (default: the released one for the task); toy-redness / toy-blueness: a
+    demonstration critic (common.ToyCritic), not a reward model"""
     scorer_adapter: Optional[str] = None
     """LoRA adapter on top of --scorer, e.g. the PARROT student (runs/X/student)"""
     scorer_api_base: Optional[str] = None
@@ -681,8 +677,8 @@ def build_scorer(args: ScorerArgs, task: str = "t2i",
 
 
 def warn_truncated(truncated: int, total: int, flag: str, model: Optional[str] = None) -> None:
-    """Outputs cut by the token limit lose their later dimensions (2.5) or their refined request:
-    warned about above 1% (not for tiny-random, whose noise always runs to the limit)."""
+    """Warn when over 1% of outputs lost their later dimensions to the token limit (tiny-random's
+    noise always runs to the limit: no warning)."""
     if model != "tiny-random" and total and truncated / total > 0.01:
         common.warn(f"{truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by "
                     f"the token limit before the model finished; raise {flag}")
@@ -696,8 +692,8 @@ def score_label(dim: str, score, not_applicable=()) -> str:
 
 
 def read_pairs(path, limit: Optional[int] = None) -> list:
-    """Pairs from our JSONL format; image paths are relative to the file. Ids come from the record
-    as written, so the same file named by another path resumes the same run."""
+    """Pairs from our JSONL format (image paths relative to the file); ids from the record as
+    written, so the same file named by another path resumes the same run."""
     path, pairs = Path(path), []
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} not found")
@@ -1024,11 +1020,11 @@ def print_benchmark_table(rows: list) -> None:
               f"{pct(r['accuracy_with_ties']):>7} {r['labelled']:>6} "
               f"{pct(r['ci95'][0]) + '-' + pct(r['ci95'][1]):>11} {skipped:>7} {r['failed']:>6} "
               f"{r['unparsed']:>6} {r['truncated_outputs']:>5}  {'; '.join(note)}")
-    print("paper: RationalRewards-8B in Table 1; ours: the official protocol (BENCHMARKS); "
-          "w/ ties: tie labels kept; skipped: unlabelled rows, tie votes, unreadable images; "
-          "failed: no or an empty reply (rerun to retry); unpars: edit replies missing a "
-          "dimension's scores, left out as the official edit parsers do; cut: stopped by the "
-          "token limit. A gap inside the 95% interval is noise.")
+    print("paper: RationalRewards-8B in Table 1; ours: the official protocol; w/ ties: tie labels "
+          "kept; skipped: unlabelled rows, tie votes, bad images; failed: no or an empty reply "
+          "(rerun to retry); unpars: edit replies missing a dimension's scores (left out, as the "
+          "official parsers do); cut: stopped by the token limit. A gap inside the 95% CI is "
+          "noise.")
 
 
 # ---- main ----
@@ -1046,9 +1042,8 @@ def main(argv=None) -> int:
         common.check_writable_dir(args.out)
     if args.max_new_tokens is None:
         http_benchmark = isinstance(args, EvalArgs) and args.benchmark and args.api_base
-        args.max_new_tokens = OFFICIAL_MAX_TOKENS if http_benchmark else 2048
-        if args.model == "tiny-random":
-            args.max_new_tokens = TINY_MAX_NEW_TOKENS
+        args.max_new_tokens = TINY_MAX_NEW_TOKENS if args.model == "tiny-random" else \
+            OFFICIAL_MAX_TOKENS if http_benchmark else 2048
     import torch
     torch.manual_seed(args.seed)
     if isinstance(args, EvalArgs) and args.benchmark:
@@ -1072,10 +1067,9 @@ def score_command(args: ScoreArgs) -> int:
     common.require(args.task != "edit" or args.source_image,
                    "score --task edit needs --source-image")
     paths = args.image + ([args.source_image] if args.source_image else [])
-    read = [common.read_image(p) for p in paths]
-    bad = [f"{p} ({problem})" for p, (_, problem) in zip(paths, read) if problem]
-    common.require(not bad, f"cannot read image(s): {', '.join(bad)}")
-    images = [im for im, _ in read]
+    images, bad = zip(*[common.read_image(p) for p in paths])
+    common.require(not any(bad), "cannot read image(s): " + ", ".join(
+        f"{p} ({problem})" for p, problem in zip(paths, bad) if problem))
     scorer = load_scorer(args)
     src = [images[-1]] * len(args.image) if args.task == "edit" else None
     crits = scorer.critique(images[:len(args.image)], [args.prompt] * len(args.image), src)
@@ -1124,9 +1118,8 @@ def benchmark_command(args: EvalArgs) -> int:
                 raise
             rows.append({"benchmark": name, "paper": BENCHMARKS[name]["paper"], "error": str(err)})
     print_benchmark_table(rows)
-    if all("error" in r for r in rows):
-        raise common.ModelLoadError("no benchmark could be run (see the table above for each "
-                                    "reason)")
+    common.require(any("error" not in r for r in rows), "no benchmark could be run (see the table "
+                   "above for each reason)", common.ModelLoadError)
     return 0
 
 

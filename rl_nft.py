@@ -582,9 +582,8 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
         for i in group:
             b = batches[i]
             kept, sel = b[keep[b]], keep[b]
-            # noise for every sample and timestep of the batch, drawn before masking (and by
-            # every rank) so that neither the mask nor the rank changes what later samples draw
-            # eps_all: (B, k, ...)
+            # noise for every sample and timestep (B, k, ...), drawn before masking and by every
+            # rank, so that neither the mask nor the rank changes what later samples draw
             eps_all = torch.randn((len(b), steps_t.shape[1], *x0.shape[1:]), generator=gen)
             # rank r computes mini-batches r, r + N, ...; the official mean_by_mask gives a
             # mini-batch with no kept sample a zero loss
@@ -658,8 +657,7 @@ class Args(rr.ScorerArgs):
     task: Literal["t2i", "edit"] = "t2i"
     """t2i: SD3.5-Medium, as DiffusionNFT; edit: FLUX.1-Kontext-dev, as the official RL"""
     prompts: Optional[str] = None
-    """.txt (one per line) or .jsonl (`prompt`; edit: `source_image`, relative to the file)
-    (default: prompts/rl_prompts.txt, or prompts/rl_edits.jsonl for edit)"""
+    """.txt or .jsonl (edit: `source_image` per line) (default: prompts/rl_prompts.txt, rl_edits)"""
     num_eval_prompts: int = 4
     """images in the eval grid: the first N training prompts, one fixed seed each"""
     out: str = "runs/nft"
@@ -671,8 +669,7 @@ class Args(rr.ScorerArgs):
     t5: bool = True
     """SD3: load the T5 text encoder (--no-t5 saves its memory, at some prompt fidelity)"""
     resolution: Optional[int] = None
-    """image side (default 512 as both sources; tiny-random, or a saved SD3 folder made for less:
-    its own size); edit sources center-cropped"""
+    """image side (default 512 as both sources, or a smaller saved generator's own size)"""
     epochs: int = 50
     """collect -> reward -> optimise -> update rounds"""
     prompts_per_epoch: int = 4
@@ -684,8 +681,7 @@ class Args(rr.ScorerArgs):
     eval_steps: Optional[int] = None
     """Euler steps of the eval grid (default: 40 t2i, 20 edit: sample.eval_num_steps)"""
     guidance_scale: Optional[float] = None
-    """t2i: classifier-free guidance (default 1.0, none, as DiffusionNFT); edit: FLUX's distilled
-    guidance (default 2.5, the official Kontext config)"""
+    """t2i: CFG (default 1.0, none, as DiffusionNFT); edit: FLUX's distilled guidance (2.5)"""
     timestep_fraction: float = 0.99
     """each sample trains at the first int(fraction * steps) of its permutation of the timesteps"""
     train_batch_size: int = 2
@@ -725,8 +721,7 @@ class Args(rr.ScorerArgs):
     ema_decay: float = 0.9
     """EMA decay ceiling: step s uses min((1 + s) / (10 + s), ema_decay) (DiffusionNFT)"""
     reward_weights: Optional[str] = None
-    """e.g. 'text_rendering=2' (unnamed: 1; 0 drops one) (default edit: image_faithfulness=0, the
-    official edit reward; it is still logged)"""
+    """e.g. 'text_rendering=2' (unnamed: 1; 0 drops one) (edit: image_faithfulness=0, official)"""
     eval_every: int = 5
     """epochs between eval grids (the last epoch always gets one)"""
     save_every: int = 10
@@ -849,7 +844,7 @@ def write_metrics(out: Path, rows: list, task: str) -> None:
     text = io.StringIO()
     w = csv.DictWriter(text, fields)
     w.writeheader()
-    w.writerows([{k: ("" if row.get(k) is None else row[k]) for k in fields} for row in rows])
+    w.writerows(rows)  # None is written as an empty cell
     common.write_atomic(out / "metrics.csv", text.getvalue())
 
 
@@ -956,7 +951,7 @@ class Run:
     def transformer(self):
         return self.pipe.transformer
 
-    def sources(self, items: list) -> Optional[list]:
+    def sources(self, items: list) -> Optional[list]:  # the edit's source images
         return [it["source"] for it in items] if self.args.task == "edit" else None
 
 
