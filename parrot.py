@@ -60,7 +60,7 @@ from typing import Literal, Optional
 
 # torch is imported inside the functions that need it: at the top it would make `--help` and
 # every argument error take about 3 s instead of 0.3 s (2 CPU cores).
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 import common
 import rationalrewards as rr
@@ -765,7 +765,7 @@ def draw_scene(colour, shape, count, word=None, size=256) -> Image.Image:
     d = ImageDraw.Draw(img)
     if word is not None:  # a coloured sign with black lettering
         d.rectangle([20, 70, size - 20, size - 70], fill=COLOURS[colour], outline="black", width=3)
-        font = common.font(48)
+        font = ImageFont.load_default(size=48)
         d.text(((size - d.textlength(word, font=font)) / 2, size / 2 - 28), word, fill="black",
                font=font)
         return img
