@@ -275,8 +275,7 @@ def read_text_file(path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it "
-                         "as UTF-8") from None
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def write_atomic(path, text: str) -> None:
@@ -352,8 +351,7 @@ def as_images(items) -> list:
 
 def save_image_atomic(image: Image.Image, path) -> None:
     """Written under a temporary name, then renamed: a killed run leaves no truncated image."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = Path(path).with_name(f".{Path(path).stem}.tmp{Path(path).suffix}")
     image.save(tmp)
     os.replace(tmp, path)
 
@@ -453,7 +451,7 @@ def download_advice(name: str, what: str, why: str) -> str:
 
 
 def check_model_available(name: str, what: str = "model") -> None:
-    """Fail before any work when `name` is neither a saved model folder nor on the hub (or in its
+    """Fail before any work when `name` is neither a saved model folder nor on the hub (or its
     cache): huggingface_hub's own error, with the download command added."""
     if name == "tiny-random":
         return
@@ -542,7 +540,6 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
             raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_config.json (expected "
                                  "a peft LoRA saved by parrot.py or PeftModel.save_pretrained)")
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-    processor.tokenizer.padding_side = "left"  # generation appends on the right
     return model if trainable else model.eval(), processor
 
 
@@ -579,8 +576,8 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
 
 
 def generator_resolution(name: str, default: int) -> int:
-    """The image side to train at: 64 for tiny-random; for a saved SD3 folder its own size
-    (transformer sample_size x the VAE's scale) when smaller than `default`; else `default`."""
+    """The image side to train at: a saved SD3 folder's own size (transformer sample_size x the
+    VAE's scale; tiny-random: 64) when smaller than `default`."""
     if name == "tiny-random":
         return 64
     try:
@@ -703,6 +700,8 @@ def _tiny_clip_tokenizer(max_length: int):
 
 
 TINY_DECODER_GAIN = 0.15  # pixel value (0-1) per unit of a decoded latent channel
+_TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
 def _tiny_vae(scaling_factor: float, shift_factor: float):
@@ -743,10 +742,7 @@ def build_tiny_sd3(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     tokenizer = _tiny_clip_tokenizer(77)
     torch.manual_seed(seed)
-    clip = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
-                          max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                          pad_token_id=1)
+    clip = CLIPTextConfig(vocab_size=len(tokenizer), projection_dim=32, **_TINY_CLIP)
     encoders = [CLIPTextModelWithProjection(clip).eval() for _ in range(2)]
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4,
                                         num_layers=2, attention_head_dim=16, num_attention_heads=4,
@@ -768,10 +764,7 @@ def build_tiny_kontext(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     tokenizer = _tiny_clip_tokenizer(77)
     torch.manual_seed(seed)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **_TINY_CLIP)).eval()
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128,
                                  num_layers=2, num_heads=4, pad_token_id=1,
                                  eos_token_id=1)).eval()
@@ -792,8 +785,7 @@ def build_tiny_kontext(seed: int = 0):
 # ---- Backends: generate(messages, ...) -> [Generation]; answer_logprobs -> [{answer: log p}]
 @dataclass
 class Generation:
-    """One reply: its text, whether the token limit cut it, and the error when the request failed
-    (then the text is "")."""
+    """One reply: its text, whether the token limit cut it, the error of a failed request."""
     text: str
     truncated: bool = False
     error: Optional[str] = None
@@ -812,8 +804,7 @@ class TransformersBackend:
                  name: str = ""):
         self.model, self.processor, self.name = model, processor, name
         self.batch_size, self.max_pixels = batch_size, max_pixels
-        # left padding whoever loaded the processor: generation appends on the right, and
-        # answer_logprobs reads the last position, which right padding would fill with pads
+        # generation appends on the right and answer_logprobs reads the last position: left pads
         processor.tokenizer.padding_side = "left"
 
     def _inputs(self, convs):
@@ -901,8 +892,8 @@ class OpenAIBackend:
         return choices[0]
 
     def _map(self, fn, items) -> list:
-        import concurrent.futures
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency)
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency)
         try:
             return list(pool.map(fn, items))
         finally:  # on Ctrl-C, do not wait for requests in flight
