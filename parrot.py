@@ -30,9 +30,8 @@ Real run (one 24 GB GPU; teacher Qwen3-VL-8B in 4-bit, student Qwen3-VL-2B with 
     python parrot.py --dataset hpdv3 --data-dir data/hpdv3 --limit 1000 --out runs/hpdv3-1k
     torchrun --nproc-per-node 8 parrot.py ... --phases 3   # the SFT on several GPUs
 
-Every .jsonl is appended and flushed per record,
-so a killed run started again with the same command resumes without redoing or duplicating
-anything.
+Every .jsonl is appended and flushed per record, so a killed run started again with the same
+command resumes without redoing or duplicating anything.
 
 Deviations from the paper:
 1. Scale: teacher Qwen3-VL-8B (4-bit) instead of 32B; student Qwen3-VL-2B with LoRA (QLoRA
@@ -185,8 +184,8 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
     --num-candidates) and appends a superseding record for those pairs.
     """
     phase1 = common.read_jsonl(out / "phase1.jsonl")
-    if not phase1:
-        raise DataError(f"{out / 'phase1.jsonl'} is missing or empty: run --phases 1 first")
+    common.require(phase1, f"{out / 'phase1.jsonl'} is missing or empty: run --phases 1 first",
+                   DataError)
     judged = {r["id"]: r for r in read_phase2(out)}
     by_id = {}
     for r in phase1:
@@ -401,8 +400,8 @@ def student_report(model, processor, held: list, heldout_pairs: list, task: str,
 def phase3(teacher, out: Path, args: Args) -> dict:
     """Phase 3 in the paper's steps: project, build the SFT data, distil, evaluate before/after."""
     phase2 = read_phase2(out)
-    if not phase2:
-        raise DataError(f"{out / 'phase2.jsonl'} is missing or empty: run --phases 2 first")
+    common.require(phase2, f"{out / 'phase2.jsonl'} is missing or empty: run --phases 2 first",
+                   DataError)
     # 1. pointwise projections of every kept rationale (teacher), 2. sft.jsonl / heldout.jsonl
     if common.RANK == 0:  # several processes: rank 0 asks the teacher, the others wait
         project_pointwise(teacher, [r for r in phase2 if r["kept"]], out, args)
@@ -420,8 +419,7 @@ def phase3(teacher, out: Path, args: Args) -> dict:
 
 def write_heldout_pairs(out: Path, heldout_pairs: list) -> None:
     """The held-out pairs in rationalrewards.py eval's pairs format, to measure any scorer on them
-    later; image paths are relative to the file itself, as the format says, so the folder can
-    move."""
+    later; image paths are relative to the file, so the folder can move."""
     rel = lambda f: os.path.relpath(Path(f).resolve(), out.resolve())
     recs = [{"id": r["id"], "prompt": r["prompt"], "label": r["label"],
              **{k: rel(r[k]) for k in ("image_a", "image_b", "source_image") if r.get(k)}}
@@ -430,8 +428,7 @@ def write_heldout_pairs(out: Path, heldout_pairs: list) -> None:
 
 
 def student_metrics_for(out: Path, train: list, args: Args) -> dict:
-    """student_metrics.json of an earlier run on exactly this SFT data and these SFT settings, else
-    a fresh start: new data or settings mean a new student (its folder is removed)."""
+    """student_metrics.json of an earlier SFT on exactly this data and settings, else anew."""
     ckpt, metrics_path = out / "student", out / "student_metrics.json"
     setup = [train, args.student, args.epochs, args.lr, args.lora_r, args.lora_alpha]
     fingerprint = hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
@@ -605,8 +602,11 @@ class Args:
     """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda if any)"""
 
 
-DEFAULT_HUB = {"rapidata": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3",
-               "editreward": "TIGER-Lab/EditReward-Data"}
+# the hub datasets: their default id and the columns of the prompt, the images and the source
+HUB = {"rapidata": {"id": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DALLE3",
+                    "prompt": "prompt", "a": "image1", "b": "image2", "src": None},
+       "editreward": {"id": "TIGER-Lab/EditReward-Data", "prompt": "instruction",
+                      "a": "left_output_image", "b": "right_output_image", "src": "source_img"}}
 
 
 class DataError(ValueError):
@@ -635,7 +635,11 @@ def _skip(problem: Optional[str], what: str, stats: dict) -> bool:
 
 
 def _readable(paths, stats) -> bool:
-    return not any(_skip(common.read_image(p)[1], f"image {p}", stats) for p in paths if p)
+    """Every image of the pair can be read; else its first problem is counted and warned about."""
+    for p in [p for p in paths if p]:
+        if _skip(common.read_image(p)[1], f"image {p}", stats):
+            return False
+    return True
 
 
 def hpdv3_missing(index: Path) -> DataError:
@@ -714,14 +718,9 @@ def _vote_label(row, dataset, margin):
         "votes_image1/votes_image2 or weighted_results_image1_preference/..._image2_preference")
 
 
-HUB_COLUMNS = {"editreward": {"prompt": "instruction", "a": "left_output_image",
-                              "b": "right_output_image", "src": "source_img"},
-               "rapidata": {"prompt": "prompt", "a": "image1", "b": "image2", "src": None}}
-
-
 def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> list:
     """Rapidata (t2i) or EditReward (edit) parquet, streamed so --limit N reads about N rows."""
-    hf_id, cols = hf_id or DEFAULT_HUB[dataset], HUB_COLUMNS[dataset]
+    hf_id, cols = hf_id or HUB[dataset]["id"], HUB[dataset]
     hint = common.dataset_download_hint(hf_id, f"data/{dataset}", "--hf-dataset",
                                         f"data/{dataset}/data (a parquet file or a directory)")
     try:
@@ -741,8 +740,11 @@ def load_hub(dataset, hf_id, split, limit, seed, margin, image_dir, stats) -> li
         key = str(row.get("unique_key") or row.get("id")
                   or common.digest(row[cols["prompt"]], dataset, split, i))
         paths = {p: image_dir / f"{key}-{p}.png" for p in ("a", "b", "src") if cols[p]}
-        problem = next(filter(None, (common.save_embedded_image(row.get(cols[p]), path)
-                                     for p, path in paths.items())), None)  # the first problem
+        problem = None
+        for p, path in paths.items():
+            problem = common.save_embedded_image(row.get(cols[p]), path)
+            if problem:
+                break
         if _skip(problem, f"row {i} of {hf_id} ({key}): image", stats):
             continue
         good, bad = (paths["a"], paths["b"]) if verdict == "first" else (paths["b"], paths["a"])
@@ -858,8 +860,8 @@ def images_of(rec: dict, *parts) -> list:
 
 
 def batches(items: list, size: int, desc: str, total: int, unit: str):
-    """`items` (what is left of `total`) in slices of `size`, with a progress bar; a resumed phase
-    says how much was already done, and one with nothing left shows no empty bar."""
+    """`items` (what is left of `total`) in slices of `size`, with a progress bar (none when nothing
+    is left); a resumed phase says how much was already done."""
     from tqdm import tqdm
     if len(items) < total:
         print(f"{desc}: resumed, {total - len(items)} of {total} already done", file=sys.stderr)
@@ -877,8 +879,7 @@ class LazyTeacher:
         self.args, self.backend = args, None
 
     def _call(self, method: str, *args, **kwargs):
-        """backend.method(...); a failed request stops the phase (what was written is kept), with
-        the most common cause of a failing server, none started, said with how to start one."""
+        """backend.method(...); a failed request stops the phase, saying how to start a server."""
         a = self.args
         if self.backend is None:
             self.backend = common.load_backend(a.teacher, a.teacher_api_base, None,
@@ -944,7 +945,7 @@ def check_dataset(args: Args) -> None:
     elif args.dataset == "jsonl" and not (args.data_dir and Path(args.data_dir).is_file()):
         raise DataError(
             f"--dataset jsonl needs --data-dir PATH/TO/pairs.jsonl (got {args.data_dir!r})")
-    elif args.dataset in DEFAULT_HUB and args.hf_dataset and \
+    elif args.dataset in HUB and args.hf_dataset and \
             args.hf_dataset.startswith(("/", ".", "~")) and not Path(args.hf_dataset).exists():
         raise DataError(f"--hf-dataset {args.hf_dataset} does not exist")
 
