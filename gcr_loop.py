@@ -9,7 +9,7 @@ and any RationalRewards scorer.
               stop if every gating dimension s_d >= threshold   (default: text faithfulness and
                                                                   physical quality >= 3.0)
               else image_{k+1} = G(refined request_k, same seed)
-    select    the last image (paper) or the best reward over the rounds
+    keep      the last image (paper)
 
 The scorer always judges against the user's original request; the refined request is only the
 generator's input. The seed stays fixed, so what changes between rounds is the request.
@@ -25,8 +25,7 @@ Real run (one 24 GB GPU: SD3.5-Medium and the released scorer in 4-bit)::
     python gcr_loop.py --prompt "three red apples and the word FRESH on a crate" --out runs/gcr
 
 Deviations from the paper:
-1. `--rounds` (default 1, the paper's and the official script's) allows more refinements;
-   `--select best` is ours (the paper keeps the last image).
+1. `--rounds` (default 1, the paper's and the official script's) allows more refinements.
 2. A critique whose gating dimensions cannot be read, or that writes no refined request, stops
    refinement for that prompt (recorded as `stop_reason`) instead of failing the batch.
 """
@@ -66,13 +65,6 @@ def next_step(critique: rr.Critique, gate: tuple, threshold: float, refinements_
     if refinements_done >= max_rounds:
         return "max_rounds", None
     return None, critique.refined_request
-
-
-def select_round(rounds: list, how: str) -> int:
-    """Index of the final image: the last round, or the highest reward (the earliest on ties)."""
-    if how == "last":
-        return len(rounds) - 1
-    return max(range(len(rounds)), key=lambda i: (rounds[i]["reward"], -i))
 
 
 def summarize(records: list) -> dict:
@@ -152,7 +144,7 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
     records = []
     for it in items:
         st = state[it["id"]]
-        sel = select_round(st["rounds"], args.select)
+        sel = len(st["rounds"]) - 1  # the last image, as the paper keeps
         records.append({**it, "task": args.task, "rounds": st["rounds"], "stop_reason": st["stop"],
                         "selected_round": sel, "final_image": st["rounds"][sel]["image"]})
     return records
@@ -191,8 +183,6 @@ class Args(rr.ScorerArgs):
     """comma-separated gating dimensions (the official script's two)"""
     rounds: int = 1
     """at most this many refinements per prompt (paper: 1)"""
-    select: Literal["last", "best"] = "last"
-    """final image: the last round's (paper) or the one with the highest reward"""
     batch_size: int = 4
     """prompts generated and critiqued together"""
     reward_weights: Optional[str] = None
@@ -204,7 +194,7 @@ class Args(rr.ScorerArgs):
 # what the records of a run folder depend on: resuming with any of these changed is refused
 RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base",
             "scorer_quantization", "scorer_max_new_tokens", "scorer_temperature", "max_pixels",
-            "steps", "guidance_scale", "resolution", "threshold", "gate", "rounds", "select",
+            "steps", "guidance_scale", "resolution", "threshold", "gate", "rounds",
             "reward_weights", "seed")
 
 

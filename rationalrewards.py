@@ -562,7 +562,6 @@ def preference_metrics(records: list, task: str) -> dict:
             "mean_scores": dim_means}
 
 
-
 # =======================================================================================
 # The method ends here. Below: the `score` and `eval` commands (their flags, the resumable
 # evaluation of a pairs file, the benchmarks of Table 1). Plumbing is in common.py.

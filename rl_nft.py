@@ -647,7 +647,6 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
     return step, ({k: v / count for k, v in sums.items()} if count else None)
 
 
-
 # =======================================================================================
 # The method ends here. Below: the harness of the `rl_nft` command (its flags and per-task
 # defaults, prompt files, LoRA files and checkpoints, metrics and pictures, `main`).

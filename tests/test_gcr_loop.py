@@ -33,7 +33,7 @@ def test_gate_passes_only_when_every_gated_dimension_reaches_the_threshold(tf, p
     assert gcr_loop.gate_decision(rr.parse_pointwise(crit(tf, pq), "t2i"), GATE, 3.0) == expected
 
 
-def test_next_step_refines_below_threshold_and_selection_picks_last_or_best():
+def test_next_step_refines_below_threshold():
     low = rr.parse_pointwise(crit(2, 4, refined="three red apples, clearly three"), "t2i")
     assert gcr_loop.next_step(low, GATE, 3.0, 0, 1) == (None, "three red apples, clearly three")
     assert gcr_loop.next_step(low, GATE, 3.0, 1, 1) == ("max_rounds", None)
@@ -44,8 +44,6 @@ def test_next_step_refines_below_threshold_and_selection_picks_last_or_best():
     # a gate on text rendering alone: N/A is unreadable for the gate
     readable = rr.parse_pointwise(crit(4, 4), "t2i")
     assert gcr_loop.gate_decision(readable, ("text_rendering",), 3.0) == "unreadable"
-    rounds = [{"reward": 0.4}, {"reward": 0.7}, {"reward": 0.7}, {"reward": 0.5}]
-    assert gcr_loop.select_round(rounds, "last") == 3 and gcr_loop.select_round(rounds, "best") == 1
 
 
 def test_summary_counts_refined_improved_and_worse_prompts_by_hand():
@@ -156,16 +154,6 @@ def test_unreadable_and_missing_refinement_stop_with_their_reason(tmp_path):
     assert recs["cat"]["stop_reason"] == "no_refined_request" and len(recs["cat"]["rounds"]) == 1
     assert recs["dog"]["stop_reason"] == "max_rounds" and len(recs["dog"]["rounds"]) == 2
     assert recs["fog"]["rounds"][0]["reward"] == 0.0
-
-
-def test_select_best_keeps_the_highest_reward(tmp_path):
-    # rewards: round 0 mean(3, 2.5) -> 0.583; round 1 mean(2, 2) -> 0.333: "best" keeps round 0
-    script = {"tree": [crit(3, 2.5, refined="a taller tree"), crit(2, 2, refined="a tree again")]}
-    recs, _, _ = run(tmp_path, script, ["tree"], select="best")
-    assert recs["tree"]["selected_round"] == 0
-    assert recs["tree"]["final_image"] == recs["tree"]["rounds"][0]["image"]
-    recs, _, _ = run(tmp_path, script, ["tree"], select="last")
-    assert recs["tree"]["selected_round"] == 1
 
 
 def test_edit_passes_the_source_to_generator_and_scorer_first(tmp_path):
