@@ -1,10 +1,7 @@
-"""Plumbing shared by rationalrewards.py, parrot.py, rl_nft.py and gcr_loop.py; nothing here is
-the paper. In order: the command line (flags by tyro, one `error:` line, run folders with a lock
-and args.json), several processes (torchrun: rank 0 writes), files (JSONL appended record by
-record, images written atomically, prompt files, parquet streams), model loading (hub id, local
-folder or tiny-random; hub errors -> the download command), the backends (in-process
-transformers, the `openai` client, toy critics) and pictures (``caption_grid``). It imports none
-of the four modules.
+"""Plumbing shared by the four modules (it imports none of them); nothing here is the paper. In
+order: the command line and run folders, several processes (torchrun), files (JSONL, images,
+prompt files, parquet streams), model loading (hub id, local folder or tiny-random), the
+backends (transformers, the `openai` client, toy critics) and pictures (``caption_grid``).
 """
 from __future__ import annotations
 
@@ -30,9 +27,8 @@ from typing import Optional
 # would make `--help` and every argument error take seconds instead of a fraction of one.
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-# bitsandbytes warns on every CPU import that an optional kernel from the hub is missing; the CPU
-# path it falls back to is what runs here. peft still calls transformers' old
-# gradient-checkpointing names: a deprecation between two libraries that no user can act on.
+# bitsandbytes warns on every CPU import that an optional hub kernel is missing (the CPU path runs
+# here); peft still calls transformers' old gradient-checkpointing names (no user can act on it).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
                         category=FutureWarning)
@@ -54,8 +50,7 @@ class BackendError(RuntimeError):
 
 # ---- Command line and run folders ----
 def parse(cls, argv=None, description: Optional[str] = None):
-    """An instance of the dataclass `cls` from the command line (a dict {name: dataclass} gives
-    subcommands); flags and --help come from the fields and the docstring under each (tyro)."""
+    """The dataclass `cls` (a dict {name: dataclass}: subcommands) from the command line (tyro)."""
     import tyro
     if isinstance(cls, dict):
         return tyro.extras.subcommand_cli_from_dict(cls, args=argv, description=description)
@@ -64,8 +59,7 @@ def parse(cls, argv=None, description: Optional[str] = None):
 
 def run(main, rerun: str = "run the same command again") -> None:
     """Run a command's main(): a problem the user can fix is one line `error: ...` and exit 2,
-    never a traceback; Ctrl-C is one line and exit 130. Every file is written whole or not at all
-    (atomic renames, whole JSONL lines), so the rerun continues where this one stopped."""
+    never a traceback; Ctrl-C is one line and exit 130 (files are whole: a rerun continues)."""
     try:
         code = main()
     except KeyboardInterrupt:
@@ -135,9 +129,8 @@ def check_writable_dir(path, flag: str = "--out") -> None:
 
 
 def check_same_run(out, args, keys, paths=(), extra=None) -> None:
-    """Refuse to continue `out` when it was written with other settings for any of `keys`
-    (`paths`: compared as resolved paths; `extra`: digests of input files, kept in args.json):
-    a rerun with another model would otherwise report the old outputs under the new settings."""
+    """Refuse to continue `out` when args.json holds other settings for any of `keys` (`paths`:
+    compared resolved; `extra`: digests of input files), e.g. old outputs under a new model."""
     saved_path, extra = Path(out) / "args.json", extra or {}
     if not saved_path.is_file():
         return
@@ -164,9 +157,8 @@ _held_locks = {}  # run folder -> its open lock file, held until the process end
 
 def start_run(out, args, extra=None) -> None:
     """Take the run folder: an exclusive lock (fcntl.flock on out/.lock, released by the OS however
-    the process ends), so a second run into it stops at once instead of writing the same files;
-    then args.json, the settings of the run. Several processes: rank 0 takes it, and every rank
-    stops when it could not."""
+    the process ends), so a second run into it stops at once; then args.json. Several processes:
+    rank 0 takes it, and every rank stops when it could not."""
     import fcntl
     key, busy = str(Path(out).resolve()), False
     if RANK == 0 and key not in _held_locks:  # this process may hold it already (the Python API)
@@ -194,9 +186,8 @@ RANK, WORLD = int(os.environ.get("RANK", "0")), 1
 
 def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
     """Join the process group when a launcher started several processes (WORLD_SIZE > 1): gloo on
-    CPU, nccl on GPUs with one GPU per rank (LOCAL_RANK). Returns the device this rank uses.
-    `tiny`: the tiny-random models the run loads ("vlm", "t2i", "edit"), built before the group
-    exists, since transformers saves on rank 0 alone once it does."""
+    CPU, nccl with one GPU per rank (LOCAL_RANK); returns this rank's device. `tiny`: tiny-random
+    models to build first ("vlm", "t2i", "edit"): in a group transformers saves on rank 0 alone."""
     global RANK, WORLD
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for kind in tiny if world > 1 else ():
@@ -234,8 +225,7 @@ def broadcast(obj):
 
 
 def sum_gradients(params) -> None:
-    """p.grad <- sum over ranks of p.grad, for every parameter, in one all-reduce (a rank that
-    computed nothing since the last step adds zeros)."""
+    """p.grad <- its sum over ranks, in one all-reduce (a rank that computed nothing adds zeros)."""
     if WORLD == 1:
         return
     import torch
@@ -285,8 +275,8 @@ def write_atomic(path, text: str) -> None:
 
 
 def read_jsonl(path) -> list:
-    """Records of a JSONL file written by `append_jsonl`; a torn last line (a killed write) is cut
-    off, a damaged line elsewhere is an error naming it."""
+    """Records of a JSONL file: a torn last line (a killed write) is cut off, a damaged line
+    elsewhere is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -338,10 +328,8 @@ def as_images(items) -> list:
     out = []
     for x in items:
         if isinstance(x, (str, os.PathLike)):
-            image, problem = read_image(x)
-            if image is None:
-                raise FileNotFoundError(f"image {x}: {problem}")
-            x = image
+            path, (x, problem) = x, read_image(x)
+            require(x is not None, f"image {path}: {problem}", FileNotFoundError)
         if not isinstance(x, Image.Image):
             raise TypeError("images are PIL.Image.Image objects or paths (str or pathlib.Path), "
                             f"got {type(x).__name__}")
@@ -357,8 +345,8 @@ def save_image_atomic(image: Image.Image, path) -> None:
 
 
 def save_embedded_image(cell, path) -> Optional[str]:
-    """A parquet image cell ({"bytes": ...} or bytes) as an RGB PNG at `path`, reusing a whole
-    earlier copy; returns what is wrong ('missing', 'corrupt ...') or None."""
+    """A parquet image cell ({"bytes": ...} or bytes) as an RGB PNG at `path` (a whole earlier copy
+    is kept); returns what is wrong ('missing', 'corrupt ...') or None."""
     if load_image(path) is not None:
         return None
     raw = cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
@@ -379,8 +367,8 @@ def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
 
 
 def read_prompt_records(path) -> list:
-    """Prompts as records ({"prompt", "_line", other fields}) from a .txt (one per line, blank lines
-    and # comments skipped) or a .jsonl (a `prompt` field per line)."""
+    """Records {"prompt", "_line", ...} from a .txt (a prompt a line; blanks, # comments skipped) or
+    a .jsonl (a `prompt` field a line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found (expected .txt, one prompt per "
@@ -414,8 +402,8 @@ def dataset_download_hint(hub_id: str, local: str, flag: str, use: Optional[str]
 
 def open_parquet_stream(source: str, split: str, image_columns, config: Optional[str] = None,
                         hint: str = ""):
-    """A `datasets` stream over a hub dataset or local parquet file(s), so a limit of N reads about
-    N rows; image columns stay undecoded (one corrupt image is a skip, not a crash)."""
+    """A `datasets` stream (a limit of N reads about N rows) over a hub dataset or local parquet,
+    image columns undecoded (one corrupt image is a skip, not a crash)."""
     import datasets
     try:
         if Path(source).exists():
@@ -430,8 +418,7 @@ def open_parquet_stream(source: str, split: str, image_columns, config: Optional
     except Exception as err:  # datasets raises many types for a missing repo/config/split/file
         raise ModelLoadError(f"could not open {source} ({config or 'default'}, split {split!r}): "
                              f"{type(err).__name__}: {str(err)[:300]}. {hint}".strip()) from None
-    # a column the data lacks is left alone: cast_column would add it as all-None, and the
-    # caller's check for the columns it needs would see "no image" instead of an error
+    # a column the data lacks is left alone (cast_column would add it as all-None, hiding that)
     for c in image_columns:
         if ds.column_names is None or c in ds.column_names:
             ds = ds.cast_column(c, datasets.Image(decode=False))
@@ -451,8 +438,8 @@ def download_advice(name: str, what: str, why: str) -> str:
 
 
 def check_model_available(name: str, what: str = "model") -> None:
-    """Fail before any work when `name` is neither a saved model folder nor on the hub (or its
-    cache): huggingface_hub's own error, with the download command added."""
+    """Fail before any work when `name` is neither a saved model folder nor on the hub (or in its
+    cache): huggingface_hub's own error with the download command."""
     if name == "tiny-random":
         return
     folder = Path(name).expanduser()
@@ -488,8 +475,7 @@ def quiet_loading():
 
 
 def from_pretrained(load, name: str, path: str, what: str, **kwargs):
-    """`load(path, **kwargs)` (a library's from_pretrained); a failure is one ModelLoadError that
-    says what is missing and how to get it."""
+    """`load(path, **kwargs)` (a from_pretrained); a failure: ModelLoadError, saying what to do."""
     local = Path(path).is_dir()
     try:
         with quiet_loading() if local else contextlib.nullcontext():
@@ -511,9 +497,8 @@ _NOT_QUANTIZED = ["model.visual", "lm_head"]  # kept in bf16 under 4/8-bit (modu
 
 def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None,
              device: Optional[str] = None, trainable: bool = False, seed: int = 0, dtype=None):
-    """(model, processor) for a hub id, a local folder or `tiny-random`. quantization: auto (4-bit
-    nf4 on a GPU, none on CPU), 4bit, 8bit, none; the vision tower and lm_head stay unquantized.
-    `adapter`: a peft LoRA folder (e.g. the PARROT student)."""
+    """(model, processor) for a hub id, a local folder or `tiny-random`, quantized (auto: nf4 on a
+    GPU; vision tower and lm_head kept), with a peft LoRA `adapter` (e.g. the PARROT student)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
     check_model_available(name)
@@ -545,9 +530,8 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
 
 def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
                    no_t5: bool = False, quantization: str = "none", seed: int = 0):
-    """A diffusers pipeline (hub id, local folder or `tiny-random`) on `device`. t2i: text-to-image
-    (SD3.5-Medium; tiny: SD3); edit: image-conditioned (FLUX.1-Kontext-dev; tiny: Kontext).
-    no_t5: leave SD3's T5 out. quantization "4bit": transformer and T5 in nf4 (needs a GPU)."""
+    """A diffusers pipeline (hub id, local folder or `tiny-random`: SD3 for t2i, Kontext for edit)
+    on `device`; no_t5: without SD3's T5; "4bit": transformer and T5 in nf4 (needs a GPU)."""
     import torch
     from diffusers import DiffusionPipeline
     check_model_available(name, "generator")
@@ -576,8 +560,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
 
 
 def generator_resolution(name: str, default: int) -> int:
-    """The image side to train at: a saved SD3 folder's own size (transformer sample_size x the
-    VAE's scale; tiny-random: 64) when smaller than `default`."""
+    """The side to train at: a saved folder's own (sample_size x VAE scale) if under `default`."""
     if name == "tiny-random":
         return 64
     try:
@@ -610,8 +593,7 @@ def template_files() -> list:
 
 
 def build_tiny_vlm(seed: int = 0):
-    """(model, processor): a randomly initialised Qwen3-VL (~0.5M parameters), its byte-level BPE
-    tokenizer trained on the templates, deterministic for `seed`."""
+    """(model, processor): a random Qwen3-VL (~0.5M parameters), BPE trained on the templates."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
@@ -706,9 +688,8 @@ _TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
 
 def _tiny_vae(scaling_factor: float, shift_factor: float):
     """An AutoencoderTiny whose decoder is set by hand to RGB = 0.5 + g * 3 tanh(z[0:3] / 3) per
-    pixel (g = TINY_DECODER_GAIN; tanh is the decoder's own clamp): the image's colour follows the
-    latent, so an RL run can visibly move it (a randomly initialised AutoencoderKL ends in a
-    GroupNorm, which removes a uniform change of the latent). The encoder stays random."""
+    pixel (g = TINY_DECODER_GAIN), so an RL run can visibly move the colour (a random AutoencoderKL
+    ends in a GroupNorm, which removes a uniform change of the latent). The encoder is random."""
     import torch
     from diffusers import AutoencoderTiny
     vae = AutoencoderTiny(latent_channels=4, encoder_block_out_channels=(8, 8),
@@ -718,10 +699,8 @@ def _tiny_vae(scaling_factor: float, shift_factor: float):
     chain = [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)]  # blocks between
     first, middle, last = chain[0], chain[1:-1], chain[-1]
     with torch.no_grad():
-        for m in vae.decoder.modules():  # every residual branch off: each block is ReLU(x) = x
-            if not isinstance(m, torch.nn.Conv2d):
-                continue
-            m.weight.zero_()
+        for m in [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]:
+            m.weight.zero_()  # every residual branch off: each block is then ReLU(x) = x
             if m.bias is not None:
                 m.bias.zero_()
         for c in range(3):  # channel c through the centre taps, lifted by 3 to stay >= 0
@@ -733,9 +712,8 @@ def _tiny_vae(scaling_factor: float, shift_factor: float):
 
 
 def build_tiny_sd3(seed: int = 0):
-    """A StableDiffusion3Pipeline, ~0.3M parameters, 64x64 images: two CLIP encoders (no T5: the
-    pipeline pads with zeros, as SD3 does without it), an SD3 transformer, a small VAE with SD3's
-    latent normalisation, the flow-matching Euler scheduler with SD3's shift of 3."""
+    """A StableDiffusion3Pipeline, ~0.3M parameters, 64x64: two CLIP encoders (no T5, as SD3 runs
+    without it), an SD3 transformer, SD3's latent normalisation, flow matching with shift 3."""
     import torch
     from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
@@ -755,9 +733,8 @@ def build_tiny_sd3(seed: int = 0):
 
 
 def build_tiny_kontext(seed: int = 0):
-    """A FluxKontextPipeline of FLUX.1-Kontext-dev's structure, ~0.3M parameters, 64x64: CLIP and
-    T5 encoders, one double- and one single-stream block with the guidance embedding of the -dev
-    models, a small VAE with FLUX's normalisation, FLUX's resolution-dependent shift."""
+    """A FluxKontextPipeline of FLUX.1-Kontext-dev's structure, ~0.3M parameters, 64x64: CLIP, T5,
+    a double- and a single-stream block with guidance embedding, FLUX's normalisation and shift."""
     import torch
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxKontextPipeline,
                            FluxTransformer2DModel)
@@ -792,8 +769,7 @@ class Generation:
 
 
 def generations(outs) -> list:
-    """[Generation] from a backend's generate(): ours return Generations; any object whose
-    generate(messages, max_new_tokens, temperature) returns texts works too."""
+    """[Generation] from a backend's generate(), which may also return plain texts."""
     return [Generation(o) if isinstance(o, str) else o for o in outs]
 
 
@@ -852,9 +828,8 @@ class TransformersBackend:
 
 
 class OpenAIBackend:
-    """Chat completions over HTTP (vLLM, SGLang, hosted APIs) with the `openai` client, which does
-    the timeouts and the retries with backoff; we add images as data URLs, the checks of a reply
-    and the top-k answer log-probabilities."""
+    """Chat completions over HTTP (vLLM, SGLang, hosted APIs) with the `openai` client (timeouts,
+    retries); we add images as data URLs, reply checks and top-k answer log-probabilities."""
 
     def __init__(self, api_base: str, model: str, max_concurrency: int = 8,
                  max_pixels: int = 768 * 768, timeout: float = 600.0, max_retries: int = 3):
@@ -876,8 +851,7 @@ class OpenAIBackend:
                 {"role": t["role"], "content": [part(p) for p in t["content"]]} for t in conv]
 
     def _create(self, conv, **kw):
-        """The first choice of one request; BackendError when it failed after the retries or the
-        answer is not a chat completion."""
+        """The first choice of one request; BackendError after the retries or for a non-reply."""
         import openai
         try:
             resp = self.client.chat.completions.create(model=self.name,
@@ -900,8 +874,7 @@ class OpenAIBackend:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def generate(self, convs, max_new_tokens=2048, temperature=0.1, min_new_tokens=0) -> list:
-        """[Generation]; a failed request is a Generation with its error, so the rest of the batch
-        is kept (the caller decides whether a failure stops the run)."""
+        """[Generation]; a failed request is one with its error (the caller decides what stops)."""
         def one(conv):
             try:
                 choice = self._create(conv, max_tokens=max_new_tokens, temperature=temperature)
@@ -940,11 +913,10 @@ class OpenAIBackend:
 
 
 class ToyCritic:
-    """A demonstration critic, NOT a reward model: `toy-redness` writes critiques in the rubric's
-    format whose text faithfulness and physical quality are clip(2.5 + 6 (mean R - mean B) / 255,
-    1, 4) of the judged (last) image, text rendering N/A; `toy-blueness` flips the sign. The
-    parser, the reward, the mask and the loss then run as with a real scorer, and a working RL
-    run visibly makes the images redder (or bluer)."""
+    """A demonstration critic, NOT a reward model: `toy-redness` writes rubric-format critiques
+    scoring clip(2.5 + 6 (mean R - mean B) / 255, 1, 4) for the judged (last) image, text
+    rendering N/A; `toy-blueness` flips the sign. The parser, reward, mask and loss run as with a
+    real scorer, and a working RL run visibly makes the images redder (or bluer)."""
 
     def __init__(self, name: str):
         if name not in ("toy-redness", "toy-blueness"):
@@ -976,8 +948,7 @@ class ToyCritic:
 def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[str] = None,
                  quantization: str = "auto", batch_size: int = 8, max_pixels: int = 768 * 768,
                  device: Optional[str] = None):
-    """The OpenAI-compatible server at `api_base` serving `model`, `model` loaded in-process, or a
-    toy critic (toy-redness, toy-blueness)."""
+    """`model` served at `api_base`, loaded in-process, or a toy critic (toy-redness/-blueness)."""
     if model.startswith("toy-") and not api_base:
         return ToyCritic(model)
     if api_base:
@@ -1002,8 +973,7 @@ def slug(text: str, words: int = 5) -> str:
 
 
 def fit_image(image: Image.Image, side: int) -> Image.Image:
-    """`image` with its longer side `side`: small ones scaled up without smoothing, so their pixels
-    stay visible."""
+    """`image` with its longer side `side` (small ones scaled up without smoothing: pixels show)."""
     scale = side / max(image.size)
     size = (round(image.width * scale), round(image.height * scale))
     return image.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
@@ -1012,7 +982,7 @@ def fit_image(image: Image.Image, side: int) -> Image.Image:
 def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int = 10,
                  columns: Optional[int] = None) -> Image.Image:
     """One picture of `cells`, each ([images side by side], [caption lines]), `columns` cells a row
-    (default: all in one row), the title on top; written atomically to `path`."""
+    (default: one row), the title on top, written atomically to `path`."""
     columns = columns or len(cells)
     widths = [len(ims) * (side + 6) for ims, _ in cells]
     cell_w, head, text_h = max(widths), 24 if title else 0, 14 * lines + 8
