@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from tqdm import tqdm
+
 import common
 import rationalrewards as rr
 
@@ -209,7 +211,7 @@ def read_items(args: Args) -> list:
     check = lambda ok, message: common.require(ok, message, ValueError)
     for rec in raw:
         where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
-        given, seed, rid = rec.get("source_image"), rec.get("seed"), rec.get("id")
+        given, seed = rec.get("source_image"), rec.get("seed")
         check(given is None or (isinstance(given, str) and given.strip()),
               f"{where}: 'source_image' must be a path (a string), got {given!r}")
         source = str(Path(args.prompts).parent / given) if given else args.source_image
@@ -217,16 +219,14 @@ def read_items(args: Args) -> list:
                        f"--source-image, or a source_image field ({where}: {rec['prompt'][:60]!r})")
         check(seed is None or (type(seed) is int and 0 <= seed < 2 ** 63),
               f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
-        check(rid is None or isinstance(rid, (str, int)), f"{where}: 'id' must be a string, got "
-              f"{rid!r}")
         seed = prompt_seed(args.seed, rec["prompt"]) if seed is None else seed
-        key = str(rid or common.digest(rec["prompt"], given or args.source_image or "", seed))
+        key = str(rec.get("id") or common.digest(rec["prompt"], given or args.source_image or "",
+                                                 seed))
         item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
         if key in by_id:
             check(by_id[key][0] == item, f"{where}: id {key!r} is already used by "
                   f"{by_id[key][1]} for another prompt, source image or seed; ids must be unique")
-            common.warn(f"{where} repeats {by_id[key][1]} (same prompt, source image and seed): "
-                        "run once")
+            common.warn(f"{where} repeats {by_id[key][1]} (same prompt, source, seed): run once")
             continue
         by_id[key] = (item, where)
         items.append(item)
@@ -275,7 +275,6 @@ def main(argv=None) -> int:
         print(f"resumed: {len(items) - len(todo)} of {len(items)} prompts already finished in "
               f"{out}", file=sys.stderr)
     if todo:
-        from tqdm import tqdm
         pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
                                      args.generator_quantization)
         scorer = rr.build_scorer(args, args.task, weights)

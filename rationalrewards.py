@@ -1063,8 +1063,7 @@ def load_scorer(args: ScorerFlags) -> RationalRewardsScorer:
 def score_command(args: ScoreArgs) -> int:
     """Critique and score each --image against --prompt; print the report (or JSON)."""
     common.require(args.prompt and args.image, "score needs --prompt and at least one --image")
-    common.require(args.task != "edit" or args.source_image,
-                   "score --task edit needs --source-image")
+    common.require(args.source_image or args.task != "edit", "--task edit needs --source-image")
     paths = args.image + ([args.source_image] if args.source_image else [])
     images, bad = zip(*[common.read_image(p) for p in paths])
     common.require(not any(bad), "cannot read image(s): " + ", ".join(
