@@ -496,24 +496,17 @@ def sampler_sigmas(pipe, steps: int, geo: Optional[dict] = None):
     return sch.sigmas.float().clone()
 
 
-def sample_latents(pipe, cond: dict, seeds: list, sigmas, geo: dict, policy: str, solver: str,
-                   null_cond: Optional[dict] = None):
-    """Deterministic ODE from seeded noise to x0 with one policy: (B, ...). SD3 with
-    --guidance-scale > 1: classifier-free guidance against `null_cond` (the empty prompt)."""
+def sample_latents(pipe, cond: dict, seeds: list, sigmas, geo: dict, policy: str, solver: str):
+    """Deterministic ODE from seeded noise to x0 with one policy: (B, ...). SD3 samples without
+    classifier-free guidance, as DiffusionNFT trains it (CFG-free)."""
     tr = pipe.transformer
     device, dtype = tr.device, tr.dtype
     cond = {k: v.to(device, dtype) for k, v in cond.items()}
     use_policy(tr, policy)
-    cfg = not geo["kontext"] and geo["guidance"] > 1.0
 
     def v_fn(x, i):
         t = sigmas[i].expand(len(x)).to(device, torch.float32)  # float32 t, as in training
-        v = velocity(tr, x.to(dtype), t, cond, geo).float()
-        if cfg:
-            null = {k: null_cond[k].to(device, dtype).expand_as(cond[k]) for k in cond}
-            v0 = velocity(tr, x.to(dtype), t, null, geo).float()
-            v = v0 + geo["guidance"] * (v - v0)
-        return v
+        return velocity(tr, x.to(dtype), t, cond, geo).float()
 
     with torch.no_grad():
         x = initial_noise(seeds, geo).to(device).float()
@@ -680,7 +673,7 @@ class Args(rr.ScorerArgs):
     eval_steps: Optional[int] = None
     """Euler steps of the eval grid (default: 40 t2i, 20 edit: sample.eval_num_steps)"""
     guidance_scale: Optional[float] = None
-    """t2i: CFG (default 1.0, none, as DiffusionNFT); edit: FLUX's distilled guidance (2.5)"""
+    """edit: FLUX's distilled guidance (default 2.5); t2i samples CFG-free (1.0) as DiffusionNFT"""
     timestep_fraction: float = 0.99
     """each sample trains at the first int(fraction * steps) of its permutation of the timesteps"""
     train_batch_size: int = 2
@@ -890,6 +883,8 @@ def validate(args: Args) -> None:
                             "eval_every", "save_every", "lora_r", "resolution")
     common.require(a.group_size >= 2, "--group-size must be at least 2: the group mean is each "
                    "sample's baseline")
+    common.require(a.task == "edit" or a.guidance_scale == 1.0, "--guidance-scale is FLUX's "
+                   "distilled guidance (--task edit); t2i samples CFG-free, as DiffusionNFT")
     # outside these the loss is undefined (it divides by beta and the clip) or no longer NFT;
     # AdamW names a negative --weight-decay itself
     for name, ok, what in (("beta", a.beta > 0, "> 0"), ("adv_clip", a.adv_clip > 0, "> 0"),
@@ -1010,8 +1005,7 @@ def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Ru
                    f"--task {args.task} does not fit {args.generator}, a {type(pipe).__name__}: "
                    "t2i trains SD3 pipelines, edit FLUX.1-Kontext ones")
     geo = latent_geometry(pipe, args.resolution, args.guidance_scale)
-    null = [] if geo["kontext"] else [{"key": "", "prompt": "", "source": None}]
-    conds = encode_conditions(pipe, items + null, geo)
+    conds = encode_conditions(pipe, items, geo)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # encoded: freed
     gc.collect()
     if torch.cuda.is_available():
@@ -1051,8 +1045,7 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
     mine = list(range(len(chosen)))[common.RANK::common.WORLD]
     idx = [g * K + k for g in mine for k in range(K)]                               # its samples
     x0 = torch.cat([sample_latents(run.pipe, {k: v[g * K:g * K + K] for k, v in cond.items()},
-                                   seeds[g * K:g * K + K], run.sigmas, run.geo, "old",
-                                   "dpm2", run.conds.get(""))
+                                   seeds[g * K:g * K + K], run.sigmas, run.geo, "old", "dpm2")
                     for g in mine])                                                   # (n, ...)
     # ---- 2. reward: decode, critique, R from the scores ----
     images = decode(run.pipe, x0, run.geo)
@@ -1096,8 +1089,7 @@ def evaluate(run: Run, epoch: int) -> float:
                                                     for i in range(len(its))]
     with ema_weights(run.transformer, run.ema):
         cond = collate(run.conds, [it["key"] for it in its], "cpu", torch.float32)
-        x0 = sample_latents(run.pipe, cond, seeds, run.eval_sigmas, run.geo, "default", "euler",
-                            run.conds.get(""))
+        x0 = sample_latents(run.pipe, cond, seeds, run.eval_sigmas, run.geo, "default", "euler")
     images = decode(run.pipe, x0, run.geo)
     res = reward_images(run.scorer, images, prompts, run.weights, run.sources(its))
     which = " (base model)" if epoch == 0 else " (EMA weights)" if run.ema is not None else ""
