@@ -792,7 +792,7 @@ def save_lora(pipe, folder: Path) -> None:
 def save_checkpoint(run: Run, state: dict) -> None:
     """checkpoint.pt, one torch.save dict: theta, the old policy, the EMA, the optimiser, and the
     run's state (epoch, step, banned prompts, metrics rows); written whole, then renamed."""
-    tr = run.transformer
+    tr = run.pipe.transformer
     ckpt = {"theta": {k: v.detach().cpu() for k, v in adapter_params(tr, "default").items()},
             "old": {k: v.detach().cpu() for k, v in adapter_params(tr, "old").items()},
             "ema": run.ema, "optimizer": run.optimizer.state_dict(), "state": state}
@@ -813,7 +813,7 @@ def load_checkpoint(run: Run) -> Optional[dict]:
     except Exception as err:  # a truncated or foreign file: torch raises several types
         raise ValueError(f"{path} is damaged or unreadable ({type(err).__name__}): start again in "
                          "another --out") from None
-    tr = run.transformer
+    tr = run.pipe.transformer
     for name, params in (("theta", adapter_params(tr, "default")),
                          ("old", adapter_params(tr, "old")), ("ema", run.ema)):
         saved = ckpt[name] or {}
@@ -941,10 +941,6 @@ class Run:
     sigmas: object
     eval_sigmas: object
 
-    @property
-    def transformer(self):
-        return self.pipe.transformer
-
     def sources(self, items: list) -> Optional[list]:  # the edit's source images
         return [it["source"] for it in items] if self.args.task == "edit" else None
 
@@ -1060,12 +1056,12 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
             if chosen[g]["key"] not in state["banned"]:
                 state["banned"].append(chosen[g]["key"])
     # ---- 3. optimise the NFT loss over the epoch's samples ----
-    state["step"], totals = optimise_epoch(run.transformer, run.optimizer, run.params, x0, cond, r,
-                                           keep, run.sigmas, run.geo, args, gen, run.ema,
+    state["step"], totals = optimise_epoch(run.pipe.transformer, run.optimizer, run.params, x0,
+                                           cond, r, keep, run.sigmas, run.geo, args, gen, run.ema,
                                            state["step"])
     # ---- 4. the old policy moves toward theta ----
     eta = old_policy_decay(state["step"], args.eta_rate, args.eta_max)
-    soft_update(run.transformer, eta)
+    soft_update(run.pipe.transformer, eta)
     return {"R": R, "res": res, "keep": keep, "totals": totals or {}, "eta": eta}
 
 
@@ -1087,7 +1083,7 @@ def evaluate(run: Run, epoch: int) -> float:
     its = run.items[:run.args.num_eval_prompts]
     prompts, seeds = [it["prompt"] for it in its], [run.args.seed * 100003 + i
                                                     for i in range(len(its))]
-    with ema_weights(run.transformer, run.ema):
+    with ema_weights(run.pipe.transformer, run.ema):
         cond = collate(run.conds, [it["key"] for it in its], "cpu", torch.float32)
         x0 = sample_latents(run.pipe, cond, seeds, run.eval_sigmas, run.geo, "default", "euler")
     images = decode(run.pipe, x0, run.geo)
@@ -1121,7 +1117,7 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
     state["rows"].append(row)
     state["epoch"] = epoch + 1
     if lead and (last or (epoch + 1) % args.save_every == 0):
-        with ema_weights(run.transformer, run.ema):
+        with ema_weights(run.pipe.transformer, run.ema):
             save_lora(run.pipe, out / "lora" / f"epoch_{epoch + 1:04d}")
     if lead:
         save_checkpoint(run, state)
