@@ -475,7 +475,7 @@ def quiet_loading():
 
 
 def from_pretrained(load, name: str, path: str, what: str, **kwargs):
-    """`load(path, **kwargs)` (a from_pretrained); a failure: ModelLoadError, saying what to do."""
+    """`load(path, **kwargs)` (a from_pretrained); a failure is a ModelLoadError with the fix."""
     local = Path(path).is_dir()
     try:
         with quiet_loading() if local else contextlib.nullcontext():
@@ -560,7 +560,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
 
 
 def generator_resolution(name: str, default: int) -> int:
-    """The side to train at: a saved folder's own (sample_size x VAE scale) if under `default`."""
+    """The side to train at: tiny-random's 64, a saved folder's own if under `default`, else it."""
     if name == "tiny-random":
         return 64
     try:
@@ -932,7 +932,7 @@ class ToyCritic:
                       for p in t["content"] if p["type"] == "image"]
             red, _, blue = ImageStat.Stat(images[-1].convert("RGB")).mean
             s = min(4.0, max(1.0, 2.5 + self.sign * 6 * (red - blue) / 255))
-            titles = ["Text Faithfulness", "Image Faithfulness"][:len(images)]  # an edit: two
+            titles = ["Text Faithfulness", "Image Faithfulness"][:len(images)]  # edit: 2 images
             titles += ["Physical and Visual Quality"]
             text = "".join(f"{n}. {title}\n## Justification: mean R - mean B is {red - blue:.1f}."
                            f"\n## Score: {s:.3f}\n" for n, title in enumerate(titles, 1))
