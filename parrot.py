@@ -36,13 +36,11 @@ command resumes without redoing or duplicating anything.
 Deviations from the paper:
 1. Scale: teacher Qwen3-VL-8B (4-bit) instead of 32B; student Qwen3-VL-2B with LoRA (QLoRA
    when 4-bit) instead of a full fine-tune of Qwen3-VL-8B; so the default lr is 1e-4, not 1e-5.
-2. Phase 2 scores P(y|x,z) from the logits of the answer letter in one forward pass, where
-   the paper's implementation asks the teacher to answer.
-3. The pointwise SFT samples are written by the teacher as a projection of the kept pairwise
-   rationale onto one image, anchored on that image's scores; projections whose scores stray
-   more than 0.5 from the anchors are dropped.
-4. `demo`: procedurally drawn pairs with one known defect, so that attribution (does the
-   rationale blame the right dimension?) can be measured without human labels.
+2. Phase 2 reads P(y|x,z) from the answer letter's logits (one forward pass); the paper's code
+   asks the teacher to answer.
+3. Pointwise SFT samples are the teacher's projections of a kept pairwise rationale onto one
+   image, anchored on that image's scores; those straying over 0.5 from the anchors are dropped.
+4. `demo`: drawn pairs with one known defect each, so attribution is measured without labels.
 """
 from __future__ import annotations
 
@@ -659,13 +657,15 @@ def load_hpdv3(root, split, limit, seed, stats) -> list:
         rows = json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{index} is not valid JSON ({err})") from None
+    common.require(isinstance(rows, list), f"{index}: expected a JSON list of records, got "
+                   f"{type(rows).__name__}", DataError)
     pairs = []
-    for n, rec in enumerate(rows if isinstance(rows, list) else [rows]):
+    for n, rec in enumerate(rows):
         if limit is not None and len(pairs) >= limit:
             break
         common.require(isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in (
             "prompt", "path1", "path2")), f"{index}, row {n}: expected string fields prompt, "
-            f"path1 (preferred), path2 (rejected) in a list of records, got {str(rec)[:200]}",
+            f"path1 (preferred), path2 (rejected), got {str(rec)[:200]}",
             DataError)
         stats["rows_read"] += 1
         good, bad = index.parent / rec["path1"], index.parent / rec["path2"]  # path1 preferred
