@@ -14,15 +14,8 @@ and any RationalRewards scorer.
 The scorer always judges against the user's original request; the refined request is only the
 generator's input. The seed stays fixed, so what changes between rounds is the request.
 
-Smoke run (CPU, offline, about 10 s on 2 cores; every command and output: README.md,
-"Generate-Critique-Refine")::
-
-    python gcr_loop.py --generator tiny-random --scorer tiny-random \\
-        --prompts prompts/gcr_demo_prompts.txt --out runs/gcr-smoke
-
-Real run (one 24 GB GPU: SD3.5-Medium and the released scorer in 4-bit)::
-
-    python gcr_loop.py --prompt "three red apples and the word FRESH on a crate" --out runs/gcr
+Commands (a CPU smoke run, a real run on one GPU) and their outputs: README.md,
+"Generate-Critique-Refine".
 
 Deviations from the paper:
 1. `--rounds` (default 1, the paper's and the official script's) allows more refinements.
@@ -194,7 +187,7 @@ class Args(rr.ScorerArgs):
 
 
 # what the records of a run folder depend on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "prompts_dir", "scorer", "scorer_adapter", "scorer_api_base",
+RUN_KEYS = ("task", "generator", "scorer", "scorer_adapter", "scorer_api_base",
             "scorer_quantization", "scorer_max_new_tokens", "scorer_temperature", "max_pixels",
             "steps", "guidance_scale", "resolution", "threshold", "gate", "rounds",
             "reward_weights", "seed")
@@ -212,8 +205,6 @@ def read_items(args: Args) -> list:
     for rec in raw:
         where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
         given, seed = rec.get("source_image"), rec.get("seed")
-        check(given is None or (isinstance(given, str) and given.strip()),
-              f"{where}: 'source_image' must be a path (a string), got {given!r}")
         source = str(Path(args.prompts).parent / given) if given else args.source_image
         common.require(args.task != "edit" or source, f"--task edit needs a source image: "
                        f"--source-image, or a source_image field ({where}: {rec['prompt'][:60]!r})")

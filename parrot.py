@@ -21,14 +21,7 @@ Where is (the method is one block from the top; the harness comes after it):
     the ELBO report     ``elbo_report``
     the command line    ``Args``, the datasets (``load_dataset_pairs``), ``LazyTeacher``, ``main``
 
-Smoke run (CPU, offline, about 11 s on 2 cores; every command and output: README.md, "PARROT")::
-
-    python parrot.py --dataset demo --limit 16 --teacher tiny-random --student tiny-random
-
-Real run (one 24 GB GPU; teacher Qwen3-VL-8B in 4-bit, student Qwen3-VL-2B with LoRA)::
-
-    python parrot.py --dataset hpdv3 --data-dir data/hpdv3 --limit 1000 --out runs/hpdv3-1k
-    torchrun --nproc-per-node 8 parrot.py ... --phases 3   # the SFT on several GPUs
+Commands (a CPU smoke run, a real run on one GPU) and their outputs: README.md, "PARROT".
 
 Every .jsonl is appended and flushed per record, so a killed run started again with the same
 command resumes without redoing or duplicating anything.
@@ -247,7 +240,7 @@ def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) ->
     name = f"{kind}_{rec['task']}"
     images = paths_of(rec, *(["image_a", "image_b"] if kind == "pairwise" else
                              [f"image_{side.lower()}"]))
-    system = rr.system_prompt(name, request=rec["prompt"])  # a --prompts-dir template's
+    system = rr.system_prompt(name, request=rec["prompt"])  # a template's [system] turn
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user", "content": rr.fill_prompt(name, request=rec["prompt"])},
                  {"role": "assistant", "content": answer}]
@@ -592,8 +585,6 @@ class Args:
     """share of prompts held out from SFT for the report"""
     eval_limit: int = 100
     """at most this many held-out pairs are used for the student's accuracy"""
-    prompts_dir: Optional[str] = None
-    """templates read from this folder first (see rationalrewards.py score --help)"""
     seed: int = 0
     """seed for the A/B shuffle, the held-out split, sampling and training"""
     device: Optional[str] = None
@@ -954,7 +945,6 @@ def main(argv=None) -> int:
     args = common.parse(Args, argv, description=__doc__.split("\n\n")[0])
     common.require(args.phases and set(args.phases) <= set("123"),
                    f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
-    rr.set_prompts_dir(args.prompts_dir)
     if args.max_new_tokens is None:
         args.max_new_tokens = rr.TINY_MAX_NEW_TOKENS if args.teacher == "tiny-random" else 2048
     common.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens",

@@ -36,15 +36,7 @@ Where is (the method is one block from the top; the harness comes after it):
     one epoch           ``train_epoch`` (the four steps), called by ``main``
     the command line    ``Args``, ``TASK_DEFAULTS``, prompt files, checkpoints, pictures, ``main``
 
-Smoke run (CPU, offline, about 26 s on 2 cores; every command, the outputs and the settings
-table against the sources: README.md, "DiffusionNFT")::
-
-    python rl_nft.py --generator tiny-random --scorer tiny-random --epochs 2 --out runs/nft-smoke
-
-Real run (one 24 GB GPU: SD3.5-Medium and the 8B scorer in 4-bit)::
-
-    python rl_nft.py --prompts prompts/rl_prompts.txt --out runs/nft
-    torchrun --nproc-per-node 8 rl_nft.py ...   # several GPUs, the run of one process
+Commands (a CPU smoke run, a real run on one GPU) and their outputs: README.md, "DiffusionNFT".
 
 Deviations from the sources:
 1. Scale: 512 px, K=4 images per prompt and 4 prompts per epoch by default (DiffusionNFT:
@@ -76,7 +68,7 @@ import numpy as np
 # torch at the top: nearly every function below needs it (it makes `--help` take about 3 s
 # on 2 CPU cores instead of 0.3 s; the other three modules import it where it is used).
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import common
 import rationalrewards as rr
@@ -175,21 +167,18 @@ def nft_loss(v_theta, v_old, v_ref, x_t, x0, t, r, beta: float = 1.0, kl_weight:
     return policy_scale * policy + kl_weight * kl, stats
 
 
-def training_timesteps(num_samples: int, num_steps: int, fraction: float, gen) -> torch.Tensor:
+def training_timesteps(num_samples: int, num_steps: int, gen, fraction: float = 0.99):
     """(N, int(fraction * S)) indices into the sampler's S timesteps: per sample, the first entries
     of its own random permutation of all S (DiffusionNFT: perms_time, then j < num_train_timesteps),
-    so each sample drops a random timestep, not always the last."""
+    so each sample drops a random timestep, not always the last). fraction: the sources' 0.99.
+    Returns (N, k) int64."""
     k = max(1, int(num_steps * fraction))
     return torch.stack([torch.randperm(num_steps, generator=gen)[:k] for _ in range(num_samples)])
 
 
 def accumulation_groups(num_batches: int, num_steps: int) -> list:
     """Split mini-batch indices 0..n-1 into `num_steps` contiguous groups, one optimiser step
-    each."""
-    if not 1 <= num_steps <= num_batches:
-        raise ValueError(
-            f"--gradient-steps-per-epoch {num_steps} must be between 1 and the epoch's "
-            f"{num_batches} mini-batches (samples / --train-batch-size)")
+    each (1 <= num_steps <= num_batches: checked by `validate`)."""
     bounds = [round(i * num_batches / num_steps) for i in range(num_steps + 1)]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(num_steps)]
 
@@ -299,7 +288,7 @@ def soft_update(transformer, eta: float) -> None:
             p.mul_(eta).add_(theta[k].detach().to(p.dtype), alpha=1 - eta)
 
 
-def ema_update(ema: dict, transformer, step: int, max_decay: float) -> None:
+def ema_update(ema: dict, transformer, step: int, max_decay: float = 0.9) -> None:
     """ema <- d ema + (1 - d) theta with d = ema_decay(step)."""
     d = ema_decay(step, max_decay)
     with torch.no_grad():
@@ -308,11 +297,8 @@ def ema_update(ema: dict, transformer, step: int, max_decay: float) -> None:
 
 
 @contextlib.contextmanager
-def ema_weights(transformer, ema: Optional[dict]):
+def ema_weights(transformer, ema: dict):
     """theta temporarily replaced by its EMA (eval grids, saved LoRAs), then restored."""
-    if ema is None:
-        yield
-        return
     theta = adapter_params(transformer, "default")
     saved = {k: p.detach().clone() for k, p in theta.items()}
     with torch.no_grad():
@@ -353,12 +339,6 @@ def old_and_ref_velocities(transformer, x, t, cond: dict, geo: dict) -> tuple:
     return both[:len(x)], both[len(x):]
 
 
-def is_kontext(pipe) -> bool:
-    """FLUX.1-Kontext (image editing) or SD3 (text-to-image): the only place the two differ is
-    below."""
-    return type(pipe).__name__.startswith("FluxKontext")
-
-
 def pack(latents):
     """FLUX token layout: (B, C, h, w) -> (B, h/2 * w/2, 4C), each token a 2x2 patch."""
     B, C, h, w = latents.shape
@@ -385,9 +365,9 @@ def token_ids(h: int, w: int, first: float) -> torch.Tensor:
 
 
 def latent_geometry(pipe, resolution: int, guidance_scale: float) -> dict:
-    """What every velocity call of the run shares: the model kind, latent size, FLUX position
-    ids."""
-    kontext = is_kontext(pipe)
+    """What every velocity call of the run shares: the model kind (FLUX.1-Kontext for editing or
+    SD3; the functions below are where the two differ), latent size, FLUX position ids."""
+    kontext = type(pipe).__name__.startswith("FluxKontext")
     # Kontext's image processor works on 2x2-packed latents: sides are multiples of
     # 2 * vae_scale_factor
     multiple = pipe.vae_scale_factor * (2 if kontext else pipe.transformer.config.patch_size)
@@ -528,22 +508,22 @@ def decode(pipe, x0, geo: dict) -> list:
 
 
 # ---- Step 2: rewards from critiques ----
-def reward_images(scorer, images: list, prompts: list, weights,
-                  sources: Optional[list] = None) -> dict:
-    """Critique every image (batched; editing: the source image first); R per image, per-dimension
-    scores, unreadable count."""
+def reward_images(scorer, images: list, items: list) -> dict:
+    """Critique every image against its item's prompt (batched; editing: the item's source image
+    first); R per image (the scorer's weights), per-dimension scores, unreadable count."""
     from tqdm import tqdm
     critiques = []
     # HTTP backends have no batch size: 8 per bar step
     step = max(1, getattr(scorer.backend, "batch_size", 8))
     for i in tqdm(range(0, len(images), step), desc="reward: critiques", unit="batch", leave=False,
                   disable=common.RANK > 0):
-        src = sources[i:i + step] if sources is not None else None
-        critiques += scorer.critique(images[i:i + step], prompts[i:i + step], src)
+        batch = items[i:i + step]
+        critiques += scorer.critique(images[i:i + step], [it["prompt"] for it in batch],
+                                     [it.get("source") for it in batch])
     truncated = sum(c.truncated for c in critiques)
     rr.warn_truncated(truncated, len(critiques), "--scorer-max-new-tokens",
                       getattr(scorer.backend, "name", None))
-    return {"rewards": [rr.reward_from_scores(c.scores, weights) for c in critiques],
+    return {"rewards": [rr.reward_from_scores(c.scores, scorer.weights) for c in critiques],
             "scores": [c.scores for c in critiques],
             "not_applicable": [c.not_applicable for c in critiques],
             "unreadable": sum(not c.readable for c in critiques),
@@ -565,7 +545,7 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
     device, dtype = transformer.device, transformer.dtype
     N, S = len(x0), len(sigmas) - 1
     order = torch.randperm(N, generator=gen)                                      # shuffled samples
-    steps_t = training_timesteps(N, S, args.timestep_fraction, gen)               # (N, k)
+    steps_t = training_timesteps(N, S, gen)                                       # (N, k)
     batches = [order[i:i + args.train_batch_size] for i in range(0, N, args.train_batch_size)]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     sums, count = {"loss": 0.0, "policy": 0.0, "kl": 0.0}, 0
@@ -633,7 +613,7 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
                 "lower --lr")
         step += 1
         if ema is not None:
-            ema_update(ema, transformer, step, args.ema_decay)
+            ema_update(ema, transformer, step)
     parts = common.gather((sums, count))
     count = sum(c for _, c in parts)
     sums = {k: sum(part[k] for part, _ in parts) for k in sums}
@@ -674,8 +654,6 @@ class Args(rr.ScorerArgs):
     """Euler steps of the eval grid (default: 40 t2i, 20 edit: sample.eval_num_steps)"""
     guidance_scale: Optional[float] = None
     """edit: FLUX's distilled guidance (default 2.5); t2i samples CFG-free (1.0) as DiffusionNFT"""
-    timestep_fraction: float = 0.99
-    """each sample trains at the first int(fraction * steps) of its permutation of the timesteps"""
     train_batch_size: int = 2
     """samples per forward pass while optimising (gradients accumulate across mini-batches)"""
     gradient_steps_per_epoch: int = 1
@@ -687,37 +665,20 @@ class Args(rr.ScorerArgs):
     adv_clip: float = 5.0
     """advantages clipped to [-adv_clip, adv_clip]; the policy term is scaled by it (sources: 5)"""
     mask: Optional[Literal["none", "official"]] = None
-    """none (DiffusionNFT: every sample) or official (ban_prompt: global std > --mask-std and group
-    mean < --mask-mean; groups with std < --mask-std and mean > --mask-mean banned later)
-    (default: none t2i, official edit)"""
-    mask_std: float = 0.05
-    """official mask: reward std threshold (ban_std_thres)"""
-    mask_mean: float = 0.9
-    """official mask: reward mean threshold (ban_mean_thres)"""
+    """none (DiffusionNFT: every sample) or official (ban_prompt: global std > 0.05 and group mean
+    < 0.9; groups with std < 0.05 and mean > 0.9 banned later) (default: none t2i, official edit)"""
     lora_r: int = 32
     """LoRA rank on the attention and context projections (sources: 32)"""
     lora_alpha: int = 64
     """LoRA alpha (sources: 64)"""
     lr: Optional[float] = None
     """AdamW learning rate (default: 3e-4 t2i as DiffusionNFT, 2e-4 edit as official)"""
-    weight_decay: float = 1e-4
-    """AdamW weight decay (sources: 1e-4)"""
     grad_clip: float = 1.0
     """gradient norm clip (sources: 1.0)"""
-    eta_rate: float = 0.001
-    """old-policy decay: eta = min(eta_rate * global_step, eta_max) (sources: decay_type 1)"""
-    eta_max: float = 0.5
-    """upper bound of eta"""
-    ema: bool = True
-    """an EMA of theta for the eval grid and the saved LoRAs (DiffusionNFT: train.ema = True)"""
-    ema_decay: float = 0.9
-    """EMA decay ceiling: step s uses min((1 + s) / (10 + s), ema_decay) (DiffusionNFT)"""
     reward_weights: Optional[str] = None
     """e.g. 'text_rendering=2' (unnamed: 1; 0 drops one) (edit: image_faithfulness=0, official)"""
     eval_every: int = 5
-    """epochs between eval grids (the last epoch always gets one)"""
-    save_every: int = 10
-    """epochs between LoRA snapshots in lora/ (checkpoint.pt is written every epoch)"""
+    """epochs between eval grids and LoRA snapshots (the last epoch always gets both)"""
     resume: bool = False
     """continue from --out/checkpoint"""
     seed: int = 0
@@ -741,20 +702,12 @@ TASK_DEFAULTS = {
              "reward_weights": "image_faithfulness=0"},
 }
 # what the checkpoint depends on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "prompts_dir", "resolution",
-            "group_size", "sample_steps", "guidance_scale", "lora_r", "lora_alpha",
-            "mask", "ema", "scorer", "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
+RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "resolution", "group_size",
+            "sample_steps", "guidance_scale", "lora_r", "lora_alpha", "mask", "scorer",
+            "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
 
 
 # ---- Inputs: prompts (t2i) or instruction + source image (edit) ----
-def square_source(image: Image.Image, side: int) -> Image.Image:
-    """Center-crop to a square and resize (the official Kontext dataset's preprocessing)."""
-    w, h = image.size
-    m = min(w, h)
-    left, top = (w - m) // 2, (h - m) // 2
-    return image.crop((left, top, left + m, top + m)).resize((side, side), Image.LANCZOS)
-
-
 def read_items(path: str, task: str, resolution: int) -> list:
     """[{key, prompt, source}]: the prompt file's lines; for edit each with its source image loaded.
     `key` identifies the item (prompt and source), for groups, conditions and prompt bans."""
@@ -763,9 +716,6 @@ def read_items(path: str, task: str, resolution: int) -> list:
         source = None
         if task == "edit":
             rel = rec.get("source_image")
-            if rel is not None and not isinstance(rel, str):
-                raise ValueError(f"{path}: prompt {n}: 'source_image' must be a path (a string), "
-                                 f"got {rel!r}")
             if not rel:
                 raise ValueError(
                     f"{path}: prompt {n} ({rec['prompt'][:60]!r}) has no source_image: --task edit "
@@ -774,7 +724,8 @@ def read_items(path: str, task: str, resolution: int) -> list:
             image, problem = common.read_image(file)
             if image is None:
                 raise ValueError(f"{path}: prompt {n}: source image {file} is {problem}")
-            source = square_source(image, resolution)
+            # center-cropped to a square and resized (the official Kontext dataset's preprocessing)
+            source = ImageOps.fit(image, (resolution, resolution), Image.LANCZOS)
         key = common.digest(rec["prompt"], rec.get("source_image") or "")
         items.append({"key": key, "prompt": rec["prompt"], "source": source})
     return items
@@ -804,26 +755,23 @@ def save_checkpoint(run: Run, state: dict) -> None:
 def load_checkpoint(run: Run) -> Optional[dict]:
     """The run's state from checkpoint.pt (None when there is none); a damaged file or one of
     another LoRA shape is named."""
-    path = run.out / "checkpoint.pt"
+    path, tr = run.out / "checkpoint.pt", run.pipe.transformer
     if not path.is_file():
         return None
     try:
         ckpt = torch.load(path, weights_only=True)
         run.optimizer.load_state_dict(ckpt["optimizer"])
+        with torch.no_grad():
+            for name, params in (("theta", adapter_params(tr, "default")),
+                                 ("old", adapter_params(tr, "old")), ("ema", run.ema)):
+                for k, p in params.items():
+                    if ckpt[name][k].shape != p.shape:  # copy_ would broadcast a rank-1 LoRA
+                        raise ValueError("shape")
+                    p.copy_(ckpt[name][k])
     except Exception as err:  # a truncated or foreign file: torch raises several types
-        raise ValueError(f"{path} is damaged or unreadable ({type(err).__name__}): start again in "
+        raise ValueError(f"{path} is damaged, or holds another run's LoRA (another --lora-r or "
+                         f"--generator than the run's?) ({type(err).__name__}): start again in "
                          "another --out") from None
-    tr = run.pipe.transformer
-    for name, params in (("theta", adapter_params(tr, "default")),
-                         ("old", adapter_params(tr, "old")), ("ema", run.ema)):
-        saved = ckpt[name] or {}
-        for k, p in (params or {}).items():
-            got = tuple(saved[k].shape) if k in saved else "nothing"
-            common.require(got == tuple(p.shape), f"{path} holds LoRA weights of shape {got} "
-                           f"where this model has {tuple(p.shape)}: another --lora-r or "
-                           "--generator than the run's?", ValueError)
-            with torch.no_grad():
-                p.copy_(saved[k])
     return ckpt["state"]
 
 
@@ -880,19 +828,15 @@ def validate(args: Args) -> None:
     rr.check_scorer_flags(a)
     common.require_positive(a, "epochs", "prompts_per_epoch", "sample_steps", "eval_steps",
                             "train_batch_size", "gradient_steps_per_epoch", "num_eval_prompts",
-                            "eval_every", "save_every", "lora_r", "resolution")
+                            "eval_every", "lora_r", "resolution")
     common.require(a.group_size >= 2, "--group-size must be at least 2: the group mean is each "
                    "sample's baseline")
     common.require(a.task == "edit" or a.guidance_scale == 1.0, "--guidance-scale is FLUX's "
                    "distilled guidance (--task edit); t2i samples CFG-free, as DiffusionNFT")
-    # outside these the loss is undefined (it divides by beta and the clip) or no longer NFT;
-    # AdamW names a negative --weight-decay itself
-    for name, ok, what in (("beta", a.beta > 0, "> 0"), ("adv_clip", a.adv_clip > 0, "> 0"),
-                           ("lr", a.lr > 0, "> 0"), ("grad_clip", a.grad_clip > 0, "> 0"),
-                           ("eta_max", 0 <= a.eta_max < 1, "in [0, 1)"),
-                           ("ema_decay", 0 <= a.ema_decay < 1, "in [0, 1)")):
-        common.require(ok and math.isfinite(getattr(a, name)),
-                       f"--{name.replace('_', '-')} must be {what}, got {getattr(a, name)}")
+    for name in ("beta", "adv_clip", "lr", "grad_clip"):  # the loss divides by beta and the clip
+        value = getattr(a, name)
+        common.require(value > 0 and math.isfinite(value),
+                       f"--{name.replace('_', '-')} must be > 0, got {value}")
     samples = a.prompts_per_epoch * a.group_size
     batches = math.ceil(samples / a.train_batch_size)
     common.require(a.gradient_steps_per_epoch <= batches,
@@ -901,48 +845,40 @@ def validate(args: Args) -> None:
                    f"{a.train_batch_size})")
 
 
-def prompts_digest(args: Args, items: list) -> str:
-    """The training prompts' content (and edit source images'), so that a resume after the file
-    changed is refused even when its path did not."""
+def check_out_dir(out: Path, args: Args, items: list) -> str:
+    """A folder holding any trace of a run is continued only with --resume and the same settings
+    and prompts (their content: the file's bytes and edit source images, whatever its path);
+    never started over. Returns the prompts' digest."""
     h = hashlib.sha1(Path(args.prompts).read_bytes())
     for source in [it["source"] for it in items if it["source"] is not None]:
         h.update(source.tobytes())
-    return h.hexdigest()
-
-
-def check_out_dir(out: Path, args: Args, digest: str) -> None:
-    """A folder holding any trace of a run is continued only with --resume and the same settings;
-    never started over."""
     common.check_writable_dir(out)
     found = any((out / n).exists() for n in ("checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv"))
     if found or args.resume:
         common.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
-                              extra={"prompts_sha1": digest})
+                              extra={"prompts_sha1": h.hexdigest()})
     common.require(args.resume or not found, f"{out} already holds a run with these settings: "
                    "pass --resume to continue it, or choose another --out")
+    return h.hexdigest()
 
 
 @dataclass
 class Run:
-    """What an RL run holds from epoch to epoch. pipe: its transformer carries the two policies;
-    params: theta's LoRA weights; ema: their EMA or None; conds: the prompts' (and sources')
-    conditions, encoded once; sigmas / eval_sigmas: noise levels of collection and eval grids."""
+    """What an RL run holds from epoch to epoch: the pipe (its transformer carries the two
+    policies), theta's LoRA weights and their EMA (or None), the items' conditions encoded once,
+    the noise levels of collection and of eval grids."""
     args: Args
     out: Path
     pipe: object
     params: list
     optimizer: object
-    ema: Optional[dict]
+    ema: dict
     scorer: object
-    weights: Optional[dict]
     items: list
     conds: dict
     geo: dict
     sigmas: object
     eval_sigmas: object
-
-    def sources(self, items: list) -> Optional[list]:  # the edit's source images
-        return [it["source"] for it in items] if self.args.task == "edit" else None
 
 
 def main(argv=None) -> int:
@@ -958,8 +894,7 @@ def main(argv=None) -> int:
     weights = rr.parse_weights(args.reward_weights)
     items = read_items(args.prompts, args.task, args.resolution)
     out = Path(args.out)
-    digest = prompts_digest(args, items)
-    check_out_dir(out, args, digest)
+    digest = check_out_dir(out, args, items)
     common.start_run(out, args, extra={"prompts_sha1": digest})
     from tqdm import tqdm
     run = setup_run(args, out, items, weights)
@@ -979,8 +914,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         stats = train_epoch(run, state, epoch)
         line = log_epoch(run, state, epoch, stats, time.time() - t0) if stats else \
-            (f"every prompt is banned (its group std < {args.mask_std} and mean > "
-             f"{args.mask_mean}): stopping after epoch {epoch}")
+            f"every prompt is banned (group std < 0.05, mean > 0.9): stopping after epoch {epoch}"
         if lead:
             bar.write(line)
         if stats is None:
@@ -997,10 +931,10 @@ def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Ru
     torch.manual_seed(args.seed)
     pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
                                  args.generator_quantization)
-    common.require(is_kontext(pipe) == (args.task == "edit"),
+    geo = latent_geometry(pipe, args.resolution, args.guidance_scale)
+    common.require(geo["kontext"] == (args.task == "edit"),
                    f"--task {args.task} does not fit {args.generator}, a {type(pipe).__name__}: "
                    "t2i trains SD3 pipelines, edit FLUX.1-Kontext ones")
-    geo = latent_geometry(pipe, args.resolution, args.guidance_scale)
     conds = encode_conditions(pipe, items, geo)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # encoded: freed
     gc.collect()
@@ -1010,11 +944,11 @@ def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Ru
     params = add_policies(pipe.transformer, args)
     pipe.transformer.enable_gradient_checkpointing()  # activations recomputed: memory for time
     pipe.transformer.train()
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ema = {k: p.detach().clone() for k, p in adapter_params(pipe.transformer, "default").items()} \
-        if args.ema else None
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)  # the sources' 1e-4
+    # the EMA of theta that eval grids and saved LoRAs use (DiffusionNFT: train.ema = True)
+    ema = {k: p.detach().clone() for k, p in adapter_params(pipe.transformer, "default").items()}
     return Run(args, out, pipe, params, optimizer, ema, rr.build_scorer(args, args.task, weights),
-               weights, items, conds, geo, sampler_sigmas(pipe, args.sample_steps, geo),
+               items, conds, geo, sampler_sigmas(pipe, args.sample_steps, geo),
                sampler_sigmas(pipe, args.eval_steps, geo))
 
 
@@ -1045,14 +979,13 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
                     for g in mine])                                                   # (n, ...)
     # ---- 2. reward: decode, critique, R from the scores ----
     images = decode(run.pipe, x0, run.geo)
-    res = reward_images(run.scorer, images, [group[i]["prompt"] for i in idx], run.weights,
-                        run.sources([group[i] for i in idx]))
+    res = reward_images(run.scorer, images, [group[i] for i in idx])
     x0, res = gather_samples(idx, x0.cpu(), res)                                      # (N, ...)
     R = torch.tensor(res["rewards"])
     r = optimality_from_rewards(R, group_ids, args.adv_clip)                            # (N,)
-    keep = train_mask(R, group_ids, args.mask, args.mask_std, args.mask_mean)          # (N,)
+    keep = train_mask(R, group_ids, args.mask)                                        # (N,)
     if args.mask == "official":
-        for g in groups_to_ban(R, group_ids, args.mask_std, args.mask_mean):
+        for g in groups_to_ban(R, group_ids):
             if chosen[g]["key"] not in state["banned"]:
                 state["banned"].append(chosen[g]["key"])
     # ---- 3. optimise the NFT loss over the epoch's samples ----
@@ -1060,7 +993,7 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
                                            cond, r, keep, run.sigmas, run.geo, args, gen, run.ema,
                                            state["step"])
     # ---- 4. the old policy moves toward theta ----
-    eta = old_policy_decay(state["step"], args.eta_rate, args.eta_max)
+    eta = old_policy_decay(state["step"])
     soft_update(run.pipe.transformer, eta)
     return {"R": R, "res": res, "keep": keep, "totals": totals or {}, "eta": eta}
 
@@ -1081,19 +1014,18 @@ def evaluate(run: Run, epoch: int) -> float:
     """eval/epoch_NNNN.png and its mean reward: the EMA weights, the first-order deterministic
     solver at eval_num_steps (as the sources evaluate), one fixed seed per prompt."""
     its = run.items[:run.args.num_eval_prompts]
-    prompts, seeds = [it["prompt"] for it in its], [run.args.seed * 100003 + i
-                                                    for i in range(len(its))]
+    seeds = [run.args.seed * 100003 + i for i in range(len(its))]
     with ema_weights(run.pipe.transformer, run.ema):
         cond = collate(run.conds, [it["key"] for it in its], "cpu", torch.float32)
         x0 = sample_latents(run.pipe, cond, seeds, run.eval_sigmas, run.geo, "default", "euler")
     images = decode(run.pipe, x0, run.geo)
-    res = reward_images(run.scorer, images, prompts, run.weights, run.sources(its))
-    which = " (base model)" if epoch == 0 else " (EMA weights)" if run.ema is not None else ""
+    res = reward_images(run.scorer, images, its)
+    which = " (base model)" if epoch == 0 else " (EMA weights)"
     cells = []
-    for i, (im, p, R, s) in enumerate(zip(images, prompts, res["rewards"], res["scores"])):
-        caption = [*common.wrap_text(p, 40)[:2], f"R = {R:.3f}",
-                   *(rr.score_label(k, v, res["not_applicable"][i]) for k, v in s.items())]
-        cells.append(([its[i]["source"], im] if run.args.task == "edit" else [im], caption))
+    for it, im, R, s, na in zip(its, images, res["rewards"], res["scores"], res["not_applicable"]):
+        caption = [*common.wrap_text(it["prompt"], 40)[:2], f"R = {R:.3f}",
+                   *(rr.score_label(k, v, na) for k, v in s.items())]
+        cells.append(([it["source"], im] if it["source"] else [im], caption))
     common.caption_grid(cells, run.out / "eval" / f"epoch_{epoch:04d}.png", lines=8,
                         title=f"{run.out.name}: epoch {epoch}{which}")
     return sum(res["rewards"]) / len(res["rewards"])
@@ -1116,19 +1048,17 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
            "eval_reward": eval_reward, "seconds": round(seconds, 2)}
     state["rows"].append(row)
     state["epoch"] = epoch + 1
-    if lead and (last or (epoch + 1) % args.save_every == 0):
+    if lead and due:
         with ema_weights(run.pipe.transformer, run.ema):
             save_lora(run.pipe, out / "lora" / f"epoch_{epoch + 1:04d}")
     if lead:
         save_checkpoint(run, state)
         write_metrics(out, state["rows"], args.task)
         plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
-    fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
-    shown = " ".join(f"{k}={fmt(row[k], '.2f')}" for k in dims)
-    return (f"epoch {epoch + 1}: R={fmt(row['reward_mean'])}±{fmt(row['reward_std'])} {shown} "
-            f"unreadable={row['unreadable']} masked={row['masked_samples']} "
-            f"banned={row['banned_prompts']} loss={fmt(row['loss'], '.4f')} "
-            f"kl={fmt(row['kl'], '.2e')} eta={stats['eta']:.3f}")
+    shown = {"R": row["reward_mean"], "std": row["reward_std"], **{k: row[k] for k in dims},
+             **{k: row[k] for k in ("unreadable", "masked_samples", "loss", "kl", "eta")}}
+    return f"epoch {epoch + 1}: " + " ".join(f"{k}={'-' if v is None else format(v, '.4g')}"
+                                             for k, v in shown.items())
 
 
 def cli() -> None:

@@ -59,7 +59,6 @@ def run_cli(*argv, env=None, timeout=3600, fresh=False):
         os.chdir(ROOT)
         sys.argv = [str(a) for a in argv]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            sys.modules["rationalrewards"]._backends.clear()  # as a new process would start
             try:
                 module.cli()
             except SystemExit as stop:

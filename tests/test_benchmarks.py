@@ -1,6 +1,6 @@
 """Paper Table 1 benchmarks: loaders on tiny parquet files with each benchmark's real columns
 (from its dataset card and evaluation code), labels and ties, multi-way groups, exact accuracy
-with a scripted pairwise judge, the CLI, and --prompts-dir with a system section."""
+with a scripted pairwise judge, the CLI, and a template with a system section."""
 import io
 import json
 
@@ -95,8 +95,8 @@ def test_labels_follow_each_benchmarks_protocol(tmp_path):
     pairs, _ = rr.benchmark_pairs("editreward-bench", str(tmp_path / "editreward-bench"), None,
                                   tmp_path / "img")
     # "C>A" in comparison AvsC: candidate_2 (C) wins -> B; "B=C" -> tie
-    assert [(p["id"], p["label"], p["group"]) for p in pairs] == [
-        ("g1", "A", "g1"), ("g2_AvsB", "A", "g2"), ("g2_AvsC", "B", "g2"), ("g2_BvsC", "tie", "g2")]
+    assert [(p["id"], p["label"]) for p in pairs] == [
+        ("g1", "A"), ("g2_AvsB", "A"), ("g2_AvsC", "B"), ("g2_BvsC", "tie")]
     pairs, _ = rr.benchmark_pairs("mmrb2-edit", str(tmp_path / "mmrb2-edit"), None,
                                   tmp_path / "img")
     assert [(p["id"], p["label"]) for p in pairs] == [("p1", "A"), ("p2", "B")]
@@ -127,29 +127,10 @@ def test_editreward_labels_from_comparison_type_or_ranking():
     assert rr.editreward_label("A>B", "AvsC") is None and rr.editreward_label(None, "AvsB") is None
 
 
-def test_wilson_interval_and_group_accuracy_by_hand():
+def test_wilson_interval_by_hand():
     low, high = rr.wilson_interval(8, 10)  # the textbook 95% Wilson interval of 8/10
     assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
     assert rr.wilson_interval(0, 5)[0] == 0.0 and rr.wilson_interval(0, 0) == (None, None)
-    right = lambda i: {"id": i, "predicted": "A", "label": "A"}
-    wrong = lambda i: {"id": i, "predicted": "B", "label": "A"}
-    pair = lambda i, g, subset: {"id": i, "group": g, "subset": subset}
-    pairs = [pair("a", "a", "2pair")]
-    recs = [right("a")]
-    pairs += [pair(f"b{i}", "b", "3pair") for i in range(3)]  # one comparison wrong
-    recs += [right("b0"), wrong("b1"), right("b2")]
-    pairs += [pair(f"c{i}", "c", "3pair") for i in range(3)]  # all three right
-    recs += [right(f"c{i}") for i in range(3)]
-    pairs += [pair(f"d{i}", "d", "3pair") for i in range(3)]  # two right, one request failed
-    recs += [right("d0"), right("d1"), {"id": "d2", "failed": True, "label": "A"}]
-    pairs += [pair(f"e{i}", "e", "4pair") for i in range(5)]  # 5 of its 6 comparisons present
-    recs += [right(f"e{i}") for i in range(5)]
-    # a group is right only with all n(n-1)/2 comparisons present, judged and right: a and c.
-    # (Judging what is left of d and e, as before, gave 4/5.)
-    assert rr.group_accuracy(recs, pairs) == pytest.approx(2 / 5)
-    # an unparsed edit reply is no valid comparison either
-    recs[-6] = {"id": "c2", "unparsed": True, "label": "A"}
-    assert rr.group_accuracy(recs, pairs) == pytest.approx(1 / 5)
 
 
 def red_judge(payload):
@@ -172,9 +153,11 @@ def red_judge(payload):
 def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_server, capsys):
     genai_t2i(tmp_path), editreward(tmp_path)
     server = scripted_server(red_judge)
-    argv = ["eval", "--model", "served", "--api-base", server.url, "--data-dir", str(tmp_path)]
-    assert rr.main(argv + ["--benchmark", "all", "--out", str(tmp_path / "runs")]) == 0
-    table = capsys.readouterr().out
+    argv = ["eval", "--model", "served", "--api-base", server.url]
+    for name in ("genai-bench-t2i", "editreward-bench"):
+        assert rr.main(argv + ["--benchmark", name, "--data-dir", str(tmp_path / name),
+                               "--out", str(tmp_path / "runs" / name)]) == 0
+    printed = capsys.readouterr().out
     t2i = json.loads((tmp_path / "runs" / "genai-bench-t2i" / "metrics.json").read_text())
     # A red/B blue -> A right; blue/red -> B right; red/blue tie vote -> predicted A;
     # blue/blue both-bad -> tie.
@@ -191,12 +174,8 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
     er = json.loads((tmp_path / "runs" / "editreward-bench" / "metrics.json").read_text())
     # g1 red/blue A: right; AvsB red/blue A: right; AvsC red/green labelled C: wrong;
     # blue/green tie: right
-    assert er["accuracy"] == pytest.approx(3 / 4) and er["group_accuracy"] == 0.5
-    assert er["group_accuracy_by_subset"] == {"2pair": 1.0, "3pair": 0.0}
-    assert "genai-bench-t2i" in table and "100.0" in table and "69.8" in table and "+30.2" in table
-    assert "75.0" in table and "2pair 100.0, 3pair 0.0" in table
-    assert "mmrb2-t2i" in table and "not run" in table and "facebookresearch/MMRB2" in table
-    assert "Qwen3-VL-8B (base) 55.1" in table
+    assert er["accuracy"] == pytest.approx(3 / 4) and er["labelled"] == 4
+    assert '"benchmark": "editreward-bench"' in printed and '"paper": 69.8' in printed
     # a rerun resumes: no new request
     n = len(server.requests)
     assert rr.main(argv + ["--benchmark", "genai-bench-t2i", "--data-dir",
@@ -226,7 +205,7 @@ def test_benchmark_cli_with_tiny_random(tmp_path):
     # tiny-random's noise has no Score lines: each edit reply is unparsed (or empty: failed)
     assert m["pairs"] + m["unparsed"] + m["failed"] == 2
     assert m["mode"] == "pairwise" and m["paper"] == 80.1
-    assert "genai-bench-edit" in res.stdout and "95% CI" in res.stdout
+    assert json.loads(res.stdout)["benchmark"] == "genai-bench-edit" and "ci95" in m
 
 
 SYSTEM_TEMPLATE = """[system]
@@ -238,36 +217,35 @@ Write your critique with ## Score: per dimension.
 """
 
 
-def test_prompts_dir_with_a_system_section_reaches_both_backends(tmp_path, scripted_server):
-    (tmp_path / "official").mkdir()
+def test_a_template_with_a_system_section_reaches_both_backends(tmp_path, scripted_server,
+                                                                 monkeypatch):
+    import shutil
+    shutil.copytree(rr.PROMPTS_DIR, tmp_path / "official")
     (tmp_path / "official" / "pointwise_t2i.txt").write_text(SYSTEM_TEMPLATE)
-    try:
-        rr.set_prompts_dir(str(tmp_path / "official"))
-        msgs = rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")
-        system = "You are RationalRewards, a careful judge of generated images."
-        assert msgs[0] == {"role": "system", "content": system}
-        assert "a red cat" in msgs[1]["content"][1]["text"]
-        assert "[user]" not in msgs[1]["content"][1]["text"]
-        # files it lacks come from prompts/
-        assert "## Score A:" in rr.fill_prompt("pairwise_t2i", request="x")
-        # HTTP: the system turn is the first message of the request
-        server = scripted_server(lambda p: "ok")
-        common.OpenAIBackend(server.url, "m", timeout=5, max_retries=0).generate([msgs])
-        sent = server.requests[0]["payload"]["messages"]
-        assert sent[0] == {"role": "system", "content": msgs[0]["content"]}
-        assert sent[1]["role"] == "user"
-        # transformers: the chat template renders a system turn before the user turn
-        model, processor = common.load_vlm("tiny-random")
-        text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        assert text.index("<|im_start|>system\nYou are RationalRewards") < text.index(
-            "<|im_start|>user")
-        backend = common.TransformersBackend(model, processor)
-        assert len(backend.generate([msgs], max_new_tokens=2)) == 1
-        (tmp_path / "official" / "pairwise_t2i.txt").write_text("[system]\nno end marker\n")
-        with pytest.raises(ValueError, match="no \\[user\\] line"):
-            rr.fill_prompt("pairwise_t2i", request="x")
-    finally:
-        rr.set_prompts_dir(None)
+    monkeypatch.setattr(rr, "PROMPTS_DIR", tmp_path / "official")
+    msgs = rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")
+    system = "You are RationalRewards, a careful judge of generated images."
+    assert msgs[0] == {"role": "system", "content": system}
+    assert "a red cat" in msgs[1]["content"][1]["text"]
+    assert "[user]" not in msgs[1]["content"][1]["text"]
+    # the other templates are as before
+    assert "## Score A:" in rr.fill_prompt("pairwise_t2i", request="x")
+    # HTTP: the system turn is the first message of the request
+    server = scripted_server(lambda p: "ok")
+    common.OpenAIBackend(server.url, "m", timeout=5, max_retries=0).generate([msgs])
+    sent = server.requests[0]["payload"]["messages"]
+    assert sent[0] == {"role": "system", "content": msgs[0]["content"]}
+    assert sent[1]["role"] == "user"
+    # transformers: the chat template renders a system turn before the user turn
+    model, processor = common.load_vlm("tiny-random")
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text.index("<|im_start|>system\nYou are RationalRewards") < text.index(
+        "<|im_start|>user")
+    backend = common.TransformersBackend(model, processor)
+    assert len(backend.generate([msgs], max_new_tokens=2)) == 1
+    (tmp_path / "official" / "pairwise_t2i.txt").write_text("[system]\nno end marker\n")
+    with pytest.raises(ValueError, match="no \\[user\\] line"):
+        rr.fill_prompt("pairwise_t2i", request="x")
 
 
 def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, scripted_server,
@@ -385,8 +363,7 @@ def test_edit_replies_missing_a_dimension_are_left_out_as_the_official_parser_do
     assert (m["labelled"], m["correct"], m["accuracy"]) == (1, 1, 1.0)
     assert m["unparsed"] == 1 and m["skipped_rows"]["unparsed_replies"] == 1
     assert m["failed"] == 0
-    header = next(line for line in capsys.readouterr().out.splitlines() if "benchmark" in line)
-    assert "unpars" in header
+    assert '"unparsed": 1' in capsys.readouterr().out
     # not a failure: a rerun does not ask again
     n = len(server.requests)
     run_benchmark(server, "genai-bench-edit", tmp_path)

@@ -271,22 +271,6 @@ def test_repeated_prompts_run_once_and_non_utf8_files_are_named(tmp_path, capsys
         gcr_loop.read_items(gcr_loop.Args(prompts=str(f)))
 
 
-def test_prompts_dir_templates_keep_their_fields_and_image_slots(tmp_path):
-    d = tmp_path / "mine"
-    d.mkdir()
-    (d / "pointwise_t2i.txt").write_text("<image>\nJudge this image.\n")
-    with pytest.raises(ValueError, match=r"pointwise_t2i.txt: it lacks \{request\}"):
-        rr.set_prompts_dir(str(d))
-    (d / "pointwise_t2i.txt").write_text("Judge this image for {request}.\n")
-    with pytest.raises(ValueError, match="0 <image> slot"):
-        rr.set_prompts_dir(str(d))
-    (d / "pointwise_t2i.txt").write_text("<image>\nJudge this image for {request}.\n")
-    try:
-        rr.set_prompts_dir(str(d))
-    finally:
-        rr.set_prompts_dir(None)
-
-
 def test_the_same_command_writes_the_same_critiques(tmp_path):
     """The scorer samples: its random state is seeded per batch, so a rerun into a fresh --out
     repeats every critique and refined request (here tiny-random's, noise but seeded noise)."""
