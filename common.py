@@ -27,11 +27,11 @@ from typing import Optional
 # would make `--help` and every argument error take seconds instead of a fraction of one.
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-# bitsandbytes warns on every CPU import that an optional hub kernel is missing (the CPU path runs
-# here); peft still calls transformers' old gradient-checkpointing names (no user can act on it).
+# Warnings no user can act on: bitsandbytes' missing optional CPU kernel (the CPU path runs here),
+# peft calling transformers' old gradient-checkpointing names, and peft on rl_nft's second policy.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated")
+warnings.filterwarnings("ignore", message="Already found a `peft_config`")
 
 # next to the modules (a checkout, `pip install -e .`), else where a regular install put them
 HERE = Path(__file__).resolve().parent
@@ -113,7 +113,9 @@ def check_device(device: Optional[str]) -> None:
 
 
 def check_writable_dir(path, flag: str = "--out") -> None:
-    """The output folder is a folder we can write, or can be made (nothing is created here)."""
+    """The output folder (if any) is a folder we can write, or can be made (nothing is created)."""
+    if path is None:
+        return
     path = Path(path)
     require(not path.exists() or path.is_dir(), f"{flag} {path} is a file, not a directory")
     existing = next(p for p in [path, *path.absolute().parents] if p.exists())
@@ -233,16 +235,6 @@ def sum_gradients(params) -> None:
 
 
 # ---- Files: text, JSONL records, images (atomic writes), prompt lists, parquet streams ----
-def print_dict(d: dict, indent: str = "  ") -> None:
-    """A report on stdout, one `name value` line each, nested dicts indented below their name."""
-    for k, v in d.items():
-        if isinstance(v, dict):
-            print(f"{indent}{k}:")
-            print_dict(v, indent + "  ")
-        else:
-            print(f"{indent}{k:<36} {v:.4f}" if isinstance(v, float) else f"{indent}{k:<36} {v}")
-
-
 def digest(*parts) -> str:
     """A short stable id from strings (pair ids, cache names)."""
     return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
@@ -554,19 +546,6 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
     pipe = from_pretrained(DiffusionPipeline.from_pretrained, name, path, "generator", **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe if quantization == "4bit" else pipe.to(device)
-
-
-def generator_resolution(name: str, default: int) -> int:
-    """The side to train at: tiny-random's 64, a saved folder's own if under `default`, else it."""
-    if name == "tiny-random":
-        return 64
-    try:
-        read = lambda part: json.loads((Path(name) / part / "config.json").read_text())
-        scale = 2 ** (len(read("vae")["block_out_channels"]) - 1)
-        side = read("transformer")["sample_size"] * scale
-    except (OSError, KeyError, TypeError, ValueError):  # a hub id, or a model without the keys
-        return default
-    return min(default, side)
 
 
 # ---- tiny-random: the real architectures, randomly initialised, built offline from configs ----
@@ -957,7 +936,7 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
     return TransformersBackend(vlm, processor, batch_size, max_pixels, name=model)
 
 
-# ---- Pictures: every grid of captioned images (eval grids, contact sheets): caption_grid ----
+# ---- Pictures: every grid of captioned images (caption_grid) and the RL reward curve ----
 def wrap_text(text: str, width: int) -> list:
     """Lines of at most `width` characters, broken between words."""
     return textwrap.wrap(" ".join((text or "").split()), width, break_long_words=False,
@@ -995,3 +974,27 @@ def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int
             draw.text((x + 3, y + side + 3 + 14 * j), line, fill="black", font=small)
     save_image_atomic(grid, path)
     return grid
+
+
+def plot_reward_curve(rows: list, path: Path, dims: tuple, title: str = "") -> list:
+    """R and each dimension's mean score mapped to [0, 1], per epoch (matplotlib); a dimension with
+    no readable score is named in the legend. Returns the legend's labels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["reward_mean"] for r in rows], "o-", color="black", label="reward R")
+    for d in dims:
+        vals = [None if r.get(d) is None else (r[d] - 1) / 3 for r in rows]
+        label = d.replace("_", " ") + ("" if any(v is not None for v in vals)
+                                       else " (no readable score)")
+        ax.plot(epochs, [float("nan") if v is None else v for v in vals], "o-", label=label)
+    ax.set(title=f"{title}: reward per epoch" if title else "reward per epoch", xlabel="epoch",
+           ylabel="R, and (s - 1) / 3 per dimension", ylim=(-0.02, 1.02))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return [t.get_text() for t in ax.get_legend().get_texts()]

@@ -110,6 +110,7 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
         raise FileNotFoundError(f"cannot read source image(s): {', '.join(bad)}")
     state = {it["id"]: {"request": it["prompt"], "rounds": [], "stop": None} for it in items}
     active = list(items)
+    (out / "images").mkdir(parents=True, exist_ok=True)  # every round's image, kept
     for round_ in range(args.rounds + 1):
         if not active:
             break
@@ -194,29 +195,28 @@ RUN_KEYS = ("task", "generator", "scorer", "scorer_adapter", "scorer_api_base",
 
 
 def read_items(args: Args) -> list:
-    """[{id, prompt, source_image, seed}], ids from the data so that reruns find their records. The
-    same (prompt, source, seed) twice runs once, with a warning; an `id` names one item only."""
+    """[{id, prompt, source_image, seed}], ids from the data (reruns find their records); the same
+    (prompt, source, seed) twice runs once, and an `id` names one item only."""
     common.require(bool(args.prompt) != bool(args.prompts),
                    "give exactly one of --prompt TEXT or --prompts FILE")
     raw = common.read_prompt_records(args.prompts) if args.prompts else \
         [{"prompt": args.prompt, "_line": None}]
     items, by_id = [], {}
-    check = lambda ok, message: common.require(ok, message, ValueError)
     for rec in raw:
         where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
         given, seed = rec.get("source_image"), rec.get("seed")
         source = str(Path(args.prompts).parent / given) if given else args.source_image
         common.require(args.task != "edit" or source, f"--task edit needs a source image: "
                        f"--source-image, or a source_image field ({where}: {rec['prompt'][:60]!r})")
-        check(seed is None or (type(seed) is int and 0 <= seed < 2 ** 63),
-              f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+        common.require(seed is None or (type(seed) is int and 0 <= seed < 2 ** 63),
+                       f"{where}: 'seed' must be a non-negative integer, got {seed!r}", ValueError)
         seed = prompt_seed(args.seed, rec["prompt"]) if seed is None else seed
         key = str(rec.get("id") or common.digest(rec["prompt"], given or args.source_image or "",
                                                  seed))
         item = {"id": key, "prompt": rec["prompt"], "source_image": source, "seed": seed}
         if key in by_id:
-            check(by_id[key][0] == item, f"{where}: id {key!r} is already used by "
-                  f"{by_id[key][1]} for another prompt, source image or seed; ids must be unique")
+            common.require(by_id[key][0] == item, f"{where}: id {key!r} is already used by "
+                           f"{by_id[key][1]} for another prompt, source or seed", ValueError)
             common.warn(f"{where} repeats {by_id[key][1]} (same prompt, source, seed): run once")
             continue
         by_id[key] = (item, where)
@@ -269,8 +269,7 @@ def main(argv=None) -> int:
         pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
                                      args.generator_quantization)
         scorer = rr.build_scorer(args, args.task, weights)
-        for sub in ("images", "sheets"):
-            (out / sub).mkdir(exist_ok=True)
+        (out / "sheets").mkdir(exist_ok=True)
         for i in tqdm(range(0, len(todo), args.batch_size), desc="GCR", unit="batch"):
             t0, batch = time.time(), todo[i:i + args.batch_size]
             for rec in run_batch(pipe, scorer, batch, args, gate, weights, out):
@@ -286,7 +285,7 @@ def main(argv=None) -> int:
                       "--scorer-max-new-tokens", args.scorer)
     common.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):")
-    common.print_dict(summary)
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -977,7 +977,7 @@ def main(argv=None) -> int:
         report = elbo_report(out, inputs, student)
         common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
         print(f"PARROT report ({out / 'report.json'}):")
-        common.print_dict(report)
+        print(json.dumps(report, indent=2))
     return 0
 
 

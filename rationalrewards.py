@@ -6,14 +6,12 @@ parsers, the reward of Sec. 2.2, the pairwise preference of Sec. 3, the scorer t
 rl_nft.py and gcr_loop.py use, and the `score` / `eval` commands with the benchmarks of Table 1.
 
 Where is:
-    the rubric          prompts/pointwise_*.txt, pairwise_*.txt (the templates), rendered by
-                        ``render_messages``; the dimensions: ``T2I_DIMENSIONS``, ``EDIT_DIMENSIONS``
-    the parser          ``parse_pointwise`` -> ``Critique``, ``parse_pairwise`` ->
-                        ``PairwiseJudgement``
+    the rubric          ``T2I_DIMENSIONS``, ``EDIT_DIMENSIONS``; prompts/*.txt, ``render_messages``
+    the parser          ``parse_pointwise`` -> ``Critique``; ``parse_pairwise``
     the reward          ``reward_from_scores`` (Sec. 2.2); ``preference_from_scores`` (Sec. 3)
     the scorer          ``RationalRewardsScorer``: ``critique``, ``rewards``, ``compare``
     preference accuracy ``predict_pairs``, ``preference_metrics``, ``evaluate_preferences``
-    Table 1             ``BENCHMARKS``, ``benchmark_pairs``, ``run_benchmark``
+    Table 1             ``BENCHMARKS``, ``benchmark_pairs``, ``benchmark_command``
     plumbing            common.py (flags, files, model loading, the two backends)
 
 Commands (a CPU smoke run, a real run on one GPU) and their outputs: README.md, "The reward model".
@@ -635,8 +633,7 @@ def build_scorer(args: ScorerArgs, task: str = "t2i",
 
 
 def warn_truncated(truncated: int, total: int, flag: str, model: Optional[str] = None) -> None:
-    """Warn when over 1% of outputs lost their later dimensions to the token limit (tiny-random's
-    noise always runs to the limit: no warning)."""
+    """Warn when over 1% of outputs were cut by the token limit (not for tiny-random's noise)."""
     if model != "tiny-random" and total and truncated / total > 0.01:
         common.warn(f"{truncated} of {total} outputs ({100 * truncated / total:.1f}%) were cut by "
                     f"the token limit before the model finished; raise {flag}")
@@ -930,8 +927,6 @@ def main(argv=None) -> int:
     args = common.parse({"score": ScoreArgs, "eval": EvalArgs}, argv,
                         description=__doc__.split("\n\n")[0])
     check_scorer_flags(args)
-    if isinstance(args, EvalArgs) and args.out and not args.benchmark:
-        common.check_writable_dir(args.out)
     if args.max_new_tokens is None:
         http_benchmark = isinstance(args, EvalArgs) and args.benchmark and args.api_base
         args.max_new_tokens = TINY_MAX_NEW_TOKENS if args.model == "tiny-random" else \
@@ -977,9 +972,7 @@ def score_command(args: ScoreArgs) -> int:
         for d, s in r["scores"].items():
             print(f"  {DIMENSION_TITLES[d]:<28} {'N/A or unreadable' if s is None else f'{s:.2f}'}")
         print(f"  {'reward (0-1)':<28} {r['reward']:.3f}\n---- refined request\n  "
-              f"{r['refined_request']}")
-        if r["truncated"]:
-            print("  (the critique was cut by --max-new-tokens before it ended)")
+              f"{r['refined_request']}" + ("\n  (cut: --max-new-tokens)" if r["truncated"] else ""))
     return 0
 
 
@@ -987,6 +980,7 @@ def eval_command(args: EvalArgs) -> int:
     """Preference accuracy on a pairs file, resumable in --out."""
     common.require(args.pairs, "eval needs --pairs FILE.jsonl (our pairs format) or --benchmark "
                    f"NAME (the paper's Table 1: {', '.join(BENCHMARKS)})")
+    common.check_writable_dir(args.out)
     pairs = read_pairs(args.pairs, args.limit)
     if args.out:  # the settings bind a folder once it holds a prediction
         if (Path(args.out) / "predictions.jsonl").is_file():

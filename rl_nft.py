@@ -29,12 +29,9 @@ Notation (shapes in comments): B samples; a latent is (C, h, w) for SD3 and (L, 
 
 Where is (the method is one block from the top; the harness comes after it):
     the NFT loss        ``nft_loss``; R -> A -> r: ``optimality_from_rewards``
-    1. collect          ``sample_latents`` (solver: ``solve_flow_ode``), ``decode``
-    2. reward           ``reward_images``
-    3. optimise         ``optimise_epoch`` (timesteps: ``training_timesteps``)
-    4. update           ``soft_update`` (eta: ``old_policy_decay``), ``ema_update``
-    one epoch           ``train_epoch`` (the four steps), called by ``main``
-    the command line    ``Args``, ``TASK_DEFAULTS``, prompt files, checkpoints, pictures, ``main``
+    the four steps      1. ``sample_latents`` (``solve_flow_ode``), 2. ``reward_images``,
+                        3. ``optimise_epoch``, 4. ``soft_update``, ``ema_update``
+    one epoch           ``train_epoch``, called by ``main`` (after ``Args`` and the run's files)
 
 Commands (a CPU smoke run, a real run on one GPU) and their outputs: README.md, "DiffusionNFT".
 
@@ -59,9 +56,9 @@ import math
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, Optional
 
 import numpy as np
@@ -104,8 +101,6 @@ def train_mask(rewards, group_ids, rule: str = "none", min_std: float = 0.05,
     when the epoch's GLOBAL reward std (+ 1e-4, as the stat tracker returns it) exceeds min_std and
     its prompt group's mean is below max_mean.
     """
-    if rule not in ("none", "official"):
-        raise ValueError(f"mask must be none or official, got {rule!r}")
     R, group_mean = _with_group_means(rewards, group_ids)
     if rule == "none":
         return torch.ones(len(R), dtype=torch.bool)
@@ -236,19 +231,17 @@ def solve_flow_ode(velocity_fn, x, sigmas, solver: str = "dpm2"):
 TARGET_MODULES = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 
+
 def add_policies(transformer, args: Args) -> list:
     """Adds adapters "default" (theta, trained) and "old" (samples; = theta at the start) and
     returns theta's trainable parameters. The base model with adapters disabled is the KL
     reference."""
     from peft import LoraConfig
     transformer.requires_grad_(False)
-    for name in ("default", "old"):
-        # peft warns that a second adapter is being added: that is the point
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.add_adapter(
-                LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                           target_modules=TARGET_MODULES), adapter_name=name)
+    for name in ("default", "old"):  # (peft's warning about a second adapter is muted in common)
+        transformer.add_adapter(
+            LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                       target_modules=TARGET_MODULES), adapter_name=name)
     theta, old = adapter_params(transformer, "default"), adapter_params(transformer, "old")
     with torch.no_grad():
         for k, p in theta.items():
@@ -267,8 +260,7 @@ def adapter_params(transformer, adapter: str) -> dict:
 
 
 def use_policy(transformer, policy: Optional[str]) -> None:
-    """Route forward passes through one adapter ("default" or "old"), or through the base model
-    (None)."""
+    """Route forward passes through the adapter "default" or "old", or the base model (None)."""
     if policy is None:
         transformer.disable_adapters()
         return
@@ -377,20 +369,16 @@ def latent_geometry(pipe, resolution: int, guidance_scale: float) -> dict:
     side = resolution // pipe.vae_scale_factor
     geo = {"kontext": kontext, "h": side, "w": side, "resolution": resolution,
            "guidance": guidance_scale}
-    if kontext:
-        geo["channels"] = pipe.transformer.config.in_channels // 4
-        # (2L, 3): the noisy tokens' ids, then the source's
+    geo["channels"] = pipe.transformer.config.in_channels // (4 if kontext else 1)  # unpacked
+    if kontext:  # (2L, 3): the noisy tokens' ids, then the source's
         geo["img_ids"] = torch.cat([token_ids(side, side, 0.0), token_ids(side, side, 1.0)])
-    else:
-        geo["channels"] = pipe.transformer.config.in_channels
     return geo
 
 
 def encode_conditions(pipe, items: list, geo: dict) -> dict:
     """item key -> its condition, computed once (the text encoders are freed after): SD3 {emb (1,
     Lt, D), pooled (1, P)}; Kontext adds the source image's packed latent {image (1, L, 4C)}.
-    Prompts are encoded at 128 tokens as both sources do
-    (compute_text_embeddings(max_sequence_length=128))."""
+    Prompts are encoded at 128 tokens, as both sources do (max_sequence_length=128)."""
     conds = {}
     with torch.no_grad():
         for it in items:
@@ -452,8 +440,7 @@ def velocity(transformer, x, t, cond: dict, geo: dict):
 
 
 def initial_noise(seeds: list, geo: dict):
-    """One seeded N(0, I) latent per sample, in the model's layout: (B, C, h, w) or packed (B, L,
-    4C)."""
+    """One seeded N(0, I) latent per sample: (B, C, h, w), or packed (B, L, 4C) for FLUX."""
     shape = (geo["channels"], geo["h"], geo["w"])
     noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s))
                          for s in seeds])  # (B, C, h, w)
@@ -501,16 +488,16 @@ def decode(pipe, x0, geo: dict) -> list:
     if geo["kontext"]:
         x0 = unpack(x0, geo["h"], geo["w"])
     with torch.no_grad():
-        shift = vae.config.shift_factor or 0.0
-        z = x0.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+        z = x0.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        z = z + (vae.config.shift_factor or 0.0)
         images = vae.decode(z, return_dict=False)[0]
     return pipe.image_processor.postprocess(images.float(), output_type="pil")
 
 
 # ---- Step 2: rewards from critiques ----
 def reward_images(scorer, images: list, items: list) -> dict:
-    """Critique every image against its item's prompt (batched; editing: the item's source image
-    first); R per image (the scorer's weights), per-dimension scores, unreadable count."""
+    """Critique every image against its item (prompt; editing: source image), batched: R per image
+    (the scorer's weights), per-dimension scores, unreadable count."""
     from tqdm import tqdm
     critiques = []
     # HTTP backends have no batch size: 8 per bar step
@@ -606,11 +593,6 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in params):
-            raise FloatingPointError(
-                f"a LoRA weight became non-finite at optimiser step {step + 1}; nothing of this "
-                "epoch is saved and the last checkpoint is intact: rerun with --resume and a "
-                "lower --lr")
         step += 1
         if ema is not None:
             ema_update(ema, transformer, step)
@@ -641,7 +623,7 @@ class Args(rr.ScorerArgs):
     t5: bool = True
     """SD3: load the T5 text encoder (--no-t5 saves its memory, at some prompt fidelity)"""
     resolution: Optional[int] = None
-    """image side (default 512 as both sources, or a smaller saved generator's own size)"""
+    """image side (default 512 as both sources; 64 for tiny-random)"""
     epochs: int = 50
     """collect -> reward -> optimise -> update rounds"""
     prompts_per_epoch: int = 4
@@ -697,8 +679,7 @@ TASK_DEFAULTS = {
              "sample_steps": 15, "eval_steps": 20, "guidance_scale": 2.5, "lr": 2e-4,
              "mask": "official",
              # train_flux_kontext_rationalrewards.py _parse_scoring_response averages text
-             # faithfulness, physical quality and text rendering: image faithfulness is left out
-             # of the reward
+             # faithfulness, physical quality and text rendering: no image faithfulness
              "reward_weights": "image_faithfulness=0"},
 }
 # what the checkpoint depends on: resuming with any of these changed is refused
@@ -731,15 +712,7 @@ def read_items(path: str, task: str, resolution: int) -> list:
     return items
 
 
-# ---- Outputs: LoRA files, the checkpoint, metrics, pictures ----
-def save_lora(pipe, folder: Path) -> None:
-    """theta (inside `ema_weights`: its EMA) as a diffusers LoRA, for
-    `pipe.load_lora_weights(folder)`."""
-    from peft.utils import get_peft_model_state_dict
-    state = get_peft_model_state_dict(pipe.transformer, adapter_name="default")
-    type(pipe).save_lora_weights(str(folder), transformer_lora_layers=state)
-
-
+# ---- Outputs: the checkpoint, metrics, pictures (LoRA files: `log_epoch`) ----
 def save_checkpoint(run: Run, state: dict) -> None:
     """checkpoint.pt, one torch.save dict: theta, the old policy, the EMA, the optimiser, and the
     run's state (epoch, step, banned prompts, metrics rows); written whole, then renamed."""
@@ -775,41 +748,14 @@ def load_checkpoint(run: Run) -> Optional[dict]:
     return ckpt["state"]
 
 
-def write_metrics(out: Path, rows: list, task: str) -> None:
-    """metrics.csv rewritten whole from the rows the checkpoint holds: a resumed run never
-    duplicates one."""
-    fields = ["epoch", "step", "reward_mean", "reward_std", *rr.dimensions(task), "unreadable",
-              "truncated", "masked_samples", "trained_samples", "banned_prompts", "loss",
-              "policy_loss", "kl", "eta", "eval_reward", "seconds"]
+def write_metrics(out: Path, rows: list) -> None:
+    """metrics.csv, the rows of `log_epoch`, rewritten whole from the rows the checkpoint holds:
+    a resumed run never duplicates one."""
     text = io.StringIO()
-    w = csv.DictWriter(text, fields)
+    w = csv.DictWriter(text, list(rows[0]) if rows else ["epoch"])
     w.writeheader()
     w.writerows(rows)  # None is written as an empty cell
     common.write_atomic(out / "metrics.csv", text.getvalue())
-
-
-def plot_reward_curve(rows: list, path: Path, dims: tuple, title: str = "") -> list:
-    """R and each dimension's mean score mapped to [0, 1], per epoch (matplotlib); a dimension with
-    no readable score is named in the legend. Returns the legend's labels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.6, 4.4))
-    epochs = [r["epoch"] for r in rows]
-    ax.plot(epochs, [r["reward_mean"] for r in rows], "o-", color="black", label="reward R")
-    for d in dims:
-        vals = [None if r.get(d) is None else (r[d] - 1) / 3 for r in rows]
-        label = d.replace("_", " ") + ("" if any(v is not None for v in vals)
-                                       else " (no readable score)")
-        ax.plot(epochs, [float("nan") if v is None else v for v in vals], "o-", label=label)
-    ax.set(title=f"{title}: reward per epoch" if title else "reward per epoch", xlabel="epoch",
-           ylabel="R, and (s - 1) / 3 per dimension", ylim=(-0.02, 1.02))
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 # ---- main ----
@@ -818,37 +764,31 @@ def resolve_defaults(args: Args) -> Args:
     for name, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.resolution is None:
-        args.resolution = common.generator_resolution(args.generator, 512)
+    if args.resolution is None:  # both sources train at 512
+        args.resolution = 64 if args.generator == "tiny-random" else 512
     return args
 
 
-def validate(args: Args) -> None:
-    a = args
+def validate(a: Args) -> None:
     rr.check_scorer_flags(a)
     common.require_positive(a, "epochs", "prompts_per_epoch", "sample_steps", "eval_steps",
                             "train_batch_size", "gradient_steps_per_epoch", "num_eval_prompts",
                             "eval_every", "lora_r", "resolution")
-    common.require(a.group_size >= 2, "--group-size must be at least 2: the group mean is each "
-                   "sample's baseline")
+    common.require(a.group_size >= 2, "--group-size must be at least 2 (its mean is the baseline)")
     common.require(a.task == "edit" or a.guidance_scale == 1.0, "--guidance-scale is FLUX's "
                    "distilled guidance (--task edit); t2i samples CFG-free, as DiffusionNFT")
     for name in ("beta", "adv_clip", "lr", "grad_clip"):  # the loss divides by beta and the clip
         value = getattr(a, name)
         common.require(value > 0 and math.isfinite(value),
                        f"--{name.replace('_', '-')} must be > 0, got {value}")
-    samples = a.prompts_per_epoch * a.group_size
-    batches = math.ceil(samples / a.train_batch_size)
-    common.require(a.gradient_steps_per_epoch <= batches,
-                   f"--gradient-steps-per-epoch {a.gradient_steps_per_epoch} is more than the "
-                   f"epoch's {batches} mini-batches ({samples} samples / --train-batch-size "
-                   f"{a.train_batch_size})")
+    batches = math.ceil(a.prompts_per_epoch * a.group_size / a.train_batch_size)
+    common.require(a.gradient_steps_per_epoch <= batches, f"--gradient-steps-per-epoch "
+                   f"{a.gradient_steps_per_epoch} is more than the epoch's {batches} mini-batches")
 
 
 def check_out_dir(out: Path, args: Args, items: list) -> str:
-    """A folder holding any trace of a run is continued only with --resume and the same settings
-    and prompts (their content: the file's bytes and edit source images, whatever its path);
-    never started over. Returns the prompts' digest."""
+    """A folder holding any trace of a run is continued only with --resume, the same settings and
+    the same prompts (file bytes, source images); never started over. Returns the prompts' sha1."""
     h = hashlib.sha1(Path(args.prompts).read_bytes())
     for source in [it["source"] for it in items if it["source"] is not None]:
         h.update(source.tobytes())
@@ -862,23 +802,11 @@ def check_out_dir(out: Path, args: Args, items: list) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class Run:
-    """What an RL run holds from epoch to epoch: the pipe (its transformer carries the two
-    policies), theta's LoRA weights and their EMA (or None), the items' conditions encoded once,
-    the noise levels of collection and of eval grids."""
-    args: Args
-    out: Path
-    pipe: object
-    params: list
-    optimizer: object
-    ema: dict
-    scorer: object
-    items: list
-    conds: dict
-    geo: dict
-    sigmas: object
-    eval_sigmas: object
+# What an RL run holds from epoch to epoch (made by `setup_run`): args, out, pipe (its transformer
+# carries the two policies), params (theta's LoRA weights), optimizer, ema (theta's EMA), scorer,
+# items, conds (their conditions, encoded once), geo, sigmas and eval_sigmas (the noise levels of
+# collection and of eval grids).
+Run = SimpleNamespace
 
 
 def main(argv=None) -> int:
@@ -904,7 +832,7 @@ def main(argv=None) -> int:
     if lead:
         if args.resume:
             print(f"resuming after epoch {state['epoch']} (step {state['step']})", file=sys.stderr)
-        write_metrics(out, state["rows"], args.task)
+        write_metrics(out, state["rows"])
         (out / "eval").mkdir(exist_ok=True)
         if state["epoch"] == 0 and not (out / "eval" / "epoch_0000.png").exists():
             evaluate(run, 0)  # the base model, before any update
@@ -926,8 +854,7 @@ def main(argv=None) -> int:
 
 
 def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Run:
-    """The generator with two LoRA policies, its conditions encoded once, the optimiser, the
-    scorer."""
+    """The generator with two LoRA policies, the conditions encoded once, optimiser, scorer."""
     torch.manual_seed(args.seed)
     pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
                                  args.generator_quantization)
@@ -947,9 +874,10 @@ def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Ru
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)  # the sources' 1e-4
     # the EMA of theta that eval grids and saved LoRAs use (DiffusionNFT: train.ema = True)
     ema = {k: p.detach().clone() for k, p in adapter_params(pipe.transformer, "default").items()}
-    return Run(args, out, pipe, params, optimizer, ema, rr.build_scorer(args, args.task, weights),
-               items, conds, geo, sampler_sigmas(pipe, args.sample_steps, geo),
-               sampler_sigmas(pipe, args.eval_steps, geo))
+    return Run(args=args, out=out, pipe=pipe, params=params, optimizer=optimizer, ema=ema,
+               scorer=rr.build_scorer(args, args.task, weights), items=items, conds=conds, geo=geo,
+               sigmas=sampler_sigmas(pipe, args.sample_steps, geo),
+               eval_sigmas=sampler_sigmas(pipe, args.eval_steps, geo))
 
 
 def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
@@ -999,8 +927,7 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
 
 
 def gather_samples(idx: list, x0, res: dict) -> tuple:
-    """Every rank's samples (`idx`: their places in the epoch, x0 and reward results), put
-    together in the epoch's order on every rank."""
+    """Every rank's samples (`idx`: their places in the epoch; x0, rewards) in epoch order."""
     parts = common.gather((idx, x0, res))
     where = [i for part in parts for i in part[0]]
     order = sorted(range(len(where)), key=where.__getitem__)
@@ -1020,14 +947,14 @@ def evaluate(run: Run, epoch: int) -> float:
         x0 = sample_latents(run.pipe, cond, seeds, run.eval_sigmas, run.geo, "default", "euler")
     images = decode(run.pipe, x0, run.geo)
     res = reward_images(run.scorer, images, its)
-    which = " (base model)" if epoch == 0 else " (EMA weights)"
     cells = []
     for it, im, R, s, na in zip(its, images, res["rewards"], res["scores"], res["not_applicable"]):
         caption = [*common.wrap_text(it["prompt"], 40)[:2], f"R = {R:.3f}",
                    *(rr.score_label(k, v, na) for k, v in s.items())]
         cells.append(([it["source"], im] if it["source"] else [im], caption))
     common.caption_grid(cells, run.out / "eval" / f"epoch_{epoch:04d}.png", lines=8,
-                        title=f"{run.out.name}: epoch {epoch}{which}")
+                        title=f"{run.out.name}: epoch {epoch} "
+                        + ("(base model)" if epoch == 0 else "(EMA weights)"))
     return sum(res["rewards"]) / len(res["rewards"])
 
 
@@ -1048,13 +975,16 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
            "eval_reward": eval_reward, "seconds": round(seconds, 2)}
     state["rows"].append(row)
     state["epoch"] = epoch + 1
-    if lead and due:
-        with ema_weights(run.pipe.transformer, run.ema):
-            save_lora(run.pipe, out / "lora" / f"epoch_{epoch + 1:04d}")
+    if lead and due:  # the EMA of theta as a diffusers LoRA, for pipe.load_lora_weights(folder)
+        from peft.utils import get_peft_model_state_dict
+        with ema_weights(run.pipe.transformer, run.ema):  # saved inside: the state holds views
+            lora = get_peft_model_state_dict(run.pipe.transformer, adapter_name="default")
+            type(run.pipe).save_lora_weights(str(out / "lora" / f"epoch_{epoch + 1:04d}"),
+                                             transformer_lora_layers=lora)
     if lead:
         save_checkpoint(run, state)
-        write_metrics(out, state["rows"], args.task)
-        plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
+        write_metrics(out, state["rows"])
+        common.plot_reward_curve(state["rows"], out / "reward_curve.png", dims, title=out.name)
     shown = {"R": row["reward_mean"], "std": row["reward_std"], **{k: row[k] for k in dims},
              **{k: row[k] for k in ("unreadable", "masked_samples", "loss", "kl", "eta")}}
     return f"epoch {epoch + 1}: " + " ".join(f"{k}={'-' if v is None else format(v, '.4g')}"

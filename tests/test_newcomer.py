@@ -187,7 +187,7 @@ def test_reward_curve_names_a_dimension_without_readable_scores(tmp_path):
     import rl_nft
     rows = [{"epoch": e, "reward_mean": 0.5, "text_faithfulness": 3.0, "physical_quality": 2.0,
              "text_rendering": None} for e in range(1, 4)]
-    labels = rl_nft.plot_reward_curve(rows, tmp_path / "curve.png", rr.T2I_DIMENSIONS, title="run")
+    labels = common.plot_reward_curve(rows, tmp_path / "curve.png", rr.T2I_DIMENSIONS, title="run")
     assert labels == ["reward R", "text faithfulness", "physical quality",
                       "text rendering (no readable score)"]
     assert Image.open(tmp_path / "curve.png").size == (760, 440)
