@@ -112,16 +112,16 @@ def check_device(device: Optional[str]) -> None:
             raise SystemExit(f"--device {device!r}: {str(err).splitlines()[0]}") from None
 
 
-def check_writable_dir(path, flag: str = "--out") -> None:
-    """The output folder (if any) is a folder we can write, or can be made (nothing is created)."""
+def check_writable_dir(path) -> None:
+    """--out (if given) is a folder we can write, or can be made (nothing is created here)."""
     if path is None:
         return
     path = Path(path)
-    require(not path.exists() or path.is_dir(), f"{flag} {path} is a file, not a directory")
+    require(not path.exists() or path.is_dir(), f"--out {path} is a file, not a directory")
     existing = next(p for p in [path, *path.absolute().parents] if p.exists())
-    require(existing.is_dir(), f"{flag} {path}: {existing} is a file, not a directory")
+    require(existing.is_dir(), f"--out {path}: {existing} is a file, not a directory")
     require(os.access(existing, os.W_OK | os.X_OK),
-            f"cannot write to {flag} {path}: {existing} is not writable")
+            f"cannot write to --out {path}: {existing} is not writable")
 
 
 def check_same_run(out, args, keys, paths=(), extra=None) -> None:
@@ -152,10 +152,11 @@ _held_locks = {}  # run folder -> its open lock file, held until the process end
 
 
 def start_run(out, args, extra=None) -> None:
-    """Take the run folder: an exclusive lock (fcntl.flock on out/.lock, released by the OS however
-    the process ends), so a second run into it stops at once; then args.json. Several processes:
-    rank 0 takes it, and every rank stops when it could not."""
+    """Take the run folder (writable, checked): an exclusive lock (fcntl.flock on out/.lock, freed
+    by the OS however the process ends: a second run into it stops at once), then args.json.
+    Several processes: rank 0 takes it, and every rank stops when it could not."""
     import fcntl
+    check_writable_dir(out)
     key, busy = str(Path(out).resolve()), False
     if RANK == 0 and key not in _held_locks:  # this process may hold it already (the Python API)
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -261,8 +262,7 @@ def write_atomic(path, text: str) -> None:
 
 
 def read_jsonl(path) -> list:
-    """Records of a JSONL file: a torn last line (a killed write) is cut off, a damaged line
-    elsewhere is an error naming it."""
+    """Records of a JSONL file; a torn last line (a killed write) is cut off, any other is named."""
     path = Path(path)
     if not path.is_file():
         return []

@@ -246,11 +246,9 @@ def main(argv=None) -> int:
     args = common.parse(Args, argv, description=__doc__.split("\n\n")[0])
     rr.check_scorer_flags(args)
     common.require_positive(args, "rounds", "batch_size", "steps", "resolution")
-    common.check_writable_dir(args.out)
-    gate = tuple(d.strip() for d in args.gate.split(",") if d.strip())
-    common.require(gate and set(gate) <= set(rr.dimensions(args.task)),
-                   f"--gate takes dimensions of {args.task}: "
-                   f"{', '.join(rr.dimensions(args.task))} (got {args.gate!r})")
+    dims = rr.dimensions(args.task)
+    gate = tuple(g.strip() for g in args.gate.split(",") if g.strip())
+    common.require(gate and set(gate) <= set(dims), f"--gate takes {', '.join(dims)}: {args.gate}")
     common.require(1.0 <= args.threshold <= 4.0, "--threshold is a score in [1, 4]")
     weights = rr.parse_weights(args.reward_weights)
     args.generator = args.generator or common.GENERATORS[args.task]
@@ -284,8 +282,8 @@ def main(argv=None) -> int:
     rr.warn_truncated(summary["truncated_critiques"], summary["critiques"],
                       "--scorer-max-new-tokens", args.scorer)
     common.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):")
-    print(json.dumps(summary, indent=2))
+    print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):\n"
+          + json.dumps(summary, indent=2))
     return 0
 
 

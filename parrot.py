@@ -956,7 +956,6 @@ def main(argv=None) -> int:
     common.require(common.WORLD == 1 or args.phases == "3", "several processes run Phase 3 (the "
                    "SFT) only: run --phases 12 in one process first (a served teacher, "
                    "--teacher-api-base, is how the teacher uses many GPUs)")
-    common.check_writable_dir(out)
     preflight(args, out)
     common.start_run(out, args)
     import torch

@@ -792,7 +792,6 @@ def check_out_dir(out: Path, args: Args, items: list) -> str:
     h = hashlib.sha1(Path(args.prompts).read_bytes())
     for source in [it["source"] for it in items if it["source"] is not None]:
         h.update(source.tobytes())
-    common.check_writable_dir(out)
     found = any((out / n).exists() for n in ("checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv"))
     if found or args.resume:
         common.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
