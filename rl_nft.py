@@ -164,9 +164,8 @@ def nft_loss(v_theta, v_old, v_ref, x_t, x0, t, r, beta: float = 1.0, kl_weight:
 
 def training_timesteps(num_samples: int, num_steps: int, gen, fraction: float = 0.99):
     """(N, int(fraction * S)) indices into the sampler's S timesteps: per sample, the first entries
-    of its own random permutation of all S (DiffusionNFT: perms_time, then j < num_train_timesteps),
-    so each sample drops a random timestep, not always the last). fraction: the sources' 0.99.
-    Returns (N, k) int64."""
+    of its own random permutation of all S, so each sample drops a random timestep, not always the
+    last (DiffusionNFT: perms_time, then j < num_train_timesteps; both sources' fraction: 0.99)."""
     k = max(1, int(num_steps * fraction))
     return torch.stack([torch.randperm(num_steps, generator=gen)[:k] for _ in range(num_samples)])
 
@@ -538,7 +537,7 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
     sums, count = {"loss": 0.0, "policy": 0.0, "kl": 0.0}, 0
     for group in accumulation_groups(len(batches), args.gradient_steps_per_epoch):
         denom = len(group) * steps_t.shape[1]        # accumulation steps x training timesteps
-        bad = None                                   # a non-finite loss, on this rank
+        bad = None                                   # what went non-finite, on this rank
         for i in group:
             b = batches[i]
             kept, sel = b[keep[b]], keep[b]
@@ -569,28 +568,31 @@ def optimise_epoch(transformer, optimizer, params, x0, cond: dict, r, keep, sigm
                 loss, stats = nft_loss(v_theta, v_old, v_ref, x_t, xb, t, rb, args.beta,
                                        args.kl_weight, policy_scale=args.adv_clip)
                 if not torch.isfinite(loss):
-                    bad = float(loss.detach())
+                    bad = f"loss became {float(loss.detach())}"
                     break
                 (loss / denom).backward()
                 sums["loss"] += float(loss.detach())
                 sums["policy"] += stats["policy"]
                 sums["kl"] += stats["kl"]
                 count += 1
-        # a non-finite loss on any rank stops every rank, with one error (from rank 0)
-        bad = next((v for v in common.gather(bad) if v is not None), None)
-        if bad is not None and common.RANK > 0:
-            raise SystemExit(2)  # quietly: rank 0 says why
-        if bad is not None:
-            raise FloatingPointError(
-                f"the NFT loss became {bad} (optimiser step {step + 1}); nothing of this epoch is "
-                "saved and the last checkpoint is intact: rerun with --resume and a lower --lr")
         # a step whose samples were all masked still steps, on zero gradients, as the sources do:
         # AdamW's weight decay and moment estimates move the weights even then
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         common.sum_gradients(params)  # several ranks: the gradient of the whole group
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        # a non-finite loss on any rank, or a non-finite gradient (the same on every rank once
+        # summed), stops every rank before the step, with one error (from rank 0)
+        bad = next((v for v in common.gather(bad) if v is not None), None)
+        if bad is None and not torch.isfinite(norm):
+            bad = f"gradient norm became {float(norm)}"
+        if bad is not None and common.RANK > 0:
+            raise SystemExit(2)  # quietly: rank 0 says why
+        if bad is not None:
+            raise FloatingPointError(
+                f"the NFT {bad} (optimiser step {step + 1}); nothing of this epoch is "
+                "saved and the last checkpoint is intact: rerun with --resume and a lower --lr")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -962,8 +964,7 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
     the checkpoint, metrics.csv and the reward curve. Returns the line to print."""
     args, out, dims = run.args, run.out, rr.dimensions(run.args.task)
     R, res, keep, totals = stats["R"], stats["res"], stats["keep"], stats["totals"]
-    last, lead = epoch + 1 == args.epochs, common.RANK == 0
-    due = last or (epoch + 1) % args.eval_every == 0
+    lead, due = common.RANK == 0, epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0
     eval_reward = evaluate(run, epoch + 1) if lead and due else None
     row = {"epoch": epoch + 1, "step": state["step"], "reward_mean": float(R.mean()),
            "reward_std": float(R.std(unbiased=False)), **rr.dimension_means(res["scores"], dims),

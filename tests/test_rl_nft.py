@@ -577,6 +577,16 @@ def test_a_non_finite_loss_stops_the_run_with_the_checkpoint_intact(tiny_policy)
                               torch.ones(2, dtype=torch.bool), rl_nft.sampler_sigmas(pipe, 4, geo),
                               geo, args,
                               torch.Generator().manual_seed(0), None, 0)
+    # a finite loss whose gradient is not: stopped before the optimiser steps on it
+    before = [p.detach().clone() for p in params]
+    hook = params[0].register_hook(lambda g: g * float("inf"))
+    with pytest.raises(FloatingPointError, match="NFT gradient norm became (inf|nan)"):
+        rl_nft.optimise_epoch(pipe.transformer, opt, params, torch.randn(2, 4, 32, 32), cond,
+                              torch.full((2, ), 0.7), torch.ones(2, dtype=torch.bool),
+                              rl_nft.sampler_sigmas(pipe, 4, geo), geo, args,
+                              torch.Generator().manual_seed(0), None, 0)
+    hook.remove()
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
 
 
 def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
