@@ -380,7 +380,8 @@ def student_report(model, processor, held: list, heldout_pairs: list, task: str,
     of q) and its preference accuracy, pointwise and pairwise, on the held-out pairs."""
     nll = answer_nll(model, processor, held, args.max_pixels)
     model.eval()  # no LoRA dropout while the student writes critiques
-    backend = common.TransformersBackend(model, processor, args.batch_size, args.max_pixels)
+    backend = common.TransformersBackend(model, processor, args.batch_size, args.max_pixels,
+                                         name=args.student)  # tiny-random: no truncation warning
     scorer = rr.RationalRewardsScorer(backend, task, args.max_new_tokens, temperature=0.1)
     return {"heldout_nll": nll, "accuracy": {
         mode: rr.evaluate_preferences(scorer, heldout_pairs, mode, None,
