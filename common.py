@@ -25,7 +25,7 @@ from typing import Optional
 
 # torch, transformers, diffusers and datasets are imported where they are used: at the top they
 # would make `--help` and every argument error take seconds instead of a fraction of one.
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 # Warnings no user can act on: bitsandbytes' missing optional CPU kernel (the CPU path runs here),
 # peft calling transformers' old gradient-checkpointing names, and peft on rl_nft's second policy.
@@ -103,13 +103,17 @@ def require_positive(args, *names) -> None:
 
 
 def check_device(device: Optional[str]) -> None:
-    """--device names a device this machine has (torch says why not), before anything loads."""
-    if device is not None:
-        import torch
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as err:  # a bad name, no GPU, an index too high
-            raise SystemExit(f"--device {device!r}: {str(err).splitlines()[0]}") from None
+    """--device names a device this machine has, checked before anything loads (no CUDA context)."""
+    if device is None:
+        return
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    count = torch.cuda.device_count()  # 0 without a GPU or a CUDA build
+    require(dev.type != "cuda" or (dev.index or 0) < count,
+            f"--device {device}: {count} CUDA GPU(s) visible here (--device cpu runs without one)")
 
 
 def check_writable_dir(path) -> None:
@@ -948,13 +952,6 @@ def slug(text: str, words: int = 5) -> str:
     return "-".join(re.findall(r"[a-z0-9]+", (text or "").lower())[:words]) or "prompt"
 
 
-def fit_image(image: Image.Image, side: int) -> Image.Image:
-    """`image` with its longer side `side` (small ones scaled up without smoothing: pixels show)."""
-    scale = side / max(image.size)
-    size = (round(image.width * scale), round(image.height * scale))
-    return image.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
-
-
 def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int = 10,
                  columns: Optional[int] = None) -> Image.Image:
     """One picture of `cells`, each ([images side by side], [caption lines]), `columns` cells a row
@@ -968,8 +965,9 @@ def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int
     draw.text((4, 5), title, fill="black", font=ImageFont.load_default(size=13))
     for n, (images, caption) in enumerate(cells):
         x, y = (n % columns) * cell_w, head + (n // columns) * (side + text_h)
-        for k, im in enumerate(images):
-            grid.paste(fit_image(im, side), (x + k * (side + 6), y))
+        for k, im in enumerate(images):  # longer side `side`, small ones scaled up pixel-sharp
+            method = Image.NEAREST if max(im.size) < side else Image.BICUBIC
+            grid.paste(ImageOps.contain(im, (side, side), method), (x + k * (side + 6), y))
         for j, line in enumerate(caption[:lines]):
             draw.text((x + 3, y + side + 3 + 14 * j), line, fill="black", font=small)
     save_image_atomic(grid, path)
