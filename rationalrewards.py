@@ -576,7 +576,7 @@ class EvalArgs(ScorerFlags):
                                 "mmrb2-t2i", "mmrb2-edit"]] = None
     """a benchmark of Table 1 instead of --pairs (its task, labels and protocol follow it)"""
     data_dir: Optional[str] = None
-    """--benchmark: a local copy (parquet file or folder; `all`: a folder with one per name)"""
+    """--benchmark: a local copy (a parquet file or a folder of them) instead of the hub"""
     mode: Optional[Literal["pointwise", "pairwise"]] = None
     """pointwise: each image alone; pairwise: both at once (default: --pairs pointwise, --benchmark
     pairwise, as the paper evaluates)"""
