@@ -728,8 +728,7 @@ def save_checkpoint(run: Run, state: dict) -> None:
 
 
 def load_checkpoint(run: Run) -> Optional[dict]:
-    """The run's state from checkpoint.pt (None when there is none); a damaged file or one of
-    another LoRA shape is named."""
+    """The run's state from checkpoint.pt (None if none); a damaged file or a LoRA shape named."""
     path, tr = run.out / "checkpoint.pt", run.pipe.transformer
     if not path.is_file():
         return None
@@ -741,12 +740,13 @@ def load_checkpoint(run: Run) -> Optional[dict]:
                                  ("old", adapter_params(tr, "old")), ("ema", run.ema)):
                 for k, p in params.items():
                     if ckpt[name][k].shape != p.shape:  # copy_ would broadcast a rank-1 LoRA
-                        raise ValueError("shape")
+                        raise ValueError(f"{k}: {tuple(ckpt[name][k].shape)} saved, "
+                                         f"{tuple(p.shape)} here")
                     p.copy_(ckpt[name][k])
     except Exception as err:  # a truncated or foreign file: torch raises several types
         raise ValueError(f"{path} is damaged, or holds another run's LoRA (another --lora-r or "
-                         f"--generator than the run's?) ({type(err).__name__}): start again in "
-                         "another --out") from None
+                         f"--generator than the run's?): {type(err).__name__}: {str(err)[:200]}. "
+                         "Start again in another --out") from None
     return ckpt["state"]
 
 
