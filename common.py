@@ -188,14 +188,11 @@ RANK, WORLD = int(os.environ.get("RANK", "0")), 1
 def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
     """Join the process group when a launcher started several processes (WORLD_SIZE > 1): gloo on
     CPU, nccl with one GPU per rank (LOCAL_RANK); returns this rank's device. `tiny`: tiny-random
-    models to build first ("vlm", "t2i", "edit"): in a group transformers saves on rank 0 alone."""
+    models to build first ("qwen3vl", "sd3", "kontext"): in a group transformers saves on rank 0 alone."""
     global RANK, WORLD
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for kind in tiny if world > 1 else ():
-        if kind == "vlm":
-            tiny_vlm_dir()
-        else:
-            tiny_generator_dir(kind)
+        tiny_dir(kind)
     if world == 1:
         return device
     import torch
@@ -489,7 +486,7 @@ _NOT_QUANTIZED = ["model.visual", "lm_head"]  # kept in bf16 under 4/8-bit (modu
 
 
 def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None,
-             device: Optional[str] = None, trainable: bool = False, seed: int = 0, dtype=None):
+             device: Optional[str] = None, trainable: bool = False, dtype=None):
     """(model, processor) for a hub id, a local folder or `tiny-random`, quantized (auto: nf4 on a
     GPU; vision tower and lm_head kept), with a peft LoRA `adapter` (e.g. the PARROT student)."""
     import torch
@@ -506,7 +503,7 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
             load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
             bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED)
-    path = str(tiny_vlm_dir(seed)) if name == "tiny-random" else name
+    path = str(tiny_dir("qwen3vl")) if name == "tiny-random" else name
     processor = from_pretrained(AutoProcessor.from_pretrained, name, path, "model")
     model = from_pretrained(AutoModelForImageTextToText.from_pretrained, name, path, "model",
                             **kwargs)
@@ -522,7 +519,7 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
 
 
 def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
-                   no_t5: bool = False, quantization: str = "none", seed: int = 0):
+                   no_t5: bool = False, quantization: str = "none"):
     """A diffusers pipeline (hub id, local folder or `tiny-random`: SD3 for t2i, Kontext for edit)
     on `device`; no_t5: without SD3's T5; "4bit": transformer and T5 in nf4 (needs a GPU)."""
     import torch
@@ -541,7 +538,8 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
             components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
             quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                           "bnb_4bit_compute_dtype": dtype})
-    path = str(tiny_generator_dir(task, seed)) if name == "tiny-random" else name
+    path = str(tiny_dir("kontext" if task == "edit" else "sd3")) if name == "tiny-random" \
+        else name
     folder = Path(path)
     if no_t5 or (folder.is_dir() and (folder / "model_index.json").is_file()
                  and "text_encoder_3" in folder.joinpath("model_index.json").read_text()
@@ -552,19 +550,12 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
     return pipe if quantization == "4bit" else pipe.to(device)
 
 
-# ---- tiny-random: the real architectures, randomly initialised, built offline from configs ----
-# Every VLM width is a multiple of 64, so that bitsandbytes 4-bit works on CPU as well.
-TINY_VERSION = 4  # bump when a tiny architecture changes, so cached copies are rebuilt
-_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
-_CHAT_TEMPLATE = (  # the structure of Qwen's: role turns; an image as vision_start/pad/end
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# ---- tiny-random: the real architectures, randomly initialised, built offline from the configs and
+# tokenizers in tiny/ (JSON files, no weights). Every VLM width is a multiple of 64, so that
+# bitsandbytes 4-bit works on CPU as well. tiny/qwen3vl's tokenizer is a byte-level BPE of 448
+# tokens trained on prompts/ (any text tokenizes); the generators' is character-level CLIP.
+TINY = PROMPTS_DIR.parent / "tiny"  # next to prompts/, in a checkout or an installation
+TINY_VERSION = 5  # bump when a tiny model changes, so that cached copies are built again
 
 
 def template_files() -> list:
@@ -572,59 +563,44 @@ def template_files() -> list:
     return sorted(p for p in PROMPTS_DIR.glob("*.txt") if not p.name.endswith("_prompts.txt"))
 
 
-def build_tiny_vlm(seed: int = 0):
-    """(model, processor): a random Qwen3-VL (~0.5M parameters), BPE trained on the templates."""
+def build_tiny(kind: str, seed: int = 0) -> list:
+    """The parts of tiny-random `kind` (qwen3vl; sd3 or kontext, ~0.3M parameters, 64x64): the
+    real classes made from tiny/KIND, weights drawn from `seed` in the order the folders sort."""
+    import importlib
+
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
-                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
-                              Qwen3VLVideoProcessor)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), \
-        decoders.ByteLevel()
-    bpe.train_from_iterator(sorted(p.read_text() for p in template_files()), trainers.BpeTrainer(
-        vocab_size=448, special_tokens=_SPECIAL, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>",
-                                        additional_special_tokens=_SPECIAL[1:],
-                                        chat_template=_CHAT_TEMPLATE)
-    patches = dict(patch_size=16, merge_size=2, temporal_patch_size=2,
-                   size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64})  # <= 4 tokens/image
-    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**patches),
-                                 video_processor=Qwen3VLVideoProcessor(**patches),
-                                 tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIAL}
-    config = Qwen3VLConfig(
-        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=8192,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=64, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+    import transformers
+    folder = TINY / kind
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    return model, processor
+    if kind == "qwen3vl":
+        config = transformers.AutoConfig.from_pretrained(folder)
+        model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+        return [model, transformers.AutoProcessor.from_pretrained(folder)]
+    index, parts = json.loads((folder / "model_index.json").read_text()), {}
+    for name, (library, cls) in sorted((k, v) for k, v in index.items() if k[0] != "_"):
+        cls = library and getattr(importlib.import_module(library), cls)
+        if cls is None:  # a part the pipeline runs without (SD3's T5)
+            parts[name] = None
+        elif name.startswith("tokenizer"):
+            parts[name] = cls.from_pretrained(folder / name)
+        elif library == "transformers":
+            parts[name] = cls(transformers.AutoConfig.from_pretrained(folder / name)).eval()
+        else:
+            parts[name] = cls.from_config(cls.load_config(folder / name))
+    _tiny_decoder(parts["vae"])
+    return [getattr(importlib.import_module("diffusers"), index["_class_name"])(**parts)]
 
 
-def _tiny_dir(kind: str, build, seed: int) -> Path:
+def tiny_dir(kind: str, seed: int = 0) -> Path:
     """The folder of a saved tiny model, built on first use; atomic, so parallel runs are safe."""
     root = Path(os.environ.get("RATIONALREWARDS_CACHE", Path.home() / ".cache" / "rationalrewards"))
-    path = root / f"{kind}-seed{seed}"
+    path = root / f"tiny-random-{kind}-v{TINY_VERSION}-seed{seed}"
     if not any(path.glob("*.json")):
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
         with quiet_loading():
-            for part in build(seed):
+            for part in build_tiny(kind, seed):
                 part.save_pretrained(tmp)
         if not any((tmp / f).is_file() for f in ("config.json", "model_index.json")):
             shutil.rmtree(tmp, ignore_errors=True)  # transformers saves on rank 0 alone
@@ -637,45 +613,14 @@ def _tiny_dir(kind: str, build, seed: int) -> Path:
     return path
 
 
-def tiny_vlm_dir(seed: int = 0) -> Path:
-    # the tokenizer is trained on the templates: editing one rebuilds the model
-    corpus = digest("".join(sorted(p.read_text() for p in template_files())))[:8]
-    return _tiny_dir(f"tiny-random-qwen3vl-v{TINY_VERSION}-{corpus}", build_tiny_vlm, seed)
-
-
-def tiny_generator_dir(task: str, seed: int = 0) -> Path:
-    build = build_tiny_kontext if task == "edit" else build_tiny_sd3
-    return _tiny_dir(f"tiny-random-{task}-v{TINY_VERSION}", build, seed)
-
-
-def _tiny_clip_tokenizer(max_length: int):
-    """A character-level CLIP tokenizer (characters and their `</w>` forms), offline."""
-    from transformers import CLIPTokenizer
-    chars = [chr(c) for c in range(33, 127)]
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *chars,
-                                         *(c + "</w>" for c in chars)])}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                             model_max_length=max_length)
-
-
 TINY_DECODER_GAIN = 0.15  # pixel value (0-1) per unit of a decoded latent channel
-_TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
-def _tiny_vae(scaling_factor: float, shift_factor: float):
-    """An AutoencoderTiny whose decoder is set by hand to RGB = 0.5 + g * 3 tanh(z[0:3] / 3) per
-    pixel (g = TINY_DECODER_GAIN), so an RL run can visibly move the colour (a random AutoencoderKL
-    ends in a GroupNorm, which removes a uniform change of the latent). The encoder is random."""
+def _tiny_decoder(vae) -> None:
+    """Sets the AutoencoderTiny's decoder by hand to RGB = 0.5 + g * 3 tanh(z[0:3] / 3) per pixel
+    (g = TINY_DECODER_GAIN), so an RL run can visibly move the colour (a random AutoencoderKL
+    ends in a GroupNorm, which removes a uniform change of the latent). The encoder stays random."""
     import torch
-    from diffusers import AutoencoderTiny
-    vae = AutoencoderTiny(latent_channels=4, encoder_block_out_channels=(8, 8),
-                          decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                          num_decoder_blocks=(1, 1), scaling_factor=scaling_factor,
-                          shift_factor=shift_factor)
     chain = [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)]  # blocks between
     first, middle, last = chain[0], chain[1:-1], chain[-1]
     with torch.no_grad():
@@ -688,55 +633,6 @@ def _tiny_vae(scaling_factor: float, shift_factor: float):
             for m in middle:
                 m.weight[c, c, 1, 1] = 1.0
             last.weight[c, c, 1, 1], last.bias[c] = TINY_DECODER_GAIN, 0.5 - 3 * TINY_DECODER_GAIN
-    return vae
-
-
-def build_tiny_sd3(seed: int = 0):
-    """A StableDiffusion3Pipeline, ~0.3M parameters, 64x64: two CLIP encoders (no T5, as SD3 runs
-    without it), an SD3 transformer, SD3's latent normalisation, flow matching with shift 3."""
-    import torch
-    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    tokenizer = _tiny_clip_tokenizer(77)
-    torch.manual_seed(seed)
-    clip = CLIPTextConfig(vocab_size=len(tokenizer), projection_dim=32, **_TINY_CLIP)
-    encoders = [CLIPTextModelWithProjection(clip).eval() for _ in range(2)]
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4,
-                                        num_layers=2, attention_head_dim=16, num_attention_heads=4,
-                                        joint_attention_dim=64, caption_projection_dim=64,
-                                        pooled_projection_dim=64, pos_embed_max_size=64)
-    return [StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_tiny_vae(1.5305, 0.0609), text_encoder=encoders[0], tokenizer=tokenizer,
-        text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)]
-
-
-def build_tiny_kontext(seed: int = 0):
-    """A FluxKontextPipeline of FLUX.1-Kontext-dev's structure, ~0.3M parameters, 64x64: CLIP, T5,
-    a double- and a single-stream block with guidance embedding, FLUX's normalisation and shift."""
-    import torch
-    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxKontextPipeline,
-                           FluxTransformer2DModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-    tokenizer = _tiny_clip_tokenizer(77)
-    torch.manual_seed(seed)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **_TINY_CLIP)).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128,
-                                 num_layers=2, num_heads=4, pad_token_id=1,
-                                 eos_token_id=1)).eval()
-    # 4 latent channels packed 2x2 -> 16 features a token; rope axes 4 + 6 + 6 = head dim 16
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1,
-                                         num_single_layers=1, attention_head_dim=16,
-                                         num_attention_heads=4, joint_attention_dim=64,
-                                         pooled_projection_dim=32, guidance_embeds=True,
-                                         axes_dims_rope=(4, 6, 6))
-    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5,
-                                                max_image_seq_len=4096, max_shift=1.15,
-                                                use_dynamic_shifting=True, shift=3.0)
-    return [FluxKontextPipeline(scheduler=scheduler, vae=_tiny_vae(0.3611, 0.1159),
-                                text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
-                                tokenizer_2=_tiny_clip_tokenizer(512), transformer=transformer)]
 
 
 # ---- Backends: generate(messages, ...) -> [Generation]; answer_logprobs -> [{answer: log p}]
@@ -767,8 +663,8 @@ class TransformersBackend:
         def bound(part):
             return {**part, "image": bound_pixels(part["image"], self.max_pixels)} \
                 if part["type"] == "image" else part
-        convs = [[{**t, "content": [bound(p) for p in t["content"]]}
-                  if isinstance(t["content"], list) else t for t in conv] for conv in convs]
+        convs = [[{**t, "content": [bound(p) for p in t["content"]]} for t in conv]
+                 for conv in convs]
         return self.processor.apply_chat_template(
             convs, add_generation_prompt=True, tokenize=True, return_dict=True,
             return_tensors="pt", processor_kwargs={"padding": True}).to(self.model.device)
@@ -827,8 +723,7 @@ class OpenAIBackend:
             bound_pixels(p["image"], self.max_pixels).save(buf, format="PNG")
             url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
             return {"type": "image_url", "image_url": {"url": url}}
-        return [t if isinstance(t["content"], str) else
-                {"role": t["role"], "content": [part(p) for p in t["content"]]} for t in conv]
+        return [{"role": t["role"], "content": [part(p) for p in t["content"]]} for t in conv]
 
     def _create(self, conv, **kw):
         """The first choice of one request; BackendError after the retries or for a non-reply."""
@@ -908,8 +803,7 @@ class ToyCritic:
         from PIL import ImageStat
         outs = []
         for conv in convs:
-            images = [p["image"] for t in conv if isinstance(t["content"], list)
-                      for p in t["content"] if p["type"] == "image"]
+            images = [p["image"] for t in conv for p in t["content"] if p["type"] == "image"]
             red, _, blue = ImageStat.Stat(images[-1].convert("RGB")).mean
             s = min(4.0, max(1.0, 2.5 + self.sign * 6 * (red - blue) / 255))
             titles = ["Text Faithfulness", "Image Faithfulness"][:len(images)]  # edit: 2 images

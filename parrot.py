@@ -240,10 +240,8 @@ def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) ->
     name = f"{kind}_{rec['task']}"
     images = paths_of(rec, *(["image_a", "image_b"] if kind == "pairwise" else
                              [f"image_{side.lower()}"]))
-    system = rr.system_prompt(name, request=rec["prompt"])  # a template's [system] turn
-    messages = [{"role": "system", "content": system}] if system else []
-    messages += [{"role": "user", "content": rr.fill_prompt(name, request=rec["prompt"])},
-                 {"role": "assistant", "content": answer}]
+    messages = [{"role": "user", "content": rr.fill_prompt(name, request=rec["prompt"])},
+                {"role": "assistant", "content": answer}]
     return {"id": rec["id"], "kind": kind, "side": side, "images": images, "messages": messages}
 
 
@@ -273,11 +271,8 @@ def sample_features(processor, sample: dict, max_pixels: int):
         raise ValueError(f"SFT sample {sample['id']}: cannot read {unread}; the run directory's "
                          "images must stay where Phase 1 found them")
     images = [common.bound_pixels(im, max_pixels) for im in images]
-    *turns, last = sample["messages"]
-    user = []
-    for m in turns:
-        content = rr.to_content(m["content"], images) if m["role"] == "user" else m["content"]
-        user.append({"role": m["role"], "content": content})
+    turn, last = sample["messages"]
+    user = [{"role": "user", "content": rr.to_content(turn["content"], images)}]
     answer = {"role": "assistant", "content": [{"type": "text", "text": last["content"]}]}
     kw = dict(tokenize=True, return_dict=True, return_tensors="pt")
     prompt = processor.apply_chat_template(user, add_generation_prompt=True, **kw)
@@ -952,7 +947,7 @@ def main(argv=None) -> int:
                             "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
     common.check_device(args.device)
-    tiny = ["vlm"] if "tiny-random" in (args.student, args.teacher) else []
+    tiny = ["qwen3vl"] if "tiny-random" in (args.student, args.teacher) else []
     args.device = common.init_distributed(args.device, tiny)  # several processes: the README
     common.require(common.WORLD == 1 or args.phases == "3", "several processes run Phase 3 (the "
                    "SFT) only: run --phases 12 in one process first (a served teacher, "

@@ -66,14 +66,9 @@ def dimensions(task: str) -> tuple:
         raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
     return T2I_DIMENSIONS if task == "t2i" else EDIT_DIMENSIONS
 
-# ---- Prompts: templates are plain text; `<image>` marks where each image goes, `{name}` a field. A
-# template may open with a line `[system]`, the system turn, then a line `[user]` and the user
-# turn; without `[system]` it is all user turn (every template in prompts/).
-_fields = lambda text: set(re.findall(r"\{([a-z_]+)\}", text))
-
-
+# ---- Prompts: templates are plain text files in prompts/ (edit them to change the wording);
+# `<image>` marks where each image goes, `{name}` a field.
 def load_prompt(name: str) -> str:
-    """The template file's text, from prompts/ (edit those files to change the wording)."""
     path = PROMPTS_DIR / f"{name}.txt"
     if not path.is_file():
         known = sorted(p.stem for p in common.template_files())
@@ -81,48 +76,30 @@ def load_prompt(name: str) -> str:
     return path.read_text()
 
 
-def _turns(name: str, fields: dict) -> tuple:
-    """(system turn or None, user turn) of a template, fields filled, `<image>` markers kept."""
-    text, system = load_prompt(name), None
-    if text.lstrip().startswith("[system]"):
-        body = text.lstrip()[len("[system]"):]
-        m = re.search(r"^\[user\][ \t]*$", body, re.M)
-        if not m:
-            raise ValueError(f"{name} opens with [system] but has no [user] line to end it")
-        system, text = body[:m.start()].strip("\n"), body[m.end():].lstrip("\n")
-    missing = _fields((system or "") + text) - set(fields)
+def fill_prompt(name: str, **fields) -> str:
+    """The template's text with its `{name}` fields filled and its `<image>` markers kept."""
+    text = load_prompt(name)
+    missing = set(re.findall(r"\{([a-z_]+)\}", text)) - set(fields)
     if missing:
         raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
     for key, value in fields.items():
         text = text.replace("{" + key + "}", str(value))
-        system = system and system.replace("{" + key + "}", str(value))
-    return system, text
-
-
-def fill_prompt(name: str, **fields) -> str:
-    """The template's user turn with its `{name}` fields filled and its `<image>` markers kept."""
-    return _turns(name, fields)[1]
-
-
-def system_prompt(name: str, **fields) -> Optional[str]:
-    """The template's system turn, filled, or None when it has none."""
-    return _turns(name, fields)[0]
+    return text
 
 
 def render_messages(name: str, images: list, sources: int = 0, **fields) -> list:
-    """Template + images + fields -> [system turn,] user turn in the transformers chat format.
+    """Template + images + fields -> the user turn in the transformers chat format.
 
     Images are placed where the template says `<image>`, in the order given. sources > 1: the
     template's first `<image>` (the source image's slot) holds that many source images, and the
     text says how many there are and in which order.
     """
-    system, text = _turns(name, fields)
+    text = fill_prompt(name, **fields)
     if sources > 1:
         slots = "\n".join(f"Source image {i + 1} of {sources}: <image>" for i in range(sources))
         note = f"({sources} source images, in order; the instruction refers to them by position)"
         text = text.replace("<image>", f"{note}\n{slots}", 1)
-    user = [{"role": "user", "content": to_content(text, images, name)}]
-    return ([{"role": "system", "content": system}] if system else []) + user
+    return [{"role": "user", "content": to_content(text, images, name)}]
 
 
 def to_content(text: str, images: list, what: str = "text") -> list:

@@ -76,7 +76,7 @@ def memory(layers):
         small.save_pretrained(tmp)
         del small
         from transformers import AutoProcessor  # load_vlm loads a processor too; the tiny one does
-        AutoProcessor.from_pretrained(common.tiny_vlm_dir()).save_pretrained(tmp)
+        AutoProcessor.from_pretrained(common.tiny_dir("qwen3vl")).save_pretrained(tmp)
         bf16, _ = rr_load(tmp, "none")
         p16, b16 = decoder_linear_bytes(bf16)
         del bf16

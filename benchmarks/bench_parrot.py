@@ -30,7 +30,7 @@ def random_100m():
     """A Qwen3-VL of ~100M parameters with the tiny tokenizer (same vocabulary and special
     tokens)."""
     from transformers import Qwen3VLForConditionalGeneration
-    tiny, processor = common.build_tiny_vlm(0)
+    tiny, processor = common.build_tiny("qwen3vl", 0)
     config = tiny.config
     config.text_config.update(dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                                    num_attention_heads=12, num_key_value_heads=4, head_dim=64))

@@ -208,46 +208,6 @@ def test_benchmark_cli_with_tiny_random(tmp_path):
     assert json.loads(res.stdout)["benchmark"] == "genai-bench-edit" and "ci95" in m
 
 
-SYSTEM_TEMPLATE = """[system]
-You are RationalRewards, a careful judge of generated images.
-[user]
-<image>
-User request: {request}
-Write your critique with ## Score: per dimension.
-"""
-
-
-def test_a_template_with_a_system_section_reaches_both_backends(tmp_path, scripted_server,
-                                                                 monkeypatch):
-    import shutil
-    shutil.copytree(rr.PROMPTS_DIR, tmp_path / "official")
-    (tmp_path / "official" / "pointwise_t2i.txt").write_text(SYSTEM_TEMPLATE)
-    monkeypatch.setattr(rr, "PROMPTS_DIR", tmp_path / "official")
-    msgs = rr.render_messages("pointwise_t2i", [solid("red")], request="a red cat")
-    system = "You are RationalRewards, a careful judge of generated images."
-    assert msgs[0] == {"role": "system", "content": system}
-    assert "a red cat" in msgs[1]["content"][1]["text"]
-    assert "[user]" not in msgs[1]["content"][1]["text"]
-    # the other templates are as before
-    assert "## Score A:" in rr.fill_prompt("pairwise_t2i", request="x")
-    # HTTP: the system turn is the first message of the request
-    server = scripted_server(lambda p: "ok")
-    common.OpenAIBackend(server.url, "m", timeout=5, max_retries=0).generate([msgs])
-    sent = server.requests[0]["payload"]["messages"]
-    assert sent[0] == {"role": "system", "content": msgs[0]["content"]}
-    assert sent[1]["role"] == "user"
-    # transformers: the chat template renders a system turn before the user turn
-    model, processor = common.load_vlm("tiny-random")
-    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    assert text.index("<|im_start|>system\nYou are RationalRewards") < text.index(
-        "<|im_start|>user")
-    backend = common.TransformersBackend(model, processor)
-    assert len(backend.generate([msgs], max_new_tokens=2)) == 1
-    (tmp_path / "official" / "pairwise_t2i.txt").write_text("[system]\nno end marker\n")
-    with pytest.raises(ValueError, match="no \\[user\\] line"):
-        rr.fill_prompt("pairwise_t2i", request="x")
-
-
 def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, scripted_server,
                                                                     capsys):
     """Official: a request with no reply is success = False, left out of the accuracy, counted as

@@ -21,9 +21,9 @@ def greedy(backend, msgs, n=12):
 
 
 def test_tiny_random_is_deterministic_per_seed():
-    m0, _ = common.build_tiny_vlm(0)
-    m0b, _ = common.build_tiny_vlm(0)
-    m1, _ = common.build_tiny_vlm(1)
+    m0, _ = common.build_tiny("qwen3vl", 0)
+    m0b, _ = common.build_tiny("qwen3vl", 0)
+    m1, _ = common.build_tiny("qwen3vl", 1)
     w = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(m0.state_dict()[w], m0b.state_dict()[w])
     assert not torch.equal(m0.state_dict()[w], m1.state_dict()[w])
@@ -33,7 +33,7 @@ def test_tiny_random_is_deterministic_per_seed():
 
 
 def test_tiny_saves_and_reloads_through_from_pretrained(tmp_path):
-    model, processor = common.build_tiny_vlm(0)
+    model, processor = common.build_tiny("qwen3vl", 0)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     processor.tokenizer.padding_side = "left"
@@ -129,7 +129,7 @@ def test_8bit_loads_and_generates_on_cpu():
 
 def test_adapter_is_applied_and_bad_adapter_is_clear(tmp_path, tiny):
     from peft import LoraConfig, PeftModel, get_peft_model
-    base, _ = common.build_tiny_vlm(0)
+    base, _ = common.build_tiny("qwen3vl", 0)
     config = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
                         init_lora_weights=False)
     peft = get_peft_model(base, config)
