@@ -188,7 +188,7 @@ RANK, WORLD = int(os.environ.get("RANK", "0")), 1
 def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
     """Join the process group when a launcher started several processes (WORLD_SIZE > 1): gloo on
     CPU, nccl with one GPU per rank (LOCAL_RANK); returns this rank's device. `tiny`: tiny-random
-    models to build first ("qwen3vl", "sd3", "kontext"): in a group transformers saves on rank 0 alone."""
+    models to build first (qwen3vl, sd3, kontext): in a group transformers saves on rank 0 alone."""
     global RANK, WORLD
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for kind in tiny if world > 1 else ():
@@ -420,35 +420,6 @@ GENERATORS = {"t2i": "stabilityai/stable-diffusion-3.5-medium",  # the default p
               "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
 
 
-def download_advice(name: str, what: str, why: str) -> str:
-    local = f"models/{name.split('/')[-1]}"
-    return (f"Could not load {what} '{name}': {why}.\nOn a machine with network access run `hf "
-            f"download {name} --local-dir {local}` and pass {local} instead, or set HF_HOME to a "
-            "cache that holds it. For an offline smoke run use tiny-random.")
-
-
-def check_model_available(name: str, what: str = "model") -> None:
-    """Fail before any work when `name` is neither a saved model folder nor on the hub (or in its
-    cache): huggingface_hub's own error with the download command."""
-    if name == "tiny-random":
-        return
-    folder = Path(name).expanduser()
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or folder.exists():
-        if not folder.is_dir():
-            raise ModelLoadError(f"{what} path '{name}' does not exist (or is not a folder)")
-        if not any((folder / f).is_file() for f in ("config.json", "model_index.json")):
-            raise ModelLoadError(f"{what} folder '{name}' holds no config.json or "
-                                 "model_index.json: not a saved model")
-        return
-    import huggingface_hub
-    try:
-        huggingface_hub.hf_hub_download(name, "model_index.json" if what == "generator"
-                                        else "config.json")
-    except OSError as err:  # offline, not found, no access: all OSError in huggingface_hub
-        raise ModelLoadError(download_advice(name, what, f"{type(err).__name__}: "
-                                             f"{str(err).splitlines()[0][:200]}")) from None
-
-
 @contextlib.contextmanager
 def quiet_loading():
     """No per-shard bars or info logs while a model already on disk is loaded or saved."""
@@ -464,17 +435,33 @@ def quiet_loading():
             lib.enable_progress_bar(), lib.set_verbosity(level)
 
 
-def from_pretrained(load, name: str, path: str, what: str, **kwargs):
-    """`load(path, **kwargs)` (a from_pretrained); a failure is a ModelLoadError with the fix."""
-    local = Path(path).is_dir()
+def from_pretrained(load, name: str, what: str = "model", path: Optional[str] = None, **kwargs):
+    """`load(path or name, **kwargs)`, a from_pretrained. The one handler of loading errors: a path
+    that does not exist, a folder without a model, or huggingface_hub's own error (offline, not
+    found, no access) becomes one ModelLoadError that says how to get the model."""
+    path = path or name
+    local = Path(path).expanduser().exists()
+    if not local and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        raise ModelLoadError(f"{what} path '{name}' does not exist")
     try:
         with quiet_loading() if local else contextlib.nullcontext():
             return load(path, **kwargs)
     except (OSError, ValueError) as err:
         if local:
             raise ModelLoadError(f"'{path}' does not hold a loadable {what}: {err}") from err
-        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-        raise ModelLoadError(download_advice(name, what, why)) from None
+        why, folder = (str(err).splitlines() or [""])[0][:200], f"models/{name.split('/')[-1]}"
+        raise ModelLoadError(
+            f"Could not load {what} '{name}': {type(err).__name__}: {why}.\nOn a machine with "
+            f"network access run `hf download {name} --local-dir {folder}` and pass {folder} "
+            "instead, or set HF_HOME to a cache that holds it. For an offline smoke run use "
+            "tiny-random.") from None
+
+
+def check_model_available(name: str, what: str = "model") -> None:
+    """Fail before hours of work, not after them: the VLM's config read through `from_pretrained`."""
+    if name != "tiny-random":
+        from transformers import AutoConfig
+        from_pretrained(AutoConfig.from_pretrained, name, what)
 
 
 def default_device(device: Optional[str]) -> str:
@@ -491,7 +478,6 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
     GPU; vision tower and lm_head kept), with a peft LoRA `adapter` (e.g. the PARROT student)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-    check_model_available(name)
     device = default_device(device)
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if quantization == "auto":
@@ -504,17 +490,15 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
             bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED)
     path = str(tiny_dir("qwen3vl")) if name == "tiny-random" else name
-    processor = from_pretrained(AutoProcessor.from_pretrained, name, path, "model")
-    model = from_pretrained(AutoModelForImageTextToText.from_pretrained, name, path, "model",
+    processor = from_pretrained(AutoProcessor.from_pretrained, name, "model", path)
+    model = from_pretrained(AutoModelForImageTextToText.from_pretrained, name, "model", path,
                             **kwargs)
     if quantization == "none":
         model.to(device)
-    if adapter is not None:
+    if adapter is not None:  # a peft LoRA folder (parrot.py's student/)
         from peft import PeftModel
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelLoadError(f"adapter folder '{adapter}' has no adapter_config.json (expected "
-                                 "a peft LoRA saved by parrot.py or PeftModel.save_pretrained)")
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        model = from_pretrained(lambda p: PeftModel.from_pretrained(model, p, is_trainable=trainable),
+                                adapter, "adapter")
     return model if trainable else model.eval(), processor
 
 
@@ -524,7 +508,6 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
     on `device`; no_t5: without SD3's T5; "4bit": transformer and T5 in nf4 (needs a GPU)."""
     import torch
     from diffusers import DiffusionPipeline
-    check_model_available(name, "generator")
     device = default_device(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kwargs = {"dtype": dtype}
@@ -538,14 +521,13 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
             components_to_quantize=["transformer", "text_encoder_2", "text_encoder_3"],
             quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                           "bnb_4bit_compute_dtype": dtype})
-    path = str(tiny_dir("kontext" if task == "edit" else "sd3")) if name == "tiny-random" \
-        else name
+    path = str(tiny_dir(TINY_KIND[task])) if name == "tiny-random" else name
     folder = Path(path)
     if no_t5 or (folder.is_dir() and (folder / "model_index.json").is_file()
                  and "text_encoder_3" in folder.joinpath("model_index.json").read_text()
                  and not (folder / "text_encoder_3").is_dir()):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)  # a folder saved without SD3's T5
-    pipe = from_pretrained(DiffusionPipeline.from_pretrained, name, path, "generator", **kwargs)
+    pipe = from_pretrained(DiffusionPipeline.from_pretrained, name, "generator", path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe if quantization == "4bit" else pipe.to(device)
 
@@ -555,6 +537,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
 # bitsandbytes 4-bit works on CPU as well. tiny/qwen3vl's tokenizer is a byte-level BPE of 448
 # tokens trained on prompts/ (any text tokenizes); the generators' is character-level CLIP.
 TINY = PROMPTS_DIR.parent / "tiny"  # next to prompts/, in a checkout or an installation
+TINY_KIND = {"t2i": "sd3", "edit": "kontext"}  # the tiny generator of each task
 TINY_VERSION = 5  # bump when a tiny model changes, so that cached copies are built again
 
 
@@ -663,8 +646,8 @@ class TransformersBackend:
         def bound(part):
             return {**part, "image": bound_pixels(part["image"], self.max_pixels)} \
                 if part["type"] == "image" else part
-        convs = [[{**t, "content": [bound(p) for p in t["content"]]} for t in conv]
-                 for conv in convs]
+        convs = [[{**t, "content": [bound(p) for p in t["content"]]}
+                  if isinstance(t["content"], list) else t for t in conv] for conv in convs]
         return self.processor.apply_chat_template(
             convs, add_generation_prompt=True, tokenize=True, return_dict=True,
             return_tensors="pt", processor_kwargs={"padding": True}).to(self.model.device)
@@ -723,7 +706,8 @@ class OpenAIBackend:
             bound_pixels(p["image"], self.max_pixels).save(buf, format="PNG")
             url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
             return {"type": "image_url", "image_url": {"url": url}}
-        return [{"role": t["role"], "content": [part(p) for p in t["content"]]} for t in conv]
+        return [t if isinstance(t["content"], str) else
+                {"role": t["role"], "content": [part(p) for p in t["content"]]} for t in conv]
 
     def _create(self, conv, **kw):
         """The first choice of one request; BackendError after the retries or for a non-reply."""
