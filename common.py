@@ -458,7 +458,7 @@ def from_pretrained(load, name: str, what: str = "model", path: Optional[str] = 
 
 
 def check_model_available(name: str, what: str = "model") -> None:
-    """Fail before hours of work, not after them: the VLM's config read through `from_pretrained`."""
+    """Fail before hours of work, not after them: the VLM's config, read by `from_pretrained`."""
     if name != "tiny-random":
         from transformers import AutoConfig
         from_pretrained(AutoConfig.from_pretrained, name, what)
@@ -497,8 +497,8 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
         model.to(device)
     if adapter is not None:  # a peft LoRA folder (parrot.py's student/)
         from peft import PeftModel
-        model = from_pretrained(lambda p: PeftModel.from_pretrained(model, p, is_trainable=trainable),
-                                adapter, "adapter")
+        peft = lambda folder: PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+        model = from_pretrained(peft, adapter, "adapter")
     return model if trainable else model.eval(), processor
 
 

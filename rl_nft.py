@@ -330,29 +330,12 @@ def old_and_ref_velocities(transformer, x, t, cond: dict, geo: dict) -> tuple:
     return both[:len(x)], both[len(x):]
 
 
+# FLUX.1-Kontext's token layout, with the pipeline's own static helpers: a latent (B, C, h, w) is
+# packed into (B, h/2 * w/2, 4C) tokens, each a 2x2 patch, with position ids (first, row, column)
+# per token: first = 0 for the noisy tokens, 1 for the source image's.
 def pack(latents):
-    """FLUX token layout: (B, C, h, w) -> (B, h/2 * w/2, 4C), each token a 2x2 patch."""
-    B, C, h, w = latents.shape
-    x = latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
-    return x.reshape(B, (h // 2) * (w // 2), C * 4)
-
-
-def unpack(tokens, h: int, w: int):
-    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of `pack`."""
-    B, _, F = tokens.shape
-    # x: (B, C, h/2, 2, w/2, 2)
-    x = tokens.view(B, h // 2, w // 2, F // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(B, F // 4, h, w)
-
-
-def token_ids(h: int, w: int, first: float) -> torch.Tensor:
-    """FLUX position ids of an (h/2 x w/2) token grid: (first, row, column) per token, (L, 3).
-    Kontext gives the target tokens first = 0 and the source image's tokens first = 1."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 0] = first
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3)
+    from diffusers import FluxKontextPipeline
+    return FluxKontextPipeline._pack_latents(latents, *latents.shape)  # (B, L, 4C)
 
 
 def latent_geometry(pipe, resolution: int, guidance_scale: float) -> dict:
@@ -370,7 +353,10 @@ def latent_geometry(pipe, resolution: int, guidance_scale: float) -> dict:
            "guidance": guidance_scale}
     geo["channels"] = pipe.transformer.config.in_channels // (4 if kontext else 1)  # unpacked
     if kontext:  # (2L, 3): the noisy tokens' ids, then the source's
-        geo["img_ids"] = torch.cat([token_ids(side, side, 0.0), token_ids(side, side, 1.0)])
+        ids = pipe._prepare_latent_image_ids(None, side // 2, side // 2, "cpu", torch.float32)
+        source = ids.clone()
+        source[:, 0] = 1
+        geo["img_ids"] = torch.cat([ids, source])
     return geo
 
 
@@ -399,16 +385,11 @@ def encode_conditions(pipe, items: list, geo: dict) -> dict:
 
 
 def encode_source(pipe, image: Image.Image, geo: dict):
-    """The source image as Kontext sees it: VAE latent (the distribution's mode), normalised,
-    packed."""
-    vae = pipe.vae
+    """The source image as Kontext sees it: the VAE latent's mode, normalised, packed (1, L, 4C)."""
     pixels = pipe.image_processor.preprocess(image, height=geo["resolution"],
                                              width=geo["resolution"])
-    enc = vae.encode(pixels.to(vae.device, vae.dtype))
-    # the distribution's mode (AutoencoderKL), or the latent itself (AutoencoderTiny)
-    z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents        # (1, C, h, w)
-    z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-    return pack(z.float())  # (1, L, 4C)
+    z = pipe._encode_vae_image(pixels.to(pipe.vae.device, pipe.vae.dtype), generator=None)
+    return pack(z.float())
 
 
 def collate(conds: dict, keys: list, device, dtype) -> dict:
@@ -485,7 +466,8 @@ def decode(pipe, x0, geo: dict) -> list:
     """Clean latents -> PIL images."""
     vae = pipe.vae
     if geo["kontext"]:
-        x0 = unpack(x0, geo["h"], geo["w"])
+        side = geo["resolution"]
+        x0 = pipe._unpack_latents(x0, side, side, pipe.vae_scale_factor)  # (B, C, h, w)
     with torch.no_grad():
         z = x0.to(vae.device, vae.dtype) / vae.config.scaling_factor
         z = z + (vae.config.shift_factor or 0.0)

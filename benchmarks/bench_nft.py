@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import FluxKontextPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rl_nft  # noqa: E402
@@ -65,8 +66,8 @@ def inputs(kind, config, side, batch, text_len=16):
         cond["image"] = torch.randn(batch, tokens, c["in_channels"])  # the source image's tokens
         geo = {"kontext": True, "h": side, "w": side, "guidance": 2.5,
                "txt_ids": torch.zeros(text_len, 3),
-               "img_ids": torch.cat([rl_nft.token_ids(side, side, 0.0),
-                                     rl_nft.token_ids(side, side, 1.0)])}
+               "img_ids": torch.cat([FluxKontextPipeline._prepare_latent_image_ids(
+                   None, side // 2, side // 2, "cpu", torch.float32)] * 2)}  # (2L, 3)
     else:
         x0 = torch.randn(batch, c["in_channels"], side, side)                    # (B, C, h, w)
         geo = {"kontext": False, "h": side, "w": side, "guidance": 1.0}
