@@ -541,11 +541,6 @@ TINY_KIND = {"t2i": "sd3", "edit": "kontext"}  # the tiny generator of each task
 TINY_VERSION = 5  # bump when a tiny model changes, so that cached copies are built again
 
 
-def template_files() -> list:
-    """The rubric templates in prompts/ (the *_prompts.txt lists are not templates)."""
-    return sorted(p for p in PROMPTS_DIR.glob("*.txt") if not p.name.endswith("_prompts.txt"))
-
-
 def build_tiny(kind: str, seed: int = 0) -> list:
     """The parts of tiny-random `kind` (qwen3vl; sd3 or kontext, ~0.3M parameters, 64x64): the
     real classes made from tiny/KIND, weights drawn from `seed` in the order the folders sort."""

@@ -71,7 +71,7 @@ def dimensions(task: str) -> tuple:
 def load_prompt(name: str) -> str:
     path = PROMPTS_DIR / f"{name}.txt"
     if not path.is_file():
-        known = sorted(p.stem for p in common.template_files())
+        known = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt"))
         raise FileNotFoundError(f"prompt template {path} not found (known: {known})")
     return path.read_text()
 
