@@ -24,7 +24,6 @@ Deviations from the paper:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -81,7 +80,7 @@ def summarize(records: list) -> dict:
 def prompt_seed(base_seed: int, prompt: str) -> int:
     """The generator seed of a prompt, the same in every round: what changes between rounds is the
     request alone, so a better image comes from a better request, not from another noise draw."""
-    return int(hashlib.sha1(f"{base_seed}:{prompt}".encode()).hexdigest()[:8], 16)
+    return int(common.digest(f"{base_seed}:{prompt}")[:8], 16)
 
 
 def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> list:
@@ -120,7 +119,7 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
                           src, args)
         # the scorer samples: its random state comes from the batch, so a rerun writes the same
         batch = f"{round_}:{','.join(ids)}"
-        torch.manual_seed(int(hashlib.sha1(batch.encode()).hexdigest()[:8], 16))
+        torch.manual_seed(int(common.digest(batch)[:8], 16))
         crits = scorer.critique(images, [it["prompt"] for it in active],
                                 src if scorer.task == "edit" else None)
         still = []

@@ -37,7 +37,6 @@ Deviations from the paper:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -105,7 +104,7 @@ def largest_gap_dimension(scores_a: dict, scores_b: dict) -> Optional[str]:
 
 def is_heldout(prompt: str, fraction: float, seed: int) -> bool:
     """Held-out split by prompt, so no prompt is in both SFT and evaluation."""
-    h = int(hashlib.sha1(f"{seed}:{prompt}".encode()).hexdigest()[:8], 16)
+    h = int(common.digest(f"{seed}:{prompt}")[:8], 16)
     return h / 16 ** 8 < fraction
 
 
@@ -418,7 +417,7 @@ def student_metrics_for(out: Path, train: list, args: Args) -> dict:
     """student_metrics.json of an earlier SFT on exactly this data and settings, else anew."""
     ckpt, metrics_path = out / "student", out / "student_metrics.json"
     setup = [train, args.student, args.epochs, args.lr, args.lora_r, args.lora_alpha]
-    fingerprint = hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = common.digest(json.dumps(setup, sort_keys=True))
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if metrics and metrics.get("sft_fingerprint") != fingerprint:
         common.warn("sft.jsonl or the SFT settings changed since the student was trained: "
