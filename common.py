@@ -557,15 +557,16 @@ def build_tiny(kind: str, seed: int = 0) -> list:
         return [model, transformers.AutoProcessor.from_pretrained(folder)]
     index, parts = json.loads((folder / "model_index.json").read_text()), {}
     for name, (library, cls) in sorted((k, v) for k, v in index.items() if k[0] != "_"):
-        cls = library and getattr(importlib.import_module(library), cls)
-        if cls is None:  # a part the pipeline runs without (SD3's T5)
+        if library is None:  # a part the pipeline runs without (SD3's T5)
             parts[name] = None
-        elif name.startswith("tokenizer"):
-            parts[name] = cls.from_pretrained(folder / name)
+            continue
+        cls, path = getattr(importlib.import_module(library), cls), folder / name
+        if name.startswith("tokenizer"):
+            parts[name] = cls.from_pretrained(path)
         elif library == "transformers":
-            parts[name] = cls(transformers.AutoConfig.from_pretrained(folder / name)).eval()
+            parts[name] = cls(transformers.AutoConfig.from_pretrained(path)).eval()
         else:
-            parts[name] = cls.from_config(cls.load_config(folder / name))
+            parts[name] = cls.from_config(cls.load_config(path))
     _tiny_decoder(parts["vae"])
     return [getattr(importlib.import_module("diffusers"), index["_class_name"])(**parts)]
 

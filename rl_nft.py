@@ -796,8 +796,8 @@ def main(argv=None) -> int:
     """Set up, then per epoch: `train_epoch` (the method's four steps) and `log_epoch` (outputs)."""
     args = resolve_defaults(common.parse(Args, argv, description=__doc__.split("\n\n")[0]))
     validate(args)
-    tiny = [k for k, name in (("qwen3vl", args.scorer), (common.TINY_KIND[args.task],
-                                                          args.generator)) if name == "tiny-random"]
+    models = {"qwen3vl": args.scorer, common.TINY_KIND[args.task]: args.generator}
+    tiny = [kind for kind, name in models.items() if name == "tiny-random"]
     args.device = common.init_distributed(args.device, tiny)  # several processes: see the README
     common.require(args.prompts_per_epoch >= common.WORLD,
                    f"--prompts-per-epoch {args.prompts_per_epoch} is less than the {common.WORLD} "
