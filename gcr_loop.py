@@ -200,7 +200,7 @@ def read_items(args: Args) -> list:
                    "give exactly one of --prompt TEXT or --prompts FILE")
     raw = common.read_prompt_records(args.prompts) if args.prompts else \
         [{"prompt": args.prompt, "_line": None}]
-    items, by_id = [], {}
+    by_id = {}  # id -> (item, where it was read)
     for rec in raw:
         where = f"{args.prompts}:{rec['_line']}" if rec["_line"] else "--prompt"
         given, seed = rec.get("source_image"), rec.get("seed")
@@ -219,8 +219,7 @@ def read_items(args: Args) -> list:
             common.warn(f"{where} repeats {by_id[key][1]} (same prompt, source, seed): run once")
             continue
         by_id[key] = (item, where)
-        items.append(item)
-    return items
+    return [item for item, _ in by_id.values()]
 
 
 def contact_sheet(records: list, out: Path, path: Path) -> None:
