@@ -101,10 +101,12 @@ def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
     code = ("import common, rationalrewards, rl_nft, gcr_loop, parrot; "
             "d = common.PROMPTS_DIR; "
             "print(d.is_dir(), (d / 'pointwise_t2i.txt').is_file(), "
-            "(common.PROMPTS_DIR / 'rl_edit_images' / 'house.png').is_file())")
+            "(common.PROMPTS_DIR / 'rl_edit_images' / 'house.png').is_file(), "
+            "all((common.TINY / k / f).is_file() for k, f in [('qwen3vl', 'tokenizer.json'), "
+            "('sd3', 'vae/config.json'), ('kontext', 'tokenizer_2/tokenizer.json')]))")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env=env)
-    assert res.stdout.split() == ["True", "True", "True"], res.stderr[-2000:]
+    assert res.stdout.split() == ["True"] * 4, res.stderr[-2000:]  # tiny/ installed too
     scripts = {p.name for p in (target / "bin").iterdir()}
     assert {"rationalrewards", "parrot", "rl-nft", "gcr-loop"} <= scripts
     # the command runs from another folder and finds its templates
