@@ -439,8 +439,9 @@ def from_pretrained(load, name: str, what: str = "model", path: Optional[str] = 
     """`load(path or name, **kwargs)`, a from_pretrained. The one handler of loading errors: a path
     that does not exist, a folder without a model, or huggingface_hub's own error (offline, not
     found, no access) becomes one ModelLoadError that says how to get the model."""
-    path = path or name
-    local = Path(path).expanduser().exists()
+    folder = Path(path or name).expanduser()  # a local folder (~ expanded), else a hub id
+    local = folder.exists()
+    path = str(folder) if local else path or name
     if not local and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
         raise ModelLoadError(f"{what} path '{name}' does not exist")
     try:

@@ -54,6 +54,15 @@ def build(kind, config, lora_r=32):
     return tr, params
 
 
+def kontext_ids(side):
+    """(2L, 3) position ids as rl_nft.latent_geometry makes them: noisy tokens, then source."""
+    ids = FluxKontextPipeline._prepare_latent_image_ids(None, side // 2, side // 2, "cpu",
+                                                        torch.float32)
+    source = ids.clone()
+    source[:, 0] = 1
+    return torch.cat([ids, source])
+
+
 def inputs(kind, config, side, batch, text_len=16):
     """x0, the stacked condition and the run geometry, as rl_nft builds them, with random
     contents."""
@@ -66,8 +75,7 @@ def inputs(kind, config, side, batch, text_len=16):
         cond["image"] = torch.randn(batch, tokens, c["in_channels"])  # the source image's tokens
         geo = {"kontext": True, "h": side, "w": side, "guidance": 2.5,
                "txt_ids": torch.zeros(text_len, 3),
-               "img_ids": torch.cat([FluxKontextPipeline._prepare_latent_image_ids(
-                   None, side // 2, side // 2, "cpu", torch.float32)] * 2)}  # (2L, 3)
+               "img_ids": kontext_ids(side)}
     else:
         x0 = torch.randn(batch, c["in_channels"], side, side)                    # (B, C, h, w)
         geo = {"kontext": False, "h": side, "w": side, "guidance": 1.0}
