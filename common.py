@@ -15,13 +15,29 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
+
+COMMANDS = ("rationalrewards", "parrot", "rl_nft", "gcr_loop", "rl-nft", "gcr-loop")
+
+
+def _interrupted_while_starting(signum, frame):
+    print("\ninterrupted while starting; nothing was written: run the same command again",
+          file=sys.stderr)
+    os._exit(130)
+
+
+# Ctrl-C while the libraries import (seconds, before `run` is reached) is one line and exit 130
+# too; only when this process is one of our commands (a Python session importing us keeps its own)
+if Path(sys.argv[0]).stem in COMMANDS:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 # torch, transformers, diffusers and datasets are imported where they are used: at the top they
 # would make `--help` and every argument error take seconds instead of a fraction of one.
@@ -60,6 +76,7 @@ def parse(cls, argv=None, description: Optional[str] = None):
 def run(main, rerun: str = "run the same command again") -> None:
     """Run a command's main(): a problem the user can fix is one line `error: ...` and exit 2,
     never a traceback; Ctrl-C is one line and exit 130 (files are whole: a rerun continues)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on: KeyboardInterrupt
     try:
         code = main()
     except KeyboardInterrupt:
@@ -128,9 +145,10 @@ def check_writable_dir(path) -> None:
             f"cannot write to --out {path}: {existing} is not writable")
 
 
-def check_same_run(out, args, keys, paths=(), extra=None) -> None:
+def check_same_run(out, args, keys, paths=(), extra=None, changeable=()) -> None:
     """Refuse to continue `out` when args.json holds other settings for any of `keys` (`paths`:
-    compared resolved; `extra`: digests of input files), e.g. old outputs under a new model."""
+    compared resolved; `extra`: digests of input files), e.g. old outputs under a new model. A
+    change of a `changeable` setting is taken, and said."""
     saved_path, extra = Path(out) / "args.json", extra or {}
     if not saved_path.is_file():
         return
@@ -150,6 +168,9 @@ def check_same_run(out, args, keys, paths=(), extra=None) -> None:
     if diff:
         raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}). "
                          f"Use another --out, or delete {out} to start over.")
+    for k in changeable:
+        if k in saved and norm(k, saved[k]) != norm(k, now[k]):
+            warn(f"{out}: {say(k)}: continuing with the new value")
 
 
 _held_locks = {}  # run folder -> its open lock file, held until the process ends
@@ -260,6 +281,21 @@ def write_atomic(path, text: str) -> None:
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def saving(path):
+    """Around a library's save (torch.save, save_pretrained): its failure to write, which it raises
+    as RuntimeError or SafetensorError (a full disk), becomes the OSError `run` reports in one
+    line, saying that what was written before is kept."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+        raise OSError(None, f"could not write ({type(err).__name__}: {first})", str(path)) \
+            from None
 
 
 def read_jsonl(path) -> list:
@@ -683,16 +719,23 @@ class TransformersBackend:
         return results
 
 
+# a served model that sends nothing for this long is stalled: said, retried, then a failed request
+STALL_SECONDS = float(os.environ.get("RATIONALREWARDS_STALL_SECONDS", "60"))
+
+
 class OpenAIBackend:
-    """Chat completions over HTTP (vLLM, SGLang, hosted APIs) with the `openai` client (timeouts,
-    retries); we add images as data URLs, reply checks and top-k answer log-probabilities."""
+    """Chat completions over HTTP (vLLM, SGLang, hosted APIs) with the `openai` client; we add images
+    as data URLs, streamed replies (a long critique may take minutes, but a server that sends
+    nothing for `timeout` seconds is stalled), retries said one line each, reply checks and top-k
+    answer log-probabilities."""
 
     def __init__(self, api_base: str, model: str, max_concurrency: int = 8,
-                 max_pixels: int = 768 * 768, timeout: float = 600.0, max_retries: int = 3):
+                 max_pixels: int = 768 * 768, timeout: float = STALL_SECONDS, max_retries: int = 2):
         import openai
         self.url, self.name, self.max_pixels = api_base, model, max_pixels
-        self.max_concurrency = max_concurrency
-        self.client = openai.OpenAI(base_url=api_base, timeout=timeout, max_retries=max_retries,
+        self.max_concurrency, self.timeout, self.max_retries = max_concurrency, timeout, max_retries
+        # the client's own retries are silent; ours say each one (`_create`)
+        self.client = openai.OpenAI(base_url=api_base, timeout=timeout, max_retries=0,
                                     api_key=os.environ.get("OPENAI_API_KEY") or "none")
 
     def _messages(self, conv) -> list:
@@ -706,17 +749,61 @@ class OpenAIBackend:
         return [t if isinstance(t["content"], str) else
                 {"role": t["role"], "content": [part(p) for p in t["content"]]} for t in conv]
 
-    def _create(self, conv, **kw):
-        """The first choice of one request; BackendError after the retries or for a non-reply."""
+    def _create(self, conv, stream: bool = False, **kw):
+        """One request, retried on a stall, a dropped connection, a 5xx or 429, or a reply that is not
+        JSON; streamed: (text, finish_reason), else the first choice. BackendError when it fails."""
         import openai
-        try:
-            resp = self.client.chat.completions.create(model=self.name,
-                                                       messages=self._messages(conv), **kw)
-        except openai.APIError as err:
-            raise BackendError(f"chat-completions request to {self.url} failed: "
-                               f"{type(err).__name__}: {str(err)[:300]}") from None
-        choices = getattr(resp, "choices", None)  # the client does not check the reply's shape
-        if not choices or getattr(choices[0], "message", None) is None:
+        messages = self._messages(conv)
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._once(messages, stream, **kw)
+            except BackendError:
+                raise  # an answer that is not a chat completion: the same request gets the same
+            except Exception as err:  # the client's, or its HTTP library's while streaming
+                if "Timeout" in type(err).__name__:
+                    why = f"{type(err).__name__}: nothing received for {self.timeout:g} s (stalled?)"
+                elif isinstance(err, ValueError):  # json.JSONDecodeError: a proxy, a dead worker
+                    why = f"the reply is not JSON ({err})"
+                else:
+                    why = f"{type(err).__name__}: {str(err)[:300]}"
+                # not retried: a 4xx, or an error the server itself sent in its reply
+                retry = err.status_code >= 500 or err.status_code == 429 \
+                    if isinstance(err, openai.APIStatusError) else \
+                    isinstance(err, openai.APIConnectionError) or not isinstance(err, openai.APIError)
+                if not retry or attempt == self.max_retries:
+                    raise BackendError(f"chat-completions request to {self.url} failed: {why}") \
+                        from None
+                warn(f"{self.url}: {why}; retry {attempt + 1} of {self.max_retries}")
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
+
+    def _once(self, messages, stream: bool, **kw):
+        resp = self.client.chat.completions.create(model=self.name, stream=stream,
+                                                   messages=messages, **kw)
+        if not stream:
+            return self._choice(resp)
+        text, finish = [], None
+        with resp:
+            if "event-stream" not in resp.response.headers.get("content-type", ""):
+                # no stream but one body: a server that ignores `stream`, or a proxy's reply
+                body = json.loads(resp.response.read())  # ValueError when it is not JSON
+                try:
+                    choice = body["choices"][0]
+                    return choice["message"]["content"] or "", choice.get("finish_reason")
+                except (KeyError, IndexError, TypeError):
+                    raise BackendError(f"{self.url} answered with something that is not a chat "
+                                       f"completion: {str(body)[:300]}") from None
+            for chunk in resp:
+                if getattr(chunk, "choices", None) == []:
+                    continue  # a chunk that carries usage only
+                choice = self._choice(chunk, "delta")
+                text.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        return "".join(text), finish
+
+    def _choice(self, resp, part: str = "message"):
+        """The first choice (the chunk's choices when streamed), checked: the client does not."""
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not choices or getattr(choices[0], part, None) is None:
             raise BackendError(f"{self.url} answered with something that is not a chat "
                                f"completion: {str(resp)[:300]}")
         return choices[0]
@@ -733,13 +820,13 @@ class OpenAIBackend:
         """[Generation]; a failed request is one with its error (the caller decides what stops)."""
         def one(conv):
             try:
-                choice = self._create(conv, max_tokens=max_new_tokens, temperature=temperature)
+                text, finish = self._create(conv, stream=True, max_tokens=max_new_tokens,
+                                            temperature=temperature)
             except BackendError as err:
                 return Generation("", error=str(err))
-            text = choice.message.content
-            if not isinstance(text, str) or not text.strip():
-                warn(f"{self.url} returned no text content ({str(text)[:80]!r})")
-            return Generation(text or "", truncated=choice.finish_reason == "length")
+            if not text.strip():
+                warn(f"{self.url} returned no text content ({text[:80]!r})")
+            return Generation(text, truncated=finish == "length")
         return self._map(one, convs)
 
     def answer_logprobs(self, convs, answers=("A", "B")) -> list:
@@ -784,7 +871,8 @@ class ToyCritic:
         from PIL import ImageStat
         outs = []
         for conv in convs:
-            images = [p["image"] for t in conv for p in t["content"] if p["type"] == "image"]
+            images = [p["image"] for t in conv if isinstance(t["content"], list)
+                      for p in t["content"] if p["type"] == "image"]
             red, _, blue = ImageStat.Stat(images[-1].convert("RGB")).mean
             s = min(4.0, max(1.0, 2.5 + self.sign * 6 * (red - blue) / 255))
             titles = ["Text Faithfulness", "Image Faithfulness"][:len(images)]  # edit: 2 images

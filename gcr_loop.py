@@ -17,10 +17,23 @@ generator's input. The seed stays fixed, so what changes between rounds is the r
 Commands (a CPU smoke run, a real run on one GPU) and their outputs: README.md,
 "Generate-Critique-Refine".
 
-Deviations from the paper:
+As the official scripts run it (TIGER-AI-Lab/RationalRewards test_time_prompt_tuning/:
+prompt_tuning.py writes the critique, inference_with_refinedprompt.py regenerates): refinement is
+skipped when text faithfulness and physical quality are both >= 3.0; a critique without a refined
+request regenerates from the original request (`refined_request or prompt`); 40 denoising steps;
+the image's longer side at most 1024 px, in multiples of 16 (`calculate_target_dimensions`).
+
+Deviations from the paper and the official scripts:
 1. `--rounds` (default 1, the paper's and the official script's) allows more refinements.
-2. A critique whose gating dimensions cannot be read, or that writes no refined request, stops
-   refinement for that prompt (recorded as `stop_reason`) instead of failing the batch.
+2. A critique whose gating dimensions cannot be read stops refinement for that prompt
+   (`stop_reason` unreadable_critique); the official script reads a missing score as 0, refines.
+3. Seeds: each prompt its own (from `--seed` and the prompt, or the .jsonl's `seed`), the same in
+   every round; the official script gives every item seed 42. Per-prompt seeds keep items of one
+   batch independent of each other's order.
+4. Critiques stop at 2048 new tokens, the paper's figure (`prompt_tuning.py` allows 20,480).
+5. The critique prompt is our pointwise template, the one the RL reward and the README's
+   `build_i2i_messages` use; `prompt_tuning.py` has its own variant (no system turn, `## Score:`
+   before `## Justification:`), which `--prompts-dir` can supply (the parser reads both orders).
 """
 from __future__ import annotations
 
@@ -31,12 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import common  # first: Ctrl-C while the libraries below import is one line, exit 130
+from PIL import Image
 from tqdm import tqdm
 
-import common
 import rationalrewards as rr
 
-STOP_REASONS = ("passed", "max_rounds", "unreadable_critique", "no_refined_request")
+STOP_REASONS = ("passed", "max_rounds", "unreadable_critique")
+OFFICIAL_STEPS, OFFICIAL_MAX_EDGE = 40, 1024  # inference_with_refinedprompt.py's defaults
 
 
 def gate_decision(critique: rr.Critique, gate: tuple, threshold: float) -> str:
@@ -49,16 +64,16 @@ def gate_decision(critique: rr.Critique, gate: tuple, threshold: float) -> str:
 
 
 def next_step(critique: rr.Critique, gate: tuple, threshold: float, refinements_done: int,
-              max_rounds: int):
-    """(stop_reason or None, request for the next round or None)."""
+              max_rounds: int, original: str):
+    """(stop_reason or None, request for the next round or None). A critique that asks for a
+    refinement but writes no refined request regenerates from the `original` request, as the
+    official script does (`refined_request or prompt`)."""
     decision = gate_decision(critique, gate, threshold)
     if decision != "refine":
         return ("passed" if decision == "passed" else "unreadable_critique"), None
-    if not critique.refined_request:
-        return "no_refined_request", None
     if refinements_done >= max_rounds:
         return "max_rounds", None
-    return None, critique.refined_request
+    return None, critique.refined_request or original
 
 
 def summarize(records: list) -> dict:
@@ -83,19 +98,36 @@ def prompt_seed(base_seed: int, prompt: str) -> int:
     return int(common.digest(f"{base_seed}:{prompt}")[:8], 16)
 
 
+def target_size(size: tuple, max_edge: int) -> tuple:
+    """(width, height): the longer side at most max_edge, both rounded to multiples of 16, as the
+    official script sizes an edit (inference_with_refinedprompt.py calculate_target_dimensions)."""
+    w, h = size
+    if max(w, h) > max_edge:  # shrunk (truncated to whole pixels), never enlarged
+        w, h = int(w * max_edge / max(w, h)), int(h * max_edge / max(w, h))
+    return max(16, round(w / 16) * 16), max(16, round(h / 16) * 16)  # Python's round, as theirs
+
+
 def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> list:
-    """One pipeline call for a batch; every image from its own seeded generator."""
+    """The batch's images, every one from its own seeded generator: t2i at resolution x resolution;
+    an edit at its source's size (longer side --resolution), one pipeline call per size."""
     import torch
     device = getattr(pipe, "_execution_device", None) or "cpu"
-    kw = {"prompt": requests, "generator": [torch.Generator(device).manual_seed(s) for s in seeds]}
-    for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale),
-                       ("height", args.resolution), ("width", args.resolution)):
-        if value is not None:
-            kw[key] = value
-    if args.task == "edit":  # FLUX.1-Kontext: edit at this size, not at its preferred ~1 MP
-        kw.update(image=sources, **({"max_area": args.resolution ** 2, "_auto_resize": False}
-                                    if args.resolution else {}))
-    return pipe(**kw).images
+    edge = args.resolution or OFFICIAL_MAX_EDGE
+    sizes = [target_size(s.size, edge) if args.task == "edit" else (edge, edge) for s in sources]
+    images = [None] * len(requests)
+    for size in dict.fromkeys(sizes):  # in order of first appearance
+        idx = [i for i, s in enumerate(sizes) if s == size]
+        kw = {"prompt": [requests[i] for i in idx], "width": size[0], "height": size[1],
+              "generator": [torch.Generator(device).manual_seed(seeds[i]) for i in idx],
+              "num_inference_steps": args.steps or OFFICIAL_STEPS}
+        if args.guidance_scale is not None:
+            kw["guidance_scale"] = args.guidance_scale
+        if args.task == "edit":  # FLUX.1-Kontext: edit at this size, not at its preferred ~1 MP
+            kw.update(image=[sources[i].resize(size, Image.LANCZOS) for i in idx],
+                      max_area=size[0] * size[1], _auto_resize=False)
+        for i, image in zip(idx, pipe(**kw).images):
+            images[i] = image
+    return images
 
 
 def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: Path) -> list:
@@ -126,7 +158,7 @@ def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: 
         for it, image, c in zip(active, images, crits):
             st, path = state[it["id"]], out / "images" / f"{it['id']}_r{round_}.png"
             common.save_image_atomic(image, path)
-            stop, refined = next_step(c, gate, args.threshold, round_, args.rounds)
+            stop, refined = next_step(c, gate, args.threshold, round_, args.rounds, it["prompt"])
             st["rounds"].append({
                 "round": round_, "request": st["request"], "image": str(path.relative_to(out)),
                 "scores": c.scores, "not_applicable": c.not_applicable,
@@ -167,11 +199,12 @@ class Args(rr.ScorerArgs):
     t5: bool = True
     """SD3 generators: load the T5 text encoder (--no-t5 leaves it out)"""
     steps: Optional[int] = None
-    """denoising steps (default: the pipeline's own; 4 for tiny-random)"""
+    """denoising steps (default: 40, the official script's; 4 for tiny-random)"""
     guidance_scale: Optional[float] = None
     """guidance (default: the pipeline's own)"""
     resolution: Optional[int] = None
-    """image side in pixels (default: the pipeline's own; 64 for tiny-random)"""
+    """longest image side in pixels; an edit keeps its source's aspect, in multiples of 16
+    (default: 1024, the official script's max edge; 64 for tiny-random)"""
     threshold: float = 3.0
     """refine while any gating dimension scores below this (paper: 3.0)"""
     gate: str = "text_faithfulness,physical_quality"
@@ -190,7 +223,7 @@ class Args(rr.ScorerArgs):
 RUN_KEYS = ("task", "generator", "scorer", "scorer_adapter", "scorer_api_base",
             "scorer_quantization", "scorer_max_new_tokens", "scorer_temperature", "max_pixels",
             "steps", "guidance_scale", "resolution", "threshold", "gate", "rounds",
-            "reward_weights", "seed")
+            "reward_weights", "prompts_dir", "seed")
 
 
 def read_items(args: Args) -> list:
@@ -254,7 +287,7 @@ def main(argv=None) -> int:
         args.steps, args.resolution = args.steps or 4, args.resolution or 64
     items, out = read_items(args), Path(args.out)
     if (out / "gcr.jsonl").is_file():  # the settings bind a folder once it holds a result
-        common.check_same_run(out, args, RUN_KEYS, paths=("scorer_adapter",))
+        common.check_same_run(out, args, RUN_KEYS, paths=("scorer_adapter", "prompts_dir"))
     common.start_run(out, args)
     done = {r["id"]: r for r in common.read_jsonl(out / "gcr.jsonl")}
     todo = [it for it in items if it["id"] not in done]

@@ -29,8 +29,9 @@ command resumes without redoing or duplicating anything.
 Deviations from the paper:
 1. Scale: teacher Qwen3-VL-8B (4-bit) instead of 32B; student Qwen3-VL-2B with LoRA (QLoRA
    when 4-bit) instead of a full fine-tune of Qwen3-VL-8B; so the default lr is 1e-4, not 1e-5.
-2. Phase 2 reads P(y|x,z) from the answer letter's logits (one forward pass); the paper's code
-   asks the teacher to answer.
+2. Phase 2 reads P(y|x,z) from the answer letter's logits (one forward pass), so the filter
+   has a probability, not only a verdict (PARROT's own code and prompts are not released; our
+   Phase 1-3 templates follow the paper's App. C/D and the official pairwise prompts' structure).
 3. Pointwise SFT samples are the teacher's projections of a kept pairwise rationale onto one
    image, anchored on that image's scores; those straying over 0.5 from the anchors are dropped.
 4. `demo`: drawn pairs with one known defect each, so attribution is measured without labels.
@@ -47,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import common  # first: Ctrl-C while the libraries below import is one line, exit 130
 # torch is imported inside the functions that need it: at the top it would make `--help` and
 # every argument error take about 3 s instead of 0.3 s (2 CPU cores).
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-import common
 import rationalrewards as rr
 
 
@@ -122,16 +123,17 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
     """The teacher sees x and the label y and writes K pairwise rationales per pair."""
     path = out / "phase1.jsonl"
     done = {(r["id"], r["candidate"]) for r in common.read_jsonl(path)}
-    todo = [(p, k) for p in pairs for k in range(args.num_candidates) if (p["id"], k) not in done]
-    for batch in batches(todo, args.batch_size, "phase 1: anchored generation",
-                         total=len(pairs) * args.num_candidates, unit="rationale"):
+    todo = [(p, k) for p in pairs for k in range(args.num_candidates)]
+    for batch in seeded_batches(todo, args.batch_size, "phase 1: anchored generation",
+                                "rationale", lambda pk: (pk[0]["id"], pk[1]) in done, args.seed):
         msgs = [rr.render_messages(f"anchored_pairwise_{p['task']}",
                                    images_of(p, "image_a", "image_b"), request=p["prompt"],
                                    preferred=f"Image {p['label']}") for p, _ in batch]
         texts = teacher.generate(msgs, args.max_new_tokens, args.temperature)
         for (p, k), text in zip(batch, texts):
-            rec = {f: p[f] for f in PAIR_FIELDS}
-            common.append_jsonl(path, {**rec, "candidate": k, "rationale": text})
+            if (p["id"], k) not in done:
+                rec = {f: p[f] for f in PAIR_FIELDS}
+                common.append_jsonl(path, {**rec, "candidate": k, "rationale": text})
 
 
 # ---- Phase 2: predictive consistency filtering, ELBO term 1: E_q[log P(y | x, z)] ----
@@ -220,15 +222,17 @@ def project_pointwise(teacher, kept: list, out: Path, args: Args) -> None:
     """Two pointwise critiques per kept pair, each anchored on that image's pairwise scores."""
     path = out / "projections.jsonl"
     done = {(r["id"], r["side"]) for r in common.read_jsonl(path)}
-    todo = [(r, s) for r in kept for s in ("A", "B") if (r["id"], s) not in done]
-    for batch in batches(todo, args.batch_size, "phase 3: pointwise projections",
-                         total=2 * len(kept), unit="critique"):
+    todo = [(r, s) for r in kept for s in ("A", "B")]
+    for batch in seeded_batches(todo, args.batch_size, "phase 3: pointwise projections",
+                                "critique", lambda rs: (rs[0]["id"], rs[1]) in done, args.seed):
         msgs = [rr.render_messages(f"projection_{r['task']}", images_of(r, f"image_{s.lower()}"),
                                    request=r["prompt"], side=s, reference=r["rationale"],
                                    anchor_scores=format_anchor_scores(r[f"scores_{s.lower()}"]))
                 for r, s in batch]
         texts = teacher.generate(msgs, args.max_new_tokens, PROJECTION_TEMPERATURE)
         for (r, s), text in zip(batch, texts):
+            if (r["id"], s) in done:
+                continue
             ok = projection_matches(rr.parse_pointwise(text, r["task"]), r[f"scores_{s.lower()}"])
             common.append_jsonl(path, {"id": r["id"], "side": s, "kept": ok, "critique": text})
 
@@ -239,8 +243,9 @@ def sft_sample(kind: str, rec: dict, answer: str, side: Optional[str] = None) ->
     name = f"{kind}_{rec['task']}"
     images = paths_of(rec, *(["image_a", "image_b"] if kind == "pairwise" else
                              [f"image_{side.lower()}"]))
-    messages = [{"role": "user", "content": rr.fill_prompt(name, request=rec["prompt"])},
-                {"role": "assistant", "content": answer}]
+    system, user = rr.fill_prompt(name, request=rec["prompt"])
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return {"id": rec["id"], "kind": kind, "side": side, "images": images, "messages": messages}
 
 
@@ -270,8 +275,9 @@ def sample_features(processor, sample: dict, max_pixels: int):
         raise ValueError(f"SFT sample {sample['id']}: cannot read {unread}; the run directory's "
                          "images must stay where Phase 1 found them")
     images = [common.bound_pixels(im, max_pixels) for im in images]
-    turn, last = sample["messages"]
-    user = [{"role": "user", "content": rr.to_content(turn["content"], images)}]
+    *turns, last = sample["messages"]  # [system,] user (text with <image> markers), assistant
+    user = [{"role": t["role"], "content": rr.to_content(t["content"], images)
+             if t["role"] == "user" else t["content"]} for t in turns]
     answer = {"role": "assistant", "content": [{"type": "text", "text": last["content"]}]}
     kw = dict(tokenize=True, return_dict=True, return_tensors="pt")
     prompt = processor.apply_chat_template(user, add_generation_prompt=True, **kw)
@@ -364,7 +370,8 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 running = 0.0
         if common.RANK == 0:
-            model.save_pretrained(out / "student")
+            with common.saving(out / "student"):
+                model.save_pretrained(out / "student")
     return losses
 
 
@@ -413,18 +420,27 @@ def write_heldout_pairs(out: Path, heldout_pairs: list) -> None:
     common.write_atomic(out / "heldout_pairs.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
 
 
+# what the student depends on besides sft.jsonl: a change trains it again, and is said
+SFT_KEYS = ("student", "student_quantization", "epochs", "lr", "warmup_ratio", "grad_accum",
+            "lora_r", "lora_alpha", "max_pixels", "eval_limit", "seed")
+
+
 def student_metrics_for(out: Path, train: list, args: Args) -> dict:
     """student_metrics.json of an earlier SFT on exactly this data and settings, else anew."""
     ckpt, metrics_path = out / "student", out / "student_metrics.json"
-    setup = [train, args.student, args.epochs, args.lr, args.lora_r, args.lora_alpha]
-    fingerprint = common.digest(json.dumps(setup, sort_keys=True))
+    settings = {k: getattr(args, k) for k in SFT_KEYS}
+    data = common.digest(json.dumps(train, sort_keys=True))
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    if metrics and metrics.get("sft_fingerprint") != fingerprint:
-        common.warn("sft.jsonl or the SFT settings changed since the student was trained: "
-                    "training it again from the base model")
+    old = metrics.get("sft_settings", {})
+    changed = [f"--{k.replace('_', '-')}: {old.get(k)!r} then, {v!r} now"
+               for k, v in settings.items() if old.get(k) != v]
+    changed += ["sft.jsonl"] if metrics.get("sft_data") != data else []
+    if metrics and changed:
+        common.warn(f"{'; '.join(changed)} since the student was trained: training it again "
+                    "from the base model")
         metrics = {}
         shutil.rmtree(ckpt, ignore_errors=True)
-    metrics["sft_fingerprint"] = fingerprint
+    metrics.update(sft_settings=settings, sft_data=data)
     return metrics
 
 
@@ -449,7 +465,8 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
         common.warn("no SFT samples survived Phases 1-2; student/ holds an untrained adapter (the "
                     "base model)")
         if lead:
-            model.save_pretrained(ckpt)
+            with common.saving(ckpt):
+                model.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
         common.write_atomic(metrics_path, json.dumps(metrics))
         return metrics
@@ -584,6 +601,8 @@ class Args:
     """seed for the A/B shuffle, the held-out split, sampling and training"""
     device: Optional[str] = None
     """where the local teacher and the student run: cuda, cuda:1, cpu (default: cuda if any)"""
+    prompts_dir: Optional[str] = None
+    """a folder of templates named as in prompts/ that replace ours (e.g. another Phase 1 wording)"""
 
 
 # the hub datasets: their default id and the columns of the prompt, the images and the source
@@ -857,6 +876,19 @@ def batches(items: list, size: int, desc: str, total: int, unit: str):
             bar.update(len(items[i:i + size]))
 
 
+def seeded_batches(items: list, size: int, desc: str, unit: str, done, seed: int):
+    """Fixed slices of `items`, the same however often the phase was resumed; those with anything
+    not yet `done` are yielded whole, with torch's sampling seeded from `seed` and the slice's
+    place, so a resumed phase samples what an uninterrupted one did (the caller writes only what
+    is not done). A served teacher samples on its server: not seeded here."""
+    import torch
+    left = [i for i in range(0, len(items), size) if not all(map(done, items[i:i + size]))]
+    for i, batch in zip(left, batches([items[i:i + size] for i in left], 1, desc,
+                                      total=math.ceil(len(items) / size), unit=f"batch of {unit}s")):
+        torch.manual_seed(int(common.digest(f"{seed}:{desc}:{i}")[:8], 16))
+        yield batch[0]
+
+
 class LazyTeacher:
     """The teacher backend, loaded on first use (a resumed run with nothing left to do loads no
     model) and released before the student trains, so both fit on one GPU in turn."""
@@ -936,6 +968,14 @@ def check_dataset(args: Args) -> None:
         raise DataError(f"--hf-dataset {args.hf_dataset} does not exist")
 
 
+# the settings each phase's file depends on: a rerun with any of them changed is refused (a larger
+# --limit or --num-candidates adds to the files; the SFT's settings retrain it: `student_metrics_for`)
+BOUND_BY = {"phase1.jsonl": ("dataset", "data_dir", "hf_dataset", "split", "min_vote_margin",
+                             "seed", "teacher", "teacher_api_base", "teacher_quantization",
+                             "temperature", "max_new_tokens", "max_pixels", "prompts_dir"),
+            "phase2.jsonl": ("min_consistency",)}
+
+
 def main(argv=None) -> int:
     args = common.parse(Args, argv, description=__doc__.split("\n\n")[0])
     common.require(args.phases and set(args.phases) <= set("123"),
@@ -946,12 +986,17 @@ def main(argv=None) -> int:
                             "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
     common.check_device(args.device)
+    rr.use_prompts_dir(args.prompts_dir, ("anchored_pairwise", "consistency", "projection",
+                                          "pointwise", "pairwise"))
     tiny = ["qwen3vl"] if "tiny-random" in (args.student, args.teacher) else []
     args.device = common.init_distributed(args.device, tiny)  # several processes: the README
     common.require(common.WORLD == 1 or args.phases == "3", "several processes run Phase 3 (the "
                    "SFT) only: run --phases 12 in one process first (a served teacher, "
                    "--teacher-api-base, is how the teacher uses many GPUs)")
     preflight(args, out)
+    for phase, keys in BOUND_BY.items():  # what the phases wrote binds the settings it came from
+        if (out / phase).is_file():
+            common.check_same_run(out, args, keys, paths=("data_dir", "hf_dataset", "prompts_dir"))
     common.start_run(out, args)
     import torch
     torch.manual_seed(args.seed)

@@ -16,14 +16,28 @@ Where is:
 
 Commands (a CPU smoke run, a real run on one GPU) and their outputs: README.md, "The reward model".
 
+The templates (prompts/*.txt) follow the official prompts point by point: turns, the request
+before the numbered, named images, a rubric per dimension with the official level names, the
+anchor-then-adjust methodology, the output sections in order (tests/prompt_structure.json lists
+each fact with the official file it was checked in). The parser reads both the official order
+(`## Justification:` then `## Score:`) and the paper's (App. C.4, and prompt_tuning.py's).
+
+How our parser's rules compare with the official parsers (TIGER-AI-Lab/RationalRewards), which
+disagree among themselves:
+- clamping: ours clamps each score to [1, 4], as the README's T2I parser (`parse_t2i_scores`,
+  which also clamps R to [0, 1]); the README's I2I parser, the RL reward's
+  (`_parse_scoring_response`) and the Table 1 scripts (rm_inference/) keep the raw value.
+- which Score line: ours keeps a dimension's last parseable one, as the RL reward's parser
+  (`parse_scores_from_detailed_judgement`); the README's parsers keep the first parseable one;
+  the Table 1 scripts keep the last Score A/B line, parseable or not.
+- an unreadable dimension is None (left out of R; 2.5 in a pairwise sum), never an error.
+
 Deviations from the paper and the official code:
 1. The released scorers run in 4-bit nf4 by default (the paper serves them in bf16);
    ``--quantization none`` gives bf16. Scores can move slightly under quantization.
-2. The instruction wording of the templates is ours; the section headers are the paper's, so
-   the released checkpoints read and write them unchanged (edit prompts/*.txt for other wording).
+2. The instruction sentences of the templates are ours (the structure and headers are the
+   official ones); ``--prompts-dir`` runs any other wording, e.g. the official one verbatim.
 3. Images are downscaled to ``--max-pixels`` before the model sees them (a memory bound).
-4. Scores are clamped to [1, 4] when parsed, so that R stays in [0, 1]; the official parsers
-   keep the raw value.
 
 Notation (used in comments throughout the project):
     x = (request, image[s][, source image])   y = preference label   z = rationale / critique
@@ -40,9 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
+import common  # first: Ctrl-C while the libraries below import is one line, exit 130
 import tyro
-
-import common
 
 PROMPTS_DIR = common.PROMPTS_DIR
 
@@ -66,40 +79,95 @@ def dimensions(task: str) -> tuple:
         raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
     return T2I_DIMENSIONS if task == "t2i" else EDIT_DIMENSIONS
 
-# ---- Prompts: templates are plain text files in prompts/ (edit them to change the wording);
-# `<image>` marks where each image goes, `{name}` a field.
-def load_prompt(name: str) -> str:
+# ---- Prompts: plain-text templates in prompts/, or in --prompts-dir (`use_prompts_dir`). A template
+# may open with a line `[system]`, the system turn, then a line `[user]` and the user turn; without
+# `[system]` it is all user turn. `<image>` marks where each image goes, `{name}` a field.
+# What the code fills in each kind of template, and how many images it shows (edit: a source more):
+TEMPLATE_FIELDS = {"pointwise": {"request"}, "pairwise": {"request"},
+                   "anchored_pairwise": {"request", "preferred"},
+                   "consistency": {"request", "rationale"},
+                   "projection": {"request", "anchor_scores", "side", "reference"}}
+TEMPLATE_IMAGES = {"pointwise": 1, "projection": 1, "pairwise": 2, "anchored_pairwise": 2,
+                   "consistency": 2}
+_prompts = {"dir": None, "read": {}}  # --prompts-dir, and the templates read so far
+
+
+def use_prompts_dir(folder: Optional[str], kinds=(), tasks=("t2i", "edit")) -> None:
+    """Templates from `folder` replace ours of the same file name (the rest stay ours). Those in
+    `folder` and those of `kinds` x `tasks` (what the command renders) are checked at once, so a
+    bad template is one error before any model loads."""
+    _prompts["dir"], _prompts["read"], names = None, {}, [f"{k}_{t}" for k in kinds for t in tasks]
+    if folder is not None:
+        common.require(Path(folder).expanduser().is_dir(), f"--prompts-dir {folder} is not a folder")
+        known = {f"{kind}_{task}" for kind in TEMPLATE_FIELDS for task in ("t2i", "edit")}
+        files = sorted(p.stem for p in Path(folder).expanduser().glob("*.txt"))
+        unknown = sorted(set(files) - known)
+        common.require(files and not unknown, f"--prompts-dir {folder}: "
+                       + (f"{', '.join(unknown)}.txt replace no template of ours" if unknown
+                          else "no .txt templates") + f" (names: {', '.join(sorted(known))})")
+        _prompts["dir"], names = Path(folder).expanduser(), files + names
+    for name in names:
+        load_prompt(name)
+
+
+def load_prompt(name: str) -> tuple:
+    """(system turn or None, user turn) of template `name`, checked: the fields the code fills and
+    the image slots it fills are all there (a missing one is a ValueError naming the file)."""
+    if name in _prompts["read"]:
+        return _prompts["read"][name]
     path = PROMPTS_DIR / f"{name}.txt"
+    if _prompts["dir"] and (_prompts["dir"] / f"{name}.txt").is_file():
+        path = _prompts["dir"] / f"{name}.txt"
     if not path.is_file():
         known = sorted(p.stem for p in PROMPTS_DIR.glob("*.txt"))
         raise FileNotFoundError(f"prompt template {path} not found (known: {known})")
-    return path.read_text()
+    text, system = common.read_text_file(path), None
+    if text.lstrip().startswith("[system]"):
+        body = text.lstrip()[len("[system]"):]
+        m = re.search(r"^\[user\][ \t]*$", body, re.M)
+        if not m:
+            raise ValueError(f"template {path} opens with [system] but has no [user] line")
+        system, text = body[:m.start()].strip("\n"), body[m.end():].lstrip("\n")
+    kind, task = name.rsplit("_", 1)
+    if kind in TEMPLATE_FIELDS:
+        found = set(re.findall(r"\{([a-z_]+)\}", (system or "") + text))
+        missing, extra = TEMPLATE_FIELDS[kind] - found, found - TEMPLATE_FIELDS[kind]
+        slots, want = text.count("<image>"), TEMPLATE_IMAGES[kind] + (task == "edit")
+        if missing or extra or slots != want:
+            why = [f"lacks {{{f}}}" for f in sorted(missing)]
+            why += [f"has {{{f}}}, which the code never fills" for f in sorted(extra)]
+            why += [f"has {slots} <image> slots in its user turn, not {want}"] if slots != want \
+                else []
+            raise ValueError(f"template {path} {', '.join(why)}")
+    _prompts["read"][name] = (system, text)
+    return system, text
 
 
-def fill_prompt(name: str, **fields) -> str:
-    """The template's text with its `{name}` fields filled and its `<image>` markers kept."""
-    text = load_prompt(name)
-    missing = set(re.findall(r"\{([a-z_]+)\}", text)) - set(fields)
+def fill_prompt(name: str, **fields) -> tuple:
+    """(system turn or None, user turn) with the `{name}` fields filled, `<image>` markers kept."""
+    turns = list(load_prompt(name))
+    missing = set(re.findall(r"\{([a-z_]+)\}", "".join(t or "" for t in turns))) - set(fields)
     if missing:
         raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
     for key, value in fields.items():
-        text = text.replace("{" + key + "}", str(value))
-    return text
+        turns = [t and t.replace("{" + key + "}", str(value)) for t in turns]
+    return tuple(turns)
 
 
 def render_messages(name: str, images: list, sources: int = 0, **fields) -> list:
-    """Template + images + fields -> the user turn in the transformers chat format.
+    """Template + images + fields -> [system turn,] user turn in the transformers chat format.
 
     Images are placed where the template says `<image>`, in the order given. sources > 1: the
     template's first `<image>` (the source image's slot) holds that many source images, and the
     text says how many there are and in which order.
     """
-    text = fill_prompt(name, **fields)
+    system, text = fill_prompt(name, **fields)
     if sources > 1:
         slots = "\n".join(f"Source image {i + 1} of {sources}: <image>" for i in range(sources))
         note = f"({sources} source images, in order; the instruction refers to them by position)"
         text = text.replace("<image>", f"{note}\n{slots}", 1)
-    return [{"role": "user", "content": to_content(text, images, name)}]
+    user = [{"role": "user", "content": to_content(text, images, name)}]
+    return ([{"role": "system", "content": system}] if system else []) + user
 
 
 def to_content(text: str, images: list, what: str = "text") -> list:
@@ -255,8 +323,9 @@ def _sections(text: str, dims: tuple):
             name = {"score a": "score_a", "score b": "score_b"}.get(name, name)
             if name.startswith("score") and name[-1] in "ab" and name not in ("score_a", "score_b"):
                 name = "score_" + name[-1]
-            if name.startswith("score"):  # the official parsers keep a block's LAST Score line
-                per_dim[dim][name] = fld.group(2).strip()
+            if name.startswith("score"):  # a block's last parseable Score line (the RL parser's rule)
+                if name not in per_dim[dim] or parse_score(fld.group(2)) is not None:
+                    per_dim[dim][name] = fld.group(2).strip()
             else:
                 per_dim[dim].setdefault(name, fld.group(2).strip())
             target = (per_dim[dim], name)
@@ -527,6 +596,8 @@ class ScorerFlags:
     """images are downscaled to at most this many pixels before the model sees them"""
     device: Optional[str] = None
     """cuda, cuda:1, cpu (default: cuda when there is a GPU)"""
+    prompts_dir: Optional[str] = None
+    """a folder of templates named as in prompts/ (e.g. the official wording) that replace ours"""
     seed: int = 0
     """seed for sampling"""
 
@@ -585,6 +656,8 @@ class ScorerArgs:
     """images are downscaled to at most this many pixels before the scorer sees them"""
     device: Optional[str] = None
     """where the generator and the scorer run: cuda, cuda:1, cpu (default: cuda if any)"""
+    prompts_dir: Optional[str] = None
+    """a folder of templates named as in prompts/ (e.g. the official wording) that replace ours"""
 
 
 OFFICIAL_MAX_TOKENS = 20480  # the official evaluation scripts' max_tokens
@@ -593,6 +666,7 @@ TINY_MAX_NEW_TOKENS = 64     # tiny-random writes noise to any limit: smoke runs
 
 def check_scorer_flags(args) -> None:
     common.check_device(args.device)
+    use_prompts_dir(args.prompts_dir, ("pointwise", "pairwise"))
     common.require_positive(args, *[k for k in ("batch_size", "scorer_batch_size", "max_pixels",
                                                 "max_new_tokens", "scorer_max_new_tokens", "limit")
                                     if hasattr(args, k)])
@@ -873,9 +947,10 @@ def benchmark_command(args: EvalArgs) -> int:
     pairs, skipped = benchmark_pairs(name, args.data_dir, args.limit, out / "images")
     if (out / "predictions.jsonl").is_file():
         common.check_same_run(out, args, EVAL_RUN_KEYS + ("benchmark", "data_dir"),
-                              paths=("adapter", "data_dir"))
+                              paths=("adapter", "data_dir", "prompts_dir"))
     common.start_run(out, args)
     metrics = evaluate_preferences(load_scorer(args), pairs, args.mode, str(out), args.batch_size)
+    require_predictions(metrics, len(pairs))
     # the paper protocol: GenAI-Bench over A/B votes only, the others over every label
     if name.startswith("genai-bench"):
         correct, n = metrics["correct_without_ties"], metrics["ab_labelled"]
@@ -896,7 +971,7 @@ def benchmark_command(args: EvalArgs) -> int:
 # ---- main ----
 # what an eval's predictions depend on: resuming --out with any of these changed is refused
 EVAL_RUN_KEYS = ("mode", "task", "model", "adapter", "api_base", "pairs", "quantization",
-                 "max_new_tokens", "temperature", "max_pixels")
+                 "max_new_tokens", "temperature", "max_pixels", "prompts_dir")
 
 
 def main(argv=None) -> int:
@@ -961,11 +1036,21 @@ def eval_command(args: EvalArgs) -> int:
     pairs = read_pairs(args.pairs, args.limit)
     if args.out:  # the settings bind a folder once it holds a prediction
         if (Path(args.out) / "predictions.jsonl").is_file():
-            common.check_same_run(args.out, args, EVAL_RUN_KEYS, paths=("pairs", "adapter"))
+            common.check_same_run(args.out, args, EVAL_RUN_KEYS,
+                                  paths=("pairs", "adapter", "prompts_dir"))
         common.start_run(args.out, args)
     metrics = evaluate_preferences(load_scorer(args), pairs, args.mode, args.out, args.batch_size)
     print(json.dumps(metrics, indent=2))
+    require_predictions(metrics, len(pairs))
     return 0
+
+
+def require_predictions(metrics: dict, pairs: int) -> None:
+    """An eval that could predict none of its pairs fails (exit 2), its metrics written."""
+    common.require(not pairs or metrics["pairs"] or metrics["unparsed"],
+                   f"no prediction could be made: {metrics['failed']} of {pairs} requests failed, "
+                   f"{metrics['skipped_pairs']} pairs skipped (see the warnings above)",
+                   common.BackendError)
 
 
 def cli() -> None:

@@ -41,9 +41,15 @@ Deviations from the sources:
 2. Groups are keyed by prompt and source image. The official edit code keys its per-prompt
    statistics by the instruction text alone, so two source images with one instruction share a
    group.
-3. The sampler passes t * 1000 to SD3 as a float (the source's sampler truncates it to an integer).
+3. The sampler passes t * 1000 to SD3 as a float (DiffusionNFT's sampler passes an integer; its
+   training step, like ours, float32).
 4. Mini-batches hold --train-batch-size samples; the last one may be smaller (the sources choose
    batch sizes that divide the epoch exactly).
+5. Precision: the transformer's weights are bf16 on a GPU (the sources keep fp32 weights under
+   autocast: DiffusionNFT fp16 with a GradScaler, Kontext bf16); fp32 would not fit 24 GB. The
+   VAE runs in float32 and LoRA weights train in float32, as in both sources.
+6. A critique the scorer's server could not give (after its retries) stops the run; the official
+   edit RL scores it 0 and trains on. `--resume` continues from the last finished epoch.
 """
 from __future__ import annotations
 
@@ -61,13 +67,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional
 
+import common  # first: Ctrl-C while the libraries below import is one line, exit 130
 import numpy as np
 # torch at the top: nearly every function below needs it (it makes `--help` take about 3 s
 # on 2 CPU cores instead of 0.3 s; the other three modules import it where it is used).
 import torch
 from PIL import Image, ImageOps
 
-import common
 import rationalrewards as rr
 
 
@@ -361,17 +367,18 @@ def latent_geometry(pipe, resolution: int, guidance_scale: float) -> dict:
 
 
 def encode_conditions(pipe, items: list, geo: dict) -> dict:
-    """item key -> its condition, computed once (the text encoders are freed after): SD3 {emb (1,
-    Lt, D), pooled (1, P)}; Kontext adds the source image's packed latent {image (1, L, 4C)}.
+    """item key -> its condition, for the items of one epoch (or the eval grid): SD3 {emb (1, Lt,
+    D), pooled (1, P)}; Kontext adds the source image's packed latent {image (1, L, 4C)}. Encoded
+    when needed, as DiffusionNFT encodes each sampling batch, so nothing grows with the prompt file.
     Prompts are encoded at 128 tokens, as both sources do (max_sequence_length=128)."""
-    conds = {}
-    with torch.no_grad():
+    conds, device = {}, pipe.transformer.device
+    with torch.no_grad(), text_encoders_on(pipe, device):
         for it in items:
             if it["key"] in conds:
                 continue
             p = it["prompt"]
             if geo["kontext"]:
-                emb, pooled, text_ids = pipe.encode_prompt(prompt=p, prompt_2=p,
+                emb, pooled, text_ids = pipe.encode_prompt(prompt=p, prompt_2=p, device=device,
                                                            max_sequence_length=128)
                 geo["txt_ids"] = text_ids.cpu()
                 conds[it["key"]] = {"emb": emb.cpu(), "pooled": pooled.cpu(),
@@ -379,9 +386,27 @@ def encode_conditions(pipe, items: list, geo: dict) -> dict:
             else:
                 emb, _, pooled, _ = pipe.encode_prompt(prompt=p, prompt_2=p, prompt_3=p,
                                                        do_classifier_free_guidance=False,
-                                                       max_sequence_length=128)
+                                                       device=device, max_sequence_length=128)
                 conds[it["key"]] = {"emb": emb.cpu(), "pooled": pooled.cpu()}
     return conds
+
+
+@contextlib.contextmanager
+def text_encoders_on(pipe, device):
+    """The text encoders on `device` while prompts are encoded, on the CPU in between on a GPU:
+    SD3's T5-XXL alone is 9.5 GB in bf16, which 24 GB cannot hold beside training (4-bit ones,
+    --generator-quantization 4bit, stay where bitsandbytes put them)."""
+    encoders = [e for e in (getattr(pipe, f"text_encoder{n}", None) for n in ("", "_2", "_3"))
+                if e is not None and getattr(e, "hf_quantizer", None) is None]
+    for e in encoders:
+        e.to(device)
+    try:
+        yield
+    finally:
+        if torch.device(device).type == "cuda":
+            for e in encoders:
+                e.to("cpu")
+            torch.cuda.empty_cache()
 
 
 def encode_source(pipe, image: Image.Image, geo: dict):
@@ -667,16 +692,24 @@ TASK_DEFAULTS = {
              "reward_weights": "image_faithfulness=0"},
 }
 # what the checkpoint depends on: resuming with any of these changed is refused
-RUN_KEYS = ("task", "generator", "generator_quantization", "prompts", "resolution", "group_size",
-            "sample_steps", "guidance_scale", "lora_r", "lora_alpha", "mask", "scorer",
-            "scorer_adapter", "scorer_api_base", "reward_weights", "seed")
+RUN_KEYS = ("task", "generator", "generator_quantization", "t5", "prompts", "resolution",
+            "group_size", "sample_steps", "guidance_scale", "lora_r", "lora_alpha", "mask",
+            "scorer", "scorer_adapter", "scorer_api_base", "reward_weights", "prompts_dir", "seed")
+# what a resumed run may change: the new value is said and used from the next epoch on (--lr too:
+# it is set on the optimiser the checkpoint restores)
+RESUME_CHANGEABLE = ("lr", "beta", "kl_weight", "adv_clip", "grad_clip", "prompts_per_epoch",
+                     "train_batch_size", "gradient_steps_per_epoch", "epochs", "eval_every",
+                     "eval_steps", "num_eval_prompts", "scorer_quantization",
+                     "scorer_max_new_tokens", "scorer_temperature", "max_pixels")
 
 
 # ---- Inputs: prompts (t2i) or instruction + source image (edit) ----
-def read_items(path: str, task: str, resolution: int) -> list:
-    """[{key, prompt, source}]: the prompt file's lines; for edit each with its source image loaded.
-    `key` identifies the item (prompt and source), for groups, conditions and prompt bans."""
-    items = []
+def read_items(path: str, task: str, resolution: int) -> tuple:
+    """([{key, prompt, source}], sha1): the prompt file's lines, for edit each with the path of its
+    source image (checked here, loaded when an epoch draws it: nothing grows with the file), and
+    the sha1 of the file and the source images' pixels. `key` identifies the item (prompt and
+    source), for groups and prompt bans."""
+    items, h = [], hashlib.sha1(Path(path).read_bytes() if Path(path).is_file() else b"")
     for n, rec in enumerate(common.read_prompt_records(path), 1):
         source = None
         if task == "edit":
@@ -685,15 +718,25 @@ def read_items(path: str, task: str, resolution: int) -> list:
                 raise ValueError(
                     f"{path}: prompt {n} ({rec['prompt'][:60]!r}) has no source_image: --task edit "
                     "needs a .jsonl with 'prompt' and 'source_image' (relative to the file)")
-            file = Path(path).parent / str(rel)
-            image, problem = common.read_image(file)
+            source = Path(path).parent / str(rel)
+            image, problem = common.read_image(source)
             if image is None:
-                raise ValueError(f"{path}: prompt {n}: source image {file} is {problem}")
-            # center-cropped to a square and resized (the official Kontext dataset's preprocessing)
-            source = ImageOps.fit(image, (resolution, resolution), Image.LANCZOS)
+                raise ValueError(f"{path}: prompt {n}: source image {source} is {problem}")
+            h.update(fit_source(image, resolution).tobytes())
         key = common.digest(rec["prompt"], rec.get("source_image") or "")
         items.append({"key": key, "prompt": rec["prompt"], "source": source})
-    return items
+    return items, h.hexdigest()
+
+
+def fit_source(image: Image.Image, resolution: int) -> Image.Image:
+    """Center-cropped to a square and resized (the official Kontext dataset's preprocessing)."""
+    return ImageOps.fit(image, (resolution, resolution), Image.LANCZOS)
+
+
+def with_sources(items: list, resolution: int) -> list:
+    """The items with their source images loaded (edit), for one epoch or the eval grid."""
+    return [{**it, "source": fit_source(common.load_image(it["source"]), resolution)}
+            if it["source"] is not None else it for it in items]
 
 
 # ---- Outputs: the checkpoint, metrics, pictures (LoRA files: `log_epoch`) ----
@@ -705,7 +748,8 @@ def save_checkpoint(run: Run, state: dict) -> None:
             "old": {k: v.detach().cpu() for k, v in adapter_params(tr, "old").items()},
             "ema": run.ema, "optimizer": run.optimizer.state_dict(), "state": state}
     tmp = run.out / "checkpoint.pt.tmp"
-    torch.save(ckpt, tmp)
+    with common.saving(tmp):
+        torch.save(ckpt, tmp)
     tmp.replace(run.out / "checkpoint.pt")
 
 
@@ -770,25 +814,22 @@ def validate(a: Args) -> None:
                    f"{a.gradient_steps_per_epoch} is more than the epoch's {batches} mini-batches")
 
 
-def check_out_dir(out: Path, args: Args, items: list) -> str:
+def check_out_dir(out: Path, args: Args, digest: str) -> None:
     """A folder holding any trace of a run is continued only with --resume, the same settings and
-    the same prompts (file bytes, source images); never started over. Returns the prompts' sha1."""
-    h = hashlib.sha1(Path(args.prompts).read_bytes())
-    for source in [it["source"] for it in items if it["source"] is not None]:
-        h.update(source.tobytes())
+    the same prompts (`digest`: file bytes, source images); never started over."""
     found = any((out / n).exists() for n in ("checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv"))
     if found or args.resume:
-        common.check_same_run(out, args, RUN_KEYS, paths=("prompts", "scorer_adapter"),
-                              extra={"prompts_sha1": h.hexdigest()})
+        common.check_same_run(out, args, RUN_KEYS, extra={"prompts_sha1": digest},
+                              paths=("prompts", "scorer_adapter", "prompts_dir"),
+                              changeable=RESUME_CHANGEABLE)
     common.require(args.resume or not found, f"{out} already holds a run with these settings: "
                    "pass --resume to continue it, or choose another --out")
-    return h.hexdigest()
 
 
 # What an RL run holds from epoch to epoch (made by `setup_run`): args, out, pipe (its transformer
 # carries the two policies), params (theta's LoRA weights), optimizer, ema (theta's EMA), scorer,
-# items, conds (their conditions, encoded once), geo, sigmas and eval_sigmas (the noise levels of
-# collection and of eval grids).
+# items, eval_items and eval_conds (the eval grid's items and conditions), geo, sigmas and
+# eval_sigmas (the noise levels of collection and of eval grids).
 Run = SimpleNamespace
 
 
@@ -803,13 +844,15 @@ def main(argv=None) -> int:
                    f"--prompts-per-epoch {args.prompts_per_epoch} is less than the {common.WORLD} "
                    "processes: each collects whole prompt groups, at least one")
     weights = rr.parse_weights(args.reward_weights)
-    items = read_items(args.prompts, args.task, args.resolution)
+    items, digest = read_items(args.prompts, args.task, args.resolution)
     out = Path(args.out)
-    digest = check_out_dir(out, args, items)
+    check_out_dir(out, args, digest)
     common.start_run(out, args, extra={"prompts_sha1": digest})
     from tqdm import tqdm
     run = setup_run(args, out, items, weights)
     state = load_checkpoint(run) if args.resume else None
+    for group in run.optimizer.param_groups:  # the checkpoint restored the old --lr
+        group["lr"] = args.lr
     state = state or {"epoch": 0, "step": 0, "rows": [], "banned": []}
     lead = common.RANK == 0  # rank 0 alone writes and prints; every rank computes
     if lead:
@@ -837,19 +880,21 @@ def main(argv=None) -> int:
 
 
 def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Run:
-    """The generator with two LoRA policies, the conditions encoded once, optimiser, scorer."""
+    """The generator with two LoRA policies, the eval grid's conditions, optimiser, scorer."""
     torch.manual_seed(args.seed)
     pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
                                  args.generator_quantization)
+    # the VAE in float32, as both sources run it (`pipeline.vae.to(device, dtype=torch.float32)`):
+    # ~84M parameters, 0.17 GB more than bf16. The transformer stays bf16 on a GPU: in float32
+    # (the sources' weights under autocast) SD3.5-Medium would take ~5 GB more, Kontext ~24 GB.
+    pipe.vae.to(torch.float32)
     geo = latent_geometry(pipe, args.resolution, args.guidance_scale)
     common.require(geo["kontext"] == (args.task == "edit"),
                    f"--task {args.task} does not fit {args.generator}, a {type(pipe).__name__}: "
                    "t2i trains SD3 pipelines, edit FLUX.1-Kontext ones")
-    conds = encode_conditions(pipe, items, geo)
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # encoded: freed
+    eval_items = with_sources(items[:args.num_eval_prompts], args.resolution)
+    eval_conds = encode_conditions(pipe, eval_items, geo)  # the same grid every time: once
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     torch.manual_seed(args.seed)  # the LoRA init draws from here, whatever loading consumed
     params = add_policies(pipe.transformer, args)
     pipe.transformer.enable_gradient_checkpointing()  # activations recomputed: memory for time
@@ -858,7 +903,8 @@ def setup_run(args: Args, out: Path, items: list, weights: Optional[dict]) -> Ru
     # the EMA of theta that eval grids and saved LoRAs use (DiffusionNFT: train.ema = True)
     ema = {k: p.detach().clone() for k, p in adapter_params(pipe.transformer, "default").items()}
     return Run(args=args, out=out, pipe=pipe, params=params, optimizer=optimizer, ema=ema,
-               scorer=rr.build_scorer(args, args.task, weights), items=items, conds=conds, geo=geo,
+               scorer=rr.build_scorer(args, args.task, weights), items=items, geo=geo,
+               eval_items=eval_items, eval_conds=eval_conds,
                sigmas=sampler_sigmas(pipe, args.sample_steps, geo),
                eval_sigmas=sampler_sigmas(pipe, args.eval_steps, geo))
 
@@ -876,10 +922,12 @@ def train_epoch(run: Run, state: dict, epoch: int) -> Optional[dict]:
     # ---- 1. collect with the old policy: K samples per prompt, clean latents only ----
     chosen = rng.sample(allowed, min(args.prompts_per_epoch, len(allowed)))
     chosen += [rng.choice(allowed) for _ in range(args.prompts_per_epoch - len(chosen))]
+    chosen = with_sources(chosen, args.resolution)
     group = [it for it in chosen for _ in range(args.group_size)]
     group_ids = [g for g in range(len(chosen)) for _ in range(args.group_size)]
     seeds = [rng.randrange(2 ** 31) for _ in group]
-    cond = collate(run.conds, [it["key"] for it in group], "cpu", torch.float32)
+    conds = encode_conditions(run.pipe, chosen, run.geo)  # this epoch's prompts only
+    cond = collate(conds, [it["key"] for it in group], "cpu", torch.float32)
     K = args.group_size
     # several processes: rank r collects and scores prompt groups r, r + N, ... (every rank knows
     # the whole plan above); then everything is gathered, and every rank goes on with all of it
@@ -923,10 +971,10 @@ def gather_samples(idx: list, x0, res: dict) -> tuple:
 def evaluate(run: Run, epoch: int) -> float:
     """eval/epoch_NNNN.png and its mean reward: the EMA weights, the first-order deterministic
     solver at eval_num_steps (as the sources evaluate), one fixed seed per prompt."""
-    its = run.items[:run.args.num_eval_prompts]
+    its = run.eval_items
     seeds = [run.args.seed * 100003 + i for i in range(len(its))]
     with ema_weights(run.pipe.transformer, run.ema):
-        cond = collate(run.conds, [it["key"] for it in its], "cpu", torch.float32)
+        cond = collate(run.eval_conds, [it["key"] for it in its], "cpu", torch.float32)
         x0 = sample_latents(run.pipe, cond, seeds, run.eval_sigmas, run.geo, "default", "euler")
     images = decode(run.pipe, x0, run.geo)
     res = reward_images(run.scorer, images, its)
@@ -961,8 +1009,9 @@ def log_epoch(run: Run, state: dict, epoch: int, stats: dict, seconds: float) ->
         from peft.utils import get_peft_model_state_dict
         with ema_weights(run.pipe.transformer, run.ema):  # saved inside: the state holds views
             lora = get_peft_model_state_dict(run.pipe.transformer, adapter_name="default")
-            type(run.pipe).save_lora_weights(str(out / "lora" / f"epoch_{epoch + 1:04d}"),
-                                             transformer_lora_layers=lora)
+            folder = out / "lora" / f"epoch_{epoch + 1:04d}"
+            with common.saving(folder):
+                type(run.pipe).save_lora_weights(str(folder), transformer_lora_layers=lora)
     if lead:
         save_checkpoint(run, state)
         write_metrics(out, state["rows"])

@@ -80,8 +80,11 @@ class ScriptedServer:
     """An OpenAI-compatible chat-completions server with scripted behaviour.
 
     `handler(payload) -> reply` decides each answer; a reply is a string (the message
-    content), a dict (the whole JSON body), an int (an HTTP error status), or
-    ("hang", seconds) to hold the connection open without answering.
+    content), a dict (the whole JSON body), an int (an HTTP error status),
+    ("hang", seconds) to hold the connection open without answering, ("stall", text, seconds) to
+    stream `text` and then send nothing, ("drip", text, seconds) to stream `text` a character at a
+    time, `seconds` apart, or ("raw", bytes) to send these bytes as the whole reply.
+    A request with "stream": true gets its reply as server-sent events, as vLLM sends them.
     """
 
     def __init__(self, handler):
@@ -99,11 +102,17 @@ class ScriptedServer:
                 if isinstance(reply, tuple) and reply[0] == "hang":
                     time.sleep(reply[1])
                     return
+                if isinstance(reply, tuple) and reply[0] == "raw":
+                    self.wfile.write(reply[1])
+                    self.close_connection = True
+                    return
                 if isinstance(reply, int):
                     self.send_response(reply)
                     self.end_headers()
                     self.wfile.write(b'{"error": "scripted failure"}')
                     return
+                if payload.get("stream") and not isinstance(reply, int):
+                    return self.stream(reply)
                 if isinstance(reply, str):
                     reply = {"choices": [{"index": 0,
                                           "message": {"role": "assistant", "content": reply}}]}
@@ -113,6 +122,42 @@ class ScriptedServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def stream(self, reply):
+                """The reply as server-sent events: the text in two chunks, then the finish."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                stall = reply[2] if isinstance(reply, tuple) and reply[0] == "stall" else None
+                text, finish = (reply[1], None) if stall else (reply, "stop")
+                if isinstance(reply, tuple) and reply[0] == "drip":
+                    for ch in reply[1]:
+                        event = {"choices": [{"index": 0, "delta": {"content": ch}}]}
+                        self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                        self.wfile.flush()
+                        time.sleep(reply[2])
+                    text = ""
+                if isinstance(reply, dict) and isinstance(reply.get("choices"), list) and \
+                        reply["choices"] and isinstance(reply["choices"][0], dict) and \
+                        "message" in reply["choices"][0]:
+                    choice = reply["choices"][0]
+                    text, finish = choice["message"].get("content"), choice.get("finish_reason",
+                                                                                "stop")
+                if isinstance(text, str) or text is None:
+                    half = len(text or "") // 2
+                    events = [{"choices": [{"index": 0, "delta": {"content": part},
+                                            "finish_reason": None}]}
+                              for part in ((text or "")[:half], (text or "")[half:])]
+                    events += [{"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}]
+                else:  # a body of another shape, sent as it is
+                    events = [text]
+                for event in events if not stall else events[:1]:
+                    self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                    self.wfile.flush()
+                if stall:
+                    time.sleep(stall)
+                    return
+                self.wfile.write(b"data: [DONE]\n\n")
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

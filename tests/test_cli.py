@@ -236,3 +236,68 @@ def test_stderr_holds_what_a_user_needs(image_dir):
     # the resolved arguments go to args.json only; and no truncation warning for tiny-random,
     # whose noise always runs to the limit (issue 22, 3.6)
     assert lines == [], lines
+
+
+# ---- --prompts-dir: another wording (e.g. the official one, verbatim) without editing prompts/ ----
+OFFICIAL_LIKE = """[system]
+A system turn of the user's own.
+[user]
+User Instruction: {request}
+1. Generated Image <image>
+Answer with the official headers, Score before Justification."""
+
+
+def test_prompts_dir_replaces_a_template_and_every_command_checks_it(image_dir, scripted_server,
+                                                                    tmp_path):
+    folder = tmp_path / "official"
+    folder.mkdir()
+    (folder / "pointwise_t2i.txt").write_text(OFFICIAL_LIKE)
+    server = scripted_server(lambda p: SCORE_4.format(request="r"))
+    res = run_cli("rationalrewards.py", "score", "--model", "served", "--api-base", server.url,
+                  "--prompt", "a red bicycle", "--image", image_dir / "red.png", "--json",
+                  "--prompts-dir", folder)
+    assert res.returncode == 0, res.stderr
+    messages = server.requests[0]["payload"]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[0]["content"] == "A system turn of the user's own."
+    assert text_in(server.requests[0]["payload"]).startswith("User Instruction: a red bicycle")
+    assert json.loads(res.stdout)["reward"] == pytest.approx((3.75 - 1) / 3)
+    # a template that lacks a field the code fills: one error line naming file and field, before
+    # any model loads, for --prompts-dir and the shipped folder alike (issue 33.7)
+    (folder / "pointwise_t2i.txt").write_text(OFFICIAL_LIKE.replace("{request}", "the request"))
+    for argv in (["rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x",
+                  "--image", image_dir / "red.png"],
+                 ["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random",
+                  "--prompt", "x", "--out", tmp_path / "gcr"],
+                 ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out",
+                  tmp_path / "nft"],
+                 ["parrot.py", "--teacher", "tiny-random", "--student", "tiny-random", "--out",
+                  tmp_path / "parrot"]):
+        res = run_cli(*argv, "--prompts-dir", folder)
+        assert res.returncode == 2 and res.stderr.count("error:") == 1, (argv, res.stderr)
+        assert "pointwise_t2i.txt lacks {request}" in res.stderr, res.stderr
+    assert not (tmp_path / "gcr").exists() and not (tmp_path / "nft" / "checkpoint.pt").exists()
+    # a file that replaces no template, and a folder that is not there
+    (folder / "pointwise_t2i.txt").write_text(OFFICIAL_LIKE)
+    (folder / "pointwise.txt").write_text(OFFICIAL_LIKE)
+    res = run_cli("rationalrewards.py", "score", "--prompt", "x", "--image", image_dir / "red.png",
+                  "--prompts-dir", folder)
+    assert res.returncode == 2 and "pointwise.txt replace no template" in res.stderr
+    res = run_cli("rationalrewards.py", "score", "--prompt", "x", "--image", image_dir / "red.png",
+                  "--prompts-dir", tmp_path / "nowhere")
+    assert res.returncode == 2 and "is not a folder" in res.stderr
+
+
+def test_a_shipped_template_without_its_field_is_one_error(image_dir, tmp_path, monkeypatch):
+    shipped = tmp_path / "prompts"
+    shipped.mkdir()
+    for p in rr.PROMPTS_DIR.glob("*.txt"):
+        text = p.read_text()
+        shipped.joinpath(p.name).write_text(text.replace("{request}", "x") if
+                                            p.name == "pointwise_t2i.txt" else text)
+    monkeypatch.setattr(rr, "PROMPTS_DIR", shipped)
+    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x",
+                  "--image", image_dir / "red.png")
+    assert res.returncode == 2 and "pointwise_t2i.txt lacks {request}" in res.stderr
+    monkeypatch.undo()
+    rr.use_prompts_dir(None)  # forget the templates read from the copy

@@ -282,3 +282,99 @@ def test_messages_name_the_real_problem(tmp_path):
     with pytest.raises(ValueError, match=r"'source_image' must be a path \(a string\), got "
                                          r"\['house.png'\]"):
         rl_nft.read_items(str(tmp_path / "edits.jsonl"), "edit", 64)
+
+
+# ---- issue 33.1-2: a server that stalls, or answers with something that is not JSON ----
+def test_a_stalled_server_is_said_retried_and_failed_but_a_slow_one_is_waited_for(
+        scripted_server, capsys):
+    msgs = [[{"role": "user", "content": "hi"}]]
+    for reply in (("stall", "## Justification: the", 30), ("hang", 30)):
+        server = scripted_server(lambda p, reply=reply: reply)
+        [out] = common.OpenAIBackend(server.url, "m", timeout=0.5, max_retries=1).generate(msgs)
+        assert out.text == "" and "nothing received for 0.5 s (stalled?)" in out.error
+        assert server.url in out.error and len(server.requests) == 2
+        assert capsys.readouterr().err.count(f"warning: {server.url}") == 1  # the retry, said
+    # a reply that keeps coming, a character every 0.3 s, takes as long as it needs
+    server = scripted_server(lambda p: ("drip", "abcdefgh", 0.3))
+    [out] = common.OpenAIBackend(server.url, "m", timeout=1.5, max_retries=0).generate(msgs)
+    assert out.error is None and out.text == "abcdefgh" and len(server.requests) == 1
+
+
+CUT_JSON = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 37\r\n\r\n"
+            b'{"choices": [{"message": {"content": "')
+
+
+def test_a_reply_that_is_not_json_is_a_failed_request_everywhere(tmp_path, scripted_server):
+    server = scripted_server(lambda p: ("raw", CUT_JSON))
+    (tmp_path / "a.png").write_bytes(b"")
+    solid("red").save(tmp_path / "a.png")
+    solid("blue").save(tmp_path / "b.png")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "red", "image_a": "a.png", "image_b": "b.png",
+                                 "label": "A"}) + "\n")
+    res = run_cli("rationalrewards.py", "eval", "--model", "m", "--api-base", server.url,
+                  "--pairs", pairs, "--out", tmp_path / "eval")
+    # counted and retried like a 500; no prediction could be made, so the exit is not 0 (33.8)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{server.url} failed: the reply is not JSON" in res.stderr
+    assert "no prediction could be made" in res.stderr
+    [rec] = common.read_jsonl(tmp_path / "eval" / "predictions.jsonl")
+    assert rec["failed"] and len(server.requests) == 2 * 3  # 2 critiques: a try, 2 retries each
+    res = run_cli("gcr_loop.py", "--generator", "tiny-random", "--scorer", "m", "--scorer-api-base",
+                  server.url, "--prompt", "a red door", "--out", tmp_path / "gcr")
+    assert res.returncode == 2 and "the reply is not JSON" in res.stderr
+    assert res.stderr.count("error:") == 1 and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("script,library", [("rl_nft", "torch"), ("rationalrewards", "tyro"),
+                                            ("parrot", "PIL"), ("gcr_loop", "tqdm")])
+def test_ctrl_c_while_the_libraries_import_is_one_line_and_exit_130(script, library):
+    # issue 33.5: Ctrl-C in the first seconds, before `common.run`, was a KeyboardInterrupt
+    # traceback (rc -2). The signal is sent when the module asks for its first big library.
+    import subprocess
+    import sys
+    code = ("import builtins, os, signal, sys\n"
+            f"sys.argv = ['{script}.py']\n"
+            "real = builtins.__import__\n"
+            "def spy(name, *a, **k):\n"
+            f"    if name == '{library}':\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = spy\n"
+            f"import {script}\n"
+            "print('not interrupted')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=common.HERE, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "interrupted while starting; nothing was written: run the same command again"]
+
+
+def test_disk_full_in_a_library_save_is_the_same_one_line(tmp_path, monkeypatch):
+    # issue 33.6: torch.save and safetensors raise RuntimeError / SafetensorError, not OSError
+    import torch
+    saves = []
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        saves.append(path)
+        if len(saves) > 1:  # the second checkpoint finds the disk full
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    res = run_cli("rl_nft.py", "--generator", "tiny-random", "--scorer", "toy-redness",
+                  "--epochs", "2", "--sample-steps", "2", "--eval-steps", "2",
+                  "--out", tmp_path / "rl")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    [line] = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    assert "could not write (RuntimeError: [enforce fail" in line and "checkpoint.pt.tmp" in line
+    assert "Everything written before this is kept" in line and "--resume" in line
+    assert torch.load(tmp_path / "rl" / "checkpoint.pt")["state"]["epoch"] == 1  # the first, whole
+    from safetensors import SafetensorError
+
+    def save_student():
+        with common.saving(tmp_path / "student"):
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                                  "StorageFull, message: \"No space left on device\" })")
+    with pytest.raises(SystemExit):
+        common.run(save_student)

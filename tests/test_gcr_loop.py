@@ -35,12 +35,14 @@ def test_gate_passes_only_when_every_gated_dimension_reaches_the_threshold(tf, p
 
 def test_next_step_refines_below_threshold():
     low = rr.parse_pointwise(crit(2, 4, refined="three red apples, clearly three"), "t2i")
-    assert gcr_loop.next_step(low, GATE, 3.0, 0, 1) == (None, "three red apples, clearly three")
-    assert gcr_loop.next_step(low, GATE, 3.0, 1, 1) == ("max_rounds", None)
+    step = lambda c, done: gcr_loop.next_step(c, GATE, 3.0, done, 1, "three apples")
+    assert step(low, 0) == (None, "three red apples, clearly three")
+    assert step(low, 1) == ("max_rounds", None)
+    # no refined request: the official script regenerates from the original request
     no_refinement = rr.parse_pointwise(crit(2, 4, refined=None), "t2i")
-    assert gcr_loop.next_step(no_refinement, GATE, 3.0, 0, 1) == ("no_refined_request", None)
+    assert step(no_refinement, 0) == (None, "three apples")
     unreadable = rr.parse_pointwise("I cannot see an image.", "t2i")
-    assert gcr_loop.next_step(unreadable, GATE, 3.0, 0, 1) == ("unreadable_critique", None)
+    assert step(unreadable, 0) == ("unreadable_critique", None)
     # a gate on text rendering alone: N/A is unreadable for the gate
     readable = rr.parse_pointwise(crit(4, 4), "t2i")
     assert gcr_loop.gate_decision(readable, ("text_rendering",), 3.0) == "unreadable"
@@ -58,7 +60,7 @@ def test_summary_counts_refined_improved_and_worse_prompts_by_hand():
     assert s["mean_reward_final"] == pytest.approx(1.8 / 3)
     assert s["share_improved"] == pytest.approx(1 / 3) and s["share_worse"] == pytest.approx(1 / 3)
     assert s["stop_reasons"] == {
-        "passed": 2, "max_rounds": 1, "unreadable_critique": 0, "no_refined_request": 0
+        "passed": 2, "max_rounds": 1, "unreadable_critique": 0
     }
     assert (s["truncated_critiques"], s["critiques"]) == (1, 5)
 
@@ -71,9 +73,10 @@ class RecordingPipe:
         self.calls = []
 
     def __call__(self, prompt, generator, num_inference_steps=None, guidance_scale=None,
-                 height=None, width=None, image=None):
+                 height=None, width=None, image=None, **kw):
         self.calls.append({
-            "prompts": list(prompt), "seeds": [g.initial_seed() for g in generator], "image": image
+            "prompts": list(prompt), "seeds": [g.initial_seed() for g in generator], "image": image,
+            "size": (width, height), "steps": num_inference_steps
         })
 
         class Out:
@@ -91,8 +94,8 @@ class ScriptedScorer:
     def generate(self, batch, *a, **k):
         out = []
         for msgs in batch:
-            text = "".join(p["text"] for p in msgs[0]["content"] if p["type"] == "text")
-            request = re.search(r"(?:User request|Editing instruction): (.*)", text).group(1)
+            text = "".join(p["text"] for p in msgs[-1]["content"] if p["type"] == "text")
+            request = re.search(r"User Instruction: (.*)", text).group(1)
             key = next(k for k in self.script if k in request)
             n = self.seen.get(key, 0)
             self.seen[key] = n + 1
@@ -119,9 +122,8 @@ def test_low_then_high_regenerates_once_with_the_refined_request_and_the_same_se
               "sky": [crit(4, 3.5)]}
     recs, pipe, backend = run(tmp_path, script, ["three apples", "a blue sky"])
     # round 0: both prompts in one batch; round 1: only the apples, refined, with its own seed again
-    assert pipe.calls[0] == {
-        "prompts": ["three apples", "a blue sky"], "seeds": [100, 101], "image": None
-    }
+    assert pipe.calls[0] == {"prompts": ["three apples", "a blue sky"], "seeds": [100, 101],
+                             "image": None, "size": (1024, 1024), "steps": 40}
     assert pipe.calls[1]["prompts"] == ["exactly three red apples"]
     assert pipe.calls[1]["seeds"] == [100]
     assert len(pipe.calls) == 2
@@ -146,12 +148,14 @@ def test_three_rounds_of_low_scores_give_three_refinements(tmp_path):
     assert all(c["seeds"] == [100] for c in pipe.calls)
 
 
-def test_unreadable_and_missing_refinement_stop_with_their_reason(tmp_path):
+def test_unreadable_stops_and_a_missing_refinement_falls_back_to_the_request(tmp_path):
     script = {"fog": ["The image shows fog."], "cat": [crit(1.5, 4, refined=None)],
               "dog": [crit(2, 2), crit(2.5, 2)]}
     recs, pipe, _ = run(tmp_path, script, ["fog", "cat", "dog"])
     assert recs["fog"]["stop_reason"] == "unreadable_critique" and len(recs["fog"]["rounds"]) == 1
-    assert recs["cat"]["stop_reason"] == "no_refined_request" and len(recs["cat"]["rounds"]) == 1
+    # no refined request: regenerated once from the original request (the official fallback)
+    assert recs["cat"]["stop_reason"] == "max_rounds" and len(recs["cat"]["rounds"]) == 2
+    assert [r["request"] for r in recs["cat"]["rounds"]] == ["cat", "cat"]
     assert recs["dog"]["stop_reason"] == "max_rounds" and len(recs["dog"]["rounds"]) == 2
     assert recs["fog"]["rounds"][0]["reward"] == 0.0
 
@@ -164,7 +168,7 @@ def test_edit_passes_the_source_to_generator_and_scorer_first(tmp_path):
 
     class Spy(ScriptedScorer):
         def generate(self, batch, *a, **k):
-            seen.extend([p["image"] for p in m[0]["content"] if p["type"] == "image"]
+            seen.extend([p["image"] for p in m[-1]["content"] if p["type"] == "image"]
                         for m in batch)
             return super().generate(batch, *a, **k)
     args = gcr_loop.Args(prompt="x", out=str(tmp_path), task="edit")
@@ -176,6 +180,10 @@ def test_edit_passes_the_source_to_generator_and_scorer_first(tmp_path):
     assert rec["stop_reason"] == "passed" and len(pipe.calls) == 2
     # the source went to the generator
     assert pipe.calls[0]["image"][0].getpixel((0, 0)) == (0, 128, 0)
+    # the official sizes: 40 steps, the source's aspect with the longer side <= 1024, x16
+    assert pipe.calls[0]["steps"] == 40 and pipe.calls[0]["size"] == (64, 48)  # never enlarged
+    assert gcr_loop.target_size((1500, 1000), 1024) == (1024, 688)
+    assert gcr_loop.target_size((300, 200), 1024) == (304, 192)  # round(12.5) = 12, as Python
     # source first
     assert all(len(imgs) == 2 and imgs[0].getpixel((0, 0)) == (0, 128, 0) for imgs in seen)
     assert set(rec["rounds"][0]["scores"]) == set(rr.EDIT_DIMENSIONS)

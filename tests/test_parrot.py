@@ -1,4 +1,5 @@
 """PARROT in-process: pure logic, loaders on fixtures, phases with a scripted teacher, SFT."""
+import dataclasses
 import io
 import json
 import math
@@ -32,7 +33,7 @@ class ScriptedTeacher:
 
     @staticmethod
     def _text(msgs):
-        return "".join(p["text"] for p in msgs[0]["content"] if p["type"] == "text")
+        return "".join(p["text"] for p in msgs[-1]["content"] if p["type"] == "text")
 
     def generate(self, messages_batch, max_new_tokens=2048, temperature=0.1, min_new_tokens=0):
         self.generate_calls += 1
@@ -41,13 +42,14 @@ class ScriptedTeacher:
         out = []
         for msgs in messages_batch:
             text = self._text(msgs)
-            label = re.search(r"preferred Image ([AB])", text).group(1)
+            label = re.search(r"Human Preference: Image ([AB])", text).group(1)
+            request = re.search(r"User Instruction: (.*)", text).group(1)  # what to script on
             hi, lo = (4, 2) if label == "A" else (2, 4)
-            if "contradict" in text:
+            if "contradict" in request:
                 out.append(rationale(lo, hi))
-            elif "unparseable" in text:
+            elif "unparseable" in request:
                 out.append("I am not able to compare these images.")
-            elif "vague" in text:
+            elif "vague" in request:
                 a, b = (3, 2.5) if label == "A" else (2.5, 3)
                 out.append(rationale(a, b, extra="VAGUE"))
             else:
@@ -58,7 +60,7 @@ class ScriptedTeacher:
         res = []
         for msgs in messages_batch:
             text = self._text(msgs)
-            j = rr.parse_pairwise(text.split("Judge's comparison:")[1], "t2i")
+            j = rr.parse_pairwise(text.split("### Judgement to Check")[1], "t2i")
             if j.preferred is None:  # a rationale that says nothing: no evidence either way
                 res.append({"A": math.log(0.5), "B": math.log(0.5)})
                 continue
@@ -337,15 +339,15 @@ def test_anchored_prompt_holds_the_label_and_the_consistency_prompt_hides_it(tmp
     run_phases_12(tmp_path, Spy())
     anchored = [t for t in seen if not t.startswith("CHECK")]
     checks = [t for t in seen if t.startswith("CHECK")]
-    assert anchored and all(re.search(r"preferred Image [AB]", t) for t in anchored)
-    assert checks and not any("annotator" in t or "preferred Image" in t for t in checks)
+    assert anchored and all(re.search(r"Human Preference: Image [AB]", t) for t in anchored)
+    assert checks and not any("Human Preference" in t for t in checks)
 
 
 def test_candidates_first_passing_is_kept(tmp_path):
     class SecondTime(ScriptedTeacher):
         def generate(self, mb, *a, **k):  # candidate 0 contradicts, candidate 1 is consistent
             out = super().generate(mb, *a, **k)
-            return [rationale(2, 4) if i % 2 == 0 and "preferred Image A" in self._text(m) else o
+            return [rationale(2, 4) if i % 2 == 0 and "Human Preference: Image A" in self._text(m) else o
                     for i, (m, o) in enumerate(zip(mb, out))]
     out, _ = run_phases_12(tmp_path, SecondTime(), num_candidates=2, batch_size=4)
     phase2 = common.read_jsonl(out / "phase2.jsonl")
@@ -411,7 +413,7 @@ def test_sft_sample_has_no_label_and_masks_the_prompt(tmp_path):
            "image_b": str(tmp_path / "b.png"), "source_image": None}
     answer = rationale(4, 2)
     sample = parrot.sft_sample("pairwise", rec, answer)
-    user = sample["messages"][0]["content"]
+    user = sample["messages"][-2]["content"]
     assert user.count("<image>") == 2 and "preferred" not in user and "annotator" not in user
     feats = parrot.sample_features(processor, sample, 64 * 64)
     labels, ids = feats["labels"][0], feats["input_ids"][0]
@@ -507,10 +509,10 @@ def test_projections_that_stray_from_their_anchors_are_dropped(tmp_path):
                                                                       ("p1", "pointwise", "A")]
     pointwise = next(s for s in train if s["kind"] == "pointwise")
     assert pointwise["images"] == [str(tmp_path / "a.png")]
-    assert pointwise["messages"][0]["content"].count("<image>") == 1
+    assert pointwise["messages"][-2]["content"].count("<image>") == 1
 
 
-def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
+def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch, capsys):
     # issue 7.10: Phase 3 returned early even when sft.jsonl had changed
     trained = []
     monkeypatch.setattr(parrot, "foresight_distillation",
@@ -543,6 +545,27 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch):
     second = len(common.read_jsonl(out / "sft.jsonl"))
     # a third kept pair: trained again, on all of it
     assert second > first and trained == [first, second]
+    # issue 33.3: another --grad-accum or --warmup-ratio trains again, and says which changed
+    parrot.phase3(Copier(), out, dataclasses.replace(args, grad_accum=2, warmup_ratio=0.2))
+    assert trained == [first, second, second]
+    err = capsys.readouterr().err
+    assert "--warmup-ratio: 0.05 then, 0.2 now; --grad-accum: 8 then, 2 now since" in err
+
+
+def test_a_rerun_with_another_teacher_is_refused_not_mixed(tmp_path):
+    # issue 33.3: phase1.jsonl held rationales of two teachers, args.json overwritten
+    data = tmp_path / "data" / "pairs.jsonl"
+    make_jsonl(data.parent, PROMPTS[:2])
+    argv = ["--dataset", "jsonl", "--data-dir", str(data), "--phases", "1", "--out",
+            str(tmp_path / "run"), "--teacher", "tiny-random", "--max-new-tokens", "8"]
+    assert parrot.main(argv) == 0
+    lines = len(common.read_jsonl(tmp_path / "run" / "phase1.jsonl"))
+    for flag, value in (("--temperature", "0.2"), ("--max-new-tokens", "9"),
+                        ("--teacher", "tiny-random-2")):
+        with pytest.raises(ValueError, match=f"{flag}: .* then, .* now"):
+            parrot.main(argv + [flag, value])
+    assert len(common.read_jsonl(tmp_path / "run" / "phase1.jsonl")) == lines
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["temperature"] == 0.7
 
 
 def test_truncated_cached_images_are_rewritten_not_trusted(tmp_path):

@@ -22,20 +22,20 @@ def teacher_reply(payload):
     their anchors."""
     text = text_in(payload)
     if payload.get("logprobs"):
-        j = rr.parse_pairwise(text.split("Judge's comparison:")[1], "t2i")
+        j = rr.parse_pairwise(text.split("### Judgement to Check")[1], "t2i")
         pa = 0.8 if j.preferred == "A" else 0.2
         top = [{"token": "A", "logprob": math.log(pa)}, {"token": "B", "logprob": math.log(1 - pa)}]
         first = {"token": j.preferred, "logprob": 0.0, "top_logprobs": top}
         return {"choices": [{"message": {"content": j.preferred},
                              "logprobs": {"content": [first]}}]}
-    if "gave it these scores" in text:
+    if "### Reference Scores" in text:
         titles = ("Text Faithfulness", "Physical and Visual Quality", "Text Rendering")
         anchors = dict(re.findall(rf"- ({'|'.join(titles)}): (\S+)", text))
         sections = "".join(f"{i}. {name}:\n## Justification: seen.\n## Score: {anchors[name]}\n"
                            for i, name in enumerate(titles, 1))
         return (sections + "# Summary: ok\n# User Request Refinement:\n"
                 "## Refinement Comments: none\n## Refined Request: same")
-    label = re.search(r"preferred Image ([AB])", text).group(1)
+    label = re.search(r"Human Preference: Image ([AB])", text).group(1)
     hi, lo = ("4", "2") if label == "A" else ("2", "4")
     return ("# User Request Analysis\nx\n# Detailed Judgement\n1. Text Faithfulness:\n"
             f"## Justification: one is off.\n## Score A: {hi}\n## Score B: {lo}\n"
@@ -75,9 +75,11 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
     held_prompts = {r["prompt"] for r in phase2 if r["id"] in {s["id"] for s in held}}
     assert held_prompts and not train_prompts & held_prompts
     for s in sft:  # LLaMA-Factory / TRL form, with no label anywhere in the input
-        assert [m["role"] for m in s["messages"]] == ["user", "assistant"]
-        assert s["messages"][0]["content"].count("<image>") == len(s["images"])
-        assert "preferred" not in s["messages"][0]["content"]
+        roles = (["system"] if s["kind"] == "pointwise" else []) + ["user", "assistant"]
+        assert [m["role"] for m in s["messages"]] == roles  # the scorer's turns, as it is asked
+        assert s["messages"][-2]["content"].count("<image>") == len(s["images"])
+        assert "{preferred}" not in s["messages"][-2]["content"]
+        assert not re.search(r"Human Preference|Image [AB] is preferred", s["messages"][-2]["content"])
     st = report["student"]
     assert st["sft_samples"] == len(sft) and len(st["train_losses"]) == 2 * math.ceil(len(sft) / 2)
     assert set(st["before"]["accuracy"]) == {"pointwise", "pairwise"}

@@ -178,7 +178,7 @@ def test_render_messages_places_images_in_order_and_checks_fields():
     content = msgs[0]["content"]
     assert [p["image"] for p in content if p["type"] == "image"] == [src, a, b]
     text = "".join(p["text"] for p in content if p["type"] == "text")
-    assert "Editing instruction: make it purple" in text and "{request}" not in text
+    assert "User Instruction: make it purple" in text and "{request}" not in text
     assert "## Score A:" in text and "## Winner:" in text  # the paper's headers survive verbatim
     with pytest.raises(ValueError, match="image slots"):
         rr.render_messages("pointwise_t2i", [a, b], request="x")
@@ -202,7 +202,7 @@ PAIRWISE_HEADERS = ("# User Request Analysis", "# Detailed Judgement", "## Justi
 ])
 def test_each_template_keeps_its_own_paper_headers(task, template, headers, per_dimension):
     # issue 7.18: each file on its own, not the concatenation of several
-    text = rr.load_prompt(f"{template}_{task}")
+    text = "\n".join(turn or "" for turn in rr.load_prompt(f"{template}_{task}"))
     missing = [h for h in headers if h not in text]
     assert not missing, f"{template}_{task}.txt lost {missing}"
     if per_dimension:  # one block per rubric dimension, each with its title
@@ -379,3 +379,13 @@ def test_prompt_lists_from_txt_and_jsonl(tmp_path):
         prompt_list(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError, match="prompt file"):
         prompt_list(tmp_path / "none.txt")
+
+
+def test_a_later_unparseable_score_line_does_not_erase_a_parseable_one():
+    # the RL reward's parser keeps the last parseable Score line of a block; so do we
+    text = ("1. Text Faithfulness:\n## Score: 3.5\n## Justification: fine\n## Score: see above\n"
+            "2. Physical and Visual Quality:\n## Score: 2\n## Score: 3\n3. Text Rendering:\n"
+            "## Score: N/A\n")
+    c = rr.parse_pointwise(text)
+    assert c.scores == {"text_faithfulness": 3.5, "physical_quality": 3.0, "text_rendering": None}
+    assert c.not_applicable == ["text_rendering"]

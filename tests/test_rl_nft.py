@@ -480,6 +480,16 @@ def test_reward_path_resume_and_lora_files(tmp_path, scripted_server, capsys):
     # resuming with other settings is refused, naming the difference
     with pytest.raises(ValueError, match="--lora-r"):
         nft_main(server, out, "--epochs", "4", "--resume", "--lora-r", "8")
+    with pytest.raises(ValueError, match="--t5"):
+        nft_main(server, out, "--epochs", "4", "--resume", "--no-t5")
+    # issue 33.3: a new --lr (or --beta, ...) on resume is said and really used: the optimiser
+    # the checkpoint restores trains at it
+    capsys.readouterr()
+    assert nft_main(server, out, "--epochs", "4", "--resume", "--lr", "1e-2", "--beta", "0.5") == 0
+    err = capsys.readouterr().err
+    assert "--lr: 0.003 then, 0.01 now: continuing with the new value" in err
+    assert "--beta: 1.0 then, 0.5 now" in err
+    assert torch.load(out / "checkpoint.pt")["optimizer"]["param_groups"][0]["lr"] == 0.01
 
 
 def test_bad_arguments_are_clear(tmp_path):
@@ -600,12 +610,12 @@ def test_any_trace_of_a_run_is_an_existing_run(tmp_path):
     base = ["rl_nft.py", "--generator", "tiny-random", "--scorer", "tiny-random", "--out", out]
     args = rl_nft.resolve_defaults(
         rl_nft.Args(generator="tiny-random", scorer="tiny-random", out=str(out)))
-    items = rl_nft.read_items(args.prompts, "t2i", 64)
+    _, digest = rl_nft.read_items(args.prompts, "t2i", 64)
     args.resume = True  # resuming it is fine; its digest is what the killed run wrote
-    digest = rl_nft.check_out_dir(out, args, items)
+    rl_nft.check_out_dir(out, args, digest)
     import dataclasses  # args.json as the run that was killed wrote it
     (out / "args.json").write_text(json.dumps({**dataclasses.asdict(args), "prompts_sha1": digest}))
-    assert rl_nft.check_out_dir(out, args, items) == digest
+    rl_nft.check_out_dir(out, args, digest)  # the same prompts: accepted
     res = run_cli(*base)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "already holds a run with these settings: pass --resume" in res.stderr
