@@ -86,10 +86,12 @@ def run(main, rerun: str = "run the same command again") -> None:
     except SystemExit as err:
         if not isinstance(err.code, str):
             raise
-        print(f"{_who()}error: {err.code}", file=sys.stderr)
+        if RANK == 0:  # the same bad input on every rank: said once
+            print(f"error: {err.code}", file=sys.stderr)
         sys.exit(2)
     except (ModelLoadError, BackendError, FileNotFoundError, ValueError, FloatingPointError) as err:
-        print(f"{_who()}error: {err}", file=sys.stderr)
+        if RANK == 0 or isinstance(err, (BackendError, FloatingPointError)):  # may be one rank's
+            print(f"{_who()}error: {err}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # the reader went away (`... --help | head`): nothing to report
         os._exit(0)

@@ -985,6 +985,10 @@ def main(argv=None) -> int:
     common.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens",
                             "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
     out = Path(args.out)
+    for flag, name in (("--teacher", args.teacher), ("--student", args.student)):
+        common.require(not name.startswith("toy-"), f"{flag} {name}: the toy critics are "
+                       "demonstration scorers for rl_nft.py and gcr_loop.py, not VLMs: they cannot "
+                       "be PARROT's teacher or student")
     common.check_device(args.device)
     rr.use_prompts_dir(args.prompts_dir, ("anchored_pairwise", "consistency", "projection",
                                           "pointwise", "pairwise"))

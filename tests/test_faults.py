@@ -378,3 +378,18 @@ def test_disk_full_in_a_library_save_is_the_same_one_line(tmp_path, monkeypatch)
                                   "StorageFull, message: \"No space left on device\" })")
     with pytest.raises(SystemExit):
         common.run(save_student)
+
+
+def test_toy_critic_as_teacher_and_rank_errors_are_said_once(tmp_path, capsys, monkeypatch):
+    # issue 33.8: `--teacher toy-redness` suggested `hf download toy-redness`
+    res = run_cli("parrot.py", "--teacher", "toy-redness", "--out", tmp_path / "p")
+    assert res.returncode == 2 and "cannot be PARROT's teacher" in res.stderr
+    assert "hf download" not in res.stderr
+    # under torchrun, ranks > 0 no longer repeat rank 0's error line about the same bad input
+    monkeypatch.setattr(common, "RANK", 1)
+
+    def bad():
+        raise ValueError("--phases must be 3")
+    with pytest.raises(SystemExit):
+        common.run(bad)
+    assert "error" not in capsys.readouterr().err
