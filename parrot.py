@@ -883,8 +883,9 @@ def seeded_batches(items: list, size: int, desc: str, unit: str, done, seed: int
     is not done). A served teacher samples on its server: not seeded here."""
     import torch
     left = [i for i in range(0, len(items), size) if not all(map(done, items[i:i + size]))]
-    for i, batch in zip(left, batches([items[i:i + size] for i in left], 1, desc,
-                                      total=math.ceil(len(items) / size), unit=f"batch of {unit}s")):
+    # batches() first: it says what was resumed even when nothing is left
+    for batch, i in zip(batches([items[i:i + size] for i in left], 1, desc,
+                                total=math.ceil(len(items) / size), unit=f"batch of {unit}s"), left):
         torch.manual_seed(int(common.digest(f"{seed}:{desc}:{i}")[:8], 16))
         yield batch[0]
 

@@ -99,9 +99,11 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
     res = run_cli("parrot.py", *flags)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(server.requests) == n
-    # ... and loads no teacher at all: a teacher that cannot be loaded is never touched
+    # another teacher for the same folder is refused before anything loads (issue 33.3: its
+    # rationales would be mixed with the first teacher's), naming the difference
     res = run_cli("parrot.py", *flags[len(http_teacher):], "--teacher", "nobody/not-a-model")
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 2 and "--teacher: 'served' then, 'nobody/not-a-model' now" in res.stderr
+    assert "hf download" not in res.stderr and len(server.requests) == n
     assert json.loads((out / "report.json").read_text())["student"] == st
 
 
