@@ -1,8 +1,8 @@
 """Plumbing shared by the four modules (it imports none of them); nothing here is the paper. In
 order: the command line and run folders, several processes (torchrun), files (JSONL, images,
 prompt files, parquet streams), model loading (hub id, local folder or tiny-random), the
-backends (transformers, the `openai` client, toy critics) and pictures (``caption_grid``).
-"""
+backends (transformers, the `openai` client), the toy world (``ToyCritic``, ``ToyTeacher``:
+demonstrations, not models) and pictures (``caption_grid``)."""
 from __future__ import annotations
 
 import base64
@@ -21,27 +21,23 @@ import tempfile
 import textwrap
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Optional
-
-COMMANDS = ("rationalrewards", "parrot", "rl_nft", "gcr_loop", "rl-nft", "gcr-loop")
-
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 def _interrupted_while_starting(signum, frame):
     print("\ninterrupted while starting; nothing was written: run the same command again",
           file=sys.stderr)
     os._exit(130)
 
-
-# Ctrl-C while the libraries import (seconds, before `run` is reached) is one line and exit 130
-# too; only when this process is one of our commands (a Python session importing us keeps its own)
-if Path(sys.argv[0]).stem in COMMANDS:
+# Ctrl-C while the libraries import (before `run` is reached) is one line and exit 130 too; only in
+# one of our commands (a Python session importing us keeps its own handler)
+if Path(sys.argv[0]).stem.replace("-", "_") in ("rationalrewards", "parrot", "rl_nft", "gcr_loop"):
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
-# torch, transformers, diffusers and datasets are imported where they are used: at the top they
-# would make `--help` and every argument error take seconds instead of a fraction of one.
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+# torch, transformers, diffusers, datasets: imported where used (here they would slow `--help`)
+from PIL import (Image, ImageDraw, ImageFilter, ImageFont, ImageOps, ImageStat,
+                 UnidentifiedImageError)
 
 # Warnings no user can act on: bitsandbytes' missing optional CPU kernel (the CPU path runs here),
 # peft calling transformers' old gradient-checkpointing names, and peft on rl_nft's second policy.
@@ -54,24 +50,51 @@ HERE = Path(__file__).resolve().parent
 PROMPTS_DIR = next((d for d in (HERE / "prompts", HERE / "share" / "rationalrewards" / "prompts",
                                 Path(sys.prefix) / "share" / "rationalrewards" / "prompts")
                     if d.is_dir()), HERE / "prompts")
-
+_held_locks = {}  # run folder -> its open lock file (`start_run`), held until the process ends
 
 class ModelLoadError(RuntimeError):
     """A model, adapter or dataset could not be found or loaded; the message says how to get it."""
 
-
 class BackendError(RuntimeError):
     """The model server failed or did not answer."""
 
+class LazyModule:
+    """Stands for the module `name` and imports it on first use (say `torch.zeros`): a command's
+    `--help` and argument errors then answer without the seconds that importing it takes."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):  # every use: what the module holds now (a test may patch it)
+        import importlib
+        return getattr(importlib.import_module(self._name), attr)
+
 
 # ---- Command line and run folders ----
+def default_text(text: str):
+    """A None default that --help states in words, e.g. `(default: 3e-4 t2i, 2e-4 edit)`, when it
+    depends on other flags (`main` fills it in, and args.json records the value used)."""
+    return field(default=None, metadata={"default": text})
+
 def parse(cls, argv=None, description: Optional[str] = None):
-    """The dataclass `cls` (a dict {name: dataclass}: subcommands) from the command line (tyro)."""
+    """The dataclass `cls` (a dict {name: dataclass}: subcommands) from the command line (tyro). An
+    Optional flag is shown as `--lr FLOAT`, not `--lr {None}|FLOAT`, with its default once."""
     import tyro
+    classes = list(cls.values()) if isinstance(cls, dict) else [cls]
+    for klass in [k for c in classes for k in c.__mro__ if is_dataclass(k)]:
+        hints, own = get_type_hints(klass, include_extras=True), vars(klass)["__annotations__"]
+        for f in fields(klass):
+            kinds = get_args(hints[f.name])
+            if f.name not in own or f.default is not None or len(kinds) != 2 \
+                    or get_origin(hints[f.name]) is not Union or kinds[1] is not type(None):
+                continue
+            choices = get_args(kinds[0]) if get_origin(kinds[0]) is Literal else None
+            metavar = "{" + ",".join(choices) + "}" if choices else kinds[0].__name__.upper()
+            own[f.name] = Annotated[hints[f.name], tyro.conf.arg(
+                metavar=metavar, help_behavior_hint=f"(default: {f.metadata.get('default')})")]
     if isinstance(cls, dict):
         return tyro.extras.subcommand_cli_from_dict(cls, args=argv, description=description)
     return tyro.cli(cls, args=argv, description=description)
-
 
 def run(main, rerun: str = "run the same command again") -> None:
     """Run a command's main(): a problem the user can fix is one line `error: ...` and exit 2,
@@ -91,7 +114,7 @@ def run(main, rerun: str = "run the same command again") -> None:
         sys.exit(2)
     except (ModelLoadError, BackendError, FileNotFoundError, ValueError, FloatingPointError) as err:
         if RANK == 0 or isinstance(err, (BackendError, FloatingPointError)):  # may be one rank's
-            print(f"{_who()}error: {err}", file=sys.stderr)
+            print(f"{f'[rank {RANK}] ' if RANK else ''}error: {err}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # the reader went away (`... --help | head`): nothing to report
         os._exit(0)
@@ -102,16 +125,10 @@ def run(main, rerun: str = "run the same command again") -> None:
         sys.exit(2)
     sys.exit(code)
 
-
-def _who() -> str:
-    return f"[rank {RANK}] " if RANK else ""  # an error of one rank among several says which
-
-
 def require(ok: bool, message: str, error=SystemExit) -> None:
     """One check of the input: `error: message` when it fails (`run` prints either kind)."""
     if not ok:
         raise error(message)
-
 
 def require_positive(args, *names) -> None:
     """Counts must be >= 1 (None means "no limit" where a flag allows it)."""
@@ -119,7 +136,6 @@ def require_positive(args, *names) -> None:
         value = getattr(args, name)
         require(value is None or value >= 1,
                 f"--{name.replace('_', '-')} must be a positive number, got {value}")
-
 
 def check_device(device: Optional[str]) -> None:
     """--device names a device this machine has, checked before anything loads (no CUDA context)."""
@@ -134,7 +150,6 @@ def check_device(device: Optional[str]) -> None:
     require(dev.type != "cuda" or (dev.index or 0) < count,
             f"--device {device}: {count} CUDA GPU(s) visible here (--device cpu runs without one)")
 
-
 def check_writable_dir(path) -> None:
     """--out (if given) is a folder we can write, or can be made (nothing is created here)."""
     if path is None:
@@ -146,11 +161,9 @@ def check_writable_dir(path) -> None:
     require(os.access(existing, os.W_OK | os.X_OK),
             f"cannot write to --out {path}: {existing} is not writable")
 
-
 def check_same_run(out, args, keys, paths=(), extra=None, changeable=()) -> None:
-    """Refuse to continue `out` when args.json holds other settings for any of `keys` (`paths`:
-    compared resolved; `extra`: digests of input files), e.g. old outputs under a new model. A
-    change of a `changeable` setting is taken, and said."""
+    """Refuse to continue `out` when args.json holds other `keys` (`paths` compared resolved,
+    `extra`: input digests), e.g. old outputs under a new model; a `changeable` one is said."""
     saved_path, extra = Path(out) / "args.json", extra or {}
     if not saved_path.is_file():
         return
@@ -174,14 +187,9 @@ def check_same_run(out, args, keys, paths=(), extra=None, changeable=()) -> None
         if k in saved and norm(k, saved[k]) != norm(k, now[k]):
             warn(f"{out}: {say(k)}: continuing with the new value")
 
-
-_held_locks = {}  # run folder -> its open lock file, held until the process ends
-
-
 def start_run(out, args, extra=None) -> None:
-    """Take the run folder (writable, checked): an exclusive lock (fcntl.flock on out/.lock, freed
-    by the OS however the process ends: a second run into it stops at once), then args.json.
-    Several processes: rank 0 takes it, and every rank stops when it could not."""
+    """Lock the run folder (writable, checked) on rank 0 (fcntl.flock on out/.lock, freed by the OS
+    however the process ends: a second run into it stops, every rank), then write args.json."""
     import fcntl
     check_writable_dir(out)
     key, busy = str(Path(out).resolve()), False
@@ -198,26 +206,22 @@ def start_run(out, args, extra=None) -> None:
         raise SystemExit(2 if RANK else f"{out} is in use by another run (the same command started "
                          "twice?): wait for it to end, or use another --out")
     if RANK == 0:
-        write_atomic(Path(out) / "args.json", json.dumps({**asdict(args), **(extra or {})},
-                                                         indent=2))
+        write_atomic(Path(out) / "args.json", json.dumps(asdict(args) | (extra or {}), indent=2))
 
 
 # ---- Several processes (torchrun, accelerate launch): every rank computes, rank 0 writes ----
-# this process's rank (from the launcher's environment, for who prints) and the number of
-# processes, set by init_distributed
+# this process's rank (from the launcher, for who prints) and the process count (init_distributed)
 RANK, WORLD = int(os.environ.get("RANK", "0")), 1
-
 
 def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
     """Join the process group when a launcher started several processes (WORLD_SIZE > 1): gloo on
     CPU, nccl with one GPU per rank (LOCAL_RANK); returns this rank's device. `tiny`: tiny-random
     models to build first (qwen3vl, sd3, kontext): in a group transformers saves on rank 0 alone."""
     global RANK, WORLD
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    for kind in tiny if world > 1 else ():
-        tiny_dir(kind)
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
+    for kind in tiny:
+        tiny_dir(kind)
     import torch
     import torch.distributed as dist
     gpu = torch.cuda.is_available() and not str(device or "").startswith("cpu")
@@ -229,6 +233,13 @@ def init_distributed(device: Optional[str], tiny=()) -> Optional[str]:
     RANK, WORLD = dist.get_rank(), dist.get_world_size()
     return device or "cpu"
 
+def mine(i: int) -> bool:
+    """Whether item i of a list shared out round-robin (i, i + N, ...) is this rank's."""
+    return i % WORLD == RANK
+
+def my_share(n: int) -> list:
+    """This rank's indices among 0..n-1: r, r + N, r + 2N, ..."""
+    return list(range(n))[RANK::WORLD]
 
 def gather(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
@@ -239,11 +250,9 @@ def gather(obj) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-
 def broadcast(obj):
     """Rank 0's `obj`, on every rank."""
     return obj if WORLD == 1 else gather(obj)[0]
-
 
 def sum_gradients(params) -> None:
     """p.grad <- its sum over ranks, in one all-reduce (a rank that computed nothing adds zeros)."""
@@ -264,13 +273,11 @@ def digest(*parts) -> str:
     """A short stable id from strings (pair ids, cache names)."""
     return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
 
-
 def warn(message: str) -> None:
     """`warning: message` on stderr, above any progress bar instead of inside it (rank 0 only)."""
     from tqdm import tqdm
     if RANK == 0:
         tqdm.write(f"warning: {message}", file=sys.stderr)
-
 
 def read_text_file(path) -> str:
     try:
@@ -278,27 +285,22 @@ def read_text_file(path) -> str:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
-
 def write_atomic(path, text: str) -> None:
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
-
 @contextlib.contextmanager
 def saving(path):
-    """Around a library's save (torch.save, save_pretrained): its failure to write, which it raises
-    as RuntimeError or SafetensorError (a full disk), becomes the OSError `run` reports in one
-    line, saying that what was written before is kept."""
+    """Around a library's save (torch.save, save_pretrained): its failure to write (RuntimeError or
+    SafetensorError, on a full disk) becomes the OSError that `run` reports in one line."""
     try:
         yield
     except OSError:
         raise
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
-        raise OSError(None, f"could not write ({type(err).__name__}: {first})", str(path)) \
-            from None
-
+        last = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+        raise OSError(None, f"could not write ({type(err).__name__}: {last})", str(path)) from None
 
 def read_jsonl(path) -> list:
     """Records of a JSONL file; a torn last line (a killed write) is cut off, any other is named."""
@@ -318,56 +320,33 @@ def read_jsonl(path) -> list:
                              "damaged outside this program: fix or delete that line") from None
     return records
 
-
 def append_jsonl(path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
-
-def _decode(source) -> tuple:
+def read_image(path) -> tuple:
+    """(RGB image, None) or (None, what is wrong) of a path or io.BytesIO; never raises."""
+    if not isinstance(path, io.BytesIO) and not Path(path).is_file():
+        return None, "a folder, not an image file" if Path(path).is_dir() else "missing"
     try:
-        with Image.open(source) as im:
+        with Image.open(path) as im:
             return im.convert("RGB"), None
     except Image.DecompressionBombError as err:
         return None, f"too large to decode ({err})"
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         return None, f"corrupt or not an image ({type(err).__name__})"
 
-
-def read_image(path) -> tuple:
-    """(RGB image, None) or (None, what is wrong); never raises: callers skip and count."""
-    if Path(path).is_dir():
-        return None, "a folder, not an image file"
-    return (None, "missing") if not Path(path).is_file() else _decode(path)
-
-
 def load_image(path) -> Optional[Image.Image]:
     """The RGB image at `path`, or None when it is missing or unreadable."""
     return read_image(path)[0]
-
-
-def as_images(items) -> list:
-    """PIL images, or paths to open; anything else is a TypeError that says what is accepted."""
-    out = []
-    for x in items:
-        if isinstance(x, (str, os.PathLike)):
-            path, (x, problem) = x, read_image(x)
-            require(x is not None, f"image {path}: {problem}", FileNotFoundError)
-        if not isinstance(x, Image.Image):
-            raise TypeError("images are PIL.Image.Image objects or paths (str or pathlib.Path), "
-                            f"got {type(x).__name__}")
-        out.append(x.convert("RGB") if x.mode != "RGB" else x)
-    return out
-
 
 def save_image_atomic(image: Image.Image, path) -> None:
     """Written under a temporary name, then renamed: a killed run leaves no truncated image."""
     tmp = Path(path).with_name(f".{Path(path).stem}.tmp{Path(path).suffix}")
     image.save(tmp)
     os.replace(tmp, path)
-
 
 def save_embedded_image(cell, path) -> Optional[str]:
     """A parquet image cell ({"bytes": ...} or bytes) as an RGB PNG at `path` (a whole earlier copy
@@ -377,11 +356,10 @@ def save_embedded_image(cell, path) -> Optional[str]:
     raw = cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
     if not raw:
         return "missing"
-    image, problem = _decode(io.BytesIO(raw))
+    image, problem = read_image(io.BytesIO(raw))
     if image is not None:
         save_image_atomic(image, path)
     return problem
-
 
 def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     w, h = image.size
@@ -390,15 +368,12 @@ def bound_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     s = math.sqrt(max_pixels / (w * h))
     return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
 
-
 def read_prompt_records(path) -> list:
     """Records {"prompt", "_line", ...} from a .txt (a prompt a line; blanks, # comments skipped) or
     a .jsonl (a `prompt` field a line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found (expected .txt, one prompt per "
-                                "line, or .jsonl with 'prompt')")
-    records = []
+    path, records = Path(path), []
+    require(path.is_file(), f"prompt file {path} not found (expected .txt, one prompt per line, or "
+            ".jsonl with 'prompt')", FileNotFoundError)
     for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
             continue
@@ -410,23 +385,19 @@ def read_prompt_records(path) -> list:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") \
                 from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
-                or not rec["prompt"].strip():
-            raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty 'prompt' "
-                             f"string, got {line[:80]!r}")
+        ok = isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and rec["prompt"].strip()
+        require(ok, f"{path}:{n}: expected a JSON object with a non-empty 'prompt' string, got "
+                f"{line[:80]!r}", ValueError)
         src = rec.get("source_image")
-        if src is not None and not (isinstance(src, str) and src.strip()):
-            raise ValueError(f"{path}:{n}: 'source_image' must be a path (a string), got {src!r}")
+        require(src is None or (isinstance(src, str) and src.strip()),
+                f"{path}:{n}: 'source_image' must be a path (a string), got {src!r}", ValueError)
         records.append({**rec, "prompt": rec["prompt"].strip(), "_line": n})
-    if not records:
-        raise ValueError(f"{path} holds no prompts")
+    require(records, f"{path} holds no prompts", ValueError)
     return records
-
 
 def dataset_download_hint(hub_id: str, local: str, flag: str, use: Optional[str] = None) -> str:
     return (f"On a machine with network run\n  hf download {hub_id} --repo-type dataset "
             f"--local-dir {local}\nand pass {flag} {use or local}.")
-
 
 def open_parquet_stream(source: str, split: str, image_columns, config: Optional[str] = None,
                         hint: str = ""):
@@ -437,8 +408,7 @@ def open_parquet_stream(source: str, split: str, image_columns, config: Optional
         if Path(source).exists():
             files = sorted(map(str, Path(source).rglob("*.parquet"))) \
                 if Path(source).is_dir() else [source]
-            if not files:
-                raise FileNotFoundError(f"no .parquet files under {source}")
+            require(files, f"no .parquet files under {source}", FileNotFoundError)
             ds = datasets.load_dataset("parquet", data_files={split: files}, split=split,
                                        streaming=True)
         else:
@@ -456,7 +426,7 @@ def open_parquet_stream(source: str, split: str, image_columns, config: Optional
 # ---- Model loading: hub id, local folder or tiny-random; hub errors -> the download command
 GENERATORS = {"t2i": "stabilityai/stable-diffusion-3.5-medium",  # the default per task
               "edit": "black-forest-labs/FLUX.1-Kontext-dev"}
-
+_NOT_QUANTIZED = ["model.visual", "lm_head"]  # kept in bf16 under 4/8-bit (module-name prefixes)
 
 @contextlib.contextmanager
 def quiet_loading():
@@ -472,11 +442,9 @@ def quiet_loading():
         for lib, level in zip((tlog, dlog), levels):
             lib.enable_progress_bar(), lib.set_verbosity(level)
 
-
 def from_pretrained(load, name: str, what: str = "model", path: Optional[str] = None, **kwargs):
-    """`load(path or name, **kwargs)`, a from_pretrained. The one handler of loading errors: a path
-    that does not exist, a folder without a model, or huggingface_hub's own error (offline, not
-    found, no access) becomes one ModelLoadError that says how to get the model."""
+    """`load(path or name, **kwargs)`, a from_pretrained; a missing path, a folder without a model
+    or the hub's error (offline, not found, no access): one ModelLoadError saying how to get it."""
     folder = Path(path or name).expanduser()  # a local folder (~ expanded), else a hub id
     local = folder.exists()
     path = str(folder) if local else path or name
@@ -495,39 +463,22 @@ def from_pretrained(load, name: str, what: str = "model", path: Optional[str] = 
             "instead, or set HF_HOME to a cache that holds it. For an offline smoke run use "
             "tiny-random.") from None
 
-
-def check_model_available(name: str, what: str = "model") -> None:
-    """Fail before hours of work, not after them: the VLM's config, read by `from_pretrained`."""
-    if name != "tiny-random":
-        from transformers import AutoConfig
-        from_pretrained(AutoConfig.from_pretrained, name, what)
-
-
-def default_device(device: Optional[str]) -> str:
-    import torch
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-_NOT_QUANTIZED = ["model.visual", "lm_head"]  # kept in bf16 under 4/8-bit (module-name prefixes)
-
-
 def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = None,
              device: Optional[str] = None, trainable: bool = False, dtype=None):
     """(model, processor) for a hub id, a local folder or `tiny-random`, quantized (auto: nf4 on a
     GPU; vision tower and lm_head kept), with a peft LoRA `adapter` (e.g. the PARROT student)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-    device = default_device(device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if quantization == "auto":
         quantization = "4bit" if device.startswith("cuda") else "none"
     kwargs = {"dtype": dtype}
     if quantization in ("4bit", "8bit"):
-        kwargs["device_map"] = {"": device}
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs.update(device_map={"": device}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
             bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED)
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=_NOT_QUANTIZED))
     path = str(tiny_dir("qwen3vl")) if name == "tiny-random" else name
     processor = from_pretrained(AutoProcessor.from_pretrained, name, "model", path)
     model = from_pretrained(AutoModelForImageTextToText.from_pretrained, name, "model", path,
@@ -540,20 +491,18 @@ def load_vlm(name: str, quantization: str = "auto", adapter: Optional[str] = Non
         model = from_pretrained(peft, adapter, "adapter")
     return model if trainable else model.eval(), processor
 
-
 def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
                    no_t5: bool = False, quantization: str = "none"):
     """A diffusers pipeline (hub id, local folder or `tiny-random`: SD3 for t2i, Kontext for edit)
     on `device`; no_t5: without SD3's T5; "4bit": transformer and T5 in nf4 (needs a GPU)."""
     import torch
     from diffusers import DiffusionPipeline
-    device = default_device(device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kwargs = {"dtype": dtype}
     if quantization == "4bit":
-        if not device.startswith("cuda"):
-            raise ModelLoadError("4-bit generator quantization needs a CUDA GPU (diffusers' "
-                                 "bitsandbytes quantizer refuses CPU); use none here")
+        require(device.startswith("cuda"), "4-bit generator quantization needs a CUDA GPU "
+                "(diffusers' bitsandbytes quantizer refuses CPU); use none here", ModelLoadError)
         from diffusers import PipelineQuantizationConfig
         kwargs["quantization_config"] = PipelineQuantizationConfig(
             quant_backend="bitsandbytes_4bit",  # T5 is text_encoder_2 in FLUX, _3 in SD3
@@ -561,30 +510,26 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
             quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                           "bnb_4bit_compute_dtype": dtype})
     path = str(tiny_dir(TINY_KIND[task])) if name == "tiny-random" else name
-    folder = Path(path)
-    if no_t5 or (folder.is_dir() and (folder / "model_index.json").is_file()
-                 and "text_encoder_3" in folder.joinpath("model_index.json").read_text()
-                 and not (folder / "text_encoder_3").is_dir()):
-        kwargs.update(text_encoder_3=None, tokenizer_3=None)  # a folder saved without SD3's T5
+    index = Path(path) / "model_index.json"  # a folder saved without SD3's T5: none loaded
+    if no_t5 or (index.is_file() and "text_encoder_3" in index.read_text()
+                 and not (index.parent / "text_encoder_3").is_dir()):
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
     pipe = from_pretrained(DiffusionPipeline.from_pretrained, name, "generator", path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe if quantization == "4bit" else pipe.to(device)
 
 
 # ---- tiny-random: the real architectures, randomly initialised, built offline from the configs and
-# tokenizers in tiny/ (JSON files, no weights). Every VLM width is a multiple of 64, so that
-# bitsandbytes 4-bit works on CPU as well. tiny/qwen3vl's tokenizer is a byte-level BPE of 448
-# tokens trained on prompts/ (any text tokenizes); the generators' is character-level CLIP.
+# tokenizers in tiny/ (no weights; docs/REFERENCE.md: "What `tiny-random` is", "common.py")
 TINY = PROMPTS_DIR.parent / "tiny"  # next to prompts/, in a checkout or an installation
 TINY_KIND = {"t2i": "sd3", "edit": "kontext"}  # the tiny generator of each task
-TINY_VERSION = 5  # bump when a tiny model changes, so that cached copies are built again
-
+# the cache's version (bumped when a tiny model changes), and the tiny decoder's gain: pixel value
+TINY_VERSION, TINY_DECODER_GAIN = 5, 0.15  # (0-1) per unit of a decoded latent channel
 
 def build_tiny(kind: str, seed: int = 0) -> list:
     """The parts of tiny-random `kind` (qwen3vl; sd3 or kontext, ~0.3M parameters, 64x64): the
     real classes made from tiny/KIND, weights drawn from `seed` in the order the folders sort."""
     import importlib
-
     import torch
     import transformers
     folder = TINY / kind
@@ -609,7 +554,6 @@ def build_tiny(kind: str, seed: int = 0) -> list:
     _tiny_decoder(parts["vae"])
     return [getattr(importlib.import_module("diffusers"), index["_class_name"])(**parts)]
 
-
 def tiny_dir(kind: str, seed: int = 0) -> Path:
     """The folder of a saved tiny model, built on first use; atomic, so parallel runs are safe."""
     root = Path(os.environ.get("RATIONALREWARDS_CACHE", Path.home() / ".cache" / "rationalrewards"))
@@ -630,22 +574,15 @@ def tiny_dir(kind: str, seed: int = 0) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-
-TINY_DECODER_GAIN = 0.15  # pixel value (0-1) per unit of a decoded latent channel
-
-
 def _tiny_decoder(vae) -> None:
-    """Sets the AutoencoderTiny's decoder by hand to RGB = 0.5 + g * 3 tanh(z[0:3] / 3) per pixel
-    (g = TINY_DECODER_GAIN), so an RL run can visibly move the colour (a random AutoencoderKL
-    ends in a GroupNorm, which removes a uniform change of the latent). The encoder stays random."""
+    """The AutoencoderTiny's decoder set by hand to RGB = 0.5 + g 3 tanh(z[0:3] / 3) (g: the gain),
+    so RL can visibly move the colour (a random AutoencoderKL's GroupNorm would undo it)."""
     import torch
-    chain = [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)]  # blocks between
-    first, middle, last = chain[0], chain[1:-1], chain[-1]
+    # the decoder's own convolutions (its blocks sit between them)
+    first, *middle, last = [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
-        for m in [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]:
-            m.weight.zero_()  # every residual branch off: each block is then ReLU(x) = x
-            if m.bias is not None:
-                m.bias.zero_()
+        for p in vae.decoder.parameters():  # all of them convolutions'
+            p.zero_()  # every residual branch off: each block is then ReLU(x) = x
         for c in range(3):  # channel c through the centre taps, lifted by 3 to stay >= 0
             first.weight[c, c, 1, 1], first.bias[c] = 1.0, 3.0
             for m in middle:
@@ -660,12 +597,11 @@ class Generation:
     text: str
     truncated: bool = False
     error: Optional[str] = None
-
+    note: Optional[str] = None     # a demonstration teacher's record of what it did (ToyTeacher)
 
 def generations(outs) -> list:
     """[Generation] from a backend's generate(), which may also return plain texts."""
     return [Generation(o) if isinstance(o, str) else o for o in outs]
-
 
 class TransformersBackend:
     """In-process generation with real batching (left padding, KV cache)."""
@@ -695,11 +631,10 @@ class TransformersBackend:
         for i in range(0, len(convs), self.batch_size):
             inputs = self._inputs(convs[i:i + self.batch_size])
             with torch.no_grad():
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                          min_new_tokens=min_new_tokens,
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, top_p=None,
+                                          min_new_tokens=min_new_tokens, top_k=None,
                                           do_sample=temperature > 0,
-                                          temperature=temperature if temperature > 0 else None,
-                                          top_p=None, top_k=None)
+                                          temperature=temperature if temperature > 0 else None)
             new = out[:, inputs["input_ids"].shape[1]:]  # (B, T_new)
             ended = torch.isin(new.cpu(), eos).any(dim=1) if len(eos) else [False] * len(new)
             texts = self.processor.batch_decode(new, skip_special_tokens=True)
@@ -707,8 +642,8 @@ class TransformersBackend:
         return outs
 
     def answer_logprobs(self, convs, answers=("A", "B")) -> list:
-        """log P(answer | prompt), normalised over `answers`, from one forward pass: each answer's
-        first token, read at the position after the generation prompt."""
+        """Per conversation {answer: log P(its first token | prompt)}: a log-softmax over the whole
+        vocabulary after the generation prompt, one forward pass, not normalised over `answers`."""
         import torch
         ids = [self.processor.tokenizer.encode(a, add_special_tokens=False)[0] for a in answers]
         results = []
@@ -716,23 +651,18 @@ class TransformersBackend:
             inputs = self._inputs(convs[i:i + self.batch_size])
             with torch.no_grad():  # the last position's logits only: (B, 1, V), not (B, T, V)
                 logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
-            logp = torch.log_softmax(logits.float()[:, ids], dim=-1)  # (B, len(answers))
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, ids]  # (B, len(answers))
             results += [dict(zip(answers, row.tolist())) for row in logp]
         return results
 
-
-# a served model that sends nothing for this long is stalled: said, retried, then a failed request
-STALL_SECONDS = float(os.environ.get("RATIONALREWARDS_STALL_SECONDS", "60"))
-
-
 class OpenAIBackend:
-    """Chat completions over HTTP (vLLM, SGLang, hosted APIs) with the `openai` client; we add images
-    as data URLs, streamed replies (a long critique may take minutes, but a server that sends
-    nothing for `timeout` seconds is stalled), retries said one line each, reply checks and top-k
-    answer log-probabilities."""
+    """Chat completions over HTTP (vLLM, SGLang, APIs), `openai` client: images as data URLs,
+    streamed replies (a server silent for `timeout` s, $RATIONALREWARDS_STALL_SECONDS or 60, is
+    stalled: said, retried, then failed), each retry said, replies checked, top-k log-probs."""
 
-    def __init__(self, api_base: str, model: str, max_concurrency: int = 8,
-                 max_pixels: int = 768 * 768, timeout: float = STALL_SECONDS, max_retries: int = 2):
+    def __init__(self, api_base: str, model: str, max_concurrency: int = 8, max_pixels: int =
+                 768 * 768, timeout: float = float(os.environ.get(
+                     "RATIONALREWARDS_STALL_SECONDS", "60")), max_retries: int = 2):
         import openai
         self.url, self.name, self.max_pixels = api_base, model, max_pixels
         self.max_concurrency, self.timeout, self.max_retries = max_concurrency, timeout, max_retries
@@ -752,9 +682,9 @@ class OpenAIBackend:
                 {"role": t["role"], "content": [part(p) for p in t["content"]]} for t in conv]
 
     def _create(self, conv, stream: bool = False, **kw):
-        """One request, retried on a stall, a dropped connection, a 5xx or 429, or a reply that is not
-        JSON; streamed: (text, finish_reason), else the first choice. BackendError when it fails."""
-        import openai
+        """One request, retried on a stall, a dropped connection, a 5xx or 429, or a reply that is
+        not JSON; streamed: (text, finish_reason), else the first choice. Fails: BackendError."""
+        from openai import APIConnectionError, APIError, APIStatusError
         messages = self._messages(conv)
         for attempt in range(self.max_retries + 1):
             try:
@@ -762,16 +692,14 @@ class OpenAIBackend:
             except BackendError:
                 raise  # an answer that is not a chat completion: the same request gets the same
             except Exception as err:  # the client's, or its HTTP library's while streaming
-                if "Timeout" in type(err).__name__:
-                    why = f"{type(err).__name__}: nothing received for {self.timeout:g} s (stalled?)"
-                elif isinstance(err, ValueError):  # json.JSONDecodeError: a proxy, a dead worker
-                    why = f"the reply is not JSON ({err})"
-                else:
-                    why = f"{type(err).__name__}: {str(err)[:300]}"
+                name = type(err).__name__  # a ValueError is json's: a proxy, a dead worker
+                why = (f"{name}: nothing received for {self.timeout:g} s (stalled?)" if "Timeout"
+                       in name else f"the reply is not JSON ({err})" if isinstance(err, ValueError)
+                       else f"{name}: {str(err)[:300]}")
                 # not retried: a 4xx, or an error the server itself sent in its reply
                 retry = err.status_code >= 500 or err.status_code == 429 \
-                    if isinstance(err, openai.APIStatusError) else \
-                    isinstance(err, openai.APIConnectionError) or not isinstance(err, openai.APIError)
+                    if isinstance(err, APIStatusError) else \
+                    isinstance(err, APIConnectionError) or not isinstance(err, APIError)
                 if not retry or attempt == self.max_retries:
                     raise BackendError(f"chat-completions request to {self.url} failed: {why}") \
                         from None
@@ -832,10 +760,10 @@ class OpenAIBackend:
         return self._map(one, convs)
 
     def answer_logprobs(self, convs, answers=("A", "B")) -> list:
-        """log P(answer), normalised over `answers`, from the server's top-20 logprobs. An answer
-        missing from the list gets the smallest logprob listed (an upper bound), not zero mass; a
-        server without logprobs: the answer named in the text gets all the mass; neither: None,
-        never a uniform guess."""
+        """Per conversation {answer: its first token's logprob in the server's top-20 list, None
+        when not listed}, plus "min_listed", the smallest logprob listed (an unlisted answer has at
+        most that); not normalised. A server without logprobs, or a list naming no answer: the
+        answer named in the text gets 0.0, the others -inf; none named: None, never a guess."""
         def one(conv):
             choice = self._create(conv, max_tokens=1, temperature=0.0, logprobs=True,
                                   top_logprobs=20)
@@ -844,37 +772,30 @@ class OpenAIBackend:
                    for e in (content[0].top_logprobs or [] if content else [])]
             found = dict(reversed(top))  # a token listed twice keeps its first (highest) entry
             if any(a in found for a in answers):
-                logp = {a: found.get(a, min(lp for _, lp in top)) for a in answers}
-                total = math.log(sum(math.exp(v) for v in logp.values()))
-                return {a: v - total for a, v in logp.items()}
-            m = re.search(r"\b(" + "|".join(map(re.escape, answers)) + r")\b",
-                          choice.message.content or "")
+                return {**{a: found.get(a) for a in answers},
+                        "min_listed": min(lp for _, lp in top)}
+            text = choice.message.content or ""
+            m = re.search(r"\b(" + "|".join(map(re.escape, answers)) + r")\b", text)
             if not m:
-                warn(f"teacher answer not readable as one of {answers}: "
-                     f"{(choice.message.content or '')[:80]!r}")
+                warn(f"teacher answer not readable as one of {answers}: {text[:80]!r}")
                 return None
             return {a: (0.0 if a == m.group(1) else -math.inf) for a in answers}
         return self._map(one, convs)
 
-
 class ToyCritic:
-    """A demonstration critic, NOT a reward model: `toy-redness` writes rubric-format critiques
-    scoring clip(2.5 + 6 (mean R - mean B) / 255, 1, 4) for the judged (last) image, text
-    rendering N/A; `toy-blueness` flips the sign. The parser, reward, mask and loss run as with a
-    real scorer, and a working RL run visibly makes the images redder (or bluer)."""
+    """A demonstration critic, NOT a reward model: `toy-redness`'s rubric-format critiques score
+    clip(2.5 + 6 (mean R - mean B) / 255, 1, 4) for the judged (last) image, text rendering N/A
+    (`toy-blueness`: the opposite sign), so a working RL run visibly makes images redder."""
 
     def __init__(self, name: str):
         if name not in ("toy-redness", "toy-blueness"):
             raise ModelLoadError(f"unknown toy critic {name!r}: toy-redness or toy-blueness")
-        self.name, self.colour = name, name[4:-4]  # red or blue
-        self.sign = 1 if name == "toy-redness" else -1
+        self.name, self.colour, self.sign = name, name[4:-4], 1 if name == "toy-redness" else -1
 
     def generate(self, convs, *args, **kwargs) -> list:
-        from PIL import ImageStat
         outs = []
         for conv in convs:
-            images = [p["image"] for t in conv if isinstance(t["content"], list)
-                      for p in t["content"] if p["type"] == "image"]
+            images = ToyTeacher._read(conv)[1]
             red, _, blue = ImageStat.Stat(images[-1].convert("RGB")).mean
             s = min(4.0, max(1.0, 2.5 + self.sign * 6 * (red - blue) / 255))
             titles = ["Text Faithfulness", "Image Faithfulness"][:len(images)]  # edit: 2 images
@@ -886,10 +807,6 @@ class ToyCritic:
                                    f"Refined Request: the same picture, more {self.colour}"))
         return outs
 
-    def answer_logprobs(self, convs, answers=("A", "B")) -> list:
-        raise BackendError(f"{self.name} writes critiques only; it cannot be a PARROT teacher")
-
-
 def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[str] = None,
                  quantization: str = "auto", batch_size: int = 8, max_pixels: int = 768 * 768,
                  device: Optional[str] = None):
@@ -897,12 +814,133 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
     if model.startswith("toy-") and not api_base:
         return ToyCritic(model)
     if api_base:
-        if adapter:
-            raise ValueError("--adapter applies to a local model; serve the adapter with your "
-                             "server instead (vLLM: --lora-modules)")
+        require(not adapter, "--adapter applies to a local model; serve the adapter with your "
+                "server instead (vLLM: --lora-modules)", ValueError)
         return OpenAIBackend(api_base, model, max_concurrency=batch_size, max_pixels=max_pixels)
     vlm, processor = load_vlm(model, quantization, adapter, device=device)
     return TransformersBackend(vlm, processor, batch_size, max_pixels, name=model)
+
+
+# ---- The toy world of "Watch PARROT work": a teacher whose mistakes are known, and its eyes. A
+# simulation, not the paper: parrot.py runs it like any teacher; the demo pairs are parrot.py's.
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
+           "yellow": (235, 200, 30), "purple": (135, 60, 175), "orange": (240, 135, 30)}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+TOY_FAILURES = ("hallucination", "label_ignoring", "vague")  # the paper's App. F teacher failures
+TOY_TITLES = dict(text_faithfulness="Text Faithfulness", physical_quality="Physical and Visual "
+                  "Quality", text_rendering="Text Rendering")
+
+def toy_look(image: Image.Image, request: str) -> dict:
+    """What the toy sees, {dimension: score}: text faithfulness, the asked colour commonest among
+    coloured pixels and its shapes counted along the middle row; physical quality, the mean step
+    between neighbouring pixels; text rendering None: no letters read (its blind spot), or N/A."""
+    import numpy as np
+    px = np.asarray(image.convert("RGB").resize((128, 128)).filter(ImageFilter.MedianFilter(5)),
+                    dtype=float)                                                    # (H, W, 3)
+    coloured = px.max(-1) - px.min(-1) > 60                                         # (H, W)
+    names, rgb = list(COLOURS), np.array(list(COLOURS.values()), dtype=float)
+    nearest = np.argmin(((px[..., None, :] - rgb) ** 2).sum(-1), axis=-1)           # (H, W)
+    asked = next((names.index(c) for c in names if re.search(rf"\b{c}\b", request)), -1)
+    votes = np.bincount(nearest[coloured], minlength=len(names))                     # (colours,)
+    right = coloured.any() and votes.argmax() == asked
+    row = np.concatenate([[False], coloured[64] & (nearest[64] == asked), [False]]).astype(int)
+    shapes = int((np.diff(row) == 1).sum())                    # runs of the colour, middle row
+    count = next((n for n, w in NUMBER_WORDS.items() if re.search(rf"\b{w}\b", request)), None)
+    faithful = 1.5 if not right else 2.0 if count and count != shapes else 4.0
+    gray = np.asarray(image.convert("L").resize((128, 128)), dtype=float)
+    noise = np.abs(np.diff(gray, axis=1)).mean()
+    return {"text_faithfulness": faithful, "physical_quality": 4.0 if noise < 6 else 1.5,
+            "text_rendering": None if '"' in request else "N/A"}
+
+class ToyTeacher:
+    """A demonstration teacher, NOT a VLM (`--teacher toy`; README "Watch PARROT work"). Phase 1:
+    `toy_rationale`, a failure of App. F at the seeded rate `failure_rate` (named in `note`);
+    Phase 2: `toy_check`; Phase 3: `toy_pointwise`. It sees the demo pairs through `toy_look`."""
+
+    def __init__(self, failure_rate: float = 0.3):
+        self.name, self.failure_rate = "toy", failure_rate
+
+    @staticmethod
+    def _read(conv) -> tuple:
+        parts = [p for t in conv if isinstance(t["content"], list) for p in t["content"]]
+        text = "\n".join(p["text"] for p in parts if p["type"] == "text")
+        request = (re.search(r"User Instruction:\s*(.*)", text) or re.search(r"(.*)", text))[1]
+        return text, [p["image"] for p in parts if p["type"] == "image"], request
+
+    def generate(self, convs, *args, **kwargs) -> list:
+        import torch  # parrot seeds torch per batch: a resumed run fails where the first did
+        outs = []
+        for text, images, request in map(self._read, convs):
+            label = re.search(r"Human Preference:\s*Image ([AB])", text)
+            draw = float(torch.rand(())) if label else 1.0
+            kind = TOY_FAILURES[min(2, int(3 * draw / self.failure_rate))] \
+                if draw < self.failure_rate else "none"
+            outs.append(Generation(toy_rationale(*(toy_look(im, request) for im in images[-2:]),
+                                                 label[1], kind), note=kind) if label else
+                        Generation(toy_pointwise(text, request)))  # a projection
+        return outs
+
+    def answer_logprobs(self, convs, answers=("A", "B")) -> list:
+        """{A: log P(A | x, z), B: ...}, both from toy_check's log-odds."""
+        out = []
+        for text, images, request in map(self._read, convs):
+            logit = toy_check(text.split("### Judgement to Check", 1)[-1],
+                              *(toy_look(im, request) for im in images[-2:]))
+            out.append({"A": -math.log1p(math.exp(-logit)), "B": -math.log1p(math.exp(logit))})
+        return out
+
+def toy_rationale(a: dict, b: dict, label: str, kind: str) -> str:
+    """Phase 1, in its format, from what the toy sees in A and B, for the label: its scores where
+    they agree, swapped where not; the blind spot: a vague 0.3. Failures: hallucination (a defect
+    claimed where none is seen, the real one unsaid), vague (every gap 0.3), label-ignoring."""
+    good, bad = (a, b) if label == "A" else (b, a)
+    gaps = {d: good[d] - bad[d] if isinstance(good[d], float) else 0.0 for d in a}
+    claim = {d: (good[d], bad[d])[::-1 if gaps[d] < 0 else 1] for d in a}
+    if not any(gaps.values()):
+        claim["text_rendering" if good["text_rendering"] is None else "physical_quality"] = (3.3, 3)
+    if kind == "hallucination":
+        claim = {d: (4.0, 4.0) for d in a}
+        claim[min(("physical_quality", "text_faithfulness"), key=lambda d: abs(gaps[d]))] = \
+            (3.8, 1.5)
+    elif kind != "none":
+        claim = {d: (3.3, 3.0) if kind == "vague" else s[::-1] for d, s in claim.items()}
+    lines = ["# User Request Analysis", "The request names a colour, a shape and how many.",
+             "# Detailed Judgement"]
+    for n, (d, (g, r)) in enumerate(claim.items(), 1):
+        sa, sb = ("N/A", "N/A") if a[d] == "N/A" else (g, r) if label == "A" else (r, g)
+        win = "N/A" if sa == "N/A" else "It's a tie" if sa == sb else \
+            "Image A" if sa > sb else "Image B"
+        how = "clearly" if isinstance(sa, float) and abs(sa - sb) >= 0.5 else "perhaps slightly"
+        lines += [f"{n}. {TOY_TITLES[d]}:", f"## Justification: {win} is {how} better here.",
+                  f"## Score A: {sa}", f"## Score B: {sb}", f"## Winner: {win}"]
+    return "\n".join(lines + ["# Summary: a toy judgement from pixel statistics."])
+
+def toy_check(z: str, a: dict, b: dict, k: float = 2.0, doubt: float = 0.25) -> float:
+    """The toy's log P(A|x,z) - log P(B|x,z): each gap g = score A - score B that z claims, against
+    the gap o it sees: verified (|g|, |o| >= 0.5, same sign) +k g; contradicted (|g| >= 0.5, o
+    absent or opposite) -k g; uncommitted or unseeable -doubt g (unsupported claims cost trust)."""
+    logit = 0.0
+    for d, title in TOY_TITLES.items():
+        m = re.search(rf"{title}:.*?Score A:\s*([\d.]+).*?Score B:\s*([\d.]+)", z, re.S)
+        if not m:
+            continue
+        g = float(m[1]) - float(m[2])
+        o = a[d] - b[d] if isinstance(a[d], float) and isinstance(b[d], float) else None
+        if abs(g) >= 0.5 and o is not None:
+            logit += k * g if o * g > 0 and abs(o) >= 0.5 else -k * g
+        else:
+            logit -= doubt * g
+    return logit
+
+def toy_pointwise(text: str, request: str) -> str:
+    """A projection: the anchor scores ("- Title: score" lines) as a pointwise critique."""
+    lines = []
+    for n, (d, title) in enumerate(TOY_TITLES.items(), 1):
+        m = re.search(rf"^- {title}: (\S+)$", text, re.M)
+        lines += [f"{n}. {title}", "## Justification: as in the comparison.",
+                  f"## Score: {m[1] if m else 'N/A'}"]
+    return "\n".join(lines + ["# Summary: a toy critique.", "# User Request Refinement:",
+                              "## Refinement Comments: none.", f"## Refined Request: {request}"])
 
 
 # ---- Pictures: every grid of captioned images (caption_grid) and the RL reward curve ----
@@ -911,20 +949,17 @@ def wrap_text(text: str, width: int) -> list:
     return textwrap.wrap(" ".join((text or "").split()), width, break_long_words=False,
                          break_on_hyphens=False)
 
-
 def slug(text: str, words: int = 5) -> str:
     """A short file-name-safe form of a prompt: 'three-red-apples-and-the'."""
     return "-".join(re.findall(r"[a-z0-9]+", (text or "").lower())[:words]) or "prompt"
-
 
 def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int = 10,
                  columns: Optional[int] = None) -> Image.Image:
     """One picture of `cells`, each ([images side by side], [caption lines]), `columns` cells a row
     (default: one row), the title on top, written atomically to `path`."""
     columns = columns or len(cells)
-    widths = [len(ims) * (side + 6) for ims, _ in cells]
-    cell_w, head, text_h = max(widths), 24 if title else 0, 14 * lines + 8
-    rows = math.ceil(len(cells) / columns)
+    cell_w = max(len(ims) for ims, _ in cells) * (side + 6)
+    head, text_h, rows = 24 if title else 0, 14 * lines + 8, math.ceil(len(cells) / columns)
     grid = Image.new("RGB", (columns * cell_w, head + rows * (side + text_h)), "white")
     draw, small = ImageDraw.Draw(grid), ImageFont.load_default(size=11)
     draw.text((4, 5), title, fill="black", font=ImageFont.load_default(size=13))
@@ -937,7 +972,6 @@ def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int
             draw.text((x + 3, y + side + 3 + 14 * j), line, fill="black", font=small)
     save_image_atomic(grid, path)
     return grid
-
 
 def plot_reward_curve(rows: list, path: Path, dims: tuple, title: str = "") -> list:
     """R and each dimension's mean score mapped to [0, 1], per epoch (matplotlib); a dimension with

@@ -14,6 +14,15 @@ and any RationalRewards scorer.
 The scorer always judges against the user's original request; the refined request is only the
 generator's input. The seed stays fixed, so what changes between rounds is the request.
 
+Where is (the method block runs in the loop's order; ``run_batch``, its last function, is the one
+to read first):
+    generate            ``prompt_seed`` (per prompt), ``generate``, ``target_size``    image_k
+    critique            ``RationalRewardsScorer.critique`` (rationalrewards.py)      critique_k
+    the gate            ``gate_decision``, then stop or refine: ``next_step``        s_d >= 3.0
+    the report          ``round_record``, ``final_record`` (gcr.jsonl), ``summarize`` (the run)
+    the loop            ``run_batch``: the rounds of a batch of prompts
+    the harness         ``Args``, ``read_items``, the run's files, ``contact_sheet``, ``main``
+
 Commands (a CPU smoke run, a real run on one GPU) and their outputs: README.md,
 "Generate-Critique-Refine".
 
@@ -54,49 +63,11 @@ STOP_REASONS = ("passed", "max_rounds", "unreadable_critique")
 OFFICIAL_STEPS, OFFICIAL_MAX_EDGE = 40, 1024  # inference_with_refinedprompt.py's defaults
 
 
-def gate_decision(critique: rr.Critique, gate: tuple, threshold: float) -> str:
-    """'refine' when any readable gating dimension is below the threshold (whatever the others
-    say), 'passed' when every one is readable and at least the threshold, else 'unreadable'."""
-    scores = [critique.scores.get(d) for d in gate]
-    if any(s is not None and s < threshold for s in scores):
-        return "refine"
-    return "passed" if all(s is not None for s in scores) else "unreadable"
-
-
-def next_step(critique: rr.Critique, gate: tuple, threshold: float, refinements_done: int,
-              max_rounds: int, original: str):
-    """(stop_reason or None, request for the next round or None). A critique that asks for a
-    refinement but writes no refined request regenerates from the `original` request, as the
-    official script does (`refined_request or prompt`)."""
-    decision = gate_decision(critique, gate, threshold)
-    if decision != "refine":
-        return ("passed" if decision == "passed" else "unreadable_critique"), None
-    if refinements_done >= max_rounds:
-        return "max_rounds", None
-    return None, critique.refined_request or original
-
-
-def summarize(records: list) -> dict:
-    n = len(records)
-    first = [r["rounds"][0]["reward"] for r in records]
-    final = [r["rounds"][r["selected_round"]]["reward"] for r in records]
-    share = lambda flags: sum(flags) / n if n else None
-    return {
-        "prompts": n, "share_refined": share([len(r["rounds"]) > 1 for r in records]),
-        "mean_reward_first": share(first), "mean_reward_final": share(final),
-        "share_improved": share([b > a + 1e-9 for a, b in zip(first, final)]),
-        "share_worse": share([b < a - 1e-9 for a, b in zip(first, final)]),
-        # critiques cut by the token limit lose their later dimensions or their refined request
-        "truncated_critiques": sum(bool(x.get("truncated")) for r in records for x in r["rounds"]),
-        "critiques": sum(len(r["rounds"]) for r in records),
-        "stop_reasons": {k: sum(r["stop_reason"] == k for r in records) for k in STOP_REASONS}}
-
-
+# ---- Generate: image_k = G(request_k, seed), the same seed in every round ----
 def prompt_seed(base_seed: int, prompt: str) -> int:
     """The generator seed of a prompt, the same in every round: what changes between rounds is the
     request alone, so a better image comes from a better request, not from another noise draw."""
     return int(common.digest(f"{base_seed}:{prompt}")[:8], 16)
-
 
 def target_size(size: tuple, max_edge: int) -> tuple:
     """(width, height): the longer side at most max_edge, both rounded to multiples of 16, as the
@@ -105,7 +76,6 @@ def target_size(size: tuple, max_edge: int) -> tuple:
     if max(w, h) > max_edge:  # shrunk (truncated to whole pixels), never enlarged
         w, h = int(w * max_edge / max(w, h)), int(h * max_edge / max(w, h))
     return max(16, round(w / 16) * 16), max(16, round(h / 16) * 16)  # Python's round, as theirs
-
 
 def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> list:
     """The batch's images, every one from its own seeded generator: t2i at resolution x resolution;
@@ -130,93 +100,137 @@ def generate(pipe, requests: list, seeds: list, sources: list, args: Args) -> li
     return images
 
 
+# ---- The gate: stop when every gating dimension reaches the threshold, else refine ----
+def gate_decision(critique: rr.Critique, gate: tuple, threshold: float) -> str:
+    """'refine' when any readable gating dimension is below the threshold (whatever the others
+    say), 'passed' when every one is readable and at least the threshold, else 'unreadable'."""
+    scores = [critique.scores.get(d) for d in gate]
+    if any(s is not None and s < threshold for s in scores):
+        return "refine"
+    return "passed" if all(s is not None for s in scores) else "unreadable"
+
+def next_step(critique: rr.Critique, gate: tuple, threshold: float, refinements_done: int,
+              max_rounds: int, original: str):
+    """(stop_reason or None, request for the next round or None). A critique that asks for a
+    refinement but writes no refined request regenerates from the `original` request, as the
+    official script does (`refined_request or prompt`)."""
+    decision = gate_decision(critique, gate, threshold)
+    if decision != "refine":
+        return ("passed" if decision == "passed" else "unreadable_critique"), None
+    if refinements_done >= max_rounds:
+        return "max_rounds", None
+    return None, critique.refined_request or original
+
+
+# ---- What GCR reports: each round, each prompt, the run ----
+def round_record(round_: int, request: str, image: str, c: rr.Critique, weights) -> dict:
+    """One of a record's `rounds`: the request the image came from, and the image's critique."""
+    return {"round": round_, "request": request, "image": image, "scores": c.scores,
+            "not_applicable": c.not_applicable, "reward": rr.reward_from_scores(c.scores, weights),
+            "summary": c.summary, "refined_request": c.refined_request, "truncated": c.truncated,
+            "critique": c.text}
+
+def final_record(item: dict, task: str, state: dict) -> dict:
+    """A prompt's line of gcr.jsonl: the item, its rounds, why it stopped, the image kept."""
+    sel = len(state["rounds"]) - 1
+    return {**item, "task": task, "rounds": state["rounds"], "stop_reason": state["stop"],
+            "selected_round": sel, "final_image": state["rounds"][sel]["image"]}
+
+def summarize(records: list) -> dict:
+    """Over the run: how often GCR refined, and whether the kept image scored better than the first
+    (R of round 0 vs R of the kept round)."""
+    n = len(records)
+    first = [r["rounds"][0]["reward"] for r in records]
+    final = [r["rounds"][r["selected_round"]]["reward"] for r in records]
+    share = lambda flags: sum(flags) / n if n else None
+    return {
+        "prompts": n, "share_refined": share([len(r["rounds"]) > 1 for r in records]),
+        "mean_reward_first": share(first), "mean_reward_final": share(final),
+        "share_improved": share([b > a + 1e-9 for a, b in zip(first, final)]),
+        "share_worse": share([b < a - 1e-9 for a, b in zip(first, final)]),
+        # critiques cut by the token limit lose their later dimensions or their refined request
+        "truncated_critiques": sum(bool(x.get("truncated")) for r in records for x in r["rounds"]),
+        "critiques": sum(len(r["rounds"]) for r in records),
+        "stop_reasons": {k: sum(r["stop_reason"] == k for r in records) for k in STOP_REASONS}}
+
+
+# ---- The loop: generate -> critique -> gate -> refine, round by round ----
 def run_batch(pipe, scorer, items: list, args: Args, gate: tuple, weights, out: Path) -> list:
     """GCR for a batch of prompts: every round generates and critiques all prompts still
-    refining."""
-    import torch
-    sources = {it["id"]: common.load_image(it["source_image"]) if it["source_image"] else None
-               for it in items}
-    bad = [it["source_image"] for it in items if it["source_image"] and sources[it["id"]] is None]
-    if bad:
-        raise FileNotFoundError(f"cannot read source image(s): {', '.join(bad)}")
+    refining; one record per prompt, with every round."""
+    sources = read_sources(items)
     state = {it["id"]: {"request": it["prompt"], "rounds": [], "stop": None} for it in items}
     active = list(items)
-    (out / "images").mkdir(parents=True, exist_ok=True)  # every round's image, kept
     for round_ in range(args.rounds + 1):
         if not active:
             break
         ids = [it["id"] for it in active]
         src = [sources[i] for i in ids]
+        # image_k = G(request_k, seed): request_0 is the user's, later ones the scorer's rewrites
         images = generate(pipe, [state[i]["request"] for i in ids], [it["seed"] for it in active],
                           src, args)
-        # the scorer samples: its random state comes from the batch, so a rerun writes the same
-        batch = f"{round_}:{','.join(ids)}"
-        torch.manual_seed(int(common.digest(batch)[:8], 16))
+        # critique_k = scorer(image_k | original request): scores and refined request, one call
+        seed_scorer(round_, ids)
         crits = scorer.critique(images, [it["prompt"] for it in active],
                                 src if scorer.task == "edit" else None)
-        still = []
         for it, image, c in zip(active, images, crits):
-            st, path = state[it["id"]], out / "images" / f"{it['id']}_r{round_}.png"
-            common.save_image_atomic(image, path)
+            st, path = state[it["id"]], save_round_image(image, out, it["id"], round_)
+            st["rounds"].append(round_record(round_, st["request"], path, c, weights))
+            # gate: stop once every s_d >= threshold (or after N refinements), else
+            # request_{k+1} = the refined request
             stop, refined = next_step(c, gate, args.threshold, round_, args.rounds, it["prompt"])
-            st["rounds"].append({
-                "round": round_, "request": st["request"], "image": str(path.relative_to(out)),
-                "scores": c.scores, "not_applicable": c.not_applicable,
-                "reward": rr.reward_from_scores(c.scores, weights), "summary": c.summary,
-                "refined_request": c.refined_request, "truncated": c.truncated, "critique": c.text})
             st["stop"], st["request"] = stop, refined or st["request"]
-            if not stop:
-                still.append(it)
-        active = still
-    records = []
-    for it in items:
-        st = state[it["id"]]
-        sel = len(st["rounds"]) - 1  # the last image, as the paper keeps
-        records.append({**it, "task": args.task, "rounds": st["rounds"], "stop_reason": st["stop"],
-                        "selected_round": sel, "final_image": st["rounds"][sel]["image"]})
-    return records
+        active = [it for it in active if not state[it["id"]]["stop"]]
+    # keep: the last image of each prompt, as the paper does
+    return [final_record(it, args.task, state[it["id"]]) for it in items]
 
 
 # =======================================================================================
-# The method ends here. Below: the `gcr_loop` command (flags, prompt file, contact sheets).
+# The method ends here. Below: the `gcr_loop` command (flags, prompt file, the run's files).
 # =======================================================================================
+# --help lists the method's flags, then the scorer's, then output and run control: a dataclass
+# takes its bases' fields in reverse order (_Method's first), its own last.
 @dataclass
-class Args(rr.ScorerArgs):
+class _Method:
+    task: Literal["t2i", "edit"] = "t2i"
+    """t2i: text-to-image, three dimensions; edit: image editing, four, needs a source image"""
     prompt: Optional[str] = None
     """one request (or editing instruction)"""
     prompts: Optional[str] = None
     """many: .txt or .jsonl (`prompt`; optional `source_image` relative to it, `seed`, `id`)"""
-    task: Literal["t2i", "edit"] = "t2i"
-    """t2i: text-to-image, three dimensions; edit: image editing, four, needs a source image"""
     source_image: Optional[str] = None
     """edit: the image to edit (for --prompt, or for every line of a .txt --prompts)"""
-    out: str = "runs/gcr"
-    """run folder; rerunning into it skips the prompts already finished"""
-    generator: Optional[str] = None
-    """hub id, local folder or tiny-random (default: SD3.5-Medium t2i, FLUX.1-Kontext-dev edit)"""
+    generator: Optional[str] = common.default_text("SD3.5-Medium t2i, FLUX.1-Kontext-dev edit")
+    """hub id, local folder or tiny-random"""
     generator_quantization: Literal["none", "4bit"] = "none"
     """4bit: transformer and T5 in nf4 (needs a GPU; how FLUX.1-Kontext-dev fits in 24 GB)"""
     t5: bool = True
     """SD3 generators: load the T5 text encoder (--no-t5 leaves it out)"""
-    steps: Optional[int] = None
-    """denoising steps (default: 40, the official script's; 4 for tiny-random)"""
-    guidance_scale: Optional[float] = None
-    """guidance (default: the pipeline's own)"""
-    resolution: Optional[int] = None
-    """longest image side in pixels; an edit keeps its source's aspect, in multiples of 16
-    (default: 1024, the official script's max edge; 64 for tiny-random)"""
+    steps: Optional[int] = common.default_text("40, the official script's; 4 for tiny-random")
+    """denoising steps"""
+    guidance_scale: Optional[float] = common.default_text("the pipeline's own")
+    """guidance"""
+    resolution: Optional[int] = common.default_text("1024, the official max edge; tiny-random 64")
+    """longest image side in pixels; an edit keeps its source's aspect, in multiples of 16"""
     threshold: float = 3.0
     """refine while any gating dimension scores below this (paper: 3.0)"""
     gate: str = "text_faithfulness,physical_quality"
     """comma-separated gating dimensions (the official script's two)"""
     rounds: int = 1
     """at most this many refinements per prompt (paper: 1)"""
+    reward_weights: Optional[str] = common.default_text("every dimension 1")
+    """per-dimension weights of the reported reward, e.g. 'image_faithfulness=0'"""
+
+@dataclass
+class Args(rr.ScorerFlags, _Method):
+    out: str = "runs/gcr"
+    """run folder; rerunning into it skips the prompts already finished"""
     batch_size: int = 4
     """prompts generated and critiqued together"""
-    reward_weights: Optional[str] = None
-    """per-dimension weights of the reported reward, e.g. 'image_faithfulness=0'"""
     seed: int = 0
     """base seed; each prompt's seed comes from it and the prompt (or from the .jsonl)"""
+    device: Optional[str] = common.default_text("cuda if there is a GPU")
+    """where the generator and the scorer run: cuda, cuda:1, cpu"""
 
 
 # what the records of a run folder depend on: resuming with any of these changed is refused
@@ -226,6 +240,31 @@ RUN_KEYS = ("task", "generator", "scorer", "scorer_adapter", "scorer_api_base",
             "reward_weights", "prompts_dir", "seed")
 
 
+# ---- The loop's files: source images in, every round's image and record out ----
+def read_sources(items: list) -> dict:
+    """id -> the source image to edit (None for t2i), read once for every round; an unreadable
+    one stops the batch before anything is generated."""
+    sources = {it["id"]: common.load_image(it["source_image"]) if it["source_image"] else None
+               for it in items}
+    bad = [it["source_image"] for it in items if it["source_image"] and sources[it["id"]] is None]
+    if bad:
+        raise FileNotFoundError(f"cannot read source image(s): {', '.join(bad)}")
+    return sources
+
+def seed_scorer(round_: int, ids: list) -> None:
+    """The scorer samples: seeded by the round and the batch, a rerun writes the same critiques."""
+    import torch
+    torch.manual_seed(int(common.digest(f"{round_}:{','.join(ids)}")[:8], 16))
+
+def save_round_image(image: Image.Image, out: Path, item_id: str, round_: int) -> str:
+    """Every round's image is kept, in images/; the path the records give, from the run folder."""
+    path = out / "images" / f"{item_id}_r{round_}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    common.save_image_atomic(image, path)
+    return str(path.relative_to(out))
+
+
+# ---- The prompt file ----
 def read_items(args: Args) -> list:
     """[{id, prompt, source_image, seed}], ids from the data (reruns find their records); the same
     (prompt, source, seed) twice runs once, and an `id` names one item only."""
@@ -255,6 +294,7 @@ def read_items(args: Args) -> list:
     return [item for item, _ in by_id.values()]
 
 
+# ---- The report: pictures and summary.json ----
 def contact_sheet(records: list, out: Path, path: Path) -> None:
     """First vs final image of each prompt (editing: the source first), one prompt per row."""
     cells = []
@@ -272,7 +312,25 @@ def contact_sheet(records: list, out: Path, path: Path) -> None:
                 *common.wrap_text(rnd["request"], 36)[:4]]))
     common.caption_grid(cells, path, columns=len(cells) // max(1, len(records)))
 
+def save_record(rec: dict, out: Path, seconds: float) -> dict:
+    """A finished prompt's sheet, then its line of gcr.jsonl (the line is what a rerun skips)."""
+    rec["seconds"] = round(seconds, 2)
+    contact_sheet([rec], out, out / "sheets" / f"{common.slug(rec['prompt'])}-{rec['id']}.png")
+    common.append_jsonl(out / "gcr.jsonl", rec)
+    return rec
 
+def report(records: list, out: Path, args: Args) -> None:
+    """The run's contact sheet and summary.json, the summary printed."""
+    contact_sheet(records, out, out / "contact_sheet.png")
+    summary = summarize(records)
+    rr.warn_truncated(summary["truncated_critiques"], summary["critiques"],
+                      "--scorer-max-new-tokens", args.scorer)
+    common.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):\n"
+          + json.dumps(summary, indent=2))
+
+
+# ---- main ----
 def main(argv=None) -> int:
     args = common.parse(Args, argv, description=__doc__.split("\n\n")[0])
     rr.check_scorer_flags(args)
@@ -297,26 +355,14 @@ def main(argv=None) -> int:
     if todo:
         pipe = common.load_generator(args.generator, args.task, args.device, not args.t5,
                                      args.generator_quantization)
-        scorer = rr.build_scorer(args, args.task, weights)
+        scorer = rr.load_scorer(args, args.task, weights)
         (out / "sheets").mkdir(exist_ok=True)
         for i in tqdm(range(0, len(todo), args.batch_size), desc="GCR", unit="batch"):
             t0, batch = time.time(), todo[i:i + args.batch_size]
             for rec in run_batch(pipe, scorer, batch, args, gate, weights, out):
-                rec["seconds"] = round((time.time() - t0) / len(batch), 2)
-                contact_sheet([rec], out, out / "sheets" / f"{common.slug(rec['prompt'])}-"
-                                                           f"{rec['id']}.png")
-                common.append_jsonl(out / "gcr.jsonl", rec)
-                done[rec["id"]] = rec
-    records = [done[it["id"]] for it in items]
-    contact_sheet(records, out, out / "contact_sheet.png")
-    summary = summarize(records)
-    rr.warn_truncated(summary["truncated_critiques"], summary["critiques"],
-                      "--scorer-max-new-tokens", args.scorer)
-    common.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(f"GCR over {summary['prompts']} prompts ({out / 'gcr.jsonl'}):\n"
-          + json.dumps(summary, indent=2))
+                done[rec["id"]] = save_record(rec, out, (time.time() - t0) / len(batch))
+    report([done[it["id"]] for it in items], out, args)
     return 0
-
 
 def cli() -> None:
     """The `gcr-loop` command (pyproject.toml)."""

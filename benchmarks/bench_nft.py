@@ -16,8 +16,10 @@ README's VRAM budgets, built on the meta device (no weights, no download).
 """
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import FluxKontextPipeline
@@ -73,12 +75,11 @@ def inputs(kind, config, side, batch, text_len=16):
         tokens = (side // 2) ** 2
         x0 = torch.randn(batch, tokens, c["in_channels"])                       # (B, L, 4C) packed
         cond["image"] = torch.randn(batch, tokens, c["in_channels"])  # the source image's tokens
-        geo = {"kontext": True, "h": side, "w": side, "guidance": 2.5,
-               "txt_ids": torch.zeros(text_len, 3),
-               "img_ids": kontext_ids(side)}
+        geo = rl_nft.Geometry(True, side, side, 8 * side, c["in_channels"] // 4, guidance=2.5,
+                              img_ids=kontext_ids(side), txt_ids=torch.zeros(text_len, 3))
     else:
         x0 = torch.randn(batch, c["in_channels"], side, side)                    # (B, C, h, w)
-        geo = {"kontext": False, "h": side, "w": side, "guidance": 1.0}
+        geo = rl_nft.Geometry(False, side, side, 8 * side, c["in_channels"])
     return x0, cond, geo
 
 
@@ -116,8 +117,9 @@ def compare(name, kind, config, side, batch=2, repeats=3, checkpointing=True):
             if step == "plain":
                 plain_step(tr, opt, params, x0, cond, geo, sigmas, gen)
             else:
-                rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen,
-                                      None, 0)
+                run = SimpleNamespace(pipe=SimpleNamespace(transformer=tr), optimizer=opt,
+                                      params=params, sigmas=sigmas, geo=geo, args=args, ema=None)
+                rl_nft.optimise_epoch(run, rl_nft.Collected(x0, cond, r, keep), gen, 0)
             if i:
                 timings[step].append(time.perf_counter() - t0)
     n_params = sum(p.numel() for n, p in tr.named_parameters() if "lora_" not in n)
@@ -127,6 +129,18 @@ def compare(name, kind, config, side, batch=2, repeats=3, checkpointing=True):
         f"{name:<44} {ckpt:>5} {n_params / 1e6:>7.1f}M  {plain:>8.3f} s  {nft:>8.3f} s  "
         f"{nft / plain:>6.2f}x"
     )
+
+
+def first_epoch(lines: int, folder: Path) -> float:
+    """Seconds from start to the end of epoch 1 of a tiny-random run whose prompt file has `lines`
+    prompts: rl_nft encodes only the prompts an epoch draws, so the file's length barely counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = folder / f"prompts-{lines}.txt"
+    prompts.write_text("".join(f"a photo of object number {i}\n" for i in range(lines)))
+    t0 = time.perf_counter()
+    rl_nft.main(["--generator", "tiny-random", "--scorer", "tiny-random", "--epochs", "1",
+                 "--prompts", str(prompts), "--out", str(folder / f"run-{lines}")])
+    return time.perf_counter() - t0
 
 
 def budget():
@@ -158,6 +172,11 @@ if __name__ == "__main__":
     compare("FLUX, Kontext's block structure (16x16 tokens)", "kontext", KONTEXT_MID, 32)
     compare("SD3, SD3.5-M's block structure (32x32 latent)", "sd3", SD3_MID, 32,
             checkpointing=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        first_epoch(20, Path(tmp))  # warm-up: the tiny models are built and cached once
+        short, long = first_epoch(20, Path(tmp) / "a"), first_epoch(5000, Path(tmp) / "b")
+    print(f"\ntime to the end of epoch 1 (tiny-random): 20 prompts {short:.1f} s, 5,000 prompts "
+          f"{long:.1f} s: {long / short:.2f}x (target near 1)")
     compare("FLUX, Kontext's block structure (16x16 tokens)", "kontext", KONTEXT_MID, 32,
             checkpointing=False)
     budget()

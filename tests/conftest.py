@@ -191,3 +191,13 @@ def images_in(payload) -> list:
 def text_in(payload) -> str:
     return "".join(p.get("text", "") for m in payload["messages"] if isinstance(m["content"], list)
                    for p in m["content"] if p["type"] == "text")
+
+
+def optimise(parts: dict, x0, cond, r, keep, gen, step: int):
+    """rl_nft.optimise_epoch on a run made of `parts` only (transformer, optimizer, params,
+    sigmas, geo, args; no EMA), for tests that build the pieces themselves."""
+    import types
+    import rl_nft
+    run = types.SimpleNamespace(pipe=types.SimpleNamespace(transformer=parts.pop("transformer")),
+                                ema=None, **parts)
+    return rl_nft.optimise_epoch(run, rl_nft.Collected(x0, cond, r, keep), gen, step)

@@ -153,7 +153,7 @@ def red_judge(payload):
 def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_server, capsys):
     genai_t2i(tmp_path), editreward(tmp_path)
     server = scripted_server(red_judge)
-    argv = ["eval", "--model", "served", "--api-base", server.url]
+    argv = ["eval", "--scorer", "served", "--scorer-api-base", server.url]
     for name in ("genai-bench-t2i", "editreward-bench"):
         assert rr.main(argv + ["--benchmark", name, "--data-dir", str(tmp_path / name),
                                "--out", str(tmp_path / "runs" / name)]) == 0
@@ -185,12 +185,12 @@ def test_benchmark_accuracy_is_exact_with_a_scripted_judge(tmp_path, scripted_se
 
 
 def test_missing_benchmark_data_is_one_clear_error(tmp_path):
-    res = run_cli("rationalrewards.py", "eval", "--benchmark", "genai-bench-edit", "--model",
+    res = run_cli("rationalrewards.py", "eval", "--benchmark", "genai-bench-edit", "--scorer",
                   "tiny-random", "--out", tmp_path / "o")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "hf download TIGER-Lab/GenAI-Bench --repo-type dataset" in res.stderr
     assert "image_edition" in res.stderr
-    res = run_cli("rationalrewards.py", "eval", "--benchmark", "mmrb2-t2i", "--model",
+    res = run_cli("rationalrewards.py", "eval", "--benchmark", "mmrb2-t2i", "--scorer",
                   "tiny-random")
     assert res.returncode == 2 and "facebookresearch/MMRB2" in res.stderr
 
@@ -198,7 +198,7 @@ def test_missing_benchmark_data_is_one_clear_error(tmp_path):
 def test_benchmark_cli_with_tiny_random(tmp_path):
     genai_edit(tmp_path)
     res = run_cli("rationalrewards.py", "eval", "--benchmark", "genai-bench-edit", "--data-dir",
-                  tmp_path / "genai-bench-edit", "--model", "tiny-random", "--max-new-tokens", "16",
+                  tmp_path / "genai-bench-edit", "--scorer", "tiny-random", "--scorer-max-new-tokens", "16",
                   "--out", tmp_path / "run")
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -219,7 +219,7 @@ def test_failed_requests_are_counted_and_retried_not_scored_as_ties(tmp_path, sc
         from conftest import text_in
         return 500 if down["on"] and "a red dog" in text_in(payload) else red_judge(payload)
     server = scripted_server(flaky)
-    argv = ["eval", "--model", "served", "--api-base", server.url,
+    argv = ["eval", "--scorer", "served", "--scorer-api-base", server.url,
             "--benchmark", "genai-bench-t2i", "--data-dir", str(tmp_path / "genai-bench-t2i"),
             "--out", str(tmp_path / "run")]
     assert rr.main(argv) == 0
@@ -250,16 +250,17 @@ def test_truncated_replies_are_counted_and_warned(tmp_path, scripted_server, cap
                                                                     "## Score A: 4\n## Score B: 1\n"
                                                                     "2. Physical and"}}]}
     server = scripted_server(lambda payload: cut)
-    argv = ["eval", "--model", "served", "--api-base", server.url, "--benchmark", "genai-bench-t2i",
+    argv = ["eval", "--scorer", "served", "--scorer-api-base", server.url, "--benchmark", "genai-bench-t2i",
             "--data-dir", str(tmp_path / "genai-bench-t2i"), "--out", str(tmp_path / "run")]
     assert rr.main(argv) == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["truncated_outputs"] == 4 and m["outputs"] == 4
     captured = capsys.readouterr()
-    assert "4 of 4 outputs (100.0%) were cut" in captured.err and "--max-new-tokens" in captured.err
+    assert "4 of 4 outputs (100.0%) were cut" in captured.err and "--scorer-max-new-tokens" in captured.err
     # over HTTP the benchmark asks for the official budget; a --pairs eval keeps the paper's 2048
     assert {r["payload"]["max_tokens"] for r in server.requests} == {20480}
-    assert json.loads((tmp_path / "run" / "args.json").read_text())["max_new_tokens"] == 20480
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["scorer_max_new_tokens"] \
+        == 20480
 
 
 def test_in_process_truncation_is_a_reply_without_an_end_token():
@@ -274,7 +275,7 @@ def test_in_process_truncation_is_a_reply_without_an_end_token():
 def test_mmrb2_edit_sends_every_source_image_first(tmp_path, scripted_server):
     mmrb2(tmp_path, "mmrb2-edit")
     server = scripted_server(red_judge)
-    assert rr.main(["eval", "--model", "served", "--api-base", server.url, "--benchmark",
+    assert rr.main(["eval", "--scorer", "served", "--scorer-api-base", server.url, "--benchmark",
                     "mmrb2-edit", "--data-dir", str(tmp_path / "mmrb2-edit"), "--out",
                     str(tmp_path / "run")]) == 0
     from conftest import text_in
@@ -291,7 +292,7 @@ def test_mmrb2_edit_sends_every_source_image_first(tmp_path, scripted_server):
 
 def run_benchmark(server, name, root):
     """eval --benchmark NAME over the scripted server; returns its metrics.json."""
-    assert rr.main(["eval", "--model", "served", "--api-base", server.url, "--benchmark", name,
+    assert rr.main(["eval", "--scorer", "served", "--scorer-api-base", server.url, "--benchmark", name,
                     "--data-dir", str(root / name), "--out", str(root / "run")]) == 0
     return json.loads((root / "run" / "metrics.json").read_text())
 

@@ -26,8 +26,8 @@ SCORE_1 = SCORE_4.replace("## Score: 4", "## Score: 1").replace("## Score: 3.5",
 
 
 def test_score_json_reports_scores_reward_and_critique_per_image(image_dir):
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt",
-                  "a red bicycle", "--image", image_dir / "red.png", "--max-new-tokens", "24",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "tiny-random", "--prompt",
+                  "a red bicycle", "--image", image_dir / "red.png", "--scorer-max-new-tokens", "24",
                   "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -39,10 +39,10 @@ def test_score_json_reports_scores_reward_and_critique_per_image(image_dir):
 
 
 def test_score_edit_tiny_random_two_images(image_dir):
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "tiny-random", "--task", "edit",
                   "--prompt", "make it blue", "--image", image_dir / "blue.png",
                   "--image", image_dir / "green.png", "--source-image", image_dir / "red.png",
-                  "--max-new-tokens", "16", "--json")
+                  "--scorer-max-new-tokens", "16", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert [o["image"] for o in out] == [str(image_dir / "blue.png"), str(image_dir / "green.png")]
@@ -52,7 +52,7 @@ def test_score_edit_tiny_random_two_images(image_dir):
 
 def test_score_through_http_backend_reports_exact_numbers(image_dir, scripted_server):
     server = scripted_server(lambda p: SCORE_4.format(request="a red bicycle, sharp focus"))
-    res = run_cli("rationalrewards.py", "score", "--model", "served", "--api-base", server.url,
+    res = run_cli("rationalrewards.py", "score", "--scorer", "served", "--scorer-api-base", server.url,
                   "--prompt", "a red bicycle", "--image", image_dir / "red.png")
     assert res.returncode == 0, res.stderr
     # readable report: per-dimension scores, the reward (mean(4, 3.5) - 1) / 3 = 0.917,
@@ -63,20 +63,20 @@ def test_score_through_http_backend_reports_exact_numbers(image_dir, scripted_se
 
 
 def test_bad_inputs_are_clear_errors(image_dir):
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "tiny-random", "--prompt", "x",
                   "--image", image_dir / "bad.png")
     assert res.returncode != 0
     assert "cannot read image" in res.stderr
     assert "Traceback" not in res.stderr
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--task", "edit",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "tiny-random", "--task", "edit",
                   "--prompt", "x", "--image", image_dir / "red.png")
     assert res.returncode != 0 and "--source-image" in res.stderr
-    res = run_cli("rationalrewards.py", "score", "--model", "someone/not-downloaded", "--prompt",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "someone/not-downloaded", "--prompt",
                   "x", "--image", image_dir / "red.png")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "Could not load model 'someone/not-downloaded'" in res.stderr
     assert "hf download" in res.stderr
-    res = run_cli("rationalrewards.py", "score", "--model", image_dir / "no-such-model", "--prompt",
+    res = run_cli("rationalrewards.py", "score", "--scorer", image_dir / "no-such-model", "--prompt",
                   "x", "--image", image_dir / "red.png")
     assert res.returncode == 2
     assert "does not exist" in res.stderr
@@ -84,7 +84,7 @@ def test_bad_inputs_are_clear_errors(image_dir):
     (image_dir / "p.jsonl").write_text(json.dumps({"prompt": "p", "image_a": "red.png",
                                                    "image_b": "blue.png", "label": "A"}) + "\n")
     for limit in ("0", "-1"):  # issue 7.11: eval --limit 0 used to evaluate one pair
-        res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs",
+        res = run_cli("rationalrewards.py", "eval", "--scorer", "tiny-random", "--pairs",
                       image_dir / "p.jsonl", "--limit", limit)
         assert res.returncode != 0 and "--limit must be a positive number" in res.stderr
 
@@ -127,9 +127,9 @@ def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, 
     ]
     server = scripted_server(colour_judge)
     out = tmp_path / "eval"
-    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url,
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "served", "--scorer-api-base", server.url,
                   "--mode", mode, "--pairs", write_pairs(image_dir, rows), "--out", out,
-                  "--batch-size", "3")
+                  "--scorer-batch-size", "3")
     assert res.returncode == 0, res.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["pairs"] == 5 and m["skipped_pairs"] == 2
@@ -156,20 +156,20 @@ def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, 
     assert json.loads((out / "args.json").read_text())["mode"] == mode
     # a rerun resumes: nothing is asked again, nothing duplicated
     n_requests = len(server.requests)
-    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url,
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "served", "--scorer-api-base", server.url,
                   "--mode", mode, "--pairs", image_dir / "pairs.jsonl", "--out", out)
     assert res.returncode == 0, res.stderr
     assert len(server.requests) == n_requests
     ids = [json.loads(l)["id"] for l in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 5
     # issue 7.7: the same pairs file named by its absolute path resumes too
-    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url,
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "served", "--scorer-api-base", server.url,
                   "--mode", mode, "--pairs", (image_dir / "pairs.jsonl").resolve(), "--out", out)
     assert res.returncode == 0, res.stderr
     assert len(server.requests) == n_requests
     # issue 7.8: other settings into the same --out are refused, naming the difference
     other = "pairwise" if mode == "pointwise" else "pointwise"
-    res = run_cli("rationalrewards.py", "eval", "--model", "served", "--api-base", server.url,
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "served", "--scorer-api-base", server.url,
                   "--mode", other, "--pairs", image_dir / "pairs.jsonl", "--out", out)
     assert res.returncode == 2 and "--mode" in res.stderr and "other settings" in res.stderr
     assert "Traceback" not in res.stderr and len(server.requests) == n_requests
@@ -178,8 +178,8 @@ def test_eval_accuracy_is_exact_with_scripted_judge(image_dir, scripted_server, 
 def test_eval_tiny_random_in_process_model(image_dir, tmp_path):
     rows = [{"prompt": f"p{i}", "image_a": "red.png", "image_b": "blue.png", "label": "A"}
             for i in range(3)]
-    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs",
-                  write_pairs(image_dir, rows), "--mode", "pairwise", "--max-new-tokens", "16",
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "tiny-random", "--pairs",
+                  write_pairs(image_dir, rows), "--mode", "pairwise", "--scorer-max-new-tokens", "16",
                   "--out", tmp_path / "e", "--limit", "2")
     assert res.returncode == 0, res.stderr
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -189,7 +189,7 @@ def test_eval_tiny_random_in_process_model(image_dir, tmp_path):
 def test_eval_bad_pairs_file_is_clear(image_dir):
     path = image_dir / "broken.jsonl"
     path.write_text('{"prompt": "x", "image_a": "red.png"}\n')
-    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", path)
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "tiny-random", "--pairs", path)
     assert res.returncode == 2 and "broken.jsonl:1" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -228,8 +228,8 @@ def test_stderr_holds_what_a_user_needs(image_dir):
     # issue 7.16: no bitsandbytes kernel warning, no library loading bars, no deprecation noise
     # a fresh Python: library warnings print once per process, and logging handlers keep the
     # stderr they were made with
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--quantization", "4bit",
-                  "--prompt", "x", "--image", image_dir / "red.png", "--max-new-tokens", "4",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "tiny-random", "--scorer-quantization", "4bit",
+                  "--prompt", "x", "--image", image_dir / "red.png", "--scorer-max-new-tokens", "4",
                   fresh=True)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [l for l in res.stderr.splitlines() if l.strip()]
@@ -253,7 +253,7 @@ def test_prompts_dir_replaces_a_template_and_every_command_checks_it(image_dir, 
     folder.mkdir()
     (folder / "pointwise_t2i.txt").write_text(OFFICIAL_LIKE)
     server = scripted_server(lambda p: SCORE_4.format(request="r"))
-    res = run_cli("rationalrewards.py", "score", "--model", "served", "--api-base", server.url,
+    res = run_cli("rationalrewards.py", "score", "--scorer", "served", "--scorer-api-base", server.url,
                   "--prompt", "a red bicycle", "--image", image_dir / "red.png", "--json",
                   "--prompts-dir", folder)
     assert res.returncode == 0, res.stderr
@@ -265,7 +265,7 @@ def test_prompts_dir_replaces_a_template_and_every_command_checks_it(image_dir, 
     # a template that lacks a field the code fills: one error line naming file and field, before
     # any model loads, for --prompts-dir and the shipped folder alike (issue 33.7)
     (folder / "pointwise_t2i.txt").write_text(OFFICIAL_LIKE.replace("{request}", "the request"))
-    for argv in (["rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x",
+    for argv in (["rationalrewards.py", "score", "--scorer", "tiny-random", "--prompt", "x",
                   "--image", image_dir / "red.png"],
                  ["gcr_loop.py", "--generator", "tiny-random", "--scorer", "tiny-random",
                   "--prompt", "x", "--out", tmp_path / "gcr"],
@@ -296,7 +296,7 @@ def test_a_shipped_template_without_its_field_is_one_error(image_dir, tmp_path, 
         shipped.joinpath(p.name).write_text(text.replace("{request}", "x") if
                                             p.name == "pointwise_t2i.txt" else text)
     monkeypatch.setattr(rr, "PROMPTS_DIR", shipped)
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "tiny-random", "--prompt", "x",
                   "--image", image_dir / "red.png")
     assert res.returncode == 2 and "pointwise_t2i.txt lacks {request}" in res.stderr
     monkeypatch.undo()

@@ -59,7 +59,7 @@ def test_images_are_bounded_before_sending(scripted_server):
     assert w * h <= 50 * 50 and abs(w / h - 2.0) < 0.1
 
 
-def test_logprobs_path_normalises_over_answers(scripted_server):
+def test_logprobs_path_returns_the_listed_logprobs_as_given(scripted_server):
     top = [{"token": "A", "logprob": math.log(0.6)}, {"token": " B", "logprob": math.log(0.2)},
            {"token": "The", "logprob": -3.0}]
     first = {"token": "A", "logprob": -0.1, "top_logprobs": top}
@@ -67,14 +67,16 @@ def test_logprobs_path_normalises_over_answers(scripted_server):
     server = scripted_server(lambda p: body)
     [lp] = backend(server).answer_logprobs(
         [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
-    # 0.6 and 0.2 renormalised over {A, B}: 0.75 and 0.25
-    assert math.exp(lp["A"]) == pytest.approx(0.75) and math.exp(lp["B"]) == pytest.approx(0.25)
+    # not renormalised over {A, B} (parrot.log_p_label does that); " B" is read as B
+    assert lp == {"A": pytest.approx(math.log(0.6)), "B": pytest.approx(math.log(0.2)),
+                  "min_listed": -3.0}
     sent = server.requests[0]["payload"]
     assert sent["logprobs"] is True and sent["max_tokens"] == 1 and sent["temperature"] == 0.0
 
 
-def test_answer_missing_from_top_logprobs_gets_the_smallest_listed_not_zero(scripted_server):
-    # issue 7.2: P(A) = 0.135 with B not listed used to renormalise to P(A) = 1.0
+def test_answer_missing_from_top_logprobs_is_none_with_the_smallest_listed(scripted_server):
+    # issue 7.2: P(A) = 0.135 with B not listed used to renormalise to P(A) = 1.0; the bound for B
+    # travels with the answer, and parrot.log_p_label applies it
     top = [{"token": "The", "logprob": math.log(0.6)}, {"token": "A", "logprob": math.log(0.135)},
            {"token": "Image", "logprob": math.log(0.05)}]
     logprobs = {"content": [{"token": "The", "top_logprobs": top}]}
@@ -82,9 +84,8 @@ def test_answer_missing_from_top_logprobs_gets_the_smallest_listed_not_zero(scri
                                                      "logprobs": logprobs}]})
     [lp] = backend(server).answer_logprobs(
         [rr.render_messages("pointwise_t2i", [solid("red")], request="x")])
-    # B gets at most 0.05: P(A) = 0.135 / (0.135 + 0.05)
-    assert math.exp(lp["A"]) == pytest.approx(0.135 / 0.185)
-    assert math.exp(lp["B"]) == pytest.approx(0.05 / 0.185)
+    assert lp == {"A": pytest.approx(math.log(0.135)), "B": None,
+                  "min_listed": pytest.approx(math.log(0.05))}
 
 
 def test_unreadable_answer_is_none_not_a_coin_flip(scripted_server):

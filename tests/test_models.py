@@ -76,16 +76,23 @@ def test_batched_generation_matches_one_by_one(tiny):
     assert batched == single and len(batched) == 3
 
 
-def test_answer_logprobs_is_a_distribution_and_batch_invariant(tiny):
+def test_answer_logprobs_are_the_models_over_the_vocabulary_and_batch_invariant(tiny):
     model, processor = tiny
     msgs = [rr.render_messages("consistency_t2i", [solid("red"), solid("blue")], request=r,
                                rationale="A is better.")
             for r in ("x", "a longer request here")]
+    backend = common.TransformersBackend(model, processor, batch_size=1)
     batched = common.TransformersBackend(model, processor, batch_size=2).answer_logprobs(msgs)
-    single = common.TransformersBackend(model, processor, batch_size=1).answer_logprobs(msgs)
-    for lb, ls in zip(batched, single):
-        assert math.exp(lb["A"]) + math.exp(lb["B"]) == pytest.approx(1.0)
-        assert lb["A"] == pytest.approx(ls["A"], abs=1e-4)
+    single = backend.answer_logprobs(msgs)
+    for m, lb, ls in zip(msgs, batched, single):
+        # a log-softmax over the whole vocabulary, not over {A, B}: the two hold less than all mass
+        assert math.exp(lb["A"]) + math.exp(lb["B"]) < 1.0
+        with torch.no_grad():
+            logits = model(**backend._inputs([m])).logits[0, -1].float()  # (V,)
+        for a in ("A", "B"):
+            token = processor.tokenizer.encode(a, add_special_tokens=False)[0]
+            assert ls[a] == pytest.approx(float(torch.log_softmax(logits, -1)[token]), abs=1e-4)
+            assert lb[a] == pytest.approx(ls[a], abs=1e-4)
 
 
 def test_right_padded_processor_still_gives_batch_invariant_logprobs():

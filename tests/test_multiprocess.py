@@ -17,7 +17,7 @@ import torch
 import common
 import parrot
 import rl_nft
-from conftest import ROOT
+from conftest import ROOT, optimise
 from test_rl_nft import brightness_judge
 
 pytestmark = pytest.mark.multiprocess
@@ -100,14 +100,11 @@ def rank_worker(rank, port, case, results):
     order = torch.randperm(4, generator=torch.Generator().manual_seed(0))  # optimise_epoch's
     keep = torch.zeros(4, dtype=torch.bool)
     keep[order[2:]] = True                       # the second mini-batch, which rank 1 computes
-    shape = (4, geo["channels"], geo["h"], geo["w"])
+    shape = (4, geo.channels, geo.h, geo.w)
     x0 = torch.full(shape, float("nan")) if case == "nan" else torch.randn(shape)
     try:
-        step, _ = rl_nft.optimise_epoch(pipe.transformer, opt, params, x0,
-                                        rl_nft.collate(conds, ["a"] * 4, "cpu", torch.float32),
-                                        torch.tensor([0.9, 0.1, 0.6, 0.4]), keep,
-                                        rl_nft.sampler_sigmas(pipe, 2, geo), geo, args,
-                                        torch.Generator().manual_seed(0), None, 0)
+        step, _ = optimise(dict(transformer=pipe.transformer, optimizer=opt, params=params, sigmas=rl_nft.sampler_sigmas(pipe, 2, geo),
+                           geo=geo, args=args), x0, rl_nft.collate(conds, ["a"] * 4, "cpu", torch.float32), torch.tensor([0.9, 0.1, 0.6, 0.4]), keep, torch.Generator().manual_seed(0), 0)
         total = float(sum(p.detach().sum() for p in params))
         results.put((rank, "stepped", step, total))
     except (FloatingPointError, SystemExit) as err:

@@ -25,9 +25,9 @@ class Echo:
 
 
 def test_repeated_image_flags_accumulate(image_dir):
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--prompt", "x",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "tiny-random", "--prompt", "x",
                   "--image", image_dir / "red.png", "--image", image_dir / "blue.png",
-                  "--max-new-tokens", "4", "--json")
+                  "--scorer-max-new-tokens", "4", "--json")
     assert res.returncode == 0, res.stderr[-1500:]
     images = [r["image"] for r in json.loads(res.stdout)]
     assert images == [str(image_dir / "red.png"), str(image_dir / "blue.png")]
@@ -63,11 +63,11 @@ def test_a_run_that_failed_before_its_first_result_does_not_lock_the_folder(tmp_
     pairs.write_text(
         json.dumps({"prompt": "red", "image_a": "a.png", "image_b": "b.png", "label": "A"}) + "\n")
     out = tmp_path / "eval"
-    res = run_cli("rationalrewards.py", "eval", "--model", "someone/not-downloaded", "--pairs",
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "someone/not-downloaded", "--pairs",
                   pairs, "--out", out)
     assert res.returncode == 2 and "hf download" in res.stderr
-    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random", "--pairs", pairs, "--out",
-                  out, "--max-new-tokens", "4")
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "tiny-random", "--pairs", pairs, "--out",
+                  out, "--scorer-max-new-tokens", "4")
     assert res.returncode == 0, res.stderr[-1500:]
     out = tmp_path / "gcr"
     res = run_cli("gcr_loop.py", "--generator", "someone/not-downloaded", "--scorer", "tiny-random",
@@ -79,7 +79,7 @@ def test_a_run_that_failed_before_its_first_result_does_not_lock_the_folder(tmp_
 
 
 def test_eval_without_inputs_names_both_ways():
-    res = run_cli("rationalrewards.py", "eval", "--model", "tiny-random")
+    res = run_cli("rationalrewards.py", "eval", "--scorer", "tiny-random")
     assert res.returncode == 2 and "--pairs" in res.stderr and "--benchmark" in res.stderr
     assert res.stderr.startswith("error: ")
 
@@ -111,7 +111,7 @@ def test_pip_install_makes_imports_and_commands_work_from_anywhere(tmp_path):
     assert {"rationalrewards", "parrot", "rl-nft", "gcr-loop"} <= scripts
     # the command runs from another folder and finds its templates
     res = subprocess.run(
-        [str(target / "bin" / "rationalrewards"), "eval", "--model", "tiny-random"], cwd=tmp_path,
+        [str(target / "bin" / "rationalrewards"), "eval", "--scorer", "tiny-random"], cwd=tmp_path,
         capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"})
     assert res.returncode == 2 and res.stderr.startswith(
         "error: eval needs --pairs"), res.stderr[-1000:]
@@ -141,8 +141,8 @@ def test_parrot_says_how_to_start_a_teacher_server(tmp_path):
 def test_each_subcommand_shows_and_takes_only_its_own_flags():
     score, eval_ = run_cli("rationalrewards.py", "score",
                            "--help").stdout, run_cli("rationalrewards.py", "eval", "--help").stdout
-    assert "--image STR" in score and "--pairs {" not in score and "--benchmark {" not in score
-    assert "--pairs {" in eval_ and "--benchmark {" in eval_ and "--image STR" not in eval_
+    assert "--image STR" in score and "--pairs STR" not in score and "--benchmark {" not in score
+    assert "--pairs STR" in eval_ and "--benchmark {" in eval_ and "--image STR" not in eval_
     res = run_cli("rationalrewards.py", "score", "--prompt", "x", "--image", "a.png", "--pairs",
                   "p.jsonl")
     assert res.returncode == 2 and "Unrecognized or misplaced options" in res.stderr

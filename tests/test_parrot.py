@@ -100,6 +100,27 @@ def test_consistency_verdict_buckets():
     assert parrot.consistency_verdict(no_idea, "A", 0.9, 0.5) == "unparseable"
 
 
+def test_log_p_label_normalises_over_the_two_answers():
+    lp = parrot.log_p_label
+    # in-process: log-probs over the whole vocabulary, P(A) = 0.02, P(B) = 0.06 -> P(B|x,z) = 0.75
+    full = {"A": math.log(0.02), "B": math.log(0.06)}
+    assert lp(full, "B") == pytest.approx(math.log(0.75))
+    assert lp(full, "A") == pytest.approx(math.log(0.25))
+    # a top-20 list: 0.6 and 0.2 -> 0.75 and 0.25 (the smallest listed plays no part)
+    listed = {"A": math.log(0.6), "B": math.log(0.2), "min_listed": -3.0}
+    assert lp(listed, "A") == pytest.approx(math.log(0.75))
+    # B not listed counts at the smallest listed, 0.05: P(A) = 0.135 / 0.185, not 1.0 (issue 7.2)
+    missing = {"A": math.log(0.135), "B": None, "min_listed": math.log(0.05)}
+    assert lp(missing, "A") == pytest.approx(math.log(0.135 / 0.185))
+    assert lp(missing, "B") == pytest.approx(math.log(0.05 / 0.185))
+    # the text fallback: all mass on the named answer; the other floored, not -inf
+    named = {"A": -math.inf, "B": 0.0}
+    assert lp(named, "B") == 0.0 and lp(named, "A") == parrot.LOGP_FLOOR
+    assert lp(None, "A") is None  # unreadable stays unreadable, never a coin flip
+    # tiny probabilities do not underflow: P(A) = e^-800, P(B) = e^-801
+    assert lp({"A": -800.0, "B": -801.0}, "A") == pytest.approx(-math.log1p(math.exp(-1)))
+
+
 def test_projection_matches_and_largest_gap():
     crit = rr.parse_pointwise(
         "1. Text Faithfulness:\n## Score: 3.5\n2. Physical and Visual Quality:\n## Score: 2\n"
@@ -522,7 +543,7 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(parrot, "add_lora", lambda model, args, q: model)
     out, _ = run_phases_12(tmp_path, ScriptedTeacher())
-    args = args_for(tmp_path, epochs=1, student="tiny-random", eval_fraction=0.0)
+    args = args_for(tmp_path, epochs=1, student="tiny-random", eval_fraction=0.0, phases="3")
 
     class Copier(ScriptedTeacher):
         def release(self):
@@ -532,21 +553,22 @@ def test_phase3_trains_again_when_the_sft_data_changed(tmp_path, monkeypatch, ca
             return [
                 "1. Text Faithfulness:\n## Score: 4\n2. Physical and Visual Quality:\n## Score: 3"
             ] * len(mb)
-    parrot.phase3(Copier(), out, args)
+    parrot.run_parrot(Copier(), out, args)
     first = len(common.read_jsonl(out / "sft.jsonl"))
     # 2 kept pairs: 2 pairwise samples + the projections kept
     assert trained == [first] and first >= 2
-    parrot.phase3(Copier(), out, args)
+    parrot.run_parrot(Copier(), out, args)
     assert trained == [first]  # same data: nothing redone
     third = {**parrot.read_phase2(out)[2], "kept": True, "reason": None,
-             "rationale": rationale(4, 2), "scores_a": {}, "scores_b": {}}
+             "rationale": rationale(4, 2), **{f"scores_{s}": getattr(
+                 rr.parse_pairwise(rationale(4, 2), "t2i"), f"scores_{s}") for s in "ab"}}
     common.append_jsonl(out / "phase2.jsonl", third)
-    parrot.phase3(Copier(), out, args)
+    parrot.run_parrot(Copier(), out, args)
     second = len(common.read_jsonl(out / "sft.jsonl"))
     # a third kept pair: trained again, on all of it
     assert second > first and trained == [first, second]
     # issue 33.3: another --grad-accum or --warmup-ratio trains again, and says which changed
-    parrot.phase3(Copier(), out, dataclasses.replace(args, grad_accum=2, warmup_ratio=0.2))
+    parrot.run_parrot(Copier(), out, dataclasses.replace(args, grad_accum=2, warmup_ratio=0.2))
     assert trained == [first, second, second]
     err = capsys.readouterr().err
     assert "--warmup-ratio: 0.05 then, 0.2 now; --grad-accum: 8 then, 2 now since" in err

@@ -88,8 +88,8 @@ def test_end_to_end_with_http_teacher_trains_a_loadable_student(tmp_path, script
     assert (out / "student" / "adapter_config.json").is_file()
     # the student loads in rationalrewards.py as an adapter
     img = phase2[0]["image_a"]
-    res = run_cli("rationalrewards.py", "score", "--model", "tiny-random", "--adapter",
-                  out / "student", "--prompt", "a red circle", "--image", img, "--max-new-tokens",
+    res = run_cli("rationalrewards.py", "score", "--scorer", "tiny-random", "--scorer-adapter",
+                  out / "student", "--prompt", "a red circle", "--image", img, "--scorer-max-new-tokens",
                   "8", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert set(json.loads(res.stdout)["scores"]) == {"text_faithfulness", "physical_quality",

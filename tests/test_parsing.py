@@ -1,6 +1,8 @@
 """Parsers, aggregation and prompt rendering on hand-written model outputs (no model)."""
 import json
 
+import re
+
 import pytest
 
 import common
@@ -214,15 +216,16 @@ def test_flags_come_from_the_dataclasses_with_their_docstrings(capsys):
     commands = {"score": rr.ScoreArgs, "eval": rr.EvalArgs}
     args = common.parse(commands, ["eval", "--pairs", "p.jsonl", "--limit", "3"])
     assert isinstance(args, rr.EvalArgs) and (args.pairs, args.limit) == ("p.jsonl", 3)
-    args = common.parse(commands, ["score", "--json", "--image", "a.png", "--image", "b.png"])
+    args = common.parse(commands, ["score", "--prompt", "x", "--json", "--image", "a.png",
+                                    "--image", "b.png"])
     assert isinstance(args, rr.ScoreArgs) and (args.json, args.image) == (True, ["a.png", "b.png"])
     with pytest.raises(SystemExit):
-        common.parse(commands, ["score", "--quantization", "3bit"])
+        common.parse(commands, ["score", "--scorer-quantization", "3bit"])
     with pytest.raises(SystemExit):
         common.parse(commands, ["score", "--pairs", "p.jsonl"])  # an eval flag given to score
     with pytest.raises(SystemExit):
         common.parse(commands, ["score", "--help"])
-    assert "LoRA adapter folder on top of --model" in capsys.readouterr().out
+    assert "LoRA adapter folder on top of --scorer" in capsys.readouterr().out
 
 
 def test_read_jsonl_cuts_a_torn_last_line(tmp_path):
@@ -389,3 +392,26 @@ def test_a_later_unparseable_score_line_does_not_erase_a_parseable_one():
     c = rr.parse_pointwise(text)
     assert c.scores == {"text_faithfulness": 3.5, "physical_quality": 3.0, "text_rendering": None}
     assert c.not_applicable == ["text_rendering"]
+
+
+@pytest.mark.parametrize("module", ["rationalrewards", "parrot", "rl_nft", "gcr_loop"])
+def test_help_reads_like_cleanrl(module, capsys):
+    """--help: no `{None}|` type, each default said once, required flags first, the method's flags
+    before the scorer's and those before output and run control (issue 34.5)."""
+    import importlib
+    mod = importlib.import_module(module)
+    commands = [["score"], ["eval"]] if module == "rationalrewards" else [[]]
+    for argv in commands:
+        with pytest.raises(SystemExit):
+            mod.main(argv + ["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "{None}" not in text and "default: None) (default" not in text
+        assert not re.search(r"\(default[^)]*\)[^-]*\(default", text), text  # said twice
+        flags = [w for w in text.split() if w.startswith("--") and w[2:3].isalpha()]
+        first = {f: flags.index(f) for f in flags[::-1]}
+        if argv == ["score"]:
+            assert first["--prompt"] < first["--task"] < first["--scorer"] < first["--device"]
+        if module in ("rl_nft", "gcr_loop"):
+            assert first["--task"] < first["--generator"] < first["--scorer"] < first["--seed"]
+        if module == "rl_nft":
+            assert first["--epochs"] < first["--lr"] < first["--scorer"] < first["--out"]

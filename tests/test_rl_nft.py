@@ -12,7 +12,7 @@ from PIL import Image
 import common
 import rationalrewards as rr
 import rl_nft
-from conftest import images_in, text_in
+from conftest import images_in, optimise, text_in
 
 
 def as_latent(values):
@@ -306,23 +306,22 @@ def test_one_optimiser_step_per_epoch_and_masked_samples_skipped(tiny_policy, mo
     keep = torch.tensor([True, False, True, True, False, False, True, True])
     r = torch.full((8,), 0.7)
     gen = torch.Generator().manual_seed(0)
-    step, totals = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen,
-                                         None, 0)
+    step, totals = optimise(dict(transformer=tr, optimizer=opt, params=params, sigmas=sigmas, geo=geo, args=args),
+                            x0, cond, r, keep, gen, 0)
     assert step == 1 and len(steps) == 1 and totals["loss"] > 0
     assert sum(seen) == 5 * 3            # 5 kept samples x int(.99 * 4) = 3 timesteps each
     # two steps per epoch when asked
     args.gradient_steps_per_epoch = 2
-    step, _ = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, gen,
-                                    None, step)
+    step, _ = optimise(dict(transformer=tr, optimizer=opt, params=params, sigmas=sigmas, geo=geo, args=args),
+                       x0, cond, r, keep, gen, step)
     assert step == 3 and len(steps) == 3
     # all masked: zero gradients, yet the step happens; with fresh moments it is the decoupled
     # weight decay alone
     fresh = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5)
     before = [p.detach().clone() for p in params]
     args.gradient_steps_per_epoch = 1
-    step, totals = rl_nft.optimise_epoch(tr, fresh, params, x0, cond, r,
-                                         torch.zeros(8, dtype=torch.bool), sigmas, geo, args, gen,
-                                         None, step)
+    step, totals = optimise(dict(transformer=tr, optimizer=fresh, params=params, sigmas=sigmas, geo=geo, args=args),
+                            x0, cond, r, torch.zeros(8, dtype=torch.bool), gen, step)
     assert step == 4 and totals is None
     assert all(torch.allclose(p, b * (1 - 1e-2 * 0.5)) for p, b in zip(params, before))
 
@@ -349,8 +348,8 @@ def test_nft_updates_move_samples_toward_the_preferred_target(tiny_policy, prefe
     before = gap()
     step = 0
     for _ in range(40):
-        step, _ = rl_nft.optimise_epoch(tr, opt, params, x0, cond, r, keep, sigmas, geo, args, g,
-                                        None, step)
+        step, _ = optimise(dict(transformer=tr, optimizer=opt, params=params, sigmas=sigmas, geo=geo, args=args),
+                           x0, cond, r, keep, g, step)
     moved = gap() - before
     assert (moved > 0.01) if prefer_good else (moved < -0.01), moved
 
@@ -583,18 +582,14 @@ def test_a_non_finite_loss_stops_the_run_with_the_checkpoint_intact(tiny_policy)
     x0 = torch.full((2, 4, 32, 32), float("nan"))
     cond = rl_nft.collate(conds, ["a", "a"], "cpu", torch.float32)
     with pytest.raises(FloatingPointError, match="last checkpoint is intact"):
-        rl_nft.optimise_epoch(pipe.transformer, opt, params, x0, cond, torch.full((2, ), 0.7),
-                              torch.ones(2, dtype=torch.bool), rl_nft.sampler_sigmas(pipe, 4, geo),
-                              geo, args,
-                              torch.Generator().manual_seed(0), None, 0)
+        optimise(dict(transformer=pipe.transformer, optimizer=opt, params=params, sigmas=rl_nft.sampler_sigmas(pipe, 4, geo),
+                 geo=geo, args=args), x0, cond, torch.full((2, ), 0.7), torch.ones(2, dtype=torch.bool), torch.Generator().manual_seed(0), 0)
     # a finite loss whose gradient is not: stopped before the optimiser steps on it
     before = [p.detach().clone() for p in params]
     hook = params[0].register_hook(lambda g: g * float("inf"))
     with pytest.raises(FloatingPointError, match="NFT gradient norm became (inf|nan)"):
-        rl_nft.optimise_epoch(pipe.transformer, opt, params, torch.randn(2, 4, 32, 32), cond,
-                              torch.full((2, ), 0.7), torch.ones(2, dtype=torch.bool),
-                              rl_nft.sampler_sigmas(pipe, 4, geo), geo, args,
-                              torch.Generator().manual_seed(0), None, 0)
+        optimise(dict(transformer=pipe.transformer, optimizer=opt, params=params, sigmas=rl_nft.sampler_sigmas(pipe, 4, geo),
+                 geo=geo, args=args), torch.randn(2, 4, 32, 32), cond, torch.full((2, ), 0.7), torch.ones(2, dtype=torch.bool), torch.Generator().manual_seed(0), 0)
     hook.remove()
     assert all(torch.equal(a, p) for a, p in zip(before, params))
 
@@ -648,9 +643,8 @@ def test_the_timestep_reaches_a_bf16_transformer_in_float32(tiny_policy, monkeyp
         assert seen[0][0].item() == pytest.approx(913.3, abs=1e-3)
         seen.clear()
         opt = torch.optim.AdamW(params, lr=0.0)
-        rl_nft.optimise_epoch(tr, opt, params, torch.randn(2, 4, 32, 32), cond,
-                              torch.full((2,), 0.5), torch.ones(2, dtype=torch.bool),
-                              sigmas, geo, args, torch.Generator().manual_seed(0), None, 0)
+        optimise(dict(transformer=tr, optimizer=opt, params=params, sigmas=sigmas, geo=geo, args=args),
+                 torch.randn(2, 4, 32, 32), cond, torch.full((2,), 0.5), torch.ones(2, dtype=torch.bool), torch.Generator().manual_seed(0), 0)
         assert seen and all(t.dtype == torch.float32 for t in seen)
         assert {round(float(t[0]), 3) for t in seen} <= {913.3, 500.0}
     finally:
@@ -719,8 +713,8 @@ def test_optimise_epoch_drops_a_random_timestep_per_sample_and_averages_over_kep
     opt = torch.optim.AdamW(params, lr=0.0)
     cond = rl_nft.collate(conds, ["a"] * N, "cpu", torch.float32)
     args.train_batch_size = 4
-    rl_nft.optimise_epoch(pipe.transformer, opt, params, x0, cond, torch.full((N,), 0.7), keep,
-                          sigmas, geo, args, torch.Generator().manual_seed(1), None, 0)
+    optimise(dict(transformer=pipe.transformer, optimizer=opt, params=params, sigmas=sigmas, geo=geo, args=args),
+             x0, cond, torch.full((N,), 0.7), keep, torch.Generator().manual_seed(1), 0)
     assert sorted(seen_t) == [i for i in range(N) if i % 2 == 0]  # masked samples never trained
     dropped = set()
     for i, ts in seen_t.items():
@@ -736,8 +730,8 @@ def test_optimise_epoch_drops_a_random_timestep_per_sample_and_averages_over_kep
 def test_kontext_source_tokens_get_position_id_one():
     pipe = common.load_generator("tiny-random", "edit")
     geo = rl_nft.latent_geometry(pipe, 64, 2.5)
-    L = (geo["h"] // 2) * (geo["w"] // 2)
-    ids = geo["img_ids"]
+    L = (geo.h // 2) * (geo.w // 2)
+    ids = geo.img_ids
     assert ids.shape == (2 * L, 3)
     assert (ids[:L, 0] == 0).all() and (ids[L:, 0] == 1).all()  # target 0, source image 1
     assert torch.equal(ids[:L, 1:], ids[L:, 1:])                   # same rows and columns

@@ -1,0 +1,76 @@
+"""The toy world of "Watch PARROT work" (issue 35): a demonstration teacher whose failures are
+known, so that Phase 2 can be scored. A simulation, named as one: `--teacher toy` is no VLM."""
+import json
+
+import pytest
+from PIL import Image
+
+import common
+import parrot
+from conftest import run_cli
+
+SEEN = {"text_faithfulness": 4.0, "physical_quality": 4.0, "text_rendering": "N/A"}
+
+
+def test_the_toy_sees_colour_count_and_noise_but_not_letters(tmp_path):
+    red = parrot.draw_scene("red", "circle", 1)
+    assert common.toy_look(red, "a red circle on a white background") == SEEN
+    assert common.toy_look(red, "a blue circle")["text_faithfulness"] == 1.5  # wrong colour
+    three = parrot.draw_scene("green", "square", 3)
+    assert common.toy_look(three, "three green squares in a row")["text_faithfulness"] == 4.0
+    assert common.toy_look(three, "two green squares in a row")["text_faithfulness"] == 2.0
+    import random
+    noisy = parrot.degrade(red, random.Random(0))
+    assert common.toy_look(noisy, "a red circle")["physical_quality"] == 1.5
+    sign = parrot.draw_scene("blue", None, 1, "CAT")
+    assert common.toy_look(sign, 'a blue sign with the word "CAT"')["text_rendering"] is None
+
+
+def rationale(tf, pq):
+    """A hand-written Phase 1 rationale claiming (A, B) scores for two dimensions."""
+    return (f"1. Text Faithfulness:\n## Score A: {tf[0]}\n## Score B: {tf[1]}\n"
+            f"2. Physical and Visual Quality:\n## Score A: {pq[0]}\n## Score B: {pq[1]}\n")
+
+
+def test_the_toy_check_weighs_claims_against_what_it_sees():
+    bad = {**SEEN, "text_faithfulness": 1.5}  # image B has the wrong colour
+    # verified: the colour gap it sees, 2 x 2.5 = 5 nats toward A
+    assert common.toy_check(rationale((4, 1.5), (4, 4)), SEEN, bad) == pytest.approx(5.0)
+    # hallucinated: a quality defect in B that is not there: -2 x 2.5 against A
+    assert common.toy_check(rationale((4, 4), (4, 1.5)), SEEN, bad) == pytest.approx(-5.0)
+    # vague: gaps of 0.3 commit to nothing and cost trust: -0.25 x 0.3 per dimension
+    assert common.toy_check(rationale((3.3, 3), (3.3, 3)), SEEN, bad) == pytest.approx(-0.15)
+
+
+def phase12(tmp_path, *flags, limit=120):
+    out = tmp_path / "run"
+    res = run_cli("parrot.py", "--dataset", "demo", "--limit", limit, "--teacher", "toy",
+                  "--student", "tiny-random", "--phases", "12", "--out", out, *flags)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def test_phase2_drops_the_injected_failures_and_keeps_the_clean_rationales(tmp_path):
+    report = phase12(tmp_path)
+    table = report["toy_filter"]
+    failed = [table[k] for k in ("hallucination", "label_ignoring", "vague")]
+    assert all(t["rationales"] > 0 for t in failed)  # the default rate makes every kind
+    assert sum(t["dropped"] for t in failed) >= 0.9 * sum(t["rationales"] for t in failed)
+    clean = table["none"]
+    assert clean["kept"] >= 0.9 * clean["rationales"], table
+    # the blind spot (misspelled words): vague, non-predictive rationales, dropped
+    blind = table["blind_spot"]
+    assert blind["rationales"] > 0 and blind["dropped"] == blind["rationales"], table
+
+
+def test_anchored_on_the_wrong_image_the_filter_drops_most(tmp_path):
+    report = phase12(tmp_path, "--flip-labels", "--toy-failure-rate", "0", limit=60)
+    assert report["kept"] <= 0.1 * report["phase2_pairs"], report
+
+
+def test_the_toy_teacher_is_refused_where_it_cannot_work(tmp_path):
+    res = run_cli("parrot.py", "--dataset", "hpdv3", "--teacher", "toy", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "demo" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("parrot.py", "--teacher", "tiny-random", "--student", "toy",
+                  "--out", tmp_path / "p")
+    assert res.returncode == 2 and "student" in res.stderr and "Traceback" not in res.stderr
