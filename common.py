@@ -814,8 +814,8 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
     if model.startswith("toy-") and not api_base:
         return ToyCritic(model)
     if api_base:
-        require(not adapter, "--adapter applies to a local model; serve the adapter with your "
-                "server instead (vLLM: --lora-modules)", ValueError)
+        require(not adapter, "--scorer-adapter applies to a local model; serve the adapter with "
+                "your server instead (vLLM: --lora-modules)", ValueError)
         return OpenAIBackend(api_base, model, max_concurrency=batch_size, max_pixels=max_pixels)
     vlm, processor = load_vlm(model, quantization, adapter, device=device)
     return TransformersBackend(vlm, processor, batch_size, max_pixels, name=model)
