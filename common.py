@@ -895,7 +895,8 @@ def toy_rationale(a: dict, b: dict, label: str, kind: str) -> str:
     claimed where none is seen, the real one unsaid), vague (every gap 0.3), label-ignoring."""
     good, bad = (a, b) if label == "A" else (b, a)
     gaps = {d: good[d] - bad[d] if isinstance(good[d], float) else 0.0 for d in a}
-    claim = {d: (good[d], bad[d])[::-1 if gaps[d] < 0 else 1] for d in a}
+    claim = {d: (good[d], bad[d])[::-1 if gaps[d] < 0 else 1] if isinstance(good[d], float)
+             else (3.0, 3.0) for d in a}  # letters it cannot read: an even, vague 3
     if not any(gaps.values()):
         claim["text_rendering" if good["text_rendering"] is None else "physical_quality"] = (3.3, 3)
     if kind == "hallucination":
@@ -911,7 +912,8 @@ def toy_rationale(a: dict, b: dict, label: str, kind: str) -> str:
         win = "N/A" if sa == "N/A" else "It's a tie" if sa == sb else \
             "Image A" if sa > sb else "Image B"
         how = "clearly" if isinstance(sa, float) and abs(sa - sb) >= 0.5 else "perhaps slightly"
-        lines += [f"{n}. {TOY_TITLES[d]}:", f"## Justification: {win} is {how} better here.",
+        why = f"{win} is {how} better here." if win.startswith("Image") else "No difference."
+        lines += [f"{n}. {TOY_TITLES[d]}:", f"## Justification: {why}",
                   f"## Score A: {sa}", f"## Score B: {sb}", f"## Winner: {win}"]
     return "\n".join(lines + ["# Summary: a toy judgement from pixel statistics."])
 
