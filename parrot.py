@@ -81,9 +81,10 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
     todo = [(p, k) for p in pairs for k in range(args.num_candidates)]
     for batch, save in seeded_batches(todo, out / "phase1.jsonl", "candidate",
                                       "phase 1: anchored generation", "rationale", args):
-        msgs = [rr.render_messages(f"anchored_pairwise_{p['task']}",
-                                   images_of(p, "image_a", "image_b"), request=p["prompt"],
-                                   preferred=f"Image {p['label']}") for p, _ in batch]
+        images = {p["id"]: images_of(p, "image_a", "image_b") for p, _ in batch}  # once a pair
+        msgs = [rr.render_messages(f"anchored_pairwise_{p['task']}", images[p["id"]],
+                                   request=p["prompt"], preferred=f"Image {p['label']}")
+                for p, _ in batch]
         outs = common.generations(teacher.generate(msgs, args.max_new_tokens, args.temperature))
         save([{**{f: p[f] for f in PAIR_FIELDS}, "candidate": k, "rationale": o.text,
                **({"teacher_note": o.note} if o.note else {})}  # the toy's failure: reports only
@@ -793,8 +794,9 @@ def seeded_batches(items: list, path: Path, field: str, desc: str, unit: str, ar
 
     def save(records: list) -> None:
         for r in records:
-            if (r["id"], r[field]) not in done:
+            if (r["id"], r[field]) not in done:  # a pair listed twice is written once
                 common.append_jsonl(path, r)
+                done.add((r["id"], r[field]))
     left = [i for i in range(0, len(items), size)
             if not all((r["id"], k) in done for r, k in items[i:i + size])]
     slices = batches([items[i:i + size] for i in left], 1, desc, math.ceil(len(items) / size),
@@ -887,7 +889,7 @@ class LazyTeacher:
             raise common.BackendError(f"{err}{hint}") from None
 
     def generate(self, *args, **kwargs) -> list:
-        return common.generations(self._call("generate", *args, **kwargs))  # each with its `note`
+        return self._call("generate", *args, **kwargs)
 
     def answer_logprobs(self, *args, **kwargs):
         return self._call("answer_logprobs", *args, **kwargs)
@@ -959,8 +961,9 @@ def main(argv=None) -> int:
                        "be PARROT's teacher or student")
     common.require(args.student != "toy", "--student toy: the toy is a demonstration teacher; "
                    "the student is a VLM (e.g. tiny-random)")
-    common.require(args.teacher != "toy" or args.dataset == "demo", "--teacher toy judges the "
-                   "demo pairs from their pixels: use --dataset demo")
+    common.require(args.teacher != "toy" or (args.dataset == "demo" and not args.teacher_api_base),
+                   "--teacher toy judges the demo pairs from their pixels, here: use --dataset "
+                   "demo and no --teacher-api-base")
     common.require(0 <= args.toy_failure_rate <= 1, "--toy-failure-rate is a share in [0, 1]")
     common.check_device(args.device)
     rr.use_prompts_dir(args.prompts_dir, ("anchored_pairwise", "consistency", "projection",

@@ -176,8 +176,8 @@ def velocity(transformer, x, t, cond: dict, geo: Geometry):
 # ---- The epoch's prompts and their conditions ----
 def draw_prompts(items: list, banned: list, n: int, rng: random.Random) -> list:
     """The epoch's n prompts, none banned: without replacement while enough are left; [] if none."""
-    allowed = [it for it in items if it["key"] not in set(banned)]
-    if not allowed:
+    banned = set(banned)
+    if not (allowed := [it for it in items if it["key"] not in banned]):
         return []
     chosen = rng.sample(allowed, min(n, len(allowed)))
     return chosen + [rng.choice(allowed) for _ in range(n - len(chosen))]
