@@ -524,7 +524,7 @@ def load_generator(name: str, task: str = "t2i", device: Optional[str] = None,
 TINY = PROMPTS_DIR.parent / "tiny"  # next to prompts/, in a checkout or an installation
 TINY_KIND = {"t2i": "sd3", "edit": "kontext"}  # the tiny generator of each task
 # the cache's version (bumped when a tiny model changes), and the tiny decoder's gain: pixel value
-TINY_VERSION, TINY_DECODER_GAIN = 5, 0.15  # (0-1) per unit of a decoded latent channel
+TINY_VERSION, TINY_DECODER_GAIN = 6, 0.15  # (0-1) per unit of a decoded latent channel
 
 def build_tiny(kind: str, seed: int = 0) -> list:
     """The parts of tiny-random `kind` (qwen3vl; sd3 or kontext, ~0.3M parameters, 64x64): the

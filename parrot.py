@@ -12,14 +12,10 @@ maximises the evidence lower bound
     P(y|x,z)      = the teacher, label hidden, reading z     (Phase 2 keeps z where it is high)
     P_theta(z|x)  = the student, never shown the label       (Phase 3 fits it to q)
 
-The method is one block from the top, in the order it runs: Phase 1 ``anchored_generation``,
-Phase 2 ``log_p_label`` (ELBO term 1) to ``consistency_filter``, Phase 3 ``project_pointwise``,
-``build_sft`` and ``train_student`` (``foresight_distillation``: ELBO term 2), ``elbo_report``,
-then its driver ``run_parrot``. After the banner, the harness: ``Args``, the datasets
-(``load_dataset_pairs``), resume, several processes, ``LazyTeacher``, ``main``.
-
-Commands (a CPU smoke run, a real run on one GPU) and outputs: README.md, "PARROT". A killed run
-started again resumes (every .jsonl is appended and flushed per record: nothing done twice).
+The method comes first, in the order it runs (Phase 1 ``anchored_generation``, Phase 2
+``log_p_label`` .. ``consistency_filter``, Phase 3 ``project_pointwise`` .. ``train_student``,
+``elbo_report``, the driver ``run_parrot``); after the banner, the harness. Commands and outputs:
+README.md, "PARROT"; a killed run started again resumes (every .jsonl is appended per record).
 
 Deviations from the paper:
 1. Scale: teacher Qwen3-VL-8B (4-bit) instead of 32B; student Qwen3-VL-2B with LoRA (QLoRA
@@ -64,7 +60,6 @@ RUN_SEED_STRIDE, EPOCH_SEED_STRIDE = 1_000_003, 100_003
 class DataError(ValueError):
     """A dataset is missing or malformed; the message says how to get or fix it."""
 
-
 # ---- Phase 1: anchored generation, q(z | x, y) ----
 def make_pair(dataset, task, prompt, preferred, rejected, seed, source=None, key=None,
               defect=None) -> dict:
@@ -90,7 +85,6 @@ def anchored_generation(teacher, pairs: list, out: Path, args: Args) -> None:
                **({"teacher_note": o.note} if o.note else {})}  # the toy's failure: reports only
               for (p, k), o in zip(batch, outs)])
 
-
 # ---- Phase 2: predictive consistency filtering, ELBO term 1: E_q[log P(y | x, z)] ----
 # P(y|x,z) = P(y) / (P(A) + P(B)), P(a) = the teacher's probability of answer a's first token after
 # reading (x, z) with the label hidden: the consistency prompt asks for one of the two answers
@@ -111,6 +105,8 @@ def consistency_verdict(judgement: rr.PairwiseJudgement, label: str, p_label: Op
     from (x, z): self-consistency (z's own score sums imply y), then the teacher's P(y|x,z)."""
     if judgement.preferred is None:
         return "unparseable"
+    if min_consistency is None:  # the --no-filter control: every rationale that parses is kept
+        return None
     if judgement.preferred != label:  # label-ignoring or vague: its own scores do not pick y
         return "scores_contradict_label"
     if p_label is None:  # the teacher's answer could not be read: no evidence either way
@@ -161,11 +157,10 @@ def consistency_filter(teacher, out: Path, args: Args) -> None:
     for batch in batches(todo, max(1, args.batch_size // args.num_candidates),
                          "phase 2: consistency", total=n_pairs, unit="pair"):
         verdicts = iter(judge_candidates(teacher, [r for _, _, new in batch for r in new],
-                                         args.min_consistency))
+                                         args.min_consistency if args.filter else None))
         for candidates, earlier, new in batch:  # a pair judged before: this record supersedes it
             common.append_jsonl(out / "phase2.jsonl",
                                 phase2_record(candidates, earlier + [next(verdicts) for _ in new]))
-
 
 # ---- Phase 3: foresight distillation, ELBO term 2: min KL(q(z|x,y) || P_theta(z|x)) ----
 def format_anchor_scores(scores: dict) -> str:
@@ -247,6 +242,10 @@ def add_lora(model, args: Args, quantized: bool):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     # Language model only: the paper freezes the vision tower.
+    if args.lora_r == 0:  # full fine-tuning, the paper's (and the toy student's of the README)
+        for name, p in model.named_parameters():
+            p.requires_grad_(".visual." not in f".{name}")
+        return model
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                             lora_dropout=0.05, target_modules=targets))
@@ -295,10 +294,24 @@ def student_report(model, processor, held: list, heldout_pairs: list, task: str,
     backend = common.TransformersBackend(model, processor, args.batch_size, args.max_pixels,
                                          name=args.student)  # tiny-random: no truncation warning
     scorer = rr.RationalRewardsScorer(backend, task, args.max_new_tokens, temperature=0.1)
-    return {"heldout_nll": nll, "accuracy": {
-        mode: rr.evaluate_preferences(scorer, heldout_pairs, mode, None,
-                                      args.batch_size)["accuracy_with_ties"]
-        for mode in ("pointwise", "pairwise")}}
+    defect = lambda p: p.get("defect_dimension") or "all"  # demo: each pair's defect is known
+    report = {"heldout_nll": nll, "accuracy": {}, "interval95": {}, "by_defect": {}}
+    for mode in ("pointwise", "pairwise"):  # the pairs of each defect kind, then all together
+        got = {d: rr.evaluate_preferences(scorer, [p for p in heldout_pairs if defect(p) == d],
+                                          mode, None, args.batch_size)
+               for d in sorted(set(map(defect, heldout_pairs)))}
+        k, n = (sum(m[key] for m in got.values()) for key in ("correct_with_ties", "pairs"))
+        report["accuracy"][mode], report["interval95"][mode] = k / n if n else None, wilson(k, n)
+        report["by_defect"][mode] = {d: m["accuracy_with_ties"] for d, m in got.items()}
+    return report
+
+def wilson(k: int, n: int, z: float = 1.96) -> Optional[list]:
+    """The 95% Wilson score interval of an accuracy of k right out of n (None when n is 0)."""
+    if not n:
+        return None
+    p, h = k / n, z * z / n
+    mid, half = (p + h / 2) / (1 + h), z * math.sqrt(p * (1 - p) / n + h / (4 * n)) / (1 + h)
+    return [mid - half, mid + half]
 
 
 # ELBO term 2: KL(q(z|x,y) || P_theta(z|x)) = E_q[log q(z|x,y)] - E_q[log P_theta(z|x)]. The first
@@ -343,6 +356,7 @@ def foresight_distillation(model, processor, train: list, out: Path, args: Args)
         if common.RANK == 0:
             with common.saving(out / "student"):
                 model.save_pretrained(out / "student")
+                processor.save_pretrained(out / "student")  # --lora-r 0: a whole model folder
     return losses
 
 def train_student(out: Path, train: list, held: list, heldout_pairs: list, task: str,
@@ -378,7 +392,6 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
                        heldout_pairs=len(heldout_pairs))
         common.write_atomic(metrics_path, json.dumps(metrics))
     return metrics
-
 
 # ---- The ELBO report ----
 def score_statistics(kept: list, dims: tuple) -> dict:
@@ -416,14 +429,12 @@ def toy_filter_table(phase1: list, phase2: list) -> dict:
     return table
 
 def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
-    """What the phases wrote in `out` (`inputs`: what the loader read and skipped; `student`:
-    student_metrics.json, None before Phase 3), with the bound log P(y|x) >= term 1 - term 2:
-    term 1 = E_q[log P(y|x,z)], nats per pair: elbo_term1_all_candidates, the mean over all Phase 1
-      candidates z ~ q(z|x,y), dropped ones included (Phase 2's teacher, label hidden);
-    term 2 = KL(q || P_theta) = E_q[-log P_theta(z|x)] - H(q): its first part, the student's NLL of
-      the held-out SFT answers, is elbo_term2_heldout_nll (= student.after.heldout_nll), in nats
-      per answer token; H(q), the entropy of the teacher's rationales, is not estimated.
-    So the bound is reported as these two measured parts, not as one number."""
+    """What the phases wrote in `out` (`inputs`: the loader's counts; `student`: its metrics), with
+    the bound log P(y|x) >= term 1 - term 2 as its two measured parts, not as one number:
+    term 1 = E_q[log P(y|x,z)], nats per pair: elbo_term1_all_candidates, over every Phase 1
+      candidate z ~ q(z|x,y), dropped ones included (Phase 2's teacher, label hidden);
+    term 2 = KL(q || P_theta) = E_q[-log P_theta(z|x)] - H(q): elbo_term2_heldout_nll, the student's
+      NLL of the held-out SFT answers per answer token; H(q) is not estimated."""
     phase1, phase2 = common.read_jsonl(out / "phase1.jsonl"), read_phase2(out)
     kept = [r for r in phase2 if r["kept"]]
     candidates = [c for r in phase2 for c in r.get("candidates", [])]
@@ -464,7 +475,6 @@ def elbo_report(out: Path, inputs: dict, student: Optional[dict]) -> dict:
     if any("teacher_note" in r for r in phase1):  # the toy teacher: its failures are known
         report["toy_filter"] = toy_filter_table(phase1, phase2)
     return report
-
 
 # ---- PARROT: Phase 1 -> Phase 2 -> Phase 3 -> the ELBO report ----
 def run_parrot(teacher, out: Path, args: Args) -> None:
@@ -531,7 +541,7 @@ class Args:
     """K rationales sampled per pair in Phase 1; Phase 2 keeps the first that passes"""
     temperature: float = 0.7
     """teacher sampling temperature in Phase 1"""
-    max_new_tokens: Optional[int] = common.default_text("2048; tiny-random teacher: 64")
+    max_new_tokens: Optional[int] = common.default_text("2048; teacher tiny-random: 64, toy: 256")
     """longest rationale of the teacher and the student"""
     min_consistency: float = 0.5
     """Phase 2 keeps z only if the teacher's P(y|x,z) is at least this"""
@@ -544,7 +554,7 @@ class Args:
     grad_accum: int = 8
     """samples per optimizer step"""
     lora_r: int = 16
-    """LoRA rank of the student"""
+    """LoRA rank of the student; 0: full fine-tuning of its language model (vision frozen)"""
     lora_alpha: int = 32
     """LoRA alpha of the student"""
     eval_fraction: float = 0.1
@@ -565,6 +575,8 @@ class Args:
     """--teacher toy: the share of Phase 1 rationales with a failure of App. F (a simulation)"""
     flip_labels: bool = False
     """a control: every label flipped, so the teacher is anchored on the rejected image"""
+    filter: bool = True
+    """--no-filter, a control: Phase 2 keeps every rationale it can parse (no ELBO term 1)"""
 
 
 # the hub datasets: their default id and the columns of the prompt, the images and the source
@@ -572,7 +584,6 @@ HUB = {"rapidata": {"id": "Rapidata/700k_Human_Preference_Dataset_FLUX_SD3_MJ_DA
                     "prompt": "prompt", "a": "image1", "b": "image2", "src": None},
        "editreward": {"id": "TIGER-Lab/EditReward-Data", "prompt": "instruction",
                       "a": "left_output_image", "b": "right_output_image", "src": "source_img"}}
-
 
 # ---- Datasets: each loader yields pairs (`make_pair`) and counts what it skipped, why, in `stats`
 def _skip(problem: Optional[str], what: str, stats: dict) -> bool:
@@ -621,8 +632,7 @@ def load_jsonl(path, seed, stats):
         if rec["label"] == "tie":
             stats["dropped_ties"] += 1
             continue
-        good, bad = (rec["image_b"], rec["image_a"]) if rec["label"] == "B" else \
-            (rec["image_a"], rec["image_b"])
+        good, bad = (rec["image_a"], rec["image_b"])[::-1 if rec["label"] == "B" else 1]
         src = rec.get("source_image")
         if _readable([good, bad, src], stats):
             yield make_pair("jsonl", "edit" if src else "t2i", rec["prompt"], good, bad, seed, src,
@@ -764,7 +774,6 @@ def load_dataset_pairs(args: Args) -> tuple:
     print(f"{len(pairs)} pairs from {args.dataset} ({stats})", file=sys.stderr)
     return pairs, stats
 
-
 # ---- Helpers shared by the phases ----
 def paths_of(rec: dict, *parts) -> list:
     """The pair's image paths in prompt order (source first for editing)."""
@@ -782,7 +791,6 @@ def batches(items: list, size: int, desc: str, total: int, unit: str):
         for i in range(0, len(items), size):
             yield items[i:i + size]
             bar.update(len(items[i:i + size]))
-
 
 # ---- Resume: which records are done (every .jsonl is appended one whole record at a time) ----
 def seeded_batches(items: list, path: Path, field: str, desc: str, unit: str, args: Args):
@@ -846,7 +854,6 @@ def student_metrics_for(out: Path, train: list, args: Args) -> dict:
     metrics.update(sft_settings=settings, sft_data=data)
     return metrics
 
-
 # ---- Several processes in the SFT (torchrun): each takes a share of every optimizer step ----
 def accumulation_windows(order: list, grad_accum: int):
     """Per optimizer step: its sample count and rank r's (place in epoch, index) r, r + N, ..."""
@@ -856,8 +863,7 @@ def accumulation_windows(order: list, grad_accum: int):
         yield len(window), window[common.RANK::common.WORLD]
 
 def window_loss(own: float, n: int, grad_accum: int) -> float:
-    """The loss logged for one optimizer step: (1/n) sum_{s in window} L_s (L_s: token-mean NLL) of
-    its n samples (the last may be fewer than grad_accum); `own` sums L_s / grad_accum per share."""
+    """One optimizer step's logged loss, (1/n) sum_s L_s over its n samples (token-mean NLLs)."""
     return sum(common.gather(own)) * grad_accum / n
 
 class LazyTeacher:
@@ -907,8 +913,7 @@ def check_model_available(name: str, what: str = "model") -> None:
         common.from_pretrained(AutoConfig.from_pretrained, name, what)
 
 def preflight(args: Args, out: Path) -> None:
-    """Every input the run needs, checked before any work (the student: not after hours of Phases
-    1-2; the dataset; a fresh Phase 1's teacher); all that is missing in one message."""
+    """Every input the run needs (student, dataset, teacher), checked before any work, at once."""
     checks = []
     if "3" in args.phases:
         checks.append(lambda: check_model_available(args.student, "student"))
@@ -944,16 +949,19 @@ BOUND_BY = {"phase1.jsonl": ("dataset", "data_dir", "hf_dataset", "split", "min_
                              "seed", "teacher", "teacher_api_base", "teacher_quantization",
                              "temperature", "max_new_tokens", "max_pixels", "prompts_dir",
                              "toy_failure_rate", "flip_labels"),
-            "phase2.jsonl": ("min_consistency",)}
+            "phase2.jsonl": ("min_consistency", "filter")}
 
 def main(argv=None) -> int:
     args = common.parse(Args, argv, description=__doc__.split("\n\n")[0])
     common.require(args.phases and set(args.phases) <= set("123"),
                    f"--phases takes digits 1, 2, 3 (e.g. 123, 2, 23), got {args.phases!r}")
     if args.max_new_tokens is None:
-        args.max_new_tokens = rr.TINY_MAX_NEW_TOKENS if args.teacher == "tiny-random" else 2048
+        args.max_new_tokens = {"tiny-random": rr.TINY_MAX_NEW_TOKENS, "toy": 256}.get(args.teacher,
+                                                                                      2048)
     common.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens",
-                            "max_pixels", "epochs", "grad_accum", "lora_r", "eval_limit")
+                            "max_pixels", "epochs", "grad_accum", "eval_limit")
+    common.require(args.lora_r > 0 or args.lora_r == 0 and args.student_quantization == "none",
+                   f"--lora-r {args.lora_r}: a rank, or 0: full fine-tuning (not of a 4-bit one)")
     out = Path(args.out)
     for flag, name in (("--teacher", args.teacher), ("--student", args.student)):
         common.require(not name.startswith("toy-"), f"{flag} {name}: the toy critics are "

@@ -183,13 +183,13 @@ def load_prompt(name: str) -> tuple:
     return system, text
 
 def fill_prompt(name: str, **fields) -> tuple:
-    """(system turn or None, user turn) with the `{name}` fields filled, `<image>` markers kept."""
+    """(system turn or None, user turn), `{name}` fields filled (a field's "<image>": [image])."""
     turns = list(load_prompt(name))
     missing = set(re.findall(r"\{([a-z_]+)\}", "".join(t or "" for t in turns))) - set(fields)
     if missing:
         raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
-    for key, value in fields.items():
-        turns = [t and t.replace("{" + key + "}", str(value)) for t in turns]
+    for key, value in ((k, str(v).replace("<image>", "[image]")) for k, v in fields.items()):
+        turns = [t and t.replace("{" + key + "}", value) for t in turns]
     return tuple(turns)
 
 def render_messages(name: str, images: list, sources: int = 0, **fields) -> list:
