@@ -173,6 +173,7 @@ def check_same_run(out, args, keys, paths=(), extra=None, changeable=()) -> None
         raise ValueError(f"{saved_path} is damaged (not JSON): delete {out} to start over") \
             from None
     now = {**asdict(args), **extra}
+    saved = {**{k: getattr(type(args), k, None) for k in keys}, **saved}  # newer flags: defaults
     norm = lambda k, v: str(Path(v).resolve()) if k in paths and v else v
 
     def say(k):  # a flag by its name; a digest by the file it stands for

@@ -18,8 +18,8 @@ The method comes first, in the order it runs (Phase 1 ``anchored_generation``, P
 README.md, "PARROT"; a killed run started again resumes (every .jsonl is appended per record).
 
 Deviations from the paper:
-1. Scale: teacher Qwen3-VL-8B (4-bit) instead of 32B; student Qwen3-VL-2B with LoRA (QLoRA
-   when 4-bit) instead of a full fine-tune of Qwen3-VL-8B; so the default lr is 1e-4, not 1e-5.
+1. Scale: teacher Qwen3-VL-8B (4-bit), not 32B; student Qwen3-VL-2B with LoRA (QLoRA in 4-bit;
+   --lora-r 0: full, vision frozen), not a full fine-tune of Qwen3-VL-8B: lr 1e-4, not 1e-5.
 2. Phase 2 reads P(y|x,z) from the answer letter's logits (one forward pass), so the filter
    has a probability, not only a verdict (PARROT's own code and prompts are not released; our
    Phase 1-3 templates follow the paper's App. C/D and the official pairwise prompts' structure).
@@ -47,8 +47,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 import rationalrewards as rr
 
 
-# log P(y|x,z) is stored floored, so a text-only "wrong" answer is not -inf
-LOGP_FLOOR = math.log(1e-6)
+LOGP_FLOOR = math.log(1e-6)  # log P(y|x,z) is stored floored: a "wrong" answer is not -inf
 PROJECTION_TOLERANCE = 0.5   # a pointwise projection may stray this far from its anchor score
 PROJECTION_TEMPERATURE = 0.1  # projections copy scores: decode like the scorer does
 # what Phase 1 copies from a pair record into each of its rationales
@@ -100,12 +99,12 @@ def log_p_label(answer: Optional[dict], label: str, answers=("A", "B")) -> Optio
     return max(LOGP_FLOOR, logp[label] - log_total)
 
 def consistency_verdict(judgement: rr.PairwiseJudgement, label: str, p_label: Optional[float],
-                        min_consistency: float) -> Optional[str]:
-    """Phase 2: None if z is kept, else why it is dropped. ELBO term 1 asks that y be recoverable
-    from (x, z): self-consistency (z's own score sums imply y), then the teacher's P(y|x,z)."""
+                        min_consistency: Optional[float]) -> Optional[str]:
+    """Phase 2: None if z is kept, else why dropped. ELBO term 1 asks that y be recoverable from
+    (x, z): z's own score sums imply y, then the teacher's P(y|x,z) (None: keep all that parse)."""
     if judgement.preferred is None:
         return "unparseable"
-    if min_consistency is None:  # the --no-filter control: every rationale that parses is kept
+    if min_consistency is None:
         return None
     if judgement.preferred != label:  # label-ignoring or vague: its own scores do not pick y
         return "scores_contradict_label"
@@ -307,11 +306,9 @@ def student_report(model, processor, held: list, heldout_pairs: list, task: str,
 
 def wilson(k: int, n: int, z: float = 1.96) -> Optional[list]:
     """The 95% Wilson score interval of an accuracy of k right out of n (None when n is 0)."""
-    if not n:
-        return None
-    p, h = k / n, z * z / n
-    mid, half = (p + h / 2) / (1 + h), z * math.sqrt(p * (1 - p) / n + h / (4 * n)) / (1 + h)
-    return [mid - half, mid + half]
+    p, h = k / max(n, 1), z * z / max(n, 1)
+    mid, half = (p + h / 2) / (1 + h), z * math.sqrt((p * (1 - p) + h / 4) / max(n, 1)) / (1 + h)
+    return [max(0.0, mid - half), min(1.0, mid + half)] if n else None
 
 
 # ELBO term 2: KL(q(z|x,y) || P_theta(z|x)) = E_q[log q(z|x,y)] - E_q[log P_theta(z|x)]. The first
@@ -370,7 +367,8 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
         return metrics  # a finished run, started again on the same data: nothing to redo
     torch.manual_seed(args.seed)
     model, processor = common.load_vlm(args.student, args.student_quantization, trainable=True,
-                                       device=args.device)
+                                       device=args.device,  # full: fp32 weights, bf16 autocast
+                                       dtype=None if args.lora_r else torch.float32)
     model = add_lora(model, args, args.student_quantization == "4bit")
     # several processes: every rank trains, rank 0 alone measures and writes
     if "before" not in metrics and lead:  # LoRA starts at zero: the student is the base model
@@ -382,6 +380,7 @@ def train_student(out: Path, train: list, held: list, heldout_pairs: list, task:
         if lead:
             with common.saving(ckpt):
                 model.save_pretrained(ckpt)
+                processor.save_pretrained(ckpt)
         metrics["after"], metrics["train_losses"] = metrics["before"], []
         common.write_atomic(metrics_path, json.dumps(metrics))
         return metrics
@@ -576,7 +575,7 @@ class Args:
     flip_labels: bool = False
     """a control: every label flipped, so the teacher is anchored on the rejected image"""
     filter: bool = True
-    """--no-filter, a control: Phase 2 keeps every rationale it can parse (no ELBO term 1)"""
+    """--no-filter, a control: Phase 2 keeps every rationale it parses (term 1 measured, unused)"""
 
 
 # the hub datasets: their default id and the columns of the prompt, the images and the source
@@ -632,7 +631,8 @@ def load_jsonl(path, seed, stats):
         if rec["label"] == "tie":
             stats["dropped_ties"] += 1
             continue
-        good, bad = (rec["image_a"], rec["image_b"])[::-1 if rec["label"] == "B" else 1]
+        good, bad = (rec["image_b"], rec["image_a"]) if rec["label"] == "B" else \
+            (rec["image_a"], rec["image_b"])
         src = rec.get("source_image")
         if _readable([good, bad, src], stats):
             yield make_pair("jsonl", "edit" if src else "t2i", rec["prompt"], good, bad, seed, src,
@@ -960,7 +960,7 @@ def main(argv=None) -> int:
                                                                                       2048)
     common.require_positive(args, "limit", "num_candidates", "batch_size", "max_new_tokens",
                             "max_pixels", "epochs", "grad_accum", "eval_limit")
-    common.require(args.lora_r > 0 or args.lora_r == 0 and args.student_quantization == "none",
+    common.require(args.lora_r > 0 or (args.lora_r == 0 and args.student_quantization == "none"),
                    f"--lora-r {args.lora_r}: a rank, or 0: full fine-tuning (not of a 4-bit one)")
     out = Path(args.out)
     for flag, name in (("--teacher", args.teacher), ("--student", args.student)):

@@ -183,13 +183,13 @@ def load_prompt(name: str) -> tuple:
     return system, text
 
 def fill_prompt(name: str, **fields) -> tuple:
-    """(system turn or None, user turn), `{name}` fields filled (a field's "<image>": [image])."""
+    """(system turn or None, user turn), filled in one pass; a field's "<image>" is [image]."""
     turns = list(load_prompt(name))
     missing = set(re.findall(r"\{([a-z_]+)\}", "".join(t or "" for t in turns))) - set(fields)
     if missing:
         raise ValueError(f"prompt {name!r} needs fields {sorted(missing)}")
-    for key, value in ((k, str(v).replace("<image>", "[image]")) for k, v in fields.items()):
-        turns = [t and t.replace("{" + key + "}", value) for t in turns]
+    values = {k: str(v).replace("<image>", "[image]") for k, v in fields.items()}
+    turns = [t and re.sub(r"\{([a-z_]+)\}", lambda m: values.get(m[1], m[0]), t) for t in turns]
     return tuple(turns)
 
 def render_messages(name: str, images: list, sources: int = 0, **fields) -> list:

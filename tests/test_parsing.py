@@ -186,11 +186,12 @@ def test_render_messages_places_images_in_order_and_checks_fields():
         rr.render_messages("pointwise_t2i", [a, b], request="x")
     with pytest.raises(ValueError, match="needs fields"):
         rr.render_messages("anchored_pairwise_t2i", [a, b], request="x")
-    # a rationale that writes "<image>" (a tiny-random teacher's does) is text, not an image slot
-    msgs = rr.render_messages("consistency_t2i", [a, b], request="x", rationale="see <image> 1")
+    # a rationale that writes "<image>" or "{request}" (a tiny-random teacher's can) is text: not
+    # an image slot, and not filled in turn (one pass)
+    msgs = rr.render_messages("consistency_t2i", [a, b], request="x", rationale="<image> {request}")
     parts = msgs[-1]["content"]
     assert sum(p["type"] == "image" for p in parts) == 2
-    assert "see [image] 1" in "".join(p["text"] for p in parts if p["type"] == "text")
+    assert "[image] {request}" in "".join(p["text"] for p in parts if p["type"] == "text")
 
 
 POINTWISE_HEADERS = ("## Justification:", "## Score:", "# Summary:", "# User Request Refinement:",

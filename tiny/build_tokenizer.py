@@ -6,7 +6,8 @@ that text allows (about 3,600 tokens): a fixed paragraph of a template becomes o
 template costs a tiny model a few dozen positions instead of a few thousand. That is what lets a
 CPU train the toy student of "Watch PARROT work" on what varies (the request, the images, the
 answer); any other text still tokenizes, byte by byte at worst. The Qwen special tokens come first,
-with the ids tiny/qwen3vl/config.json names; the config's vocab_size is rounded up to 64."""
+with the ids tiny/qwen3vl/config.json names; the config's vocab_size is rounded up to 64. After
+a rebuild, bump common.TINY_VERSION: models cached under the old version have the old vocabulary."""
 import json
 from pathlib import Path
 
