@@ -300,15 +300,10 @@ def student_report(model, processor, held: list, heldout_pairs: list, task: str,
                                           mode, None, args.batch_size)
                for d in sorted(set(map(defect, heldout_pairs)))}
         k, n = (sum(m[key] for m in got.values()) for key in ("correct_with_ties", "pairs"))
-        report["accuracy"][mode], report["interval95"][mode] = k / n if n else None, wilson(k, n)
+        report["accuracy"][mode] = k / n if n else None
+        report["interval95"][mode] = list(rr.wilson_interval(k, n)) if n else None
         report["by_defect"][mode] = {d: m["accuracy_with_ties"] for d, m in got.items()}
     return report
-
-def wilson(k: int, n: int, z: float = 1.96) -> Optional[list]:
-    """The 95% Wilson score interval of an accuracy of k right out of n (None when n is 0)."""
-    p, h = k / max(n, 1), z * z / max(n, 1)
-    mid, half = (p + h / 2) / (1 + h), z * math.sqrt((p * (1 - p) + h / 4) / max(n, 1)) / (1 + h)
-    return [max(0.0, mid - half), min(1.0, mid + half)] if n else None
 
 
 # ELBO term 2: KL(q(z|x,y) || P_theta(z|x)) = E_q[log q(z|x,y)] - E_q[log P_theta(z|x)]. The first

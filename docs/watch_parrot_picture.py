@@ -18,18 +18,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's modules
+import common  # noqa: E402
+
 KINDS = {"physical_quality": "noise\n(physical quality)", "text_faithfulness":
          "colour or count\n(text faithfulness)", "text_rendering": "word\n(teacher's blind spot)"}
 
 
-def read_jsonl(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def example(run: Path, kept: bool) -> tuple:
     """The first pair whose rationale was kept, or the first dropped for a teacher failure."""
-    phase1 = {(r["id"], r["candidate"]): r for r in read_jsonl(run / "phase1.jsonl")}
-    for rec in read_jsonl(run / "phase2.jsonl"):
+    phase1 = {(r["id"], r["candidate"]): r for r in common.read_jsonl(run / "phase1.jsonl")}
+    for rec in common.read_jsonl(run / "phase2.jsonl"):
         pick = rec["candidate"] if rec["kept"] else rec["candidates"][-1]["candidate"]
         cand = next(c for c in rec["candidates"] if c["candidate"] == pick)
         z = phase1[(rec["id"], pick)]
