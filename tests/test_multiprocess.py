@@ -88,7 +88,7 @@ def rank_worker(rank, port, case, results):
     1's is kept; case "nan" gives rank 1 a non-finite loss."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
                       RANK=str(rank))
-    common.init_distributed("cpu")
+    common.init_distributed("cpu", ("sd3",))  # build the tiny SD3 before joining, as rl_nft does
     torch.manual_seed(0)
     args = rl_nft.Args(generator="tiny-random", resolution=64, lora_r=4, lora_alpha=8,
                        sample_steps=2, train_batch_size=2)
