@@ -560,15 +560,14 @@ def tiny_dir(kind: str, seed: int = 0) -> Path:
     root = Path(os.environ.get("RATIONALREWARDS_CACHE", Path.home() / ".cache" / "rationalrewards"))
     path = root / f"tiny-random-{kind}-v{TINY_VERSION}-seed{seed}"
     if not any(path.glob("*.json")):
+        if WORLD > 1:  # in a group transformers saves on rank 0 alone: a pipeline half-saved
+            raise ModelLoadError(f"{kind} is not built yet and this process is in a group: build "
+                                 "it before joining (init_distributed's `tiny`)")
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
         with quiet_loading():
             for part in build_tiny(kind, seed):
                 part.save_pretrained(tmp)
-        if not any((tmp / f).is_file() for f in ("config.json", "model_index.json")):
-            shutil.rmtree(tmp, ignore_errors=True)  # transformers saves on rank 0 alone
-            raise ModelLoadError(f"{kind} was built on rank {RANK}, which the libraries do not "
-                                 "save on: build it in one process first")
         try:
             tmp.rename(path)
         except OSError:  # another process finished first
