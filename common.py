@@ -825,7 +825,7 @@ def load_backend(model: str, api_base: Optional[str] = None, adapter: Optional[s
 # simulation, not the paper: parrot.py runs it like any teacher; the demo pairs are parrot.py's.
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
            "yellow": (235, 200, 30), "purple": (135, 60, 175), "orange": (240, 135, 30)}
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 TOY_FAILURES = ("hallucination", "label_ignoring", "vague")  # the paper's App. F teacher failures
 TOY_TITLES = dict(text_faithfulness="Text Faithfulness", physical_quality="Physical and Visual "
                   "Quality", text_rendering="Text Rendering")
@@ -833,7 +833,8 @@ TOY_TITLES = dict(text_faithfulness="Text Faithfulness", physical_quality="Physi
 def toy_look(image: Image.Image, request: str) -> dict:
     """What the toy sees, {dimension: score}: text faithfulness, the asked colour commonest among
     coloured pixels and its shapes counted along the middle row; physical quality, the mean step
-    between neighbouring pixels; text rendering None: no letters read (its blind spot), or N/A."""
+    between neighbouring pixels; text rendering None: no letters read (its blind spot), or N/A;
+    what it saw and was asked for, in words ("two red")."""
     import numpy as np
     px = np.asarray(image.convert("RGB").resize((128, 128)).filter(ImageFilter.MedianFilter(5)),
                     dtype=float)                                                    # (H, W, 3)
@@ -842,15 +843,18 @@ def toy_look(image: Image.Image, request: str) -> dict:
     nearest = np.argmin(((px[..., None, :] - rgb) ** 2).sum(-1), axis=-1)           # (H, W)
     asked = next((names.index(c) for c in names if re.search(rf"\b{c}\b", request)), -1)
     votes = np.bincount(nearest[coloured], minlength=len(names))                     # (colours,)
-    right = coloured.any() and votes.argmax() == asked
-    row = np.concatenate([[False], coloured[64] & (nearest[64] == asked), [False]]).astype(int)
-    shapes = int((np.diff(row) == 1).sum())                    # runs of the colour, middle row
+    runs = lambda c: int((np.diff(np.concatenate([[0], coloured[64] & (nearest[64] == c), [0]])
+                                  .astype(int)) == 1).sum())  # runs of colour c, middle row
+    right, shapes = coloured.any() and votes.argmax() == asked, runs(asked)
     count = next((n for n, w in NUMBER_WORDS.items() if re.search(rf"\b{w}\b", request)), None)
     faithful = 1.5 if not right else 2.0 if count and count != shapes else 4.0
-    gray = np.asarray(image.convert("L").resize((128, 128)), dtype=float)
-    noise = np.abs(np.diff(gray, axis=1)).mean()
+    noise = np.abs(np.diff(np.asarray(image.convert("L").resize((128, 128)), float), axis=1)).mean()
+    say = lambda c, n: " ".join(([NUMBER_WORDS.get(n, str(n))] if count else []) + [names[c]]) \
+        if c >= 0 else "no colour"
+    main = int(votes.argmax()) if coloured.any() else -1
     return {"text_faithfulness": faithful, "physical_quality": 4.0 if noise < 6 else 1.5,
-            "text_rendering": None if '"' in request else "N/A"}
+            "text_rendering": None if '"' in request else "N/A", "asked": say(asked, count),
+            "seen": say(main, runs(main))}
 
 class ToyTeacher:
     """A demonstration teacher, NOT a VLM (`--teacher toy`; README "Watch PARROT work"). Phase 1:
@@ -858,7 +862,11 @@ class ToyTeacher:
     Phase 2: `toy_check`; Phase 3: `toy_pointwise`. It sees the demo pairs through `toy_look`."""
 
     def __init__(self, failure_rate: float = 0.3):
-        self.name, self.failure_rate = "toy", failure_rate
+        self.name, self.failure_rate, self.seen = "toy", failure_rate, {}
+
+    def look(self, image: Image.Image, request: str) -> dict:  # Phases 1, 2: the same images
+        key = (hashlib.sha1(image.tobytes()).digest(), image.size, request)
+        return self.seen.get(key) or self.seen.setdefault(key, toy_look(image, request))
 
     @staticmethod
     def _read(conv) -> tuple:
@@ -875,7 +883,7 @@ class ToyTeacher:
             draw = float(torch.rand(())) if label else 1.0
             kind = TOY_FAILURES[min(2, int(3 * draw / self.failure_rate))] \
                 if draw < self.failure_rate else "none"
-            outs.append(Generation(toy_rationale(*(toy_look(im, request) for im in images[-2:]),
+            outs.append(Generation(toy_rationale(*(self.look(im, request) for im in images[-2:]),
                                                  label[1], kind), note=kind) if label else
                         Generation(toy_pointwise(text, request)))  # a projection
         return outs
@@ -885,7 +893,7 @@ class ToyTeacher:
         out = []
         for text, images, request in map(self._read, convs):
             logit = toy_check(text.split("### Judgement to Check", 1)[-1],
-                              *(toy_look(im, request) for im in images[-2:]))
+                              *(self.look(im, request) for im in images[-2:]))
             out.append({"A": -math.log1p(math.exp(-logit)), "B": -math.log1p(math.exp(logit))})
         return out
 
@@ -894,25 +902,26 @@ def toy_rationale(a: dict, b: dict, label: str, kind: str) -> str:
     they agree, swapped where not; the blind spot: a vague 0.3. Failures: hallucination (a defect
     claimed where none is seen, the real one unsaid), vague (every gap 0.3), label-ignoring."""
     good, bad = (a, b) if label == "A" else (b, a)
-    gaps = {d: good[d] - bad[d] if isinstance(good[d], float) else 0.0 for d in a}
+    gaps = {d: good[d] - bad[d] if isinstance(good[d], float) else 0.0 for d in TOY_TITLES}
     claim = {d: (good[d], bad[d])[::-1 if gaps[d] < 0 else 1] if isinstance(good[d], float)
-             else (3.0, 3.0) for d in a}  # letters it cannot read: an even, vague 3
+             else (3.0, 3.0) for d in TOY_TITLES}  # letters it cannot read: an even, vague 3
     if not any(gaps.values()):
         claim["text_rendering" if good["text_rendering"] is None else "physical_quality"] = (3.3, 3)
     if kind == "hallucination":
-        claim = {d: (4.0, 4.0) for d in a}
-        claim[min(("physical_quality", "text_faithfulness"), key=lambda d: abs(gaps[d]))] = \
-            (3.8, 1.5)
+        claim = {d: (4.0, 4.0) for d in TOY_TITLES}
+        claim[min(("physical_quality", "text_faithfulness"), key=lambda d: abs(gaps[d]))] = 3.8, 1.5
     elif kind != "none":
         claim = {d: (3.3, 3.0) if kind == "vague" else s[::-1] for d, s in claim.items()}
-    lines = ["# User Request Analysis", "The request names a colour, a shape and how many.",
+    lines = ["# User Request Analysis", f"The request asks for {a['asked']}.",
              "# Detailed Judgement"]
     for n, (d, (g, r)) in enumerate(claim.items(), 1):
         sa, sb = ("N/A", "N/A") if a[d] == "N/A" else (g, r) if label == "A" else (r, g)
-        win = "N/A" if sa == "N/A" else "It's a tie" if sa == sb else \
-            "Image A" if sa > sb else "Image B"
+        win = "N/A" if sa == "N/A" else "It's a tie" if sa == sb else f"Image {'AB'[sa < sb]}"
         how = "clearly" if isinstance(sa, float) and abs(sa - sb) >= 0.5 else "perhaps slightly"
         why = f"{win} is {how} better here." if win.startswith("Image") else "No difference."
+        if d == "text_faithfulness" and kind != "vague":  # its evidence, then its verdict
+            saw = lambda x: f"{x['seen']}, {'as' if x[d] == 4.0 else 'not as'} asked"
+            why = f"A shows {saw(a)}; B shows {saw(b)}. {why}"
         lines += [f"{n}. {TOY_TITLES[d]}:", f"## Justification: {why}",
                   f"## Score A: {sa}", f"## Score B: {sb}", f"## Winner: {win}"]
     return "\n".join(lines + ["# Summary: a toy judgement from pixel statistics."])
@@ -924,14 +933,10 @@ def toy_check(z: str, a: dict, b: dict, k: float = 2.0, doubt: float = 0.25) -> 
     logit = 0.0
     for d, title in TOY_TITLES.items():
         m = re.search(rf"{title}:.*?Score A:\s*([\d.]+).*?Score B:\s*([\d.]+)", z, re.S)
-        if not m:
-            continue
-        g = float(m[1]) - float(m[2])
+        g = float(m[1]) - float(m[2]) if m else 0.0  # a dimension z does not score: no gap
         o = a[d] - b[d] if isinstance(a[d], float) and isinstance(b[d], float) else None
-        if abs(g) >= 0.5 and o is not None:
-            logit += k * g if o * g > 0 and abs(o) >= 0.5 else -k * g
-        else:
-            logit -= doubt * g
+        logit += ((k if o * g > 0 and abs(o) >= 0.5 else -k) if abs(g) >= 0.5 and o is not None
+                  else -doubt) * g
     return logit
 
 def toy_pointwise(text: str, request: str) -> str:
@@ -950,10 +955,6 @@ def wrap_text(text: str, width: int) -> list:
     """Lines of at most `width` characters, broken between words."""
     return textwrap.wrap(" ".join((text or "").split()), width, break_long_words=False,
                          break_on_hyphens=False)
-
-def slug(text: str, words: int = 5) -> str:
-    """A short file-name-safe form of a prompt: 'three-red-apples-and-the'."""
-    return "-".join(re.findall(r"[a-z0-9]+", (text or "").lower())[:words]) or "prompt"
 
 def caption_grid(cells: list, path, title: str = "", side: int = 256, lines: int = 10,
                  columns: Optional[int] = None) -> Image.Image:

@@ -47,6 +47,7 @@ Deviations from the paper and the official scripts:
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ OFFICIAL_STEPS, OFFICIAL_MAX_EDGE = 40, 1024  # inference_with_refinedprompt.py'
 
 
 # ---- Generate: image_k = G(request_k, seed), the same seed in every round ----
+def slug(text: str, words: int = 5) -> str:
+    """A short file-name-safe form of a prompt: 'three-red-apples-and-the'."""
+    return "-".join(re.findall(r"[a-z0-9]+", (text or "").lower())[:words]) or "prompt"
+
 def prompt_seed(base_seed: int, prompt: str) -> int:
     """The generator seed of a prompt, the same in every round: what changes between rounds is the
     request alone, so a better image comes from a better request, not from another noise draw."""
@@ -315,7 +320,7 @@ def contact_sheet(records: list, out: Path, path: Path) -> None:
 def save_record(rec: dict, out: Path, seconds: float) -> dict:
     """A finished prompt's sheet, then its line of gcr.jsonl (the line is what a rerun skips)."""
     rec["seconds"] = round(seconds, 2)
-    contact_sheet([rec], out, out / "sheets" / f"{common.slug(rec['prompt'])}-{rec['id']}.png")
+    contact_sheet([rec], out, out / "sheets" / f"{slug(rec['prompt'])}-{rec['id']}.png")
     common.append_jsonl(out / "gcr.jsonl", rec)
     return rec
 

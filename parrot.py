@@ -236,6 +236,8 @@ def add_lora(model, args: Args, quantized: bool):
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif model.device.type == "cpu":
+        pass  # recomputing activations saves accelerator memory; on a CPU it only costs time
     elif hasattr(model, "activation_checkpointing_enable"):  # later transformers 5.x releases
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
     else:

@@ -206,7 +206,7 @@ def test_rerun_skips_finished_prompts_and_sheets_are_written(tmp_path, scripted_
     assert len(server.requests) == 3  # at most one critique per round
     for r in recs:
         # a prompt slug, then the id
-        assert (out / "sheets" / f"{common.slug(r['prompt'])}-{r['id']}.png").is_file()
+        assert (out / "sheets" / f"{gcr_loop.slug(r['prompt'])}-{r['id']}.png").is_file()
         assert all((out / rnd["image"]).is_file() for rnd in r["rounds"])
     first_sheet = next((out / "sheets").glob(f"*-{recs[0]['id']}.png"))
     assert Image.open(out / "contact_sheet.png").height > Image.open(first_sheet).height

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import common
+import gcr_loop
 import rationalrewards as rr
 from conftest import ROOT, run_cli, solid
 
@@ -181,8 +182,8 @@ def test_every_picture_writes_a_missing_score_the_same_way():
     # the critique said so
     assert rr.score_label("text_rendering", None, ["text_rendering"]).endswith(": N/A")
     assert rr.score_label("text_rendering", None).endswith(": unreadable")  # it could not be read
-    assert common.slug("Three RED apples, on a table!") == "three-red-apples-on-a"
-    assert common.slug("!!!") == "prompt"
+    assert gcr_loop.slug("Three RED apples, on a table!") == "three-red-apples-on-a"
+    assert gcr_loop.slug("!!!") == "prompt"
 
 
 def test_reward_curve_names_a_dimension_without_readable_scores(tmp_path):

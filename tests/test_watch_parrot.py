@@ -10,7 +10,8 @@ import common
 import parrot
 from conftest import run_cli
 
-SEEN = {"text_faithfulness": 4.0, "physical_quality": 4.0, "text_rendering": "N/A"}
+SEEN = {"text_faithfulness": 4.0, "physical_quality": 4.0, "text_rendering": "N/A",
+        "asked": "red", "seen": "red"}
 
 
 def test_the_toy_sees_colour_count_and_noise_but_not_letters(tmp_path):
@@ -19,12 +20,26 @@ def test_the_toy_sees_colour_count_and_noise_but_not_letters(tmp_path):
     assert common.toy_look(red, "a blue circle")["text_faithfulness"] == 1.5  # wrong colour
     three = parrot.draw_scene("green", "square", 3)
     assert common.toy_look(three, "three green squares in a row")["text_faithfulness"] == 4.0
-    assert common.toy_look(three, "two green squares in a row")["text_faithfulness"] == 2.0
+    two = common.toy_look(three, "two green squares in a row")
+    assert two["text_faithfulness"] == 2.0 and (two["asked"], two["seen"]) == ("two green",
+                                                                                "three green")
     import random
     noisy = parrot.degrade(red, random.Random(0))
     assert common.toy_look(noisy, "a red circle")["physical_quality"] == 1.5
     sign = parrot.draw_scene("blue", None, 1, "CAT")
     assert common.toy_look(sign, 'a blue sign with the word "CAT"')["text_rendering"] is None
+
+
+def test_the_toy_rationale_says_what_it_saw_before_its_verdict():
+    """The evidence a student can learn from: what each image shows, checked against the request,
+    then the scores; a vague failure leaves the evidence out."""
+    request = "three green squares in a row"
+    a, b = (common.toy_look(parrot.draw_scene("green", "square", n), request) for n in (2, 3))
+    text = common.toy_rationale(a, b, "B", "none")
+    assert "The request asks for three green." in text
+    assert ("A shows two green, not as asked; B shows three green, as asked. Image B is clearly "
+            "better here.\n## Score A: 2.0\n## Score B: 4.0") in text
+    assert "shows" not in common.toy_rationale(a, b, "B", "vague")
 
 
 def rationale(tf, pq):
@@ -79,7 +94,8 @@ def test_the_toy_teacher_is_refused_where_it_cannot_work(tmp_path):
 
 # the README's command (with 500 pairs, or 2 epochs, the student learns the noise barely or not)
 WATCH = ("--dataset", "demo", "--teacher", "toy", "--student", "tiny-random", "--lora-r", "0",
-         "--lr", "1e-3", "--epochs", "3", "--grad-accum", "1", "--limit", "800")
+         "--lr", "1e-3", "--epochs", "3", "--grad-accum", "1", "--max-pixels", "16384",
+         "--limit", "800")
 
 
 def watch(tmp_path, name, *flags):
@@ -94,7 +110,7 @@ def watch(tmp_path, name, *flags):
 @pytest.mark.learning
 def test_the_student_learns_from_the_kept_rationales_and_less_without_the_filter(tmp_path):
     """Phase 3 on a CPU: the held-out NLL falls, held-out pairwise accuracy rises by >= 0.2 with a
-    95% interval above chance, and the defect a tiny vision tower can see (noise) reaches 0.8.
+    95% interval above chance, and the defects the toy teacher sees reach 0.8 (0.75 each).
     Without Phase 2 (--no-filter) the same student, trained on every rationale for as many steps
     (2 epochs of its 2,157 samples, about 3 of the 1,398 kept), does worse."""
     from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +121,9 @@ def test_the_student_learns_from_the_kept_rationales_and_less_without_the_filter
     assert after["heldout_nll"] < before["heldout_nll"], s
     assert after["accuracy"]["pairwise"] >= before["accuracy"]["pairwise"] + 0.2, s
     assert after["interval95"]["pairwise"][0] > 0.5, s
-    assert after["by_defect"]["pairwise"]["physical_quality"] >= 0.8, s
+    # the defects the toy teacher can see: noise, and a colour or count against the request
+    seen = [after["by_defect"]["pairwise"][d] for d in ("physical_quality", "text_faithfulness")]
+    assert min(seen) >= 0.75 and sum(seen) / 2 >= 0.8, s
     assert control["accuracy"]["pairwise"] <= after["accuracy"]["pairwise"] - 0.1, (control, after)
     # the README picture, drawn from these two runs
     res = run_cli("docs/watch_parrot_picture.py", tmp_path / "kept", tmp_path / "no-filter",
