@@ -831,10 +831,9 @@ TOY_TITLES = dict(text_faithfulness="Text Faithfulness", physical_quality="Physi
                   "Quality", text_rendering="Text Rendering")
 
 def toy_look(image: Image.Image, request: str) -> dict:
-    """What the toy sees, {dimension: score}: text faithfulness, the asked colour commonest among
-    coloured pixels and its shapes counted along the middle row; physical quality, the mean step
-    between neighbouring pixels; text rendering None: no letters read (its blind spot), or N/A;
-    what it saw and was asked for, in words ("two red")."""
+    """What the toy sees: text faithfulness (the asked colour commonest among coloured pixels, its
+    shapes counted along the middle row), physical quality (the mean step between neighbouring
+    pixels), text rendering None (no letters read: its blind spot) or N/A; seen, asked: in words."""
     import numpy as np
     px = np.asarray(image.convert("RGB").resize((128, 128)).filter(ImageFilter.MedianFilter(5)),
                     dtype=float)                                                    # (H, W, 3)
@@ -935,8 +934,9 @@ def toy_check(z: str, a: dict, b: dict, k: float = 2.0, doubt: float = 0.25) -> 
         m = re.search(rf"{title}:.*?Score A:\s*([\d.]+).*?Score B:\s*([\d.]+)", z, re.S)
         g = float(m[1]) - float(m[2]) if m else 0.0  # a dimension z does not score: no gap
         o = a[d] - b[d] if isinstance(a[d], float) and isinstance(b[d], float) else None
-        logit += ((k if o * g > 0 and abs(o) >= 0.5 else -k) if abs(g) >= 0.5 and o is not None
-                  else -doubt) * g
+        committed = abs(g) >= 0.5 and o is not None  # a claim it can check
+        weight = (k if o * g > 0 and abs(o) >= 0.5 else -k) if committed else -doubt
+        logit += weight * g
     return logit
 
 def toy_pointwise(text: str, request: str) -> str:
